@@ -1,1 +1,25 @@
-//! placeholder
+//! The Tiercast engine: everything between a message arriving and it being
+//! stored and published. Edges embed it (they call [`engine::Engine`] for
+//! every Send), and the engine service serves it over HTTP.
+//!
+//! - [`snowflake`]: 64-bit time-ordered ids, unique across nodes.
+//! - [`engine`]: the write path (authorise, deduplicate, id, persist,
+//!   publish) and the reads devices catch up with.
+//! - [`store`]: the `Store` trait, its embedded backend and the conformance
+//!   rules every backend passes.
+//! - [`backplane`]: the `Backplane` trait and its in-process backend.
+//! - [`auth`]: HS256 tokens for clients and publishers.
+//! - [`http`]: the publisher HTTP/JSON API and `/metrics`.
+//! - [`metrics`]: the engine's Prometheus metrics.
+//! - [`config`]: the engine's settings and their validation.
+
+pub mod auth;
+pub mod backplane;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod snowflake;
+pub mod store;
+
+pub use engine::{Engine, EngineError, Outgoing, SendReceipt};

@@ -1,0 +1,155 @@
+//! In-process backplane for a single node: a map from channel to the
+//! subscribers' queues. Same contract as Redis pub/sub: a publish reaches the
+//! subscribers of that moment, and a full subscriber queue drops the payload
+//! (counted in [`LocalBackplane::dropped`]) instead of blocking the publisher.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Backplane, BackplaneError, Inbound, Subscriber};
+
+#[derive(Default)]
+struct Shared {
+    next_id: AtomicU64,
+    dropped: AtomicU64,
+    channels: Mutex<HashMap<Arc<str>, Vec<(u64, mpsc::Sender<Inbound>)>>>,
+}
+
+#[derive(Default, Clone)]
+pub struct LocalBackplane {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LocalBackplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalBackplane")
+    }
+}
+
+impl LocalBackplane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Payloads dropped because a subscriber's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Backplane for LocalBackplane {
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BackplaneError> {
+        let channels = self.shared.channels.lock().expect("backplane lock");
+        if let Some((name, subs)) = channels.get_key_value(channel) {
+            for (_, tx) in subs {
+                let inbound = Inbound {
+                    channel: name.clone(),
+                    payload: payload.clone(),
+                };
+                if tx.try_send(inbound).is_err() {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscriber(
+        &self,
+        capacity: usize,
+    ) -> Result<(Arc<dyn Subscriber>, mpsc::Receiver<Inbound>), BackplaneError> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let sub = LocalSubscriber {
+            id,
+            tx,
+            shared: self.shared.clone(),
+        };
+        Ok((Arc::new(sub), rx))
+    }
+}
+
+struct LocalSubscriber {
+    id: u64,
+    tx: mpsc::Sender<Inbound>,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl Subscriber for LocalSubscriber {
+    async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        let mut channels = self.shared.channels.lock().expect("backplane lock");
+        let subs = channels.entry(Arc::from(channel)).or_default();
+        if !subs.iter().any(|(id, _)| *id == self.id) {
+            subs.push((self.id, self.tx.clone()));
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
+        let mut channels = self.shared.channels.lock().expect("backplane lock");
+        if let Some(subs) = channels.get_mut(channel) {
+            subs.retain(|(id, _)| *id != self.id);
+            if subs.is_empty() {
+                channels.remove(channel);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalSubscriber {
+    fn drop(&mut self) {
+        if let Ok(mut channels) = self.shared.channels.lock() {
+            channels.retain(|_, subs| {
+                subs.retain(|(id, _)| *id != self.id);
+                !subs.is_empty()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publish_reaches_current_subscribers_only() {
+        let bp = LocalBackplane::new();
+        let (a, mut ra) = bp.subscriber(8).await.unwrap();
+        let (b, mut rb) = bp.subscriber(8).await.unwrap();
+        a.subscribe("x").await.unwrap();
+        a.subscribe("x").await.unwrap(); // idempotent
+        b.subscribe("y").await.unwrap();
+        bp.publish("x", Bytes::from_static(b"1")).await.unwrap();
+        bp.publish("z", Bytes::from_static(b"nobody")).await.unwrap();
+        let got = ra.recv().await.unwrap();
+        assert_eq!((&*got.channel, &got.payload[..]), ("x", &b"1"[..]));
+        assert!(ra.try_recv().is_err(), "subscribed twice, delivered once");
+        assert!(rb.try_recv().is_err());
+
+        a.unsubscribe("x").await.unwrap();
+        bp.publish("x", Bytes::from_static(b"2")).await.unwrap();
+        assert!(ra.try_recv().is_err());
+        drop(b);
+        bp.publish("y", Bytes::from_static(b"3")).await.unwrap();
+        assert_eq!(bp.dropped(), 0);
+    }
+
+    #[tokio::test]
+    async fn full_subscriber_drops_and_counts_without_blocking() {
+        let bp = LocalBackplane::new();
+        let (a, _ra) = bp.subscriber(2).await.unwrap();
+        a.subscribe("x").await.unwrap();
+        for _ in 0..5 {
+            bp.publish("x", Bytes::from_static(b".")).await.unwrap();
+        }
+        assert_eq!(bp.dropped(), 3);
+    }
+}

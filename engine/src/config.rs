@@ -1,0 +1,80 @@
+//! The engine's settings (part of the process configuration).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Snowflake node id, 0..=1023. In a cluster it is leased instead.
+    pub node_id: u16,
+    /// Largest message body accepted, in bytes. 16 KiB covers chat text and
+    /// small structured payloads; media travels by reference.
+    pub max_body_bytes: usize,
+    /// Registered devices per user.
+    pub max_devices: usize,
+    /// At the device limit, evict the least recently seen device instead of
+    /// refusing the new one.
+    pub evict_oldest_device: bool,
+    /// How long a backward clock step is waited out before sends fail.
+    pub max_clock_backstep_ms: u64,
+    /// Largest page a Fetch or an inbox drain returns.
+    pub max_page: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 0,
+            max_body_bytes: 16 * 1024,
+            max_devices: 3,
+            evict_oldest_device: false,
+            max_clock_backstep_ms: 100,
+            max_page: 200,
+        }
+    }
+}
+
+/// A setting that is out of range, named as in the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{setting}`: {reason}")]
+pub struct InvalidSetting {
+    pub setting: &'static str,
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub fn new(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            setting,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.node_id > crate::snowflake::MAX_NODE {
+            return Err(InvalidSetting::new("engine.node_id", "must be 0..=1023"));
+        }
+        let max_body = tiercast_schemas::MAX_FRAME_BYTES - 256;
+        if self.max_body_bytes == 0 || self.max_body_bytes > max_body {
+            return Err(InvalidSetting::new(
+                "engine.max_body_bytes",
+                format!("must be 1..={max_body} (it must fit in one frame)"),
+            ));
+        }
+        if !(1..=16).contains(&self.max_devices) {
+            return Err(InvalidSetting::new("engine.max_devices", "must be 1..=16"));
+        }
+        if self.max_clock_backstep_ms > 10_000 {
+            return Err(InvalidSetting::new(
+                "engine.max_clock_backstep_ms",
+                "must be at most 10000",
+            ));
+        }
+        if !(1..=1000).contains(&self.max_page) {
+            return Err(InvalidSetting::new("engine.max_page", "must be 1..=1000"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,427 @@
+//! The engine: the write path (authorise, deduplicate, id, persist, publish)
+//! and the reads devices catch up with. Edges and the HTTP service both call
+//! it; it owns no sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiercast_schemas::envelope::{Envelope, Payload, Tier};
+use tiercast_schemas::wire::{ErrorCode, Message};
+
+use crate::backplane::{Backplane, user_channel};
+use crate::config::EngineConfig;
+use crate::metrics::{CodeLabel, EngineMetrics, TierLabel};
+use crate::snowflake::{IdError, IdGenerator, now_unix_ms};
+use crate::store::{
+    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+};
+
+/// Everything the engine refuses, each with its wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("body of {len} bytes exceeds the limit of {max}")]
+    BodyTooLarge { len: usize, max: usize },
+    #[error("conversation {0} does not exist")]
+    UnknownConversation(u64),
+    #[error("user {user} is not a member of conversation {conversation}")]
+    Forbidden { user: u64, conversation: u64 },
+    #[error("user {user} already has {max} devices")]
+    TooManyDevices { user: u64, max: usize },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("conversation {0} already exists")]
+    ConversationExists(u64),
+    #[error("no id can be issued: {0}")]
+    Clock(#[from] IdError),
+    #[error("storage unavailable: {0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoSuchConversation(c) => Self::UnknownConversation(c),
+            StoreError::ConversationExists(c) => Self::ConversationExists(c),
+            StoreError::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            e => Self::Store(e),
+        }
+    }
+}
+
+impl EngineError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BodyTooLarge { .. } => ErrorCode::BodyTooLarge,
+            Self::UnknownConversation(_) => ErrorCode::UnknownConversation,
+            Self::Forbidden { .. } => ErrorCode::Forbidden,
+            Self::TooManyDevices { .. } => ErrorCode::TooManyDevices,
+            Self::Invalid(_) | Self::ConversationExists(_) => ErrorCode::InvalidRequest,
+            Self::Clock(_) | Self::Store(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub conversation: u64,
+    /// The sending user; 0 for a system message from a publisher.
+    pub sender: u64,
+    /// The sending device (0 for a publisher): it gets no copy of its own
+    /// message.
+    pub sender_client: u64,
+    /// Retries with the same (sender_client, client_msg_id) return the first
+    /// id; 0 disables deduplication.
+    pub client_msg_id: u64,
+    pub body: Bytes,
+    /// Whether the sender's membership must be checked (devices: yes;
+    /// trusted publishers: no).
+    pub check_membership: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReceipt {
+    pub message_id: u64,
+    /// A retry: nothing new was stored or published.
+    pub duplicate: bool,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    ids: IdGenerator,
+    store: Arc<dyn Store>,
+    backplane: Arc<dyn Backplane>,
+    metrics: EngineMetrics,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// Bytes a Message costs in a frame beyond its body (ids, vtable, vector
+/// headers), rounded up.
+const MESSAGE_OVERHEAD: usize = 96;
+
+impl Engine {
+    pub fn new(
+        cfg: EngineConfig,
+        store: Arc<dyn Store>,
+        backplane: Arc<dyn Backplane>,
+        metrics: EngineMetrics,
+    ) -> Result<Self, IdError> {
+        let ids = IdGenerator::try_new(cfg.node_id, Duration::from_millis(cfg.max_clock_backstep_ms))?;
+        Ok(Self {
+            cfg,
+            ids,
+            store,
+            backplane,
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn node_id(&self) -> u16 {
+        self.cfg.node_id
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.backplane
+    }
+
+    /// The write path. The message (and its inbox rows) is stored before
+    /// anything is published; once stored, a failed publish is logged and
+    /// counted but not an error: devices catch up from their inbox.
+    pub async fn send(&self, out: Outgoing) -> Result<SendReceipt, EngineError> {
+        let result = self.send_inner(out).await;
+        if let Err(e) = &result {
+            self.metrics
+                .send_errors
+                .get_or_create(&CodeLabel {
+                    code: e.code().name(),
+                })
+                .inc();
+        }
+        result
+    }
+
+    async fn send_inner(&self, out: Outgoing) -> Result<SendReceipt, EngineError> {
+        if out.body.len() > self.cfg.max_body_bytes {
+            return Err(EngineError::BodyTooLarge {
+                len: out.body.len(),
+                max: self.cfg.max_body_bytes,
+            });
+        }
+        let members = self.members_checked(out.conversation).await?;
+        if out.check_membership && !members.contains(&out.sender) {
+            return Err(EngineError::Forbidden {
+                user: out.sender,
+                conversation: out.conversation,
+            });
+        }
+        let id = self.ids.next_id().await?;
+        let inbox: Vec<u64> = self
+            .store
+            .client_ids_of(&members)
+            .await?
+            .into_iter()
+            .filter(|&c| c != out.sender_client)
+            .collect();
+        let message = Message {
+            id,
+            conversation: out.conversation,
+            sender: out.sender,
+            sender_client: out.sender_client,
+            body: out.body,
+        };
+        let record = NewMessage {
+            message,
+            client_msg_id: out.client_msg_id,
+            inbox,
+        };
+        match self.store.insert_message(&record).await? {
+            Persisted::Duplicate(earlier) => {
+                self.metrics.duplicate_sends.inc();
+                return Ok(SendReceipt {
+                    message_id: earlier,
+                    duplicate: true,
+                });
+            }
+            Persisted::Stored => {
+                self.metrics.messages_stored.inc();
+            }
+        }
+        self.publish_direct(record.message, out.sender_client, &members)
+            .await;
+        Ok(SendReceipt {
+            message_id: id,
+            duplicate: false,
+        })
+    }
+
+    /// Tier 1: the full message on every member's user channel, encoded once.
+    async fn publish_direct(&self, message: Message, except_client: u64, members: &[u64]) {
+        let payload = Envelope {
+            origin_node: self.node_id(),
+            payload: Payload::Deliver {
+                tier: Tier::Direct,
+                message,
+                except_client,
+            },
+        }
+        .encode();
+        let label = TierLabel { tier: 1 };
+        for &user in members {
+            match self.backplane.publish(&user_channel(user), payload.clone()).await {
+                Ok(()) => {
+                    self.metrics.publishes.get_or_create(&label).inc();
+                    self.metrics
+                        .publish_bytes
+                        .get_or_create(&label)
+                        .inc_by(payload.len() as u64);
+                }
+                Err(e) => {
+                    self.metrics.publish_failures.inc();
+                    tracing::warn!(user, error = %e, "publish failed; the device catches up from its inbox");
+                }
+            }
+        }
+    }
+
+    async fn members_checked(&self, conversation: u64) -> Result<Vec<u64>, EngineError> {
+        let members = self.store.members(conversation).await?;
+        if members.is_empty() && self.store.conversation(conversation).await?.is_none() {
+            return Err(EngineError::UnknownConversation(conversation));
+        }
+        Ok(members)
+    }
+
+    async fn check_member(&self, conversation: u64, user: u64) -> Result<(), EngineError> {
+        if self.store.is_member(conversation, user).await? {
+            return Ok(());
+        }
+        if self.store.conversation(conversation).await?.is_none() {
+            return Err(EngineError::UnknownConversation(conversation));
+        }
+        Err(EngineError::Forbidden { user, conversation })
+    }
+
+    /// A page of history for a member, newest first, cut to fit one frame.
+    /// Returns the page and whether older messages remain.
+    pub async fn fetch(
+        &self,
+        user: u64,
+        conversation: u64,
+        before: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<Message>, bool), EngineError> {
+        self.check_member(conversation, user).await?;
+        self.history(conversation, before, after, limit).await
+    }
+
+    /// [`Self::fetch`] without the membership check, for trusted callers.
+    pub async fn history(
+        &self,
+        conversation: u64,
+        before: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<Message>, bool), EngineError> {
+        let limit = (limit as usize).clamp(1, self.cfg.max_page);
+        // One more than asked says whether there is more.
+        let mut page = self
+            .store
+            .history(
+                conversation,
+                Page {
+                    before,
+                    after,
+                    limit: limit + 1,
+                },
+            )
+            .await?;
+        let mut more = page.len() > limit;
+        page.truncate(limit);
+        more |= fit_to_frame(&mut page, self.page_budget());
+        Ok((page, more))
+    }
+
+    fn page_budget(&self) -> usize {
+        tiercast_schemas::MAX_FRAME_BYTES - 128
+    }
+
+    /// Registers (or refreshes) a device at connect time.
+    pub async fn register_device(
+        &self,
+        user: u64,
+        client_id: u64,
+        device: &str,
+    ) -> Result<Registered, EngineError> {
+        if client_id == 0 {
+            return Err(EngineError::Invalid("client_id must be non-zero".into()));
+        }
+        let rec = ClientRecord {
+            client_id,
+            user,
+            device: device.to_owned(),
+            last_seen_ms: now_unix_ms(),
+        };
+        Ok(self
+            .store
+            .register_client(&rec, self.cfg.max_devices, self.cfg.evict_oldest_device)
+            .await?)
+    }
+
+    /// The oldest pending inbox entries of a device, cut to fit one frame.
+    pub async fn pending(&self, client_id: u64) -> Result<Vec<Message>, EngineError> {
+        let mut page = self.store.inbox(client_id, self.cfg.max_page).await?;
+        fit_to_frame(&mut page, self.page_budget());
+        Ok(page)
+    }
+
+    pub async fn ack(&self, client_id: u64, ids: &[u64]) -> Result<u32, EngineError> {
+        if ids.len() > self.cfg.max_page * 8 {
+            return Err(EngineError::Invalid(format!(
+                "at most {} ids per ack",
+                self.cfg.max_page * 8
+            )));
+        }
+        Ok(self.store.ack(client_id, ids).await?)
+    }
+
+    pub async fn create_conversation(
+        &self,
+        id: Option<u64>,
+        name: String,
+        members: &[u64],
+    ) -> Result<Conversation, EngineError> {
+        let id = match id {
+            Some(0) => return Err(EngineError::Invalid("conversation id must be non-zero".into())),
+            Some(id) => id,
+            None => self.ids.next_id().await?,
+        };
+        let conv = Conversation {
+            id,
+            name,
+            created_ms: now_unix_ms(),
+            pinned_tier: None,
+        };
+        self.store.create_conversation(&conv).await?;
+        self.store.add_members(id, members).await?;
+        Ok(conv)
+    }
+
+    pub async fn conversation(&self, id: u64) -> Result<(Conversation, Vec<u64>), EngineError> {
+        let conv = self
+            .store
+            .conversation(id)
+            .await?
+            .ok_or(EngineError::UnknownConversation(id))?;
+        Ok((conv, self.store.members(id).await?))
+    }
+
+    pub async fn add_members(&self, conversation: u64, users: &[u64]) -> Result<(), EngineError> {
+        if users.contains(&0) {
+            return Err(EngineError::Invalid("user id 0 is reserved".into()));
+        }
+        Ok(self.store.add_members(conversation, users).await?)
+    }
+
+    pub async fn remove_member(&self, conversation: u64, user: u64) -> Result<bool, EngineError> {
+        self.conversation(conversation).await?;
+        Ok(self.store.remove_member(conversation, user).await?)
+    }
+}
+
+/// Drops messages from the end of `page` until the rest fits in `budget`
+/// bytes of frame; returns whether any were dropped. The first message is
+/// always kept (a body is far below the frame limit).
+fn fit_to_frame(page: &mut Vec<Message>, budget: usize) -> bool {
+    let mut used = 0;
+    for (i, m) in page.iter().enumerate() {
+        used += m.body.len() + MESSAGE_OVERHEAD;
+        if used > budget && i > 0 {
+            page.truncate(i);
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: u64, len: usize) -> Message {
+        Message {
+            id,
+            conversation: 1,
+            sender: 1,
+            sender_client: 1,
+            body: Bytes::from(vec![0; len]),
+        }
+    }
+
+    #[test]
+    fn pages_are_cut_to_the_frame() {
+        let mut page: Vec<_> = (0..10).map(|i| msg(i, 1000)).collect();
+        assert!(fit_to_frame(&mut page, 3 * 1096));
+        assert_eq!(page.len(), 3);
+        let mut small: Vec<_> = (0..3).map(|i| msg(i, 10)).collect();
+        assert!(!fit_to_frame(&mut small, 10_000));
+        assert_eq!(small.len(), 3);
+        let mut big = vec![msg(0, 5000)];
+        assert!(!fit_to_frame(&mut big, 100));
+        assert_eq!(big.len(), 1);
+    }
+}

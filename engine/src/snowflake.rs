@@ -1,0 +1,297 @@
+//! Snowflake ids: 41 bits of milliseconds since [`EPOCH_MS`], 10 bits of
+//! node id, 12 bits of sequence. Ids from one node strictly increase; ids
+//! from two nodes never collide as long as their node ids differ (which the
+//! node-id lease guarantees in a cluster).
+//!
+//! [`Snowflake`] is the pure state machine: it takes the time as an argument.
+//! [`IdGenerator`] wraps it with the system clock and the policy for a clock
+//! that steps back: wait it out up to a bound, then refuse.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// 2026-01-01T00:00:00Z in Unix milliseconds.
+pub const EPOCH_MS: u64 = 1_767_225_600_000;
+pub const NODE_BITS: u32 = 10;
+pub const SEQ_BITS: u32 = 12;
+pub const MAX_NODE: u16 = (1 << NODE_BITS) - 1;
+const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
+const MAX_TIME: u64 = (1 << 41) - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("node id {0} is out of range (0..={MAX_NODE})")]
+    NodeOutOfRange(u16),
+    /// The clock is behind the last id issued; `behind_ms` says by how much.
+    #[error("clock moved back by {behind_ms} ms")]
+    ClockBehind { behind_ms: u64 },
+    /// All 4096 ids of this millisecond are used; try again next millisecond.
+    #[error("sequence exhausted for this millisecond")]
+    SequenceExhausted,
+    #[error("clock is before the epoch or past the 41-bit range")]
+    ClockOutOfRange,
+}
+
+/// The parts of an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub unix_ms: u64,
+    pub node: u16,
+    pub seq: u16,
+}
+
+pub fn compose(unix_ms: u64, node: u16, seq: u16) -> u64 {
+    ((unix_ms - EPOCH_MS) << (NODE_BITS + SEQ_BITS)) | (u64::from(node) << SEQ_BITS) | u64::from(seq)
+}
+
+pub fn parts(id: u64) -> Parts {
+    Parts {
+        unix_ms: (id >> (NODE_BITS + SEQ_BITS)) + EPOCH_MS,
+        node: ((id >> SEQ_BITS) & u64::from(MAX_NODE)) as u16,
+        seq: (id & MAX_SEQ) as u16,
+    }
+}
+
+/// The smallest id that any node could issue at `unix_ms`: a lower bound for
+/// "messages since time T".
+pub fn min_id_at(unix_ms: u64) -> u64 {
+    compose(unix_ms.max(EPOCH_MS), 0, 0)
+}
+
+/// The pure generator: no clock, no waiting.
+#[derive(Debug, Clone)]
+pub struct Snowflake {
+    node: u16,
+    last_ms: u64,
+    seq: u64,
+}
+
+impl Snowflake {
+    pub fn try_new(node: u16) -> Result<Self, IdError> {
+        if node > MAX_NODE {
+            return Err(IdError::NodeOutOfRange(node));
+        }
+        Ok(Self {
+            node,
+            last_ms: 0,
+            seq: 0,
+        })
+    }
+
+    pub fn node(&self) -> u16 {
+        self.node
+    }
+
+    /// The next id at wall time `unix_ms`, or why there is none.
+    pub fn next_at(&mut self, unix_ms: u64) -> Result<u64, IdError> {
+        if unix_ms < EPOCH_MS || unix_ms - EPOCH_MS > MAX_TIME {
+            return Err(IdError::ClockOutOfRange);
+        }
+        if unix_ms < self.last_ms {
+            return Err(IdError::ClockBehind {
+                behind_ms: self.last_ms - unix_ms,
+            });
+        }
+        if unix_ms == self.last_ms {
+            if self.seq == MAX_SEQ {
+                return Err(IdError::SequenceExhausted);
+            }
+            self.seq += 1;
+        } else {
+            self.last_ms = unix_ms;
+            self.seq = 0;
+        }
+        Ok(compose(self.last_ms, self.node, self.seq as u16))
+    }
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Ids from the system clock for one node.
+#[derive(Debug)]
+pub struct IdGenerator {
+    state: Mutex<Snowflake>,
+    /// How long a backward clock step is waited out before a send fails.
+    /// NTP slews small corrections; a step larger than this is an operator
+    /// problem, and failing loudly beats stalling every send behind it.
+    max_backstep: Duration,
+}
+
+impl IdGenerator {
+    pub fn try_new(node: u16, max_backstep: Duration) -> Result<Self, IdError> {
+        Ok(Self {
+            state: Mutex::new(Snowflake::try_new(node)?),
+            max_backstep,
+        })
+    }
+
+    pub fn node(&self) -> u16 {
+        self.state.lock().expect("snowflake lock").node()
+    }
+
+    /// The next id. Waits (asynchronously) when the clock is behind, up to
+    /// `max_backstep`, or when this millisecond's sequence is used up.
+    pub async fn next_id(&self) -> Result<u64, IdError> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.step(now_unix_ms(), &mut waited) {
+                Step::Id(id) => return Ok(id),
+                Step::Wait(d) => tokio::time::sleep(d).await,
+                Step::Fail(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Self::next_id`] with the clock and the sleep supplied: the same
+    /// policy, testable without real time.
+    pub fn next_id_with(
+        &self,
+        mut clock: impl FnMut() -> u64,
+        mut sleep: impl FnMut(Duration),
+    ) -> Result<u64, IdError> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.step(clock(), &mut waited) {
+                Step::Id(id) => return Ok(id),
+                Step::Wait(d) => sleep(d),
+                Step::Fail(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One decision of the policy: an id, a wait, or a refusal.
+    fn step(&self, now: u64, waited: &mut Duration) -> Step {
+        let result = self.state.lock().expect("snowflake lock").next_at(now);
+        match result {
+            Ok(id) => Step::Id(id),
+            Err(IdError::ClockBehind { behind_ms }) => {
+                let d = Duration::from_millis(behind_ms);
+                if *waited + d > self.max_backstep {
+                    Step::Fail(IdError::ClockBehind { behind_ms })
+                } else {
+                    *waited += d;
+                    Step::Wait(d)
+                }
+            }
+            Err(IdError::SequenceExhausted) => Step::Wait(Duration::from_micros(200)),
+            Err(e) => Step::Fail(e),
+        }
+    }
+}
+
+enum Step {
+    Id(u64),
+    Wait(Duration),
+    Fail(IdError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    const T0: u64 = EPOCH_MS + 1_000_000;
+
+    #[test]
+    fn layout_round_trips() {
+        let id = compose(T0, 513, 4095);
+        assert_eq!(
+            parts(id),
+            Parts {
+                unix_ms: T0,
+                node: 513,
+                seq: 4095
+            }
+        );
+        assert!(min_id_at(T0) <= id && id < min_id_at(T0 + 1));
+    }
+
+    #[test]
+    fn node_out_of_range_is_refused() {
+        assert_eq!(Snowflake::try_new(1024).unwrap_err(), IdError::NodeOutOfRange(1024));
+    }
+
+    #[test]
+    fn sequence_exhaustion_is_reported_not_wrapped() {
+        let mut g = Snowflake::try_new(1).unwrap();
+        for _ in 0..4096 {
+            g.next_at(T0).unwrap();
+        }
+        assert_eq!(g.next_at(T0), Err(IdError::SequenceExhausted));
+        assert!(g.next_at(T0 + 1).is_ok());
+    }
+
+    #[test]
+    fn small_backstep_is_waited_out() {
+        let g = IdGenerator::try_new(3, Duration::from_millis(50)).unwrap();
+        let mut t = T0 + 100;
+        let first = g.next_id_with(|| t, |_| {}).unwrap();
+        t = T0 + 80; // the clock steps back 20 ms
+        let slept = std::cell::Cell::new(Duration::ZERO);
+        let clock = std::cell::Cell::new(t);
+        let second = g
+            .next_id_with(
+                || clock.get(),
+                |d| {
+                    slept.set(slept.get() + d);
+                    clock.set(clock.get() + d.as_millis() as u64);
+                },
+            )
+            .unwrap();
+        assert!(second > first);
+        assert_eq!(slept.get(), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn large_backstep_is_refused_never_duplicated() {
+        let g = IdGenerator::try_new(3, Duration::from_millis(50)).unwrap();
+        g.next_id_with(|| T0 + 10_000, |_| {}).unwrap();
+        let err = g.next_id_with(|| T0, |_| {}).unwrap_err();
+        assert_eq!(err, IdError::ClockBehind { behind_ms: 10_000 });
+    }
+
+    proptest! {
+        /// Whatever the clock does (forward, still, small steps back), the ids
+        /// a node issues strictly increase and carry its node id.
+        #[test]
+        fn ids_strictly_increase(node in 0u16..=MAX_NODE, steps in proptest::collection::vec(-5i64..20, 1..2000)) {
+            let mut g = Snowflake::try_new(node).unwrap();
+            let mut t = T0 as i64;
+            let mut last = 0u64;
+            for s in steps {
+                t += s;
+                match g.next_at(t as u64) {
+                    Ok(id) => {
+                        prop_assert!(id > last);
+                        prop_assert_eq!(parts(id).node, node);
+                        last = id;
+                    }
+                    Err(IdError::ClockBehind { .. } | IdError::SequenceExhausted) => {}
+                    Err(e) => prop_assert!(false, "unexpected {e}"),
+                }
+            }
+        }
+
+        /// Two nodes sharing one clock never issue the same id.
+        #[test]
+        fn nodes_never_collide(a in 0u16..=MAX_NODE, b in 0u16..=MAX_NODE, n in 1usize..3000) {
+            prop_assume!(a != b);
+            let (mut ga, mut gb) = (Snowflake::try_new(a).unwrap(), Snowflake::try_new(b).unwrap());
+            let mut seen = HashSet::new();
+            for i in 0..n {
+                let t = T0 + (i / 7) as u64;
+                for g in [&mut ga, &mut gb] {
+                    if let Ok(id) = g.next_at(t) {
+                        prop_assert!(seen.insert(id));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The behaviour every [`Store`] backend must show. Each backend's tests call
+//! [`run_all`] against a fresh, empty store (the embedded one always; the
+//! ScyllaDB one when `TIERCAST_SCYLLA_NODES` names a cluster).
+//!
+//! Panics (with what differed) on the first broken rule: it is test code,
+//! shipped in the library so every backend runs the same rules.
+
+use bytes::Bytes;
+use tiercast_schemas::wire::Message;
+
+use super::{ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError};
+
+pub async fn run_all(store: &dyn Store) {
+    conversations_and_members(store).await;
+    device_registry(store).await;
+    messages_history_and_paging(store).await;
+    inbox_and_acks(store).await;
+    idempotent_insert(store).await;
+}
+
+fn conv(id: u64) -> Conversation {
+    Conversation {
+        id,
+        name: format!("c{id}"),
+        created_ms: 1,
+        pinned_tier: None,
+    }
+}
+
+fn message(conv: u64, id: u64, sender: u64, body: &str) -> Message {
+    Message {
+        id,
+        conversation: conv,
+        sender,
+        sender_client: sender * 10,
+        body: Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
+fn all() -> Page {
+    Page {
+        before: 0,
+        after: 0,
+        limit: 10_000,
+    }
+}
+
+/// Stores `n` messages in conversation `conv` (created if missing) and
+/// returns their ids, oldest first.
+pub async fn seed_history(store: &dyn Store, conv_id: u64, n: u64) -> Vec<u64> {
+    match store.create_conversation(&conv(conv_id)).await {
+        Ok(()) | Err(StoreError::ConversationExists(_)) => {}
+        Err(e) => panic!("create: {e}"),
+    }
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = 1_000 + i * 3;
+        let m = NewMessage {
+            message: message(conv_id, id, 7, &format!("m{i}")),
+            client_msg_id: 0,
+            inbox: vec![],
+        };
+        assert_eq!(store.insert_message(&m).await.unwrap(), Persisted::Stored);
+        ids.push(id);
+    }
+    ids
+}
+
+async fn conversations_and_members(store: &dyn Store) {
+    store.create_conversation(&conv(1)).await.unwrap();
+    assert!(matches!(
+        store.create_conversation(&conv(1)).await,
+        Err(StoreError::ConversationExists(1))
+    ));
+    assert_eq!(store.conversation(1).await.unwrap(), Some(conv(1)));
+    assert_eq!(store.conversation(2).await.unwrap(), None);
+    assert!(matches!(
+        store.add_members(2, &[1]).await,
+        Err(StoreError::NoSuchConversation(2))
+    ));
+
+    store.add_members(1, &[10, 11, 12]).await.unwrap();
+    store.add_members(1, &[11]).await.unwrap();
+    assert_eq!(store.members(1).await.unwrap(), vec![10, 11, 12]);
+    assert!(store.is_member(1, 11).await.unwrap());
+    assert!(store.remove_member(1, 11).await.unwrap());
+    assert!(!store.remove_member(1, 11).await.unwrap());
+    assert!(!store.is_member(1, 11).await.unwrap());
+    assert_eq!(store.members(1).await.unwrap(), vec![10, 12]);
+
+    store.create_conversation(&conv(3)).await.unwrap();
+    store.add_members(3, &[10]).await.unwrap();
+    assert_eq!(store.conversations_of(10).await.unwrap(), vec![1, 3]);
+    assert_eq!(store.conversations_of(11).await.unwrap(), Vec::<u64>::new());
+
+    store.set_pinned_tier(3, Some(2)).await.unwrap();
+    assert_eq!(store.conversation(3).await.unwrap().unwrap().pinned_tier, Some(2));
+    assert!(matches!(
+        store.set_pinned_tier(99, None).await,
+        Err(StoreError::NoSuchConversation(99))
+    ));
+}
+
+async fn device_registry(store: &dyn Store) {
+    let dev = |client_id, seen| ClientRecord {
+        client_id,
+        user: 500,
+        device: format!("d{client_id}"),
+        last_seen_ms: seen,
+    };
+    assert_eq!(store.register_client(&dev(1, 10), 3, false).await.unwrap(), Registered::New);
+    assert_eq!(store.register_client(&dev(2, 20), 3, false).await.unwrap(), Registered::New);
+    assert_eq!(store.register_client(&dev(3, 30), 3, false).await.unwrap(), Registered::New);
+    assert_eq!(store.register_client(&dev(1, 40), 3, false).await.unwrap(), Registered::Known);
+    assert!(matches!(
+        store.register_client(&dev(4, 50), 3, false).await,
+        Err(StoreError::TooManyDevices { user: 500, max: 3 })
+    ));
+    // A refused fourth device changed nothing.
+    let ids: Vec<u64> = store.clients_of(500).await.unwrap().iter().map(|c| c.client_id).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+
+    // With eviction, the least recently seen (2, seen at 20) makes room, and
+    // its pending inbox goes with it.
+    store.create_conversation(&conv(600)).await.unwrap();
+    let m = NewMessage {
+        message: message(600, 77, 9, "x"),
+        client_msg_id: 0,
+        inbox: vec![2, 3],
+    };
+    store.insert_message(&m).await.unwrap();
+    assert_eq!(
+        store.register_client(&dev(4, 60), 3, true).await.unwrap(),
+        Registered::Evicted(2)
+    );
+    assert_eq!(store.client_ids_of(&[500]).await.unwrap(), vec![1, 3, 4]);
+    assert!(store.inbox(2, 10).await.unwrap().is_empty());
+    assert_eq!(store.inbox(3, 10).await.unwrap().len(), 1);
+    assert_eq!(store.client_ids_of(&[500, 501]).await.unwrap(), vec![1, 3, 4]);
+}
+
+async fn messages_history_and_paging(store: &dyn Store) {
+    let ids = seed_history(store, 20, 25).await;
+    let everything = store.history(20, all()).await.unwrap();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(everything.iter().map(|m| m.id).collect::<Vec<_>>(), newest_first);
+    assert_eq!(everything.last().unwrap().body, Bytes::from_static(b"m0"));
+
+    // Paging backwards by `before` visits every message once.
+    let mut seen = Vec::new();
+    let mut before = 0;
+    loop {
+        let page = store
+            .history(20, Page { before, after: 0, limit: 7 })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().unwrap().id;
+        seen.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(seen, newest_first);
+
+    // `after` bounds from below, exclusive.
+    let tail = store
+        .history(20, Page { before: 0, after: ids[20], limit: 100 })
+        .await
+        .unwrap();
+    assert_eq!(tail.iter().map(|m| m.id).collect::<Vec<_>>(), vec![ids[24], ids[23], ids[22], ids[21]]);
+    assert!(store.history(20, Page { before: 5, after: 5, limit: 5 }).await.unwrap().is_empty());
+
+    let one = store.message(20, ids[3]).await.unwrap().unwrap();
+    assert_eq!(one.body, Bytes::from_static(b"m3"));
+    assert_eq!(one.sender, 7);
+    assert_eq!(store.message(20, 1).await.unwrap(), None);
+    assert_eq!(store.message(21, ids[3]).await.unwrap(), None);
+}
+
+async fn inbox_and_acks(store: &dyn Store) {
+    store.create_conversation(&conv(30)).await.unwrap();
+    for id in [300, 301, 302] {
+        let m = NewMessage {
+            message: message(30, id, 1, "i"),
+            client_msg_id: 0,
+            inbox: vec![71, 72],
+        };
+        store.insert_message(&m).await.unwrap();
+    }
+    let pending: Vec<u64> = store.inbox(71, 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(pending, vec![300, 301, 302]);
+    assert_eq!(store.inbox(71, 2).await.unwrap().len(), 2);
+    assert_eq!(store.ack(71, &[300, 302, 999]).await.unwrap(), 2);
+    assert_eq!(store.ack(71, &[300]).await.unwrap(), 0);
+    let pending: Vec<u64> = store.inbox(71, 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(pending, vec![301]);
+    // Another client's inbox is untouched.
+    assert_eq!(store.inbox(72, 10).await.unwrap().len(), 3);
+    // Acking removes the pending row, never the message.
+    assert!(store.message(30, 300).await.unwrap().is_some());
+}
+
+async fn idempotent_insert(store: &dyn Store) {
+    store.create_conversation(&conv(40)).await.unwrap();
+    let first = NewMessage {
+        message: message(40, 400, 2, "once"),
+        client_msg_id: 5,
+        inbox: vec![81],
+    };
+    assert_eq!(store.insert_message(&first).await.unwrap(), Persisted::Stored);
+    let retry = NewMessage {
+        message: message(40, 401, 2, "once"),
+        client_msg_id: 5,
+        inbox: vec![81],
+    };
+    assert_eq!(store.insert_message(&retry).await.unwrap(), Persisted::Duplicate(400));
+    assert_eq!(store.history(40, all()).await.unwrap().len(), 1);
+    assert_eq!(store.inbox(81, 10).await.unwrap().len(), 1);
+    // The same client_msg_id from another client is another message.
+    let other = NewMessage {
+        message: Message { sender_client: 999, ..message(40, 402, 2, "other") },
+        client_msg_id: 5,
+        inbox: vec![],
+    };
+    assert_eq!(store.insert_message(&other).await.unwrap(), Persisted::Stored);
+}

@@ -1,0 +1,463 @@
+//! The embedded store: one redb file (docs/adr/0001-embedded-store.md says
+//! why redb). Every call is one redb transaction run on tokio's blocking
+//! pool, so a message and its inbox rows commit together or not at all, and
+//! a committed write is on disk (redb's default `Durability::Immediate`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tiercast_schemas::wire::Message;
+
+use super::{
+    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+};
+
+const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
+/// (conversation, user)
+const MEMBERS: TableDefinition<(u64, u64), ()> = TableDefinition::new("members");
+/// (user, conversation)
+const USER_CONVERSATIONS: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("user_conversations");
+/// (user, client) -> ClientRecord as JSON
+const CLIENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("clients");
+/// (conversation, message id) -> sender, sender client, body
+const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
+/// (client, message id) -> conversation
+const INBOX: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbox");
+/// (sender client, client message id) -> message id
+const IDEMPOTENCY: TableDefinition<(u64, u64), u64> = TableDefinition::new("idempotency");
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmbeddedStore")
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode_message(m: &Message) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + m.body.len());
+    v.extend_from_slice(&m.sender.to_le_bytes());
+    v.extend_from_slice(&m.sender_client.to_le_bytes());
+    v.extend_from_slice(&m.body);
+    v
+}
+
+fn decode_message(conv: u64, id: u64, v: &[u8]) -> Result<Message, StoreError> {
+    if v.len() < 16 {
+        return Err(StoreError::Corrupt(format!("message {conv}/{id}")));
+    }
+    let word = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+    Ok(Message {
+        id,
+        conversation: conv,
+        sender: word(0),
+        sender_client: word(8),
+        body: Bytes::copy_from_slice(&v[16..]),
+    })
+}
+
+fn json<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain struct serializes")
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            txn.open_table(CONVERSATIONS).map_err(backend)?;
+            txn.open_table(MEMBERS).map_err(backend)?;
+            txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+            txn.open_table(CLIENTS).map_err(backend)?;
+            txn.open_table(MESSAGES).map_err(backend)?;
+            txn.open_table(INBOX).map_err(backend)?;
+            txn.open_table(IDEMPOTENCY).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?
+    }
+}
+
+fn read_message(
+    table: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    conv: u64,
+    id: u64,
+) -> Result<Option<Message>, StoreError> {
+    match table.get((conv, id)).map_err(backend)? {
+        Some(v) => decode_message(conv, id, v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError> {
+        let conv = conv.clone();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
+                if t.get(conv.id).map_err(backend)?.is_some() {
+                    return Err(StoreError::ConversationExists(conv.id));
+                }
+                t.insert(conv.id, to_json(&conv).as_slice())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(CONVERSATIONS).map_err(backend)?;
+            t.get(id)
+                .map_err(backend)?
+                .map(|v| json(v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
+                let mut conv: Conversation = match t.get(id).map_err(backend)? {
+                    Some(v) => json(v.value())?,
+                    None => return Err(StoreError::NoSuchConversation(id)),
+                };
+                conv.pinned_tier = tier;
+                t.insert(id, to_json(&conv).as_slice()).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<(), StoreError> {
+        let users = users.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                if txn
+                    .open_table(CONVERSATIONS)
+                    .map_err(backend)?
+                    .get(conv)
+                    .map_err(backend)?
+                    .is_none()
+                {
+                    return Err(StoreError::NoSuchConversation(conv));
+                }
+                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
+                let mut u = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+                for user in users {
+                    m.insert((conv, user), ()).map_err(backend)?;
+                    u.insert((user, conv), ()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let was = {
+                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
+                let mut u = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+                let was = m.remove((conv, user)).map_err(backend)?.is_some();
+                u.remove((user, conv)).map_err(backend)?;
+                was
+            };
+            txn.commit().map_err(backend)?;
+            Ok(was)
+        })
+        .await
+    }
+
+    async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MEMBERS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in t.range((conv, 0)..=(conv, u64::MAX)).map_err(backend)? {
+                out.push(row.map_err(backend)?.0.value().1);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MEMBERS).map_err(backend)?;
+            Ok(t.get((conv, user)).map_err(backend)?.is_some())
+        })
+        .await
+    }
+
+    async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
+                out.push(row.map_err(backend)?.0.value().1);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn register_client(
+        &self,
+        client: &ClientRecord,
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Registered, StoreError> {
+        let client = client.clone();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let outcome = {
+                let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+                let mut existing: Vec<ClientRecord> = Vec::new();
+                for row in t
+                    .range((client.user, 0)..=(client.user, u64::MAX))
+                    .map_err(backend)?
+                {
+                    existing.push(json(row.map_err(backend)?.1.value())?);
+                }
+                let outcome = if existing.iter().any(|c| c.client_id == client.client_id) {
+                    Registered::Known
+                } else if existing.len() < max_devices {
+                    Registered::New
+                } else if evict_oldest {
+                    let oldest = existing
+                        .iter()
+                        .min_by_key(|c| c.last_seen_ms)
+                        .expect("at least max_devices > 0 clients")
+                        .client_id;
+                    t.remove((client.user, oldest)).map_err(backend)?;
+                    let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+                    inbox
+                        .retain_in((oldest, 0)..=(oldest, u64::MAX), |_, _| false)
+                        .map_err(backend)?;
+                    Registered::Evicted(oldest)
+                } else {
+                    return Err(StoreError::TooManyDevices {
+                        user: client.user,
+                        max: max_devices,
+                    });
+                };
+                t.insert((client.user, client.client_id), to_json(&client).as_slice())
+                    .map_err(backend)?;
+                outcome
+            };
+            txn.commit().map_err(backend)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(CLIENTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
+                out.push(json(row.map_err(backend)?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let users = users.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(CLIENTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for user in users {
+                for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
+                    out.push(row.map_err(backend)?.0.value().1);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError> {
+        let msg = msg.clone();
+        self.run(move |db| {
+            let m = &msg.message;
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                if msg.client_msg_id != 0 {
+                    let mut idem = txn.open_table(IDEMPOTENCY).map_err(backend)?;
+                    let key = (m.sender_client, msg.client_msg_id);
+                    if let Some(earlier) = idem.get(key).map_err(backend)? {
+                        return Ok(Persisted::Duplicate(earlier.value()));
+                    }
+                    idem.insert(key, m.id).map_err(backend)?;
+                }
+                let mut t = txn.open_table(MESSAGES).map_err(backend)?;
+                t.insert((m.conversation, m.id), encode_message(m).as_slice())
+                    .map_err(backend)?;
+                let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+                for &client in &msg.inbox {
+                    inbox.insert((client, m.id), m.conversation).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(Persisted::Stored)
+        })
+        .await
+    }
+
+    async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            read_message(&txn.open_table(MESSAGES).map_err(backend)?, conv, id)
+        })
+        .await
+    }
+
+    async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MESSAGES).map_err(backend)?;
+            let hi = if page.before == 0 {
+                u64::MAX
+            } else {
+                page.before - 1
+            };
+            if page.after >= hi {
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::with_capacity(page.limit.min(256));
+            for row in t
+                .range((conv, page.after + 1)..=(conv, hi))
+                .map_err(backend)?
+                .rev()
+                .take(page.limit)
+            {
+                let (k, v) = row.map_err(backend)?;
+                out.push(decode_message(conv, k.value().1, v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn inbox(&self, client: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let inbox = txn.open_table(INBOX).map_err(backend)?;
+            let messages = txn.open_table(MESSAGES).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in inbox
+                .range((client, 0)..=(client, u64::MAX))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, conv) = row.map_err(backend)?;
+                if let Some(m) = read_message(&messages, conv.value(), k.value().1)? {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
+        let ids = ids.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut removed = 0;
+            {
+                let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+                for id in ids {
+                    if inbox.remove((client, id)).map_err(backend)?.is_some() {
+                        removed += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+
+    /// What was committed is there after the database is closed and opened
+    /// again: nothing stored is lost by a restart.
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let ids = {
+            let store = EmbeddedStore::open(&path).unwrap();
+            super::super::conformance::seed_history(&store, 42, 50).await
+        };
+        let store = EmbeddedStore::open(&path).unwrap();
+        let got = store
+            .history(
+                42,
+                Page {
+                    before: 0,
+                    after: 0,
+                    limit: 100,
+                },
+            )
+            .await
+            .unwrap();
+        let mut want = ids;
+        want.reverse();
+        assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), want);
+    }
+}

@@ -1,0 +1,131 @@
+//! The `Store`: everything Tiercast persists. A message is stored (with its
+//! tier-1 inbox rows) before anything about it is published, so the store is
+//! the source of truth every device catches up from.
+//!
+//! The trait is shaped for a wide-column backend as well as an embedded one:
+//! every read names its partition (a conversation, a user, a client), pages
+//! are bounded, and multi-row writes that must be atomic come as one call.
+//!
+//! - [`embedded`]: redb, the single-node default (docs/adr/0001).
+//! - [`conformance`]: the behaviour every backend must show, run against each.
+
+pub mod conformance;
+pub mod embedded;
+
+use async_trait::async_trait;
+use tiercast_schemas::wire::Message;
+
+pub use embedded::EmbeddedStore;
+
+/// A conversation's metadata (members are kept apart, by conversation and by
+/// user).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conversation {
+    pub id: u64,
+    pub name: String,
+    pub created_ms: u64,
+    /// A tier the operator pinned this conversation to (1..=3), if any.
+    pub pinned_tier: Option<u8>,
+}
+
+/// A registered device of a user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientRecord {
+    pub client_id: u64,
+    pub user: u64,
+    pub device: String,
+    pub last_seen_ms: u64,
+}
+
+/// What registering a device did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Already registered: its last-seen time was refreshed.
+    Known,
+    New,
+    /// New, and the least recently seen device was removed (with its inbox)
+    /// to make room.
+    Evicted(u64),
+}
+
+/// A message to persist with what must be written beside it atomically.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub message: Message,
+    /// `(sender client, client message id)` for idempotent retries; 0 = none.
+    pub client_msg_id: u64,
+    /// Clients that get an inbox-pending row (tier 1).
+    pub inbox: Vec<u64>,
+}
+
+/// What persisting a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persisted {
+    Stored,
+    /// The same (client, client_msg_id) was stored before as this id;
+    /// nothing new was written.
+    Duplicate(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conversation {0} already exists")]
+    ConversationExists(u64),
+    #[error("conversation {0} does not exist")]
+    NoSuchConversation(u64),
+    #[error("user {user} already has {max} devices")]
+    TooManyDevices { user: u64, max: usize },
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+/// One page of a conversation's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Only ids below this (0 = no upper bound).
+    pub before: u64,
+    /// Only ids above this.
+    pub after: u64,
+    pub limit: usize,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError>;
+    async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError>;
+    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError>;
+
+    /// Adds members; adding a member twice is a no-op.
+    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<(), StoreError>;
+    /// Whether the user was a member.
+    async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;
+    async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError>;
+    async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;
+    async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError>;
+
+    /// Registers (or refreshes) a device. A user holds at most `max_devices`;
+    /// past that the call fails, or with `evict_oldest` removes the least
+    /// recently seen device and its inbox.
+    async fn register_client(
+        &self,
+        client: &ClientRecord,
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Registered, StoreError>;
+    async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError>;
+    /// The registered client ids of several users, in one read.
+    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
+
+    /// Stores a message, its inbox rows and its idempotency key atomically.
+    async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError>;
+    async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError>;
+    /// History newest first within `page`.
+    async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError>;
+
+    /// Pending inbox of a client, oldest first.
+    async fn inbox(&self, client: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
+    /// Removes acked ids from a client's inbox; returns how many were pending.
+    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError>;
+}
