@@ -1,1 +1,23 @@
-//! placeholder
+//! The Tiercast client SDK: what apps, the CLI and loadgen use to talk to an
+//! edge. It never imports server code: only the wire formats.
+//!
+//! ```no_run
+//! # async fn demo(cfg: tiercast_client::ClientConfig) -> Result<(), tiercast_client::ClientError> {
+//! let (client, mut deliveries) = tiercast_client::Client::connect(cfg).await?;
+//! let ok = client.send(42, 1, b"hello".to_vec().into()).await?;
+//! while let Some(d) = deliveries.recv().await {
+//!     if let tiercast_client::Delivery::Message(m) = d {
+//!         client.ack(&[m.id]).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! - [`connection`]: connect, Hello, requests and the delivery stream.
+//! - [`tls`]: trusting an edge's certificate.
+
+pub mod connection;
+pub mod tls;
+
+pub use connection::{Client, ClientConfig, ClientError, Deliveries, Delivery, SendOk};
+pub use tiercast_schemas::wire::{ErrorCode, Message};

@@ -1,1 +1,23 @@
-//! placeholder
+//! The Tiercast edge: the QUIC server that client devices connect to. It
+//! authenticates devices, runs their requests against the embedded engine,
+//! and fans out what the backplane brings to the local devices it is for.
+//!
+//! - [`server`]: the accept loop, backplane fan-out loop and shutdown.
+//! - [`session`]: one connection: Hello, requests, the delivery stream.
+//! - [`sessions`]: local connections by user, and local fan-out.
+//! - [`tls`]: certificates and the rustls configuration (ALPN `tiercast/1`).
+//! - [`config`]: the process configuration (file, environment, flags).
+//! - [`node`]: a whole single node (store, backplane, engine, HTTP, edge).
+//! - [`metrics`]: the edge's Prometheus metrics.
+
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod session;
+pub mod sessions;
+pub mod tls;
+
+pub use config::Config;
+pub use node::Node;
+pub use server::Edge;

@@ -322,9 +322,10 @@ impl Engine {
             .await?)
     }
 
-    /// The oldest pending inbox entries of a device, cut to fit one frame.
-    pub async fn pending(&self, client_id: u64) -> Result<Vec<Message>, EngineError> {
-        let mut page = self.store.inbox(client_id, self.cfg.max_page).await?;
+    /// The oldest pending inbox entries of a device above `after`, cut to
+    /// fit one frame.
+    pub async fn pending(&self, client_id: u64, after: u64) -> Result<Vec<Message>, EngineError> {
+        let mut page = self.store.inbox(client_id, after, self.cfg.max_page).await?;
         fit_to_frame(&mut page, self.page_budget());
         Ok(page)
     }

@@ -134,8 +134,8 @@ async fn device_registry(store: &dyn Store) {
         Registered::Evicted(2)
     );
     assert_eq!(store.client_ids_of(&[500]).await.unwrap(), vec![1, 3, 4]);
-    assert!(store.inbox(2, 10).await.unwrap().is_empty());
-    assert_eq!(store.inbox(3, 10).await.unwrap().len(), 1);
+    assert!(store.inbox(2, 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.inbox(3, 0, 10).await.unwrap().len(), 1);
     assert_eq!(store.client_ids_of(&[500, 501]).await.unwrap(), vec![1, 3, 4]);
 }
 
@@ -188,15 +188,17 @@ async fn inbox_and_acks(store: &dyn Store) {
         };
         store.insert_message(&m).await.unwrap();
     }
-    let pending: Vec<u64> = store.inbox(71, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let pending: Vec<u64> = store.inbox(71, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(pending, vec![300, 301, 302]);
-    assert_eq!(store.inbox(71, 2).await.unwrap().len(), 2);
+    assert_eq!(store.inbox(71, 0, 2).await.unwrap().len(), 2);
+    let rest: Vec<u64> = store.inbox(71, 301, 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(rest, vec![302]);
     assert_eq!(store.ack(71, &[300, 302, 999]).await.unwrap(), 2);
     assert_eq!(store.ack(71, &[300]).await.unwrap(), 0);
-    let pending: Vec<u64> = store.inbox(71, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let pending: Vec<u64> = store.inbox(71, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(pending, vec![301]);
     // Another client's inbox is untouched.
-    assert_eq!(store.inbox(72, 10).await.unwrap().len(), 3);
+    assert_eq!(store.inbox(72, 0, 10).await.unwrap().len(), 3);
     // Acking removes the pending row, never the message.
     assert!(store.message(30, 300).await.unwrap().is_some());
 }
@@ -216,7 +218,7 @@ async fn idempotent_insert(store: &dyn Store) {
     };
     assert_eq!(store.insert_message(&retry).await.unwrap(), Persisted::Duplicate(400));
     assert_eq!(store.history(40, all()).await.unwrap().len(), 1);
-    assert_eq!(store.inbox(81, 10).await.unwrap().len(), 1);
+    assert_eq!(store.inbox(81, 0, 10).await.unwrap().len(), 1);
     // The same client_msg_id from another client is another message.
     let other = NewMessage {
         message: Message { sender_client: 999, ..message(40, 402, 2, "other") },

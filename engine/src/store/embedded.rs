@@ -382,14 +382,22 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn inbox(&self, client: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
+    async fn inbox(
+        &self,
+        client: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
         self.run(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let inbox = txn.open_table(INBOX).map_err(backend)?;
             let messages = txn.open_table(MESSAGES).map_err(backend)?;
             let mut out = Vec::new();
             for row in inbox
-                .range((client, 0)..=(client, u64::MAX))
+                .range((client, after + 1)..=(client, u64::MAX))
                 .map_err(backend)?
                 .take(limit)
             {

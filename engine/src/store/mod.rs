@@ -124,8 +124,8 @@ pub trait Store: Send + Sync + 'static {
     /// History newest first within `page`.
     async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError>;
 
-    /// Pending inbox of a client, oldest first.
-    async fn inbox(&self, client: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
+    /// Pending inbox of a client, oldest first, ids above `after`.
+    async fn inbox(&self, client: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
     /// Removes acked ids from a client's inbox; returns how many were pending.
     async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError>;
 }

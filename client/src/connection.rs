@@ -1,0 +1,427 @@
+//! One connection to an edge: the Hello handshake, request/answer matching
+//! on the control stream, and the stream of deliveries.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiercast_schemas::MAX_FRAME_BYTES;
+use tiercast_schemas::framing::read_frame;
+use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, Message, ServerBody, ServerFrame};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+/// The protocol version this SDK speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub addr: SocketAddr,
+    /// The name the edge's certificate is checked against.
+    pub server_name: String,
+    /// Certificates to trust, PEM.
+    pub trusted_pem: String,
+    pub token: String,
+    /// This device's id: random once per install, then kept.
+    pub client_id: u64,
+    pub device: String,
+    pub request_timeout: Duration,
+    /// Deliveries buffered before the SDK stops reading (and the edge, in
+    /// turn, sees a slow consumer).
+    pub delivery_buffer: usize,
+}
+
+impl ClientConfig {
+    pub fn new(addr: SocketAddr, trusted_pem: String, token: String, client_id: u64) -> Self {
+        Self {
+            addr,
+            server_name: "localhost".into(),
+            trusted_pem,
+            token,
+            client_id,
+            device: "sdk".into(),
+            request_timeout: Duration::from_secs(10),
+            delivery_buffer: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The edge refused the request (or, for connection-level codes, the
+    /// connection).
+    #[error("refused: {code}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The connection is closed (by the edge with `code`, or lost).
+    #[error("connection closed: {code}: {reason}")]
+    Closed { code: ErrorCode, reason: String },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The wire code behind this error, if the edge gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } | Self::Closed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn closed(e: &quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => ClientError::Closed {
+            code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        e => ClientError::Closed {
+            code: ErrorCode::Unspecified,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// What the edge pushes to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Message(Message),
+    Notify {
+        conversation: u64,
+        message_id: u64,
+    },
+    ReadMarker {
+        user: u64,
+        conversation: u64,
+        message_id: u64,
+    },
+    Drain {
+        reconnect_after_ms: u32,
+        reason: String,
+    },
+}
+
+pub type Deliveries = mpsc::Receiver<Delivery>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOk {
+    pub conversation: u64,
+    pub message_id: u64,
+    pub duplicate: bool,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerBody>>>>;
+
+/// A connected, welcomed device.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: quinn::Connection,
+    control: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+    pending: Pending,
+    next_request: Arc<AtomicU64>,
+    timeout: Duration,
+    pub user_id: u64,
+    pub client_id: u64,
+    pub max_body_bytes: u32,
+}
+
+fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::1]:0".parse().expect("literal")
+    } else if addr.ip().is_loopback() {
+        "127.0.0.1:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))
+}
+
+impl Client {
+    /// Connects on a fresh UDP socket of its own.
+    pub async fn connect(cfg: ClientConfig) -> Result<(Self, Deliveries), ClientError> {
+        let endpoint = endpoint_for(cfg.addr)?;
+        Self::connect_on(&endpoint, cfg).await
+    }
+
+    /// Connects through an existing endpoint (many connections can share
+    /// one UDP socket).
+    pub async fn connect_on(
+        endpoint: &quinn::Endpoint,
+        cfg: ClientConfig,
+    ) -> Result<(Self, Deliveries), ClientError> {
+        let crypto = crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?;
+        let mut qcfg = quinn::ClientConfig::new(crypto);
+        let mut transport = quinn::TransportConfig::default();
+        // Well inside the edge's idle timeout, so an idle device stays up.
+        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        qcfg.transport_config(Arc::new(transport));
+        let connecting = endpoint
+            .connect_with(qcfg, cfg.addr, &cfg.server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = tokio::time::timeout(cfg.request_timeout, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout(cfg.request_timeout))?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
+        let hello = ClientFrame::new(
+            0,
+            ClientBody::Hello {
+                token: cfg.token.clone(),
+                client_id: cfg.client_id,
+                device: cfg.device.clone(),
+                protocol_version: PROTOCOL_VERSION,
+            },
+        );
+        send.write_all(&hello.encode())
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let first = tokio::time::timeout(cfg.request_timeout, read_server_frame(&mut recv))
+            .await
+            .map_err(|_| ClientError::Timeout(cfg.request_timeout))?;
+        let (user_id, client_id, max_body_bytes) = match first {
+            Ok(Some(ServerFrame {
+                body:
+                    ServerBody::Welcome {
+                        user_id,
+                        client_id,
+                        max_body_bytes,
+                        ..
+                    },
+                ..
+            })) => (user_id, client_id, max_body_bytes),
+            Ok(Some(ServerFrame {
+                body: ServerBody::Error { code, message },
+                ..
+            })) => return Err(ClientError::Refused { code, message }),
+            Ok(other) => {
+                return Err(match conn.close_reason() {
+                    Some(e) => closed(&e),
+                    None => ClientError::Protocol(format!("expected Welcome, got {other:?}")),
+                });
+            }
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(e) => closed(&e),
+                    None => e,
+                });
+            }
+        };
+
+        let pending: Pending = Arc::default();
+        let (tx, rx) = mpsc::channel(cfg.delivery_buffer);
+        tokio::spawn(read_answers(recv, pending.clone()));
+        tokio::spawn(read_deliveries(conn.clone(), tx));
+        Ok((
+            Self {
+                conn,
+                control: Arc::new(tokio::sync::Mutex::new(send)),
+                pending,
+                next_request: Arc::new(AtomicU64::new(1)),
+                timeout: cfg.request_timeout,
+                user_id,
+                client_id,
+                max_body_bytes,
+            },
+            rx,
+        ))
+    }
+
+    /// Sends one request and waits for its answer.
+    pub async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let frame = ClientFrame::new(id, body).encode();
+        let written = self.control.lock().await.write_all(&frame).await;
+        if written.is_err() {
+            self.pending.lock().expect("pending lock").remove(&id);
+            return Err(self.close_error());
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(ServerBody::Error { code, message })) => Err(ClientError::Refused { code, message }),
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(_)) => Err(self.close_error()),
+            Err(_) => {
+                self.pending.lock().expect("pending lock").remove(&id);
+                Err(ClientError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    fn close_error(&self) -> ClientError {
+        match self.conn.close_reason() {
+            Some(e) => closed(&e),
+            None => ClientError::Closed {
+                code: ErrorCode::Unspecified,
+                reason: "control stream ended".into(),
+            },
+        }
+    }
+
+    pub async fn send(
+        &self,
+        conversation: u64,
+        client_msg_id: u64,
+        body: Bytes,
+    ) -> Result<SendOk, ClientError> {
+        match self
+            .request(ClientBody::Send {
+                conversation,
+                client_msg_id,
+                body,
+            })
+            .await?
+        {
+            ServerBody::SendOk {
+                conversation,
+                message_id,
+                duplicate,
+            } => Ok(SendOk {
+                conversation,
+                message_id,
+                duplicate,
+            }),
+            other => Err(unexpected("SendOk", &other)),
+        }
+    }
+
+    /// Acknowledges delivered messages: they leave this device's inbox.
+    pub async fn ack(&self, message_ids: &[u64]) -> Result<u32, ClientError> {
+        match self
+            .request(ClientBody::Ack {
+                message_ids: message_ids.to_vec(),
+            })
+            .await?
+        {
+            ServerBody::AckOk { removed } => Ok(removed),
+            other => Err(unexpected("AckOk", &other)),
+        }
+    }
+
+    /// A page of history, newest first: ids below `before` (0 = from the
+    /// newest). Returns the page and whether older messages remain.
+    pub async fn fetch(
+        &self,
+        conversation: u64,
+        before: u64,
+        limit: u32,
+    ) -> Result<(Vec<Message>, bool), ClientError> {
+        match self
+            .request(ClientBody::Fetch {
+                conversation,
+                before,
+                after: 0,
+                limit,
+            })
+            .await?
+        {
+            ServerBody::Messages { messages, more, .. } => Ok((messages, more)),
+            other => Err(unexpected("Messages", &other)),
+        }
+    }
+
+    pub async fn ping(&self, nonce: u64) -> Result<(), ClientError> {
+        match self.request(ClientBody::Ping { nonce }).await? {
+            ServerBody::Pong { nonce: n } if n == nonce => Ok(()),
+            other => Err(unexpected("Pong", &other)),
+        }
+    }
+
+    /// Writes raw bytes on the control stream: for testing how an edge
+    /// treats a misbehaving client.
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        let mut s = self.control.lock().await;
+        s.write_all(bytes).await.map_err(|_| self.close_error())?;
+        s.flush().await.map_err(|_| self.close_error())
+    }
+
+    /// Resolves when the connection is closed, with why.
+    pub async fn closed(&self) -> ClientError {
+        closed(&self.conn.closed().await)
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+fn unexpected(want: &str, got: &ServerBody) -> ClientError {
+    ClientError::Protocol(format!("expected {want}, got {got:?}"))
+}
+
+async fn read_server_frame(recv: &mut quinn::RecvStream) -> Result<Option<ServerFrame>, ClientError> {
+    match read_frame(recv, MAX_FRAME_BYTES).await {
+        Ok(Some(bytes)) => ServerFrame::decode(&bytes, MAX_FRAME_BYTES)
+            .map(Some)
+            .map_err(|e| ClientError::Protocol(e.to_string())),
+        Ok(None) => Ok(None),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+/// Matches answers on the control stream to waiting requests. An Error with
+/// request id 0 is connection-level: the edge closes next.
+async fn read_answers(mut recv: quinn::RecvStream, pending: Pending) {
+    while let Ok(Some(frame)) = read_server_frame(&mut recv).await {
+        if frame.request_id == 0 {
+            if let ServerBody::Error { code, message } = &frame.body {
+                tracing::debug!(%code, %message, "edge is closing the connection");
+            }
+            continue;
+        }
+        let waiter = pending.lock().expect("pending lock").remove(&frame.request_id);
+        if let Some(w) = waiter {
+            let _ = w.send(frame.body);
+        }
+    }
+    // Dropping the waiters fails their requests with the close reason.
+    pending.lock().expect("pending lock").clear();
+}
+
+async fn read_deliveries(conn: quinn::Connection, tx: mpsc::Sender<Delivery>) {
+    let Ok(mut stream) = conn.accept_uni().await else {
+        return;
+    };
+    while let Ok(Some(frame)) = read_server_frame(&mut stream).await {
+        let d = match frame.body {
+            ServerBody::Message(m) => Delivery::Message(m),
+            ServerBody::Notify {
+                conversation,
+                message_id,
+            } => Delivery::Notify {
+                conversation,
+                message_id,
+            },
+            ServerBody::ReadMarker {
+                user,
+                conversation,
+                message_id,
+            } => Delivery::ReadMarker {
+                user,
+                conversation,
+                message_id,
+            },
+            ServerBody::Drain {
+                reconnect_after_ms,
+                reason,
+            } => Delivery::Drain {
+                reconnect_after_ms,
+                reason,
+            },
+            other => {
+                tracing::warn!(?other, "unexpected frame on the delivery stream");
+                continue;
+            }
+        };
+        if tx.send(d).await.is_err() {
+            return;
+        }
+    }
+}

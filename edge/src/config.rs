@@ -1,0 +1,268 @@
+//! Process configuration: one typed struct, built from defaults, then a TOML
+//! file, then `TIERCAST_<SECTION>__<KEY>` environment variables, then
+//! command-line overrides (`section.key=value`), and validated as a whole
+//! before anything binds. A bad value is a one-line error naming the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tiercast_engine::config::{EngineConfig, InvalidSetting};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where the embedded store keeps its file.
+    pub data_dir: PathBuf,
+    /// The engine HTTP API and `/metrics`.
+    pub http_listen: SocketAddr,
+    /// HS256 secret that client and publisher tokens are signed with.
+    pub token_secret: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("tiercast-data"),
+            http_listen: "127.0.0.1:7480".parse().expect("literal address"),
+            token_secret: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// UDP address of the QUIC listener.
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; both unset = a self-signed development
+    /// certificate, written to `<data_dir>/dev-cert.pem` for clients.
+    pub cert_path: Option<PathBuf>,
+    pub key_path: Option<PathBuf>,
+    /// Names in the self-signed certificate.
+    pub dev_cert_names: Vec<String>,
+    /// Connections held at once; more are refused at the handshake.
+    pub max_connections: usize,
+    /// Frames queued per connection before it counts as a slow consumer and
+    /// is disconnected. 1024 frames absorb a burst of a busy chat while
+    /// bounding what one stalled phone can pin in memory (~1 MiB at 1 KiB).
+    pub outbound_queue: usize,
+    /// Largest frame accepted from a client.
+    pub max_frame_bytes: usize,
+    /// Time a new connection has to say Hello.
+    pub hello_timeout_ms: u64,
+    /// A connection with no traffic for this long is closed; clients ping
+    /// well within it.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7443".parse().expect("literal address"),
+            cert_path: None,
+            key_path: None,
+            dev_cert_names: vec!["localhost".into(), "127.0.0.1".into()],
+            max_connections: 100_000,
+            outbound_queue: 1024,
+            max_frame_bytes: tiercast_schemas::MAX_FRAME_BYTES,
+            hello_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl EdgeConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.cert_path.is_some() != self.key_path.is_some() {
+            return Err(InvalidSetting::new(
+                "edge.cert_path",
+                "set both edge.cert_path and edge.key_path, or neither",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidSetting::new("edge.max_connections", "must be positive"));
+        }
+        if !(8..=1_000_000).contains(&self.outbound_queue) {
+            return Err(InvalidSetting::new("edge.outbound_queue", "must be 8..=1000000"));
+        }
+        if !(1024..=tiercast_schemas::MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(InvalidSetting::new(
+                "edge.max_frame_bytes",
+                format!("must be 1024..={}", tiercast_schemas::MAX_FRAME_BYTES),
+            ));
+        }
+        if !(100..=60_000).contains(&self.hello_timeout_ms) {
+            return Err(InvalidSetting::new("edge.hello_timeout_ms", "must be 100..=60000"));
+        }
+        if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
+            return Err(InvalidSetting::new("edge.idle_timeout_ms", "must be 1000..=600000"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub engine: EngineConfig,
+    pub edge: EdgeConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("setting `{key}`: {reason}")]
+    Override { key: String, reason: String },
+    #[error("{0}")]
+    Invalid(#[from] InvalidSetting),
+}
+
+pub const ENV_PREFIX: &str = "TIERCAST_";
+
+impl Config {
+    /// Builds the configuration: defaults < `file` < environment (`vars`,
+    /// `TIERCAST_EDGE__LISTEN=...`) < `overrides` (`edge.listen=...`), then
+    /// validates it.
+    pub fn load(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut doc = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.display().to_string(),
+                reason: e.message().to_owned(),
+            })?;
+            merge(&mut doc, table);
+        }
+        let env: Vec<(String, String)> = vars
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix(ENV_PREFIX)?;
+                let (section, key) = rest.split_once("__")?;
+                Some((format!("{}.{}", section.to_lowercase(), key.to_lowercase()), v))
+            })
+            .collect();
+        for (key, value) in env.iter().chain(overrides) {
+            set(&mut doc, key, value)?;
+        }
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: "(merged settings)".into(),
+                reason: e.message().to_owned(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.node.token_secret.len() < 16 {
+            return Err(InvalidSetting::new(
+                "node.token_secret",
+                "must be at least 16 bytes (set TIERCAST_NODE__TOKEN_SECRET)",
+            ));
+        }
+        self.engine.validate()?;
+        self.edge.validate()?;
+        Ok(())
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Sets `section.key` to `value`, read as a TOML value when it parses as one
+/// (numbers, booleans, arrays) and as a string otherwise.
+fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| ConfigError::Override {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (section, field) = key.split_once('.').ok_or_else(|| bad("expected section.key"))?;
+    let table = doc
+        .get_mut(section)
+        .and_then(|v| v.as_table_mut())
+        .ok_or_else(|| bad("unknown section (node, engine, edge)"))?;
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    table.insert(field.to_owned(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: (&str, &str) = ("TIERCAST_NODE__TOKEN_SECRET", "0123456789abcdef");
+
+    fn load(vars: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(
+            None,
+            vars.iter()
+                .chain([&SECRET])
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            &overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "[edge]\noutbound_queue = 64\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let cfg = Config::load(
+            Some(&file),
+            [
+                ("TIERCAST_EDGE__OUTBOUND_QUEUE".to_string(), "128".to_string()),
+                (SECRET.0.to_string(), SECRET.1.to_string()),
+            ],
+            &[("engine.max_devices".into(), "2".into())],
+        )
+        .unwrap();
+        assert_eq!(cfg.edge.outbound_queue, 128);
+        assert_eq!(cfg.edge.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(cfg.engine.max_devices, 2);
+        assert_eq!(cfg.engine.max_page, EngineConfig::default().max_page);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = load(&[], &[("engine.max_devices", "0")]).unwrap_err();
+        assert_eq!(e.to_string(), "invalid setting `engine.max_devices`: must be 1..=16");
+        let e = load(&[], &[("edge.listen", "nowhere")]).unwrap_err();
+        assert!(e.to_string().contains("listen") || e.to_string().contains("socket"), "{e}");
+        let e = load(&[], &[("edge.no_such_thing", "1")]).unwrap_err();
+        assert!(e.to_string().contains("no_such_thing"), "{e}");
+        let e = load(&[], &[("nosection", "1")]).unwrap_err();
+        assert!(e.to_string().contains("section.key"), "{e}");
+        let e = Config::load(None, [], &[]).unwrap_err();
+        assert!(e.to_string().contains("node.token_secret"), "{e}");
+        let e = load(&[], &[("edge.cert_path", "/x.pem")]).unwrap_err();
+        assert!(e.to_string().contains("edge.cert_path"), "{e}");
+    }
+}

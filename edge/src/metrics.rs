@@ -1,0 +1,55 @@
+//! Prometheus metrics of an edge.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tiercast_engine::metrics::CodeLabel;
+
+#[derive(Clone, Debug, Default)]
+pub struct EdgeMetrics {
+    pub connections: Gauge,
+    pub handshakes: Counter,
+    pub deliveries: Counter,
+    pub backplane_inbound: Counter,
+    pub backplane_malformed: Counter,
+    pub errors: Family<CodeLabel, Counter>,
+    pub slow_consumers: Counter,
+}
+
+impl EdgeMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("tiercast_edge");
+        r.register("connections", "Open client connections", m.connections.clone());
+        r.register("handshakes", "Connections that completed Hello", m.handshakes.clone());
+        r.register(
+            "deliveries",
+            "Frames enqueued to local connections",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "backplane_inbound",
+            "Payloads received from the backplane",
+            m.backplane_inbound.clone(),
+        );
+        r.register(
+            "backplane_malformed",
+            "Backplane payloads that failed verification",
+            m.backplane_malformed.clone(),
+        );
+        r.register("errors", "Errors sent to clients by code", m.errors.clone());
+        r.register(
+            "slow_consumers",
+            "Connections closed because their queue overflowed",
+            m.slow_consumers.clone(),
+        );
+        m
+    }
+
+    pub fn error(&self, code: tiercast_schemas::wire::ErrorCode) {
+        self.errors
+            .get_or_create(&CodeLabel { code: code.name() })
+            .inc();
+    }
+}

@@ -1,0 +1,178 @@
+//! A whole single node in one process: embedded store, in-process backplane,
+//! engine, HTTP API and QUIC edge. `tiercast dev`, `tiercast demo` and the
+//! integration tests all start it through [`Node::start`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tiercast_engine::auth::TokenKeys;
+use tiercast_engine::backplane::LocalBackplane;
+use tiercast_engine::http::{self, HttpState};
+use tiercast_engine::metrics::EngineMetrics;
+use tiercast_engine::store::EmbeddedStore;
+use tiercast_engine::Engine;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, EdgeConfig};
+use crate::metrics::EdgeMetrics;
+use crate::server::Edge;
+use crate::tls::{self, Identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] tiercast_engine::store::StoreError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind {what} on {addr}: {reason}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+/// A running node. Dropping it does not stop it: call [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    pub quic_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The certificate chain clients must trust (PEM).
+    pub cert_pem: String,
+    /// Where the development certificate was written, if it was generated.
+    pub cert_path: Option<PathBuf>,
+    pub keys: TokenKeys,
+    pub engine: Arc<Engine>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The quinn transport settings of a client-facing endpoint.
+pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
+            .expect("validated idle timeout fits"),
+    ));
+    // One control stream per connection (a reconnect opens a new
+    // connection); clients open no unidirectional streams.
+    t.max_concurrent_bidi_streams(2u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+/// Binds the QUIC endpoint of an edge.
+pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, StartError> {
+    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(id)?);
+    server.transport_config(Arc::new(transport_config(cfg)));
+    quinn::Endpoint::server(server, cfg.listen).map_err(|e| StartError::Bind {
+        what: "the QUIC listener",
+        addr: cfg.listen,
+        reason: e.to_string(),
+    })
+}
+
+impl Node {
+    pub async fn start(cfg: Config) -> Result<Self, StartError> {
+        let data_dir = &cfg.node.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
+            path: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let store = EmbeddedStore::open(&data_dir.join("tiercast.redb"))?;
+        let mut registry = Registry::default();
+        let engine_metrics = EngineMetrics::register(&mut registry);
+        let edge_metrics = EdgeMetrics::register(&mut registry);
+        let engine = Arc::new(
+            Engine::new(
+                cfg.engine.clone(),
+                Arc::new(store),
+                Arc::new(LocalBackplane::new()),
+                engine_metrics,
+            )
+            .map_err(|e| StartError::Engine(e.to_string()))?,
+        );
+        let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
+
+        let (identity, cert_path) = match (&cfg.edge.cert_path, &cfg.edge.key_path) {
+            (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, None),
+            _ => {
+                let id = Identity::self_signed(&cfg.edge.dev_cert_names)?;
+                let path = data_dir.join("dev-cert.pem");
+                std::fs::write(&path, &id.chain_pem).map_err(|e| StartError::DataDir {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                (id, Some(path))
+            }
+        };
+        let cert_pem = identity.chain_pem.clone();
+        let endpoint = bind_endpoint(&cfg.edge, identity)?;
+        let quic_addr = endpoint.local_addr().map_err(|e| StartError::Bind {
+            what: "the QUIC listener",
+            addr: cfg.edge.listen,
+            reason: e.to_string(),
+        })?;
+        let listener = tokio::net::TcpListener::bind(cfg.node.http_listen)
+            .await
+            .map_err(|e| StartError::Bind {
+                what: "the HTTP API",
+                addr: cfg.node.http_listen,
+                reason: e.to_string(),
+            })?;
+        let http_addr = listener.local_addr().map_err(|e| StartError::Bind {
+            what: "the HTTP API",
+            addr: cfg.node.http_listen,
+            reason: e.to_string(),
+        })?;
+
+        let edge = Edge::new(engine.clone(), keys.clone(), cfg.edge.clone(), edge_metrics)
+            .await
+            .map_err(|e| StartError::Engine(e.to_string()))?;
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(edge.run(endpoint, until_stopped(stopped.clone()))));
+        let state = HttpState {
+            engine: engine.clone(),
+            keys: keys.clone(),
+            registry: Arc::new(registry),
+        };
+        let shutdown = until_stopped(stopped);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, state, shutdown).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        tracing::info!(%quic_addr, %http_addr, "node started");
+        Ok(Self {
+            quic_addr,
+            http_addr,
+            cert_pem,
+            cert_path,
+            keys,
+            engine,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, closes connections, and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

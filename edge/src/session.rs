@@ -1,0 +1,381 @@
+//! One client connection: the Hello handshake, the request loop on the
+//! control stream, and the writer of the delivery stream.
+//!
+//! Connection-level errors (a bad token, a malformed or oversized frame, a
+//! fourth device) are answered with an `Error` frame, then the connection is
+//! closed with the same code as the QUIC application close code. Request-level
+//! errors (not a member, unknown conversation, body too large) fail the one
+//! request and the connection goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiercast_engine::auth::AuthError;
+use tiercast_engine::backplane::user_channel;
+use tiercast_engine::{EngineError, Outgoing};
+use tiercast_schemas::framing::{FrameError, read_frame};
+use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, ServerBody, ServerFrame};
+use tokio::sync::mpsc;
+
+use crate::server::Shared;
+use crate::sessions::LocalConn;
+
+/// The protocol version this edge speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum End {
+    /// The peer went away or closed cleanly.
+    Gone,
+    /// A connection-level error: tell the peer, then close.
+    Fatal(ErrorCode, String),
+}
+
+impl End {
+    fn fatal(code: ErrorCode, msg: impl Into<String>) -> Self {
+        Self::Fatal(code, msg.into())
+    }
+}
+
+struct Peer {
+    user: u64,
+    client_id: u64,
+}
+
+pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(
+        Duration::from_millis(shared.cfg.hello_timeout_ms),
+        conn.accept_bi(),
+    )
+    .await
+    {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            close(&conn, ErrorCode::ProtocolViolation, "no control stream in time");
+            return;
+        }
+    };
+    shared.metrics.connections.inc();
+    let end = match hello(&shared, &conn, &mut recv).await {
+        Ok(peer) => run(&shared, &conn, &mut send, &mut recv, peer).await,
+        Err(end) => end,
+    };
+    shared.metrics.connections.dec();
+    if let End::Fatal(code, msg) = end {
+        shared.metrics.error(code);
+        tracing::debug!(%code, %msg, "closing connection");
+        let frame = ServerFrame::error(0, code, msg.clone()).encode();
+        if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
+            // Give the error frame a moment to be acknowledged; the close
+            // below carries the code either way.
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+        }
+        close(&conn, code, &msg);
+    }
+}
+
+fn close(conn: &quinn::Connection, code: ErrorCode, msg: &str) {
+    let reason = &msg.as_bytes()[..msg.len().min(200)];
+    conn.close(quinn::VarInt::from(code as u16), reason);
+}
+
+async fn next_request(
+    shared: &Shared,
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<ClientFrame>, End> {
+    let max = shared.cfg.max_frame_bytes;
+    match read_frame(recv, max).await {
+        Ok(Some(bytes)) => ClientFrame::decode(&bytes, max)
+            .map(Some)
+            .map_err(|e| End::fatal(ErrorCode::MalformedFrame, format!("malformed frame: {e}"))),
+        Ok(None) => Ok(None),
+        Err(e @ FrameError::TooLarge { .. }) => Err(End::fatal(ErrorCode::FrameTooLarge, e.to_string())),
+        Err(e @ (FrameError::Empty | FrameError::Truncated)) => {
+            Err(End::fatal(ErrorCode::MalformedFrame, e.to_string()))
+        }
+        Err(FrameError::Io(_)) => Err(End::Gone),
+    }
+}
+
+async fn hello(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+) -> Result<Peer, End> {
+    let first = tokio::time::timeout(
+        Duration::from_millis(shared.cfg.hello_timeout_ms),
+        next_request(shared, recv),
+    )
+    .await
+    .map_err(|_| End::fatal(ErrorCode::ProtocolViolation, "no Hello in time"))??;
+    let Some(ClientFrame {
+        body:
+            ClientBody::Hello {
+                token,
+                client_id,
+                device,
+                protocol_version,
+            },
+        ..
+    }) = first
+    else {
+        return Err(End::fatal(ErrorCode::ProtocolViolation, "the first frame must be Hello"));
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(End::fatal(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {protocol_version} is not supported (this edge speaks {PROTOCOL_VERSION})"),
+        ));
+    }
+    let identity = shared.keys.verify_user(&token).map_err(|e| match e {
+        AuthError::Expired => End::fatal(ErrorCode::TokenExpired, "token expired"),
+        e => End::fatal(ErrorCode::Unauthenticated, e.to_string()),
+    })?;
+    if device.len() > 128 {
+        return Err(End::fatal(ErrorCode::ProtocolViolation, "device name over 128 bytes"));
+    }
+    match shared
+        .engine
+        .register_device(identity.user, client_id, &device)
+        .await
+    {
+        Ok(_) => {}
+        Err(e @ (EngineError::TooManyDevices { .. } | EngineError::Invalid(_))) => {
+            return Err(End::fatal(
+                if matches!(e, EngineError::TooManyDevices { .. }) {
+                    ErrorCode::TooManyDevices
+                } else {
+                    ErrorCode::ProtocolViolation
+                },
+                e.to_string(),
+            ));
+        }
+        Err(e) => return Err(End::fatal(ErrorCode::Unavailable, e.to_string())),
+    }
+    tracing::debug!(user = identity.user, client_id, remote = %conn.remote_address(), "hello");
+    Ok(Peer {
+        user: identity.user,
+        client_id,
+    })
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: Peer,
+) -> End {
+    let conn_id = shared.next_conn_id();
+    let (tx, rx) = mpsc::channel::<Bytes>(shared.cfg.outbound_queue);
+    let writer = tokio::spawn(write_deliveries(conn.clone(), rx));
+
+    // Subscribe before reading the inbox: a message stored meanwhile arrives
+    // live or from the inbox (or both; devices drop duplicates by id), never
+    // neither.
+    if let Err(e) = attach(shared, &peer, conn_id, tx.clone(), conn.clone()).await {
+        writer.abort();
+        return End::fatal(ErrorCode::Unavailable, e);
+    }
+    shared.metrics.handshakes.inc();
+    let welcome = ServerFrame::new(
+        0,
+        ServerBody::Welcome {
+            user_id: peer.user,
+            client_id: peer.client_id,
+            node_id: shared.engine.node_id(),
+            server_time_ms: tiercast_engine::snowflake::now_unix_ms(),
+            max_frame_bytes: shared.cfg.max_frame_bytes as u32,
+            max_body_bytes: shared.engine.config().max_body_bytes as u32,
+        },
+    );
+    let end = match send.write_all(&welcome.encode()).await {
+        Ok(()) => {
+            let drain = tokio::spawn(drain_inbox(shared.clone(), peer.client_id, tx));
+            let end = request_loop(shared, send, recv, &peer).await;
+            drain.abort();
+            end
+        }
+        Err(_) => End::Gone,
+    };
+    detach(shared, &peer, conn_id).await;
+    writer.abort();
+    end
+}
+
+async fn attach(
+    shared: &Shared,
+    peer: &Peer,
+    conn_id: u64,
+    tx: mpsc::Sender<Bytes>,
+    conn: quinn::Connection,
+) -> Result<(), String> {
+    let _guard = shared.subscription_lock(peer.user).lock().await;
+    let first = shared.sessions.insert(
+        peer.user,
+        LocalConn {
+            conn_id,
+            client_id: peer.client_id,
+            tx,
+            handle: conn,
+        },
+    );
+    if first && let Err(e) = shared.subscriber.subscribe(&user_channel(peer.user)).await {
+        shared.sessions.remove(peer.user, conn_id);
+        return Err(format!("cannot subscribe: {e}"));
+    }
+    Ok(())
+}
+
+async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
+    let _guard = shared.subscription_lock(peer.user).lock().await;
+    if shared.sessions.remove(peer.user, conn_id)
+        && let Err(e) = shared.subscriber.unsubscribe(&user_channel(peer.user)).await
+    {
+        tracing::warn!(user = peer.user, error = %e, "unsubscribe failed");
+    }
+}
+
+/// Sends the device's pending inbox, oldest first, page by page. The entries
+/// stay pending until the device acks them.
+async fn drain_inbox(shared: Arc<Shared>, client_id: u64, tx: mpsc::Sender<Bytes>) {
+    let mut after = 0;
+    loop {
+        let page = match shared.engine.pending(client_id, after).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "inbox drain failed; the device resyncs on reconnect");
+                return;
+            }
+        };
+        let Some(last) = page.last() else { return };
+        after = last.id;
+        for m in page {
+            let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+            shared.metrics.deliveries.inc();
+        }
+    }
+}
+
+/// Writes queued delivery frames to a server-opened stream (opened on the
+/// first delivery).
+async fn write_deliveries(conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(frame) = rx.recv().await {
+        let s = match &mut stream {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => stream.insert(s),
+                Err(_) => return,
+            },
+        };
+        if s.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn request_loop(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: &Peer,
+) -> End {
+    loop {
+        let frame = match next_request(shared, recv).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return End::Gone,
+            Err(end) => return end,
+        };
+        let id = frame.request_id;
+        let reply = match handle(shared, peer, frame.body).await {
+            Ok(body) => ServerFrame::new(id, body),
+            Err(Reply::Fatal(end)) => return end,
+            Err(Reply::Refused(code, msg)) => {
+                shared.metrics.error(code);
+                ServerFrame::error(id, code, msg)
+            }
+        };
+        if send.write_all(&reply.encode()).await.is_err() {
+            return End::Gone;
+        }
+    }
+}
+
+enum Reply {
+    Refused(ErrorCode, String),
+    Fatal(End),
+}
+
+impl From<EngineError> for Reply {
+    fn from(e: EngineError) -> Self {
+        Reply::Refused(e.code(), e.to_string())
+    }
+}
+
+async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<ServerBody, Reply> {
+    let engine = &shared.engine;
+    match body {
+        ClientBody::Hello { .. } => Err(Reply::Fatal(End::fatal(
+            ErrorCode::ProtocolViolation,
+            "Hello was already said",
+        ))),
+        ClientBody::Send {
+            conversation,
+            client_msg_id,
+            body,
+        } => {
+            let receipt = engine
+                .send(Outgoing {
+                    conversation,
+                    sender: peer.user,
+                    sender_client: peer.client_id,
+                    client_msg_id,
+                    body,
+                    check_membership: true,
+                })
+                .await?;
+            Ok(ServerBody::SendOk {
+                conversation,
+                message_id: receipt.message_id,
+                duplicate: receipt.duplicate,
+            })
+        }
+        ClientBody::Ack { message_ids } => Ok(ServerBody::AckOk {
+            removed: engine.ack(peer.client_id, &message_ids).await?,
+        }),
+        ClientBody::Fetch {
+            conversation,
+            before,
+            after,
+            limit,
+        } => {
+            let (messages, more) = engine
+                .fetch(peer.user, conversation, before, after, limit)
+                .await?;
+            Ok(ServerBody::Messages {
+                conversation,
+                messages,
+                more,
+            })
+        }
+        ClientBody::Ping { nonce } => Ok(ServerBody::Pong { nonce }),
+        ClientBody::Sync { .. } | ClientBody::Read { .. } => Err(Reply::Refused(
+            ErrorCode::InvalidRequest,
+            "Sync and Read are not served by this version of the edge".into(),
+        )),
+    }
+}

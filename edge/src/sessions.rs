@@ -1,0 +1,166 @@
+//! The edge's table of local connections by user, and local fan-out: one
+//! encoded frame handed to every local device of a user.
+//!
+//! Pure bookkeeping: the connection handle `C` is whatever closes a
+//! connection (a `quinn::Connection` in the server, `()` in tests and
+//! benches), so this is tested and benchmarked without sockets.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+/// One local connection of a user.
+#[derive(Debug, Clone)]
+pub struct LocalConn<C> {
+    pub conn_id: u64,
+    pub client_id: u64,
+    /// The connection's bounded outbound queue of encoded frames.
+    pub tx: mpsc::Sender<Bytes>,
+    pub handle: C,
+}
+
+/// What one local fan-out did.
+#[derive(Debug, Default)]
+pub struct FanOut<C> {
+    pub enqueued: usize,
+    /// Connections whose queue was full: slow consumers, to be closed.
+    pub overflowed: Vec<C>,
+}
+
+#[derive(Debug)]
+pub struct Sessions<C> {
+    users: Mutex<HashMap<u64, Vec<LocalConn<C>>>>,
+}
+
+impl<C> Default for Sessions<C> {
+    fn default() -> Self {
+        Self {
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<C: Clone> Sessions<C> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a connection; true when it is the user's first on this edge (the
+    /// edge must then subscribe to the user's channel).
+    pub fn insert(&self, user: u64, conn: LocalConn<C>) -> bool {
+        let mut users = self.users.lock().expect("sessions lock");
+        let conns = users.entry(user).or_default();
+        conns.push(conn);
+        conns.len() == 1
+    }
+
+    /// Removes a connection; true when it was the user's last on this edge.
+    pub fn remove(&self, user: u64, conn_id: u64) -> bool {
+        let mut users = self.users.lock().expect("sessions lock");
+        let Some(conns) = users.get_mut(&user) else {
+            return false;
+        };
+        let before = conns.len();
+        conns.retain(|c| c.conn_id != conn_id);
+        let removed = conns.len() < before;
+        if conns.is_empty() {
+            users.remove(&user);
+        }
+        removed && !users.contains_key(&user)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.users
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    pub fn has_user(&self, user: u64) -> bool {
+        self.users.lock().expect("sessions lock").contains_key(&user)
+    }
+
+    /// Hands `frame` (encoded once, shared) to every local connection of
+    /// `user` except the device `except_client`. Never waits: a full queue
+    /// marks its connection as a slow consumer.
+    pub fn fan_out(&self, user: u64, except_client: u64, frame: &Bytes) -> FanOut<C> {
+        let users = self.users.lock().expect("sessions lock");
+        let mut out = FanOut {
+            enqueued: 0,
+            overflowed: Vec::new(),
+        };
+        for conn in users.get(&user).into_iter().flatten() {
+            if conn.client_id == except_client {
+                continue;
+            }
+            match conn.tx.try_send(frame.clone()) {
+                Ok(()) => out.enqueued += 1,
+                Err(TrySendError::Full(_)) => out.overflowed.push(conn.handle.clone()),
+                // The connection is going away; its inbox has the message.
+                Err(TrySendError::Closed(_)) => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(conn_id: u64, client_id: u64, cap: usize) -> (LocalConn<u64>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            LocalConn {
+                conn_id,
+                client_id,
+                tx,
+                handle: conn_id,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn first_and_last_connection_of_a_user_are_reported() {
+        let s = Sessions::new();
+        let (a, _ra) = conn(1, 10, 4);
+        let (b, _rb) = conn(2, 11, 4);
+        assert!(s.insert(7, a));
+        assert!(!s.insert(7, b));
+        assert_eq!(s.connections(), 2);
+        assert!(!s.remove(7, 1));
+        assert!(!s.remove(7, 1), "removing twice is not a last");
+        assert!(s.remove(7, 2));
+        assert!(!s.has_user(7));
+        assert!(!s.remove(8, 1));
+    }
+
+    #[test]
+    fn fan_out_shares_one_frame_skips_the_sender_and_flags_slow_consumers() {
+        let s = Sessions::new();
+        let (a, mut ra) = conn(1, 10, 4);
+        let (b, mut rb) = conn(2, 11, 1);
+        let (c, mut rc) = conn(3, 12, 4);
+        s.insert(7, a);
+        s.insert(7, b);
+        s.insert(7, c);
+        let frame = Bytes::from_static(b"frame");
+        let r = s.fan_out(7, 12, &frame);
+        assert_eq!((r.enqueued, r.overflowed.len()), (2, 0));
+        let got = ra.try_recv().unwrap();
+        assert_eq!(got.as_ptr(), frame.as_ptr(), "the same bytes, not a copy");
+        assert!(rc.try_recv().is_err(), "the sending device gets no copy");
+        // b's queue (capacity 1) is still full: it is a slow consumer.
+        let r = s.fan_out(7, 0, &frame);
+        assert_eq!(r.enqueued, 2);
+        assert_eq!(r.overflowed, vec![2]);
+        assert!(rb.try_recv().is_ok());
+        assert_eq!(s.fan_out(99, 0, &frame).enqueued, 0);
+    }
+}

@@ -1,0 +1,107 @@
+//! A single node on loopback for the integration tests: port 0, a temporary
+//! data directory, readiness when `Node::start` returns (the sockets are
+//! bound by then).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tiercast_client::{Client, ClientConfig, Deliveries, Delivery, Message};
+use tiercast_edge::{Config, Node};
+
+pub const SECRET: &str = "integration-test-secret";
+/// Upper bound for anything a test waits for; never a sleep.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestNode {
+    pub node: Node,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn config(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+    let mut overrides: Vec<(String, String)> = vec![
+        ("edge.listen".into(), "127.0.0.1:0".into()),
+        ("node.http_listen".into(), "127.0.0.1:0".into()),
+        ("node.data_dir".into(), dir.display().to_string()),
+        ("node.token_secret".into(), SECRET.into()),
+    ];
+    overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(None, [], &overrides).expect("test config is valid")
+}
+
+pub async fn start(extra: &[(&str, &str)]) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path(), extra)).await.expect("node starts");
+    TestNode { node, dir }
+}
+
+impl TestNode {
+    pub fn token(&self, user: u64) -> String {
+        self.node
+            .keys
+            .mint_user(user, tiercast_engine::auth::now_unix(), 3600)
+    }
+
+    pub fn client_config(&self, user: u64, client_id: u64) -> ClientConfig {
+        let mut cfg = ClientConfig::new(
+            self.node.quic_addr,
+            self.node.cert_pem.clone(),
+            self.token(user),
+            client_id,
+        );
+        cfg.device = format!("test-{client_id}");
+        cfg
+    }
+
+    pub async fn device(&self, user: u64, client_id: u64) -> (Client, Deliveries) {
+        Client::connect(self.client_config(user, client_id))
+            .await
+            .expect("device connects")
+    }
+
+    pub async fn chat(&self, id: u64, members: &[u64]) {
+        self.node
+            .engine
+            .create_conversation(Some(id), format!("chat {id}"), members)
+            .await
+            .expect("conversation created");
+    }
+
+    pub fn publisher_token(&self) -> String {
+        self.node
+            .keys
+            .mint_publisher("tests", tiercast_engine::auth::now_unix(), 3600)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.node.http_addr, path)
+    }
+}
+
+/// The next message delivered, skipping other deliveries; panics after
+/// [`WAIT`].
+pub async fn next_message(rx: &mut Deliveries) -> Message {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match rx.recv().await {
+                Some(Delivery::Message(m)) => return m,
+                Some(_) => continue,
+                None => panic!("delivery stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("a message within the wait bound")
+}
+
+/// Messages until (and including) the one with id `fence`.
+pub async fn messages_until(rx: &mut Deliveries, fence: u64) -> Vec<Message> {
+    let mut got = Vec::new();
+    loop {
+        let m = next_message(rx).await;
+        let done = m.id == fence;
+        got.push(m);
+        if done {
+            return got;
+        }
+    }
+}
