@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tiercast_schemas::MAX_FRAME_BYTES;
 use tiercast_schemas::framing::read_frame;
-use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, Message, ServerBody, ServerFrame};
+use tiercast_schemas::wire::{
+    ClientBody, ClientFrame, ErrorCode, Message, ServerBody, ServerFrame,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
@@ -123,6 +125,9 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerBody>>>>;
 #[derive(Debug, Clone)]
 pub struct Client {
     conn: quinn::Connection,
+    /// The endpoint this client made for itself, if it did (not when it
+    /// shares one through [`Client::connect_on`]).
+    own_endpoint: Option<quinn::Endpoint>,
     control: Arc<tokio::sync::Mutex<quinn::SendStream>>,
     pending: Pending,
     next_request: Arc<AtomicU64>,
@@ -147,7 +152,9 @@ impl Client {
     /// Connects on a fresh UDP socket of its own.
     pub async fn connect(cfg: ClientConfig) -> Result<(Self, Deliveries), ClientError> {
         let endpoint = endpoint_for(cfg.addr)?;
-        Self::connect_on(&endpoint, cfg).await
+        let (mut client, rx) = Self::connect_on(&endpoint, cfg).await?;
+        client.own_endpoint = Some(endpoint);
+        Ok((client, rx))
     }
 
     /// Connects through an existing endpoint (many connections can share
@@ -221,6 +228,7 @@ impl Client {
         Ok((
             Self {
                 conn,
+                own_endpoint: None,
                 control: Arc::new(tokio::sync::Mutex::new(send)),
                 pending,
                 next_request: Arc::new(AtomicU64::new(1)),
@@ -245,7 +253,9 @@ impl Client {
             return Err(self.close_error());
         }
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(ServerBody::Error { code, message })) => Err(ClientError::Refused { code, message }),
+            Ok(Ok(ServerBody::Error { code, message })) => {
+                Err(ClientError::Refused { code, message })
+            }
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(self.close_error()),
             Err(_) => {
@@ -350,13 +360,24 @@ impl Client {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
+
+    /// Closes and waits (at most a second) until the edge has been told, so
+    /// a short-lived process does not leave its connection to time out.
+    pub async fn shutdown(self) {
+        self.close();
+        if let Some(endpoint) = &self.own_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
 }
 
 fn unexpected(want: &str, got: &ServerBody) -> ClientError {
     ClientError::Protocol(format!("expected {want}, got {got:?}"))
 }
 
-async fn read_server_frame(recv: &mut quinn::RecvStream) -> Result<Option<ServerFrame>, ClientError> {
+async fn read_server_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<ServerFrame>, ClientError> {
     match read_frame(recv, MAX_FRAME_BYTES).await {
         Ok(Some(bytes)) => ServerFrame::decode(&bytes, MAX_FRAME_BYTES)
             .map(Some)
@@ -376,7 +397,10 @@ async fn read_answers(mut recv: quinn::RecvStream, pending: Pending) {
             }
             continue;
         }
-        let waiter = pending.lock().expect("pending lock").remove(&frame.request_id);
+        let waiter = pending
+            .lock()
+            .expect("pending lock")
+            .remove(&frame.request_id);
         if let Some(w) = waiter {
             let _ = w.send(frame.body);
         }

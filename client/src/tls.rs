@@ -11,11 +11,15 @@ pub const ALPN: &[u8] = b"tiercast/1";
 
 /// The quinn client crypto that trusts exactly the certificates in
 /// `trusted_pem`.
-pub fn client_crypto(trusted_pem: &str) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
+pub fn client_crypto(
+    trusted_pem: &str,
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(trusted_pem.as_bytes()) {
         let cert = cert.map_err(|e| format!("bad certificate PEM: {e}"))?;
-        roots.add(cert).map_err(|e| format!("unusable certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("unusable certificate: {e}"))?;
     }
     if roots.is_empty() {
         return Err("no certificate to trust".into());

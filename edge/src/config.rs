@@ -81,10 +81,16 @@ impl EdgeConfig {
             ));
         }
         if self.max_connections == 0 {
-            return Err(InvalidSetting::new("edge.max_connections", "must be positive"));
+            return Err(InvalidSetting::new(
+                "edge.max_connections",
+                "must be positive",
+            ));
         }
         if !(8..=1_000_000).contains(&self.outbound_queue) {
-            return Err(InvalidSetting::new("edge.outbound_queue", "must be 8..=1000000"));
+            return Err(InvalidSetting::new(
+                "edge.outbound_queue",
+                "must be 8..=1000000",
+            ));
         }
         if !(1024..=tiercast_schemas::MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return Err(InvalidSetting::new(
@@ -93,10 +99,16 @@ impl EdgeConfig {
             ));
         }
         if !(100..=60_000).contains(&self.hello_timeout_ms) {
-            return Err(InvalidSetting::new("edge.hello_timeout_ms", "must be 100..=60000"));
+            return Err(InvalidSetting::new(
+                "edge.hello_timeout_ms",
+                "must be 100..=60000",
+            ));
         }
         if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
-            return Err(InvalidSetting::new("edge.idle_timeout_ms", "must be 1000..=600000"));
+            return Err(InvalidSetting::new(
+                "edge.idle_timeout_ms",
+                "must be 1000..=600000",
+            ));
         }
         Ok(())
     }
@@ -139,10 +151,12 @@ impl Config {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path.display().to_string(),
-                reason: e.message().to_owned(),
-            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        reason: e.message().to_owned(),
+                    })?;
             merge(&mut doc, table);
         }
         let env: Vec<(String, String)> = vars
@@ -150,7 +164,10 @@ impl Config {
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix(ENV_PREFIX)?;
                 let (section, key) = rest.split_once("__")?;
-                Some((format!("{}.{}", section.to_lowercase(), key.to_lowercase()), v))
+                Some((
+                    format!("{}.{}", section.to_lowercase(), key.to_lowercase()),
+                    v,
+                ))
             })
             .collect();
         for (key, value) in env.iter().chain(overrides) {
@@ -197,7 +214,9 @@ fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError>
         key: key.to_owned(),
         reason: reason.to_owned(),
     };
-    let (section, field) = key.split_once('.').ok_or_else(|| bad("expected section.key"))?;
+    let (section, field) = key
+        .split_once('.')
+        .ok_or_else(|| bad("expected section.key"))?;
     let table = doc
         .get_mut(section)
         .and_then(|v| v.as_table_mut())
@@ -234,11 +253,18 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t.toml");
-        std::fs::write(&file, "[edge]\noutbound_queue = 64\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[edge]\noutbound_queue = 64\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
         let cfg = Config::load(
             Some(&file),
             [
-                ("TIERCAST_EDGE__OUTBOUND_QUEUE".to_string(), "128".to_string()),
+                (
+                    "TIERCAST_EDGE__OUTBOUND_QUEUE".to_string(),
+                    "128".to_string(),
+                ),
                 (SECRET.0.to_string(), SECRET.1.to_string()),
             ],
             &[("engine.max_devices".into(), "2".into())],
@@ -253,9 +279,15 @@ mod tests {
     #[test]
     fn errors_name_the_setting() {
         let e = load(&[], &[("engine.max_devices", "0")]).unwrap_err();
-        assert_eq!(e.to_string(), "invalid setting `engine.max_devices`: must be 1..=16");
+        assert_eq!(
+            e.to_string(),
+            "invalid setting `engine.max_devices`: must be 1..=16"
+        );
         let e = load(&[], &[("edge.listen", "nowhere")]).unwrap_err();
-        assert!(e.to_string().contains("listen") || e.to_string().contains("socket"), "{e}");
+        assert!(
+            e.to_string().contains("listen") || e.to_string().contains("socket"),
+            "{e}"
+        );
         let e = load(&[], &[("edge.no_such_thing", "1")]).unwrap_err();
         assert!(e.to_string().contains("no_such_thing"), "{e}");
         let e = load(&[], &[("nosection", "1")]).unwrap_err();

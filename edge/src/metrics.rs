@@ -21,8 +21,16 @@ impl EdgeMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("tiercast_edge");
-        r.register("connections", "Open client connections", m.connections.clone());
-        r.register("handshakes", "Connections that completed Hello", m.handshakes.clone());
+        r.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "handshakes",
+            "Connections that completed Hello",
+            m.handshakes.clone(),
+        );
         r.register(
             "deliveries",
             "Frames enqueued to local connections",

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use tiercast_engine::Engine;
 use tiercast_engine::auth::TokenKeys;
 use tiercast_engine::backplane::LocalBackplane;
 use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::metrics::EngineMetrics;
 use tiercast_engine::store::EmbeddedStore;
-use tiercast_engine::Engine;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -143,7 +143,9 @@ impl Node {
             let _ = rx.wait_for(|s| *s).await;
         };
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(edge.run(endpoint, until_stopped(stopped.clone()))));
+        tasks.push(tokio::spawn(
+            edge.run(endpoint, until_stopped(stopped.clone())),
+        ));
         let state = HttpState {
             engine: engine.clone(),
             keys: keys.clone(),

@@ -61,7 +61,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Ok(streams)) => streams,
         Ok(Err(_)) => return,
         Err(_) => {
-            close(&conn, ErrorCode::ProtocolViolation, "no control stream in time");
+            close(
+                &conn,
+                ErrorCode::ProtocolViolation,
+                "no control stream in time",
+            );
             return;
         }
     };
@@ -99,7 +103,9 @@ async fn next_request(
             .map(Some)
             .map_err(|e| End::fatal(ErrorCode::MalformedFrame, format!("malformed frame: {e}"))),
         Ok(None) => Ok(None),
-        Err(e @ FrameError::TooLarge { .. }) => Err(End::fatal(ErrorCode::FrameTooLarge, e.to_string())),
+        Err(e @ FrameError::TooLarge { .. }) => {
+            Err(End::fatal(ErrorCode::FrameTooLarge, e.to_string()))
+        }
         Err(e @ (FrameError::Empty | FrameError::Truncated)) => {
             Err(End::fatal(ErrorCode::MalformedFrame, e.to_string()))
         }
@@ -129,12 +135,17 @@ async fn hello(
         ..
     }) = first
     else {
-        return Err(End::fatal(ErrorCode::ProtocolViolation, "the first frame must be Hello"));
+        return Err(End::fatal(
+            ErrorCode::ProtocolViolation,
+            "the first frame must be Hello",
+        ));
     };
     if protocol_version != PROTOCOL_VERSION {
         return Err(End::fatal(
             ErrorCode::UnsupportedVersion,
-            format!("protocol version {protocol_version} is not supported (this edge speaks {PROTOCOL_VERSION})"),
+            format!(
+                "protocol version {protocol_version} is not supported (this edge speaks {PROTOCOL_VERSION})"
+            ),
         ));
     }
     let identity = shared.keys.verify_user(&token).map_err(|e| match e {
@@ -142,7 +153,10 @@ async fn hello(
         e => End::fatal(ErrorCode::Unauthenticated, e.to_string()),
     })?;
     if device.len() > 128 {
-        return Err(End::fatal(ErrorCode::ProtocolViolation, "device name over 128 bytes"));
+        return Err(End::fatal(
+            ErrorCode::ProtocolViolation,
+            "device name over 128 bytes",
+        ));
     }
     match shared
         .engine
@@ -240,7 +254,10 @@ async fn attach(
 async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
     let _guard = shared.subscription_lock(peer.user).lock().await;
     if shared.sessions.remove(peer.user, conn_id)
-        && let Err(e) = shared.subscriber.unsubscribe(&user_channel(peer.user)).await
+        && let Err(e) = shared
+            .subscriber
+            .unsubscribe(&user_channel(peer.user))
+            .await
     {
         tracing::warn!(user = peer.user, error = %e, "unsubscribe failed");
     }

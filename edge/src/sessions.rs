@@ -82,7 +82,10 @@ impl<C: Clone> Sessions<C> {
     }
 
     pub fn has_user(&self, user: u64) -> bool {
-        self.users.lock().expect("sessions lock").contains_key(&user)
+        self.users
+            .lock()
+            .expect("sessions lock")
+            .contains_key(&user)
     }
 
     /// Hands `frame` (encoded once, shared) to every local connection of

@@ -75,7 +75,9 @@ impl Identity {
 }
 
 /// The rustls server configuration for QUIC.
-pub fn server_crypto(id: Identity) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+pub fn server_crypto(
+    id: Identity,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

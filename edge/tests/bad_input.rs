@@ -19,7 +19,9 @@ fn code_of(e: &ClientError) -> ErrorCode {
 
 /// The close code of a connection the edge closed, within the wait bound.
 async fn closed_with(c: &Client) -> ErrorCode {
-    let e = tokio::time::timeout(WAIT, c.closed()).await.expect("closed in time");
+    let e = tokio::time::timeout(WAIT, c.closed())
+        .await
+        .expect("closed in time");
     code_of(&e)
 }
 
@@ -33,7 +35,13 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
 
     let mut stored = Vec::new();
     for i in 0..3u64 {
-        stored.push(sender.send(1, 100 + i, Bytes::from(format!("before {i}"))).await.unwrap().message_id);
+        stored.push(
+            sender
+                .send(1, 100 + i, Bytes::from(format!("before {i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
     }
 
     // A wrong token: refused at Hello.
@@ -44,19 +52,37 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
 
     // A token signed with another secret.
     let mut cfg = t.client_config(1, 12);
-    cfg.token = tiercast_engine::auth::TokenKeys::new(b"another-secret-entirely")
-        .mint_user(1, tiercast_engine::auth::now_unix(), 60);
-    assert_eq!(code_of(&Client::connect(cfg).await.unwrap_err()), ErrorCode::Unauthenticated);
+    cfg.token = tiercast_engine::auth::TokenKeys::new(b"another-secret-entirely").mint_user(
+        1,
+        tiercast_engine::auth::now_unix(),
+        60,
+    );
+    assert_eq!(
+        code_of(&Client::connect(cfg).await.unwrap_err()),
+        ErrorCode::Unauthenticated
+    );
 
     // An expired token.
     let mut cfg = t.client_config(1, 12);
-    cfg.token = t.node.keys.mint_user(1, tiercast_engine::auth::now_unix() - 7200, 60);
-    assert_eq!(code_of(&Client::connect(cfg).await.unwrap_err()), ErrorCode::TokenExpired);
+    cfg.token = t
+        .node
+        .keys
+        .mint_user(1, tiercast_engine::auth::now_unix() - 7200, 60);
+    assert_eq!(
+        code_of(&Client::connect(cfg).await.unwrap_err()),
+        ErrorCode::TokenExpired
+    );
 
     // Request-level errors: the connection goes on.
-    let e = sender.send(2, 0, Bytes::from_static(b"not mine")).await.unwrap_err();
+    let e = sender
+        .send(2, 0, Bytes::from_static(b"not mine"))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::Forbidden, "{e}");
-    let e = sender.send(999, 0, Bytes::from_static(b"nowhere")).await.unwrap_err();
+    let e = sender
+        .send(999, 0, Bytes::from_static(b"nowhere"))
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::UnknownConversation, "{e}");
     let e = sender.fetch(999, 0, 10).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::UnknownConversation, "{e}");
@@ -65,7 +91,10 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
     let big = Bytes::from(vec![b'x'; t.node.engine.config().max_body_bytes + 1]);
     let e = sender.send(1, 0, big).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::BodyTooLarge, "{e}");
-    sender.ping(5).await.expect("still connected after request-level errors");
+    sender
+        .ping(5)
+        .await
+        .expect("still connected after request-level errors");
 
     // A malformed frame: a valid length prefix around garbage.
     let (bad, _) = t.device(1, 12).await;
@@ -99,7 +128,13 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
 
     // The sender and the bystander were never disturbed.
     for i in 0..3u64 {
-        stored.push(sender.send(1, 200 + i, Bytes::from(format!("after {i}"))).await.unwrap().message_id);
+        stored.push(
+            sender
+                .send(1, 200 + i, Bytes::from(format!("after {i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
     }
     let got = messages_until(&mut by_rx, *stored.last().unwrap()).await;
     assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), stored);
@@ -133,7 +168,11 @@ async fn a_fourth_device_is_refused_and_changes_nothing() {
         .collect();
     assert_eq!(registered, vec![1, 2, 3]);
     // The three registered devices still work.
-    devices[0].0.send(1, 1, Bytes::from_static(b"still here")).await.unwrap();
+    devices[0]
+        .0
+        .send(1, 1, Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
     for (c, rx) in devices.iter_mut().skip(1) {
         let m = common::next_message(rx).await;
         assert_eq!(m.body, Bytes::from_static(b"still here"));
@@ -146,7 +185,11 @@ async fn a_fourth_device_is_refused_and_changes_nothing() {
 async fn http_api_refuses_without_a_publisher_token() {
     let t = start(&[]).await;
     let http = reqwest::Client::new();
-    let r = http.get(t.http("/v1/conversations/1")).send().await.unwrap();
+    let r = http
+        .get(t.http("/v1/conversations/1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthenticated");

@@ -106,7 +106,10 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "unknown_conversation");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unknown_conversation"
+    );
     let r = http
         .post(t.http(&format!("/v1/conversations/{id}/messages")))
         .bearer_auth(&auth)
@@ -125,7 +128,17 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .unwrap();
     assert!(r.status().is_client_error());
 
-    let metrics = http.get(t.http("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tiercast_engine_messages_stored_total 1"), "{metrics}");
+    let metrics = http
+        .get(t.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tiercast_engine_messages_stored_total 1"),
+        "{metrics}"
+    );
     t.node.shutdown().await;
 }

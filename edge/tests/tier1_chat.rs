@@ -15,7 +15,10 @@ async fn two_users_two_devices_each_get_every_message_exactly_once() {
     let (b1, mut b1_rx) = t.device(2, 21).await;
     let (_b2, mut b2_rx) = t.device(2, 22).await;
 
-    let sent = a1.send(100, 1, Bytes::from_static(b"hello from a1")).await.unwrap();
+    let sent = a1
+        .send(100, 1, Bytes::from_static(b"hello from a1"))
+        .await
+        .unwrap();
     assert!(!sent.duplicate);
     // A fence from another device: once a device has the fence, whatever it
     // was going to get of the first message it has (one edge, one order).
@@ -33,7 +36,10 @@ async fn two_users_two_devices_each_get_every_message_exactly_once() {
     assert_eq!(got.len(), 1);
     // a1 sent the first: it gets only the fence.
     let got = messages_until(&mut a1_rx, fence.message_id).await;
-    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), vec![fence.message_id]);
+    assert_eq!(
+        got.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![fence.message_id]
+    );
 
     let (history, more) = b1.fetch(100, 0, 10).await.unwrap();
     assert!(!more);
@@ -70,7 +76,12 @@ async fn an_offline_device_drains_its_inbox_on_connect() {
     let (a, _a_rx) = t.device(1, 11).await;
     let mut ids = Vec::new();
     for i in 0..5u64 {
-        ids.push(a.send(8, i + 1, Bytes::from(format!("m{i}"))).await.unwrap().message_id);
+        ids.push(
+            a.send(8, i + 1, Bytes::from(format!("m{i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
     }
     let (b, mut b_rx) = t.device(2, 21).await;
     let got = messages_until(&mut b_rx, ids[4]).await;

@@ -145,14 +145,20 @@ mod tests {
 
         let other = TokenKeys::new(b"secret-two");
         assert!(matches!(other.verify_user(&t), Err(AuthError::Invalid(_))));
-        assert!(matches!(keys.verify_user("not.a.jwt"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            keys.verify_user("not.a.jwt"),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
     fn publisher_role_is_required_for_the_api() {
         let keys = TokenKeys::new(b"s");
         let now = now_unix();
-        assert!(keys.verify_publisher(&keys.mint_publisher("backend", now, 60)).is_ok());
+        assert!(
+            keys.verify_publisher(&keys.mint_publisher("backend", now, 60))
+                .is_ok()
+        );
         assert_eq!(
             keys.verify_publisher(&keys.mint_user(1, now, 60)),
             Err(AuthError::NotPublisher)

@@ -112,7 +112,10 @@ impl Engine {
         backplane: Arc<dyn Backplane>,
         metrics: EngineMetrics,
     ) -> Result<Self, IdError> {
-        let ids = IdGenerator::try_new(cfg.node_id, Duration::from_millis(cfg.max_clock_backstep_ms))?;
+        let ids = IdGenerator::try_new(
+            cfg.node_id,
+            Duration::from_millis(cfg.max_clock_backstep_ms),
+        )?;
         Ok(Self {
             cfg,
             ids,
@@ -221,7 +224,11 @@ impl Engine {
         .encode();
         let label = TierLabel { tier: 1 };
         for &user in members {
-            match self.backplane.publish(&user_channel(user), payload.clone()).await {
+            match self
+                .backplane
+                .publish(&user_channel(user), payload.clone())
+                .await
+            {
                 Ok(()) => {
                     self.metrics.publishes.get_or_create(&label).inc();
                     self.metrics
@@ -325,7 +332,10 @@ impl Engine {
     /// The oldest pending inbox entries of a device above `after`, cut to
     /// fit one frame.
     pub async fn pending(&self, client_id: u64, after: u64) -> Result<Vec<Message>, EngineError> {
-        let mut page = self.store.inbox(client_id, after, self.cfg.max_page).await?;
+        let mut page = self
+            .store
+            .inbox(client_id, after, self.cfg.max_page)
+            .await?;
         fit_to_frame(&mut page, self.page_budget());
         Ok(page)
     }
@@ -347,7 +357,11 @@ impl Engine {
         members: &[u64],
     ) -> Result<Conversation, EngineError> {
         let id = match id {
-            Some(0) => return Err(EngineError::Invalid("conversation id must be non-zero".into())),
+            Some(0) => {
+                return Err(EngineError::Invalid(
+                    "conversation id must be non-zero".into(),
+                ));
+            }
             Some(id) => id,
             None => self.ids.next_id().await?,
         };

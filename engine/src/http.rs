@@ -165,12 +165,18 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/conversations", post(create_conversation))
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/v1/conversations/{id}/members", post(add_members))
-        .route("/v1/conversations/{id}/members/{user}", delete(remove_member))
+        .route(
+            "/v1/conversations/{id}/members/{user}",
+            delete(remove_member),
+        )
         .route(
             "/v1/conversations/{id}/messages",
             post(publish).get(history),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_publisher));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_publisher,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -210,14 +216,18 @@ async fn require_publisher(
     };
     match state.keys.verify_publisher(token) {
         Ok(_) => next.run(req).await,
-        Err(crate::auth::AuthError::Expired) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::TokenExpired, "token expired")
-                .into_response()
-        }
-        Err(e) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated, e.to_string())
-                .into_response()
-        }
+        Err(crate::auth::AuthError::Expired) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::TokenExpired,
+            "token expired",
+        )
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            e.to_string(),
+        )
+        .into_response(),
     }
 }
 
@@ -254,7 +264,10 @@ async fn create_conversation(
         .engine
         .create_conversation(req.id, req.name, &req.members)
         .await?;
-    Ok((StatusCode::CREATED, Json(view(&state.engine, conv.id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(view(&state.engine, conv.id).await?),
+    ))
 }
 
 async fn get_conversation(

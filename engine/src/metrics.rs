@@ -31,14 +31,26 @@ impl EngineMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("tiercast_engine");
-        r.register("messages_stored", "Messages persisted", m.messages_stored.clone());
+        r.register(
+            "messages_stored",
+            "Messages persisted",
+            m.messages_stored.clone(),
+        );
         r.register(
             "duplicate_sends",
             "Sends answered from an earlier identical send",
             m.duplicate_sends.clone(),
         );
-        r.register("send_errors", "Refused sends by error code", m.send_errors.clone());
-        r.register("publishes", "Backplane publishes by tier", m.publishes.clone());
+        r.register(
+            "send_errors",
+            "Refused sends by error code",
+            m.send_errors.clone(),
+        );
+        r.register(
+            "publishes",
+            "Backplane publishes by tier",
+            m.publishes.clone(),
+        );
         r.register(
             "publish_bytes",
             "Backplane payload bytes published by tier",

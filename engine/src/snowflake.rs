@@ -41,7 +41,9 @@ pub struct Parts {
 }
 
 pub fn compose(unix_ms: u64, node: u16, seq: u16) -> u64 {
-    ((unix_ms - EPOCH_MS) << (NODE_BITS + SEQ_BITS)) | (u64::from(node) << SEQ_BITS) | u64::from(seq)
+    ((unix_ms - EPOCH_MS) << (NODE_BITS + SEQ_BITS))
+        | (u64::from(node) << SEQ_BITS)
+        | u64::from(seq)
 }
 
 pub fn parts(id: u64) -> Parts {
@@ -214,7 +216,10 @@ mod tests {
 
     #[test]
     fn node_out_of_range_is_refused() {
-        assert_eq!(Snowflake::try_new(1024).unwrap_err(), IdError::NodeOutOfRange(1024));
+        assert_eq!(
+            Snowflake::try_new(1024).unwrap_err(),
+            IdError::NodeOutOfRange(1024)
+        );
     }
 
     #[test]

@@ -1,1 +1,10 @@
-//! placeholder
+//! Load generation for Tiercast, and the `tiercast` command.
+//!
+//! - [`demo`]: `tiercast demo`, a single node and simulated devices in one
+//!   process, with an exact delivery report.
+//! - [`tracker`]: exact delivery accounting (lost, duplicates, latency).
+//! - [`report`]: the figures as text and JSON.
+
+pub mod demo;
+pub mod report;
+pub mod tracker;

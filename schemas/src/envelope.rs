@@ -132,7 +132,9 @@ impl Envelope {
         let e = fb::root_as_envelope_with_opts(&verifier_options(MAX_ENVELOPE_BYTES), buf)?;
         let payload = match e.payload_type() {
             fb::Payload::Deliver => {
-                let d = e.payload_as_deliver().ok_or(DecodeError::Missing("deliver"))?;
+                let d = e
+                    .payload_as_deliver()
+                    .ok_or(DecodeError::Missing("deliver"))?;
                 Payload::Deliver {
                     tier: Tier::from_u8(d.tier().0).ok_or(DecodeError::Missing("deliver.tier"))?,
                     message: read_message(
@@ -143,7 +145,9 @@ impl Envelope {
                 }
             }
             fb::Payload::Notify => {
-                let n = e.payload_as_notify().ok_or(DecodeError::Missing("notify"))?;
+                let n = e
+                    .payload_as_notify()
+                    .ok_or(DecodeError::Missing("notify"))?;
                 Payload::Notify {
                     conversation: n.conversation(),
                     message_id: n.message_id(),

@@ -113,8 +113,14 @@ mod tests {
             wire.extend_from_slice(body);
         }
         let mut r = &wire[..];
-        assert_eq!(read_frame(&mut r, 16).await.unwrap().unwrap(), &b"\x03\0\0\0abc"[..]);
-        assert_eq!(read_frame(&mut r, 16).await.unwrap().unwrap(), &b"\x02\0\0\0de"[..]);
+        assert_eq!(
+            read_frame(&mut r, 16).await.unwrap().unwrap(),
+            &b"\x03\0\0\0abc"[..]
+        );
+        assert_eq!(
+            read_frame(&mut r, 16).await.unwrap().unwrap(),
+            &b"\x02\0\0\0de"[..]
+        );
         assert!(read_frame(&mut r, 16).await.unwrap().is_none());
     }
 
@@ -123,16 +129,31 @@ mod tests {
         let wire = 1_000_000u32.to_le_bytes();
         let mut r = &wire[..];
         let err = read_frame(&mut r, 1024).await.unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 1_000_000, max: 1024 }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 1_000_000,
+                max: 1024
+            }
+        ));
     }
 
     #[tokio::test]
     async fn truncated_and_empty_frames_are_errors() {
         let mut r = &[5u8, 0, 0, 0, 1, 2][..];
-        assert!(matches!(read_frame(&mut r, 16).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut r, 16).await,
+            Err(FrameError::Truncated)
+        ));
         let mut r = &[5u8, 0][..];
-        assert!(matches!(read_frame(&mut r, 16).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut r, 16).await,
+            Err(FrameError::Truncated)
+        ));
         let mut r = &[0u8, 0, 0, 0][..];
-        assert!(matches!(read_frame(&mut r, 16).await, Err(FrameError::Empty)));
+        assert!(matches!(
+            read_frame(&mut r, 16).await,
+            Err(FrameError::Empty)
+        ));
     }
 }

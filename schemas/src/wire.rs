@@ -439,7 +439,10 @@ impl ClientFrame {
             fb::Body::Ack => {
                 let a = field!(f.body_as_ack(), "ack");
                 ClientBody::Ack {
-                    message_ids: a.message_ids().map(|v| v.iter().collect()).unwrap_or_default(),
+                    message_ids: a
+                        .message_ids()
+                        .map(|v| v.iter().collect())
+                        .unwrap_or_default(),
                 }
             }
             fb::Body::Fetch => {
@@ -786,15 +789,20 @@ mod tests {
     }
 
     fn message() -> impl Strategy<Value = Message> {
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), body()).prop_map(
-            |(id, conversation, sender, sender_client, body)| Message {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            body(),
+        )
+            .prop_map(|(id, conversation, sender, sender_client, body)| Message {
                 id,
                 conversation,
                 sender,
                 sender_client,
                 body,
-            },
-        )
+            })
     }
 
     fn client_body() -> impl Strategy<Value = ClientBody> {
@@ -911,7 +919,6 @@ mod tests {
             }),
         ]
     }
-
 
     proptest! {
         #[test]

@@ -30,7 +30,9 @@ pub fn config(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
 
 pub async fn start(extra: &[(&str, &str)]) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path(), extra)).await.expect("node starts");
+    let node = Node::start(config(dir.path(), extra))
+        .await
+        .expect("node starts");
     TestNode { node, dir }
 }
 

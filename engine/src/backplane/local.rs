@@ -13,11 +13,14 @@ use tokio::sync::mpsc;
 
 use super::{Backplane, BackplaneError, Inbound, Subscriber};
 
+/// A channel's subscribers: (subscriber id, its queue).
+type Subscribers = Vec<(u64, mpsc::Sender<Inbound>)>;
+
 #[derive(Default)]
 struct Shared {
     next_id: AtomicU64,
     dropped: AtomicU64,
-    channels: Mutex<HashMap<Arc<str>, Vec<(u64, mpsc::Sender<Inbound>)>>>,
+    channels: Mutex<HashMap<Arc<str>, Subscribers>>,
 }
 
 #[derive(Default, Clone)]
@@ -128,7 +131,9 @@ mod tests {
         a.subscribe("x").await.unwrap(); // idempotent
         b.subscribe("y").await.unwrap();
         bp.publish("x", Bytes::from_static(b"1")).await.unwrap();
-        bp.publish("z", Bytes::from_static(b"nobody")).await.unwrap();
+        bp.publish("z", Bytes::from_static(b"nobody"))
+            .await
+            .unwrap();
         let got = ra.recv().await.unwrap();
         assert_eq!((&*got.channel, &got.payload[..]), ("x", &b"1"[..]));
         assert!(ra.try_recv().is_err(), "subscribed twice, delivered once");

@@ -8,7 +8,9 @@
 use bytes::Bytes;
 use tiercast_schemas::wire::Message;
 
-use super::{ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError};
+use super::{
+    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+};
 
 pub async fn run_all(store: &dyn Store) {
     conversations_and_members(store).await;
@@ -94,7 +96,10 @@ async fn conversations_and_members(store: &dyn Store) {
     assert_eq!(store.conversations_of(11).await.unwrap(), Vec::<u64>::new());
 
     store.set_pinned_tier(3, Some(2)).await.unwrap();
-    assert_eq!(store.conversation(3).await.unwrap().unwrap().pinned_tier, Some(2));
+    assert_eq!(
+        store.conversation(3).await.unwrap().unwrap().pinned_tier,
+        Some(2)
+    );
     assert!(matches!(
         store.set_pinned_tier(99, None).await,
         Err(StoreError::NoSuchConversation(99))
@@ -108,16 +113,34 @@ async fn device_registry(store: &dyn Store) {
         device: format!("d{client_id}"),
         last_seen_ms: seen,
     };
-    assert_eq!(store.register_client(&dev(1, 10), 3, false).await.unwrap(), Registered::New);
-    assert_eq!(store.register_client(&dev(2, 20), 3, false).await.unwrap(), Registered::New);
-    assert_eq!(store.register_client(&dev(3, 30), 3, false).await.unwrap(), Registered::New);
-    assert_eq!(store.register_client(&dev(1, 40), 3, false).await.unwrap(), Registered::Known);
+    assert_eq!(
+        store.register_client(&dev(1, 10), 3, false).await.unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        store.register_client(&dev(2, 20), 3, false).await.unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        store.register_client(&dev(3, 30), 3, false).await.unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        store.register_client(&dev(1, 40), 3, false).await.unwrap(),
+        Registered::Known
+    );
     assert!(matches!(
         store.register_client(&dev(4, 50), 3, false).await,
         Err(StoreError::TooManyDevices { user: 500, max: 3 })
     ));
     // A refused fourth device changed nothing.
-    let ids: Vec<u64> = store.clients_of(500).await.unwrap().iter().map(|c| c.client_id).collect();
+    let ids: Vec<u64> = store
+        .clients_of(500)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client_id)
+        .collect();
     assert_eq!(ids, vec![1, 2, 3]);
 
     // With eviction, the least recently seen (2, seen at 20) makes room, and
@@ -136,7 +159,10 @@ async fn device_registry(store: &dyn Store) {
     assert_eq!(store.client_ids_of(&[500]).await.unwrap(), vec![1, 3, 4]);
     assert!(store.inbox(2, 0, 10).await.unwrap().is_empty());
     assert_eq!(store.inbox(3, 0, 10).await.unwrap().len(), 1);
-    assert_eq!(store.client_ids_of(&[500, 501]).await.unwrap(), vec![1, 3, 4]);
+    assert_eq!(
+        store.client_ids_of(&[500, 501]).await.unwrap(),
+        vec![1, 3, 4]
+    );
 }
 
 async fn messages_history_and_paging(store: &dyn Store) {
@@ -144,7 +170,10 @@ async fn messages_history_and_paging(store: &dyn Store) {
     let everything = store.history(20, all()).await.unwrap();
     let mut newest_first = ids.clone();
     newest_first.reverse();
-    assert_eq!(everything.iter().map(|m| m.id).collect::<Vec<_>>(), newest_first);
+    assert_eq!(
+        everything.iter().map(|m| m.id).collect::<Vec<_>>(),
+        newest_first
+    );
     assert_eq!(everything.last().unwrap().body, Bytes::from_static(b"m0"));
 
     // Paging backwards by `before` visits every message once.
@@ -152,7 +181,14 @@ async fn messages_history_and_paging(store: &dyn Store) {
     let mut before = 0;
     loop {
         let page = store
-            .history(20, Page { before, after: 0, limit: 7 })
+            .history(
+                20,
+                Page {
+                    before,
+                    after: 0,
+                    limit: 7,
+                },
+            )
             .await
             .unwrap();
         if page.is_empty() {
@@ -165,11 +201,34 @@ async fn messages_history_and_paging(store: &dyn Store) {
 
     // `after` bounds from below, exclusive.
     let tail = store
-        .history(20, Page { before: 0, after: ids[20], limit: 100 })
+        .history(
+            20,
+            Page {
+                before: 0,
+                after: ids[20],
+                limit: 100,
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(tail.iter().map(|m| m.id).collect::<Vec<_>>(), vec![ids[24], ids[23], ids[22], ids[21]]);
-    assert!(store.history(20, Page { before: 5, after: 5, limit: 5 }).await.unwrap().is_empty());
+    assert_eq!(
+        tail.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[24], ids[23], ids[22], ids[21]]
+    );
+    assert!(
+        store
+            .history(
+                20,
+                Page {
+                    before: 5,
+                    after: 5,
+                    limit: 5
+                }
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let one = store.message(20, ids[3]).await.unwrap().unwrap();
     assert_eq!(one.body, Bytes::from_static(b"m3"));
@@ -188,14 +247,32 @@ async fn inbox_and_acks(store: &dyn Store) {
         };
         store.insert_message(&m).await.unwrap();
     }
-    let pending: Vec<u64> = store.inbox(71, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let pending: Vec<u64> = store
+        .inbox(71, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(pending, vec![300, 301, 302]);
     assert_eq!(store.inbox(71, 0, 2).await.unwrap().len(), 2);
-    let rest: Vec<u64> = store.inbox(71, 301, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let rest: Vec<u64> = store
+        .inbox(71, 301, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(rest, vec![302]);
     assert_eq!(store.ack(71, &[300, 302, 999]).await.unwrap(), 2);
     assert_eq!(store.ack(71, &[300]).await.unwrap(), 0);
-    let pending: Vec<u64> = store.inbox(71, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let pending: Vec<u64> = store
+        .inbox(71, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(pending, vec![301]);
     // Another client's inbox is untouched.
     assert_eq!(store.inbox(72, 0, 10).await.unwrap().len(), 3);
@@ -210,20 +287,32 @@ async fn idempotent_insert(store: &dyn Store) {
         client_msg_id: 5,
         inbox: vec![81],
     };
-    assert_eq!(store.insert_message(&first).await.unwrap(), Persisted::Stored);
+    assert_eq!(
+        store.insert_message(&first).await.unwrap(),
+        Persisted::Stored
+    );
     let retry = NewMessage {
         message: message(40, 401, 2, "once"),
         client_msg_id: 5,
         inbox: vec![81],
     };
-    assert_eq!(store.insert_message(&retry).await.unwrap(), Persisted::Duplicate(400));
+    assert_eq!(
+        store.insert_message(&retry).await.unwrap(),
+        Persisted::Duplicate(400)
+    );
     assert_eq!(store.history(40, all()).await.unwrap().len(), 1);
     assert_eq!(store.inbox(81, 0, 10).await.unwrap().len(), 1);
     // The same client_msg_id from another client is another message.
     let other = NewMessage {
-        message: Message { sender_client: 999, ..message(40, 402, 2, "other") },
+        message: Message {
+            sender_client: 999,
+            ..message(40, 402, 2, "other")
+        },
         client_msg_id: 5,
         inbox: vec![],
     };
-    assert_eq!(store.insert_message(&other).await.unwrap(), Persisted::Stored);
+    assert_eq!(
+        store.insert_message(&other).await.unwrap(),
+        Persisted::Stored
+    );
 }

@@ -125,7 +125,12 @@ pub trait Store: Send + Sync + 'static {
     async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError>;
 
     /// Pending inbox of a client, oldest first, ids above `after`.
-    async fn inbox(&self, client: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
+    async fn inbox(
+        &self,
+        client: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
     /// Removes acked ids from a client's inbox; returns how many were pending.
     async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError>;
 }

@@ -1,0 +1,431 @@
+//! `tiercast`: run a node, chat by hand, mint tokens, run the demo.
+//!
+//! Exit codes: 0 success; 1 failure (the demo: a message was lost);
+//! 64 a bad configuration or flag (checked before anything binds).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use tiercast_client::{Client, ClientConfig, Delivery};
+use tiercast_edge::{Config, Node};
+use tiercast_engine::auth::{TokenKeys, now_unix};
+use tiercast_loadgen::demo::{self, DemoOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "tiercast",
+    version,
+    about = "Tiercast: tiered fan-out message delivery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a single node in-process, exchange messages between simulated
+    /// devices over QUIC on loopback, and report what was delivered.
+    Demo(DemoArgs),
+    /// Run a single node (edge + engine, embedded store) for development.
+    Dev(NodeArgs),
+    /// Mint a token for a user (or a publisher).
+    Token(TokenArgs),
+    /// Connect as a device and print every message it receives.
+    Listen(DeviceArgs),
+    /// Connect as a device and send a message (or each line of stdin).
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Users, each with --devices devices.
+    #[arg(long, default_value_t = 8)]
+    users: u64,
+    #[arg(long, default_value_t = 2)]
+    devices: u64,
+    #[arg(long, default_value_t = 4)]
+    chats: u64,
+    /// Members per chat.
+    #[arg(long, default_value_t = 3)]
+    chat_size: u64,
+    /// Messages each sender sends into each of its chats.
+    #[arg(long, default_value_t = 20)]
+    messages: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// A TOML configuration file ([node], [engine], [edge] sections).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a setting: `--set edge.listen=127.0.0.1:7443` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user id the token is for.
+    #[arg(long, required_unless_present = "publisher")]
+    user: Option<u64>,
+    /// Mint a publisher token for the HTTP API instead.
+    #[arg(long)]
+    publisher: bool,
+    /// Validity in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    ttl: u64,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// The edge's QUIC address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    addr: SocketAddr,
+    /// A token (`tiercast token --user ID`); or give --user to mint one from
+    /// the development secret in --data-dir.
+    #[arg(long, env = "TIERCAST_TOKEN")]
+    token: Option<String>,
+    #[arg(long)]
+    user: Option<u64>,
+    /// This device's id (non-zero; keep it across runs).
+    #[arg(long)]
+    client_id: Option<u64>,
+    /// Certificate to trust (PEM); `tiercast dev` writes its own here.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Where `tiercast dev` keeps its data (development secret, certificate).
+    #[arg(long, default_value = "tiercast-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long)]
+    conversation: u64,
+    /// The message; without it, each line of stdin is sent.
+    text: Option<String>,
+}
+
+/// A configuration or usage error: exit 64 with one line.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tiercast: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("tiercast: {e}");
+            ExitCode::from(64)
+        }
+        Err(e) => {
+            eprintln!("tiercast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Demo(a) => demo_cmd(a).await,
+        Command::Dev(a) => dev(a).await,
+        Command::Token(a) => token(a),
+        Command::Listen(a) => listen(a).await,
+        Command::Send(a) => send(a).await,
+    }
+}
+
+async fn demo_cmd(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    let opts = DemoOptions {
+        users: a.users,
+        devices: a.devices,
+        chats: a.chats,
+        chat_size: a.chat_size,
+        messages: a.messages,
+        payload: a.payload,
+        ..DemoOptions::default()
+    };
+    opts.validate().map_err(usage)?;
+    println!(
+        "tiercast demo: {} users x {} devices, {} chats of {}, {} messages per sender per chat, {}-byte bodies",
+        opts.users, opts.devices, opts.chats, opts.chat_size, opts.messages, opts.payload
+    );
+    println!("single node in-process: embedded store, in-process backplane, QUIC on loopback\n");
+    let run = demo::run(opts).await?;
+    print!("{}", run.figures.render());
+    if let Some(path) = a.json {
+        let json = serde_json::to_string_pretty(&run.figures)?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if run.figures.lost == 0 && run.figures.unexpected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("tiercast demo: {} deliveries lost", run.figures.lost);
+        ExitCode::FAILURE
+    })
+}
+
+fn parse_sets(sets: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    sets.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| usage(format!("--set {s}: expected SECTION.KEY=VALUE")))
+        })
+        .collect()
+}
+
+const DEV_SECRET_FILE: &str = "dev-secret";
+
+/// The configuration of a node, with a development secret (created once in
+/// the data directory) when none is configured.
+fn load_config(a: &NodeArgs, create_secret: bool) -> anyhow::Result<Config> {
+    let mut overrides = parse_sets(&a.set)?;
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    // Peek at the data directory and secret before validation.
+    let probe = |overrides: &[(String, String)]| {
+        let mut o = overrides.to_vec();
+        o.push(("node.token_secret".into(), "x".repeat(16)));
+        Config::load(a.config.as_deref(), vars.clone(), &o)
+    };
+    let peek = probe(&overrides).map_err(|e| usage(e.to_string()))?;
+    let configured = Config::load(a.config.as_deref(), vars.clone(), &overrides).is_ok();
+    if !configured {
+        let path = peek.node.data_dir.join(DEV_SECRET_FILE);
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().to_owned(),
+            Err(_) if create_secret => {
+                std::fs::create_dir_all(&peek.node.data_dir)
+                    .with_context(|| format!("creating {}", peek.node.data_dir.display()))?;
+                let s: String = (0..40)
+                    .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                    .collect();
+                std::fs::write(&path, &s).with_context(|| format!("writing {}", path.display()))?;
+                s
+            }
+            Err(_) => {
+                return Err(usage(format!(
+                    "no token secret: set node.token_secret, or run `tiercast dev` first so that {} exists",
+                    path.display()
+                )));
+            }
+        };
+        overrides.push(("node.token_secret".into(), secret));
+    }
+    Config::load(a.config.as_deref(), vars, &overrides).map_err(|e| usage(e.to_string()))
+}
+
+async fn dev(a: NodeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&a, true)?;
+    let node = Node::start(cfg.clone()).await?;
+    let now = now_unix();
+    println!("tiercast dev node running");
+    println!("  QUIC edge:    {}", node.quic_addr);
+    println!("  HTTP API:     http://{}", node.http_addr);
+    println!("  data:         {}", cfg.node.data_dir.display());
+    if let Some(p) = &node.cert_path {
+        println!(
+            "  certificate:  {} (self-signed; clients pass --ca)",
+            p.display()
+        );
+    }
+    println!("  token user 1: {}", node.keys.mint_user(1, now, 24 * 3600));
+    println!(
+        "  publisher:    {}",
+        node.keys.mint_publisher("dev", now, 24 * 3600)
+    );
+    println!("more tokens: tiercast token --user ID   (Ctrl-C stops the node)");
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    eprintln!("tiercast dev: shutting down");
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn token(a: TokenArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&a.node, false)?;
+    let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
+    let now = now_unix();
+    let t = match (a.publisher, a.user) {
+        (true, _) => keys.mint_publisher("cli", now, a.ttl),
+        (false, Some(0)) => return Err(usage("--user must be non-zero")),
+        (false, Some(user)) => keys.mint_user(user, now, a.ttl),
+        (false, None) => return Err(usage("--user or --publisher is required")),
+    };
+    println!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A default device id per (user, role), so `listen` and `send` are two
+/// devices of the user and a repeated run is the same device.
+fn default_client_id(user: u64, role: u64) -> u64 {
+    user.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ role | 1
+}
+
+async fn connect(
+    a: &DeviceArgs,
+    role: u64,
+) -> anyhow::Result<(Client, tiercast_client::Deliveries)> {
+    let (token, user) = match (&a.token, a.user) {
+        (Some(t), _) => (t.clone(), a.user),
+        (None, Some(user)) => {
+            let path = a.data_dir.join(DEV_SECRET_FILE);
+            let secret = std::fs::read_to_string(&path).map_err(|_| {
+                usage(format!(
+                    "--user needs the development secret at {} (run `tiercast dev`), or pass --token",
+                    path.display()
+                ))
+            })?;
+            (
+                TokenKeys::new(secret.trim().as_bytes()).mint_user(user, now_unix(), 3600),
+                Some(user),
+            )
+        }
+        (None, None) => {
+            return Err(usage(
+                "give --token, or --user with a `tiercast dev` data dir",
+            ));
+        }
+    };
+    let client_id = match (a.client_id, user) {
+        (Some(0), _) => return Err(usage("--client-id must be non-zero")),
+        (Some(c), _) => c,
+        (None, Some(u)) => default_client_id(u, role),
+        (None, None) => return Err(usage("--client-id is required with --token")),
+    };
+    let ca =
+        a.ca.clone()
+            .unwrap_or_else(|| a.data_dir.join("dev-cert.pem"));
+    let pem = read_ca(&ca)?;
+    let mut cfg = ClientConfig::new(a.addr, pem, token, client_id);
+    cfg.server_name = a.server_name.clone();
+    cfg.device = format!("cli-{}", if role == 1 { "listen" } else { "send" });
+    Client::connect(cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn read_ca(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "cannot read certificate {}: {e} (pass --ca)",
+            path.display()
+        ))
+    })
+}
+
+async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
+    let (client, mut rx) = connect(&a, 1).await?;
+    eprintln!(
+        "listening as user {} (device {}); Ctrl-C to stop",
+        client.user_id, client.client_id
+    );
+    loop {
+        let d = tokio::select! {
+            d = rx.recv() => d,
+            _ = shutdown_signal() => break,
+        };
+        match d {
+            Some(Delivery::Message(m)) => {
+                println!(
+                    "[conversation {}] user {}: {}  (id {})",
+                    m.conversation,
+                    m.sender,
+                    String::from_utf8_lossy(&m.body),
+                    m.id
+                );
+                let _ = std::io::stdout().flush();
+                client
+                    .ack(&[m.id])
+                    .await
+                    .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+            }
+            Some(other) => println!("{other:?}"),
+            None => {
+                let why = client.closed().await;
+                return Err(anyhow::anyhow!("disconnected: {why}"));
+            }
+        }
+    }
+    client.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
+    let (client, _rx) = connect(&a.device, 2).await?;
+    let base = rand::random::<u64>() >> 16;
+    let lines: Vec<String> = match a.text {
+        Some(t) => vec![t],
+        None => std::io::stdin().lines().collect::<Result<_, _>>()?,
+    };
+    for (i, line) in lines.into_iter().enumerate() {
+        let ok = client
+            .send(a.conversation, base + i as u64 + 1, Bytes::from(line))
+            .await
+            .map_err(|e| anyhow::anyhow!("send: {e}"))?;
+        println!("sent {} to conversation {}", ok.message_id, ok.conversation);
+    }
+    client.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
