@@ -337,6 +337,29 @@ impl Client {
         }
     }
 
+    /// The body of one message by id: what a device does after a tier-3
+    /// `Notify`. `None` if there is no such message.
+    pub async fn pull(
+        &self,
+        conversation: u64,
+        message_id: u64,
+    ) -> Result<Option<Message>, ClientError> {
+        match self
+            .request(ClientBody::Fetch {
+                conversation,
+                before: message_id.saturating_add(1),
+                after: message_id.saturating_sub(1),
+                limit: 1,
+            })
+            .await?
+        {
+            ServerBody::Messages { messages, .. } => {
+                Ok(messages.into_iter().find(|m| m.id == message_id))
+            }
+            other => Err(unexpected("Messages", &other)),
+        }
+    }
+
     pub async fn ping(&self, nonce: u64) -> Result<(), ClientError> {
         match self.request(ClientBody::Ping { nonce }).await? {
             ServerBody::Pong { nonce: n } if n == nonce => Ok(()),

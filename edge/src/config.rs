@@ -114,12 +114,31 @@ impl EdgeConfig {
     }
 }
 
+/// Which backplane carries messages between engines and edges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackplaneKind {
+    /// In-process: a single node.
+    #[default]
+    Local,
+    /// Redis Cluster (or one Redis 7 server) with sharded pub/sub.
+    Redis,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackplaneConfig {
+    pub kind: BackplaneKind,
+    pub redis: tiercast_engine::backplane::redis::RedisConfig,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
     pub engine: EngineConfig,
     pub edge: EdgeConfig,
+    pub backplane: BackplaneConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,11 +182,10 @@ impl Config {
             .into_iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix(ENV_PREFIX)?;
-                let (section, key) = rest.split_once("__")?;
-                Some((
-                    format!("{}.{}", section.to_lowercase(), key.to_lowercase()),
-                    v,
-                ))
+                if !rest.contains("__") {
+                    return None;
+                }
+                Some((rest.to_lowercase().replace("__", "."), v))
             })
             .collect();
         for (key, value) in env.iter().chain(overrides) {
@@ -192,6 +210,12 @@ impl Config {
         }
         self.engine.validate()?;
         self.edge.validate()?;
+        if self.backplane.kind == BackplaneKind::Redis {
+            self.backplane
+                .redis
+                .validate()
+                .map_err(|e| InvalidSetting::new("backplane.redis", e))?;
+        }
         Ok(())
     }
 }
@@ -214,13 +238,18 @@ fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError>
         key: key.to_owned(),
         reason: reason.to_owned(),
     };
-    let (section, field) = key
-        .split_once('.')
+    let (path, field) = key
+        .rsplit_once('.')
         .ok_or_else(|| bad("expected section.key"))?;
-    let table = doc
-        .get_mut(section)
-        .and_then(|v| v.as_table_mut())
-        .ok_or_else(|| bad("unknown section (node, engine, edge)"))?;
+    let mut table = &mut *doc;
+    for part in path.split('.') {
+        table = table
+            .get_mut(part)
+            .and_then(|v| v.as_table_mut())
+            .ok_or_else(|| {
+                bad("unknown section (node, engine, engine.tiers, edge, backplane, backplane.redis)")
+            })?;
+    }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
@@ -274,6 +303,35 @@ mod tests {
         assert_eq!(cfg.edge.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(cfg.engine.max_devices, 2);
         assert_eq!(cfg.engine.max_page, EngineConfig::default().max_page);
+    }
+
+    #[test]
+    fn nested_sections_and_lists() {
+        let cfg = load(
+            &[("TIERCAST_BACKPLANE__REDIS__CLUSTER", "false")],
+            &[
+                ("backplane.kind", "redis"),
+                (
+                    "backplane.redis.nodes",
+                    "[\"127.0.0.1:7000\", \"127.0.0.1:7001\"]",
+                ),
+                ("engine.tiers.sharded_above", "50"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.backplane.kind, BackplaneKind::Redis);
+        assert_eq!(cfg.backplane.redis.nodes.len(), 2);
+        assert!(!cfg.backplane.redis.cluster);
+        assert_eq!(cfg.engine.tiers.sharded_above, 50);
+        let e = load(
+            &[],
+            &[
+                ("backplane.kind", "redis"),
+                ("backplane.redis.nodes", "[\"nope\"]"),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("backplane.redis"), "{e}");
     }
 
     #[test]

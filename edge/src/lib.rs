@@ -5,12 +5,14 @@
 //! - [`server`]: the accept loop, backplane fan-out loop and shutdown.
 //! - [`session`]: one connection: Hello, requests, the delivery stream.
 //! - [`sessions`]: local connections by user, and local fan-out.
+//! - [`conversations`]: which conversations local users are in (tiers 2/3).
 //! - [`tls`]: certificates and the rustls configuration (ALPN `tiercast/1`).
 //! - [`config`]: the process configuration (file, environment, flags).
 //! - [`node`]: a whole single node (store, backplane, engine, HTTP, edge).
 //! - [`metrics`]: the edge's Prometheus metrics.
 
 pub mod config;
+pub mod conversations;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -15,6 +15,8 @@ pub struct EdgeMetrics {
     pub backplane_malformed: Counter,
     pub errors: Family<CodeLabel, Counter>,
     pub slow_consumers: Counter,
+    pub pull_requests: Counter,
+    pub pull_store_reads: Counter,
 }
 
 impl EdgeMetrics {
@@ -51,6 +53,16 @@ impl EdgeMetrics {
             "slow_consumers",
             "Connections closed because their queue overflowed",
             m.slow_consumers.clone(),
+        );
+        r.register(
+            "pull_requests",
+            "Single-message fetches (tier-3 pull on read)",
+            m.pull_requests.clone(),
+        );
+        r.register(
+            "pull_store_reads",
+            "Store reads made by the pull path (at most one per message per edge while cached)",
+            m.pull_store_reads.clone(),
         );
         m
     }

@@ -1,6 +1,7 @@
-//! A whole single node in one process: embedded store, in-process backplane,
-//! engine, HTTP API and QUIC edge. `tiercast dev`, `tiercast demo` and the
-//! integration tests all start it through [`Node::start`].
+//! A node in one process: engine, HTTP API and QUIC edge over a store and a
+//! backplane (in-process on a single node, Redis in a cluster). `tiercast
+//! dev`, `tiercast demo`, `tiercast edge` and the integration tests all start
+//! it through [`Node::start`] or [`Node::start_with_store`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,14 +11,16 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tiercast_engine::Engine;
 use tiercast_engine::auth::TokenKeys;
-use tiercast_engine::backplane::LocalBackplane;
+use tiercast_engine::backplane::redis::{RedisBackplane, RedisRoutes};
+use tiercast_engine::backplane::{Backplane, LocalBackplane, LocalRoutes, Routes};
 use tiercast_engine::http::{self, HttpState};
+use tiercast_engine::lease::NodeLease;
 use tiercast_engine::metrics::EngineMetrics;
-use tiercast_engine::store::EmbeddedStore;
+use tiercast_engine::store::{EmbeddedStore, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, EdgeConfig};
+use crate::config::{BackplaneKind, Config, EdgeConfig};
 use crate::metrics::EdgeMetrics;
 use crate::server::Edge;
 use crate::tls::{self, Identity};
@@ -38,7 +41,13 @@ pub enum StartError {
     },
     #[error("engine: {0}")]
     Engine(String),
+    #[error("backplane: {0}")]
+    Backplane(#[from] tiercast_engine::backplane::BackplaneError),
 }
+
+/// How long a node-id lease lasts unrenewed. Renewed every third; a
+/// crashed process frees its id after this.
+const LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// A running node. Dropping it does not stop it: call [`Node::shutdown`].
 #[derive(Debug)]
@@ -51,6 +60,8 @@ pub struct Node {
     pub cert_path: Option<PathBuf>,
     pub keys: TokenKeys,
     pub engine: Arc<Engine>,
+    /// The node-id lease (cluster mode).
+    lease: Option<NodeLease>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -82,6 +93,7 @@ pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, 
 }
 
 impl Node {
+    /// A node with its own embedded store in `node.data_dir`.
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
         let data_dir = &cfg.node.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
@@ -89,15 +101,48 @@ impl Node {
             reason: e.to_string(),
         })?;
         let store = EmbeddedStore::open(&data_dir.join("tiercast.redb"))?;
+        Self::start_with_store(cfg, Arc::new(store)).await
+    }
+
+    /// A node (engine, edge, HTTP API) on `store`. Several nodes in one
+    /// process can share a store; with the Redis backplane each takes its
+    /// own node id.
+    pub async fn start_with_store(
+        mut cfg: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, StartError> {
+        let data_dir = cfg.node.data_dir.clone();
+        let data_dir = &data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
+            path: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let (backplane, routes, lease): (Arc<dyn Backplane>, Arc<dyn Routes>, _) =
+            match cfg.backplane.kind {
+                BackplaneKind::Local => (
+                    Arc::new(LocalBackplane::new()),
+                    Arc::new(LocalRoutes::default()),
+                    None,
+                ),
+                BackplaneKind::Redis => {
+                    let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
+                    let lease = NodeLease::acquire(bp.client(), LEASE_TTL).await?;
+                    cfg.engine.node_id = lease.node;
+                    let routes = RedisRoutes::new(bp.client().clone());
+                    (Arc::new(bp), Arc::new(routes), Some(lease))
+                }
+            };
         let mut registry = Registry::default();
         let engine_metrics = EngineMetrics::register(&mut registry);
         let edge_metrics = EdgeMetrics::register(&mut registry);
         let engine = Arc::new(
             Engine::new(
                 cfg.engine.clone(),
-                Arc::new(store),
-                Arc::new(LocalBackplane::new()),
+                store,
+                backplane,
+                routes,
                 engine_metrics,
+                lease.as_ref().map(NodeLease::flag),
             )
             .map_err(|e| StartError::Engine(e.to_string()))?,
         );
@@ -157,7 +202,7 @@ impl Node {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));
-        tracing::info!(%quic_addr, %http_addr, "node started");
+        tracing::info!(%quic_addr, %http_addr, node_id = engine.node_id(), "node started");
         Ok(Self {
             quic_addr,
             http_addr,
@@ -165,6 +210,7 @@ impl Node {
             cert_path,
             keys,
             engine,
+            lease,
             stop,
             tasks,
         })
@@ -176,5 +222,13 @@ impl Node {
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(lease) = self.lease {
+            lease.release().await;
+        }
+    }
+
+    /// The node id this node's engine issues ids (and its edge routes) under.
+    pub fn node_id(&self) -> u16 {
+        self.engine.node_id()
     }
 }

@@ -7,21 +7,36 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::collections::HashSet;
 use tiercast_engine::Engine;
 use tiercast_engine::auth::TokenKeys;
-use tiercast_engine::backplane::{Inbound, Subscriber, parse_user_channel};
+
+use tiercast_engine::backplane::{
+    Inbound, Subscriber, node_channel, parse_node_channel, parse_user_channel,
+};
 use tiercast_schemas::envelope::{Envelope, Payload};
-use tiercast_schemas::wire::{ErrorCode, ServerBody, ServerFrame};
+use tiercast_schemas::wire::{ErrorCode, Message, ServerBody, ServerFrame};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::config::EdgeConfig;
+use crate::conversations::LocalConversations;
 use crate::metrics::EdgeMetrics;
 use crate::sessions::Sessions;
 
-/// Locks that serialise subscribe/unsubscribe per user, striped so that
-/// unrelated users do not wait on each other.
-const SUBSCRIPTION_STRIPES: usize = 64;
+/// Locks that serialise subscribe/unsubscribe per user (and route changes
+/// per conversation), striped so that unrelated ones do not wait on each
+/// other.
+const STRIPES: usize = 64;
+
+/// The edge's liveness lease in the routing table. Renewed every third of
+/// it: a dead edge stops receiving tier 2/3 traffic within 6 s.
+const LIVENESS_TTL: Duration = Duration::from_secs(6);
+
+/// Messages the pull path keeps: a tier-3 wave is read by many devices
+/// within seconds, then rarely again.
+const PULL_CACHE_ENTRIES: u64 = 100_000;
+const PULL_CACHE_TTL: Duration = Duration::from_secs(120);
 
 /// State shared by the edge's tasks.
 pub(crate) struct Shared {
@@ -32,6 +47,13 @@ pub(crate) struct Shared {
     pub subscriber: Arc<dyn Subscriber>,
     pub subscription_locks: Vec<tokio::sync::Mutex<()>>,
     pub metrics: EdgeMetrics,
+    /// Conversations of the users connected here (tiers 2 and 3).
+    pub conversations: LocalConversations,
+    /// Conversations this edge has announced in the routing table.
+    announced: std::sync::Mutex<HashSet<u64>>,
+    route_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Tier-3 bodies by (conversation, id); loads are single-flight.
+    pull_cache: moka::future::Cache<(u64, u64), Option<Message>>,
     next_conn: AtomicU64,
 }
 
@@ -41,7 +63,66 @@ impl Shared {
     }
 
     pub fn subscription_lock(&self, user: u64) -> &tokio::sync::Mutex<()> {
-        &self.subscription_locks[(user % SUBSCRIPTION_STRIPES as u64) as usize]
+        &self.subscription_locks[(user % STRIPES as u64) as usize]
+    }
+
+    /// This edge's id in the routing table and node channels: its engine's
+    /// (leased) node id.
+    pub fn edge_id(&self) -> u16 {
+        self.engine.node_id()
+    }
+
+    /// Brings the routing table's entry for (conversation, this edge) in
+    /// line with whether a local user is in the conversation now. Applying
+    /// the current state under a per-conversation lock makes concurrent
+    /// joins and leaves converge, whatever order they run in.
+    pub async fn sync_route(&self, conv: u64) {
+        let _guard = self.route_locks[(conv % STRIPES as u64) as usize]
+            .lock()
+            .await;
+        let want = self.conversations.hosts(conv);
+        let have = self
+            .announced
+            .lock()
+            .expect("announced lock")
+            .contains(&conv);
+        if want == have {
+            return;
+        }
+        let routes = self.engine.routes();
+        let result = if want {
+            routes.add(conv, self.edge_id()).await
+        } else {
+            routes.remove(conv, self.edge_id()).await
+        };
+        match result {
+            Ok(()) => {
+                let mut a = self.announced.lock().expect("announced lock");
+                if want {
+                    a.insert(conv);
+                } else {
+                    a.remove(&conv);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(conv, error = %e, "route update failed; retried on the next change")
+            }
+        }
+    }
+
+    /// A tier-3 body for a member, read from the store at most once per
+    /// edge however many devices ask at once.
+    pub async fn pull(&self, conv: u64, id: u64) -> Result<Option<Message>, String> {
+        let engine = self.engine.clone();
+        let reads = self.metrics.pull_store_reads.clone();
+        self.metrics.pull_requests.inc();
+        self.pull_cache
+            .try_get_with((conv, id), async move {
+                reads.inc();
+                engine.store().message(conv, id).await
+            })
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -69,6 +150,14 @@ impl Edge {
         metrics: EdgeMetrics,
     ) -> Result<Self, tiercast_engine::backplane::BackplaneError> {
         let (subscriber, inbound) = engine.backplane().subscriber(INBOUND_QUEUE).await?;
+        // The node channels are fixed for the edge's life: no subscription
+        // churn as groups come and go.
+        for k in 0..engine.config().node_channels {
+            subscriber
+                .subscribe(&node_channel(engine.node_id(), k))
+                .await?;
+        }
+        let stripes = || (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 engine,
@@ -76,10 +165,15 @@ impl Edge {
                 cfg,
                 sessions: Sessions::new(),
                 subscriber,
-                subscription_locks: (0..SUBSCRIPTION_STRIPES)
-                    .map(|_| tokio::sync::Mutex::new(()))
-                    .collect(),
+                subscription_locks: stripes(),
                 metrics,
+                conversations: LocalConversations::new(),
+                announced: std::sync::Mutex::new(HashSet::new()),
+                route_locks: stripes(),
+                pull_cache: moka::future::Cache::builder()
+                    .max_capacity(PULL_CACHE_ENTRIES)
+                    .time_to_live(PULL_CACHE_TTL)
+                    .build(),
                 next_conn: AtomicU64::new(1),
             }),
             inbound,
@@ -91,6 +185,7 @@ impl Edge {
     pub async fn run(self, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
         let Edge { shared, inbound } = self;
         let fanout = tokio::spawn(fan_out_loop(shared.clone(), inbound));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -122,12 +217,30 @@ impl Edge {
         })
         .await;
         fanout.abort();
+        heartbeat.abort();
         endpoint.wait_idle().await;
     }
 }
 
+async fn heartbeat(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(LIVENESS_TTL / 3);
+    loop {
+        tick.tick().await;
+        let ttl = LIVENESS_TTL.as_millis() as u64;
+        if let Err(e) = shared
+            .engine
+            .routes()
+            .heartbeat(shared.edge_id(), ttl)
+            .await
+        {
+            tracing::warn!(error = %e, "liveness heartbeat failed");
+        }
+    }
+}
+
 /// Receives backplane payloads and hands each to the local connections it is
-/// for, encoding each client frame once.
+/// for, encoding each client frame once: on a user channel, that user's
+/// devices; on a node channel, the local members of the conversation.
 async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>) {
     while let Some(msg) = inbound.recv().await {
         shared.metrics.backplane_inbound.inc();
@@ -139,7 +252,17 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 continue;
             }
         };
-        let Some(user) = parse_user_channel(&msg.channel) else {
+        let recipients: Vec<u64> = if let Some(user) = parse_user_channel(&msg.channel) {
+            vec![user]
+        } else if parse_node_channel(&msg.channel).is_some() {
+            match &envelope.payload {
+                Payload::Deliver { message, .. } => {
+                    shared.conversations.users(message.conversation)
+                }
+                Payload::Notify { conversation, .. } => shared.conversations.users(*conversation),
+                _ => Vec::new(),
+            }
+        } else {
             tracing::debug!(channel = %msg.channel, "payload on a channel this edge does not serve");
             continue;
         };
@@ -183,16 +306,34 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 .encode(),
                 origin_client,
             ),
+            Payload::Membership {
+                user,
+                conversation,
+                joined,
+            } => {
+                let changed = if joined {
+                    shared.conversations.join(user, conversation)
+                } else {
+                    shared.conversations.leave(user, conversation)
+                };
+                if changed {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { shared.sync_route(conversation).await });
+                }
+                continue;
+            }
         };
-        let result = shared.sessions.fan_out(user, except_client, &frame);
-        shared.metrics.deliveries.inc_by(result.enqueued as u64);
-        for conn in result.overflowed {
-            shared.metrics.slow_consumers.inc();
-            shared.metrics.error(ErrorCode::SlowConsumer);
-            conn.close(
-                quinn::VarInt::from(ErrorCode::SlowConsumer as u16),
-                b"outbound queue full; reconnect and catch up from your inbox",
-            );
+        for user in recipients {
+            let result = shared.sessions.fan_out(user, except_client, &frame);
+            shared.metrics.deliveries.inc_by(result.enqueued as u64);
+            for conn in result.overflowed {
+                shared.metrics.slow_consumers.inc();
+                shared.metrics.error(ErrorCode::SlowConsumer);
+                conn.close(
+                    quinn::VarInt::from(ErrorCode::SlowConsumer as u16),
+                    b"outbound queue full; reconnect and catch up",
+                );
+            }
         }
     }
 }

@@ -244,9 +244,29 @@ async fn attach(
             handle: conn,
         },
     );
-    if first && let Err(e) = shared.subscriber.subscribe(&user_channel(peer.user)).await {
+    if !first {
+        return Ok(());
+    }
+    if let Err(e) = shared.subscriber.subscribe(&user_channel(peer.user)).await {
         shared.sessions.remove(peer.user, conn_id);
         return Err(format!("cannot subscribe: {e}"));
+    }
+    // Index the user's conversations and announce this edge for them, so
+    // tier 2/3 traffic for them reaches it.
+    let convs = match shared.engine.store().conversations_of(peer.user).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.sessions.remove(peer.user, conn_id);
+            let _ = shared
+                .subscriber
+                .unsubscribe(&user_channel(peer.user))
+                .await;
+            return Err(format!("cannot read conversations: {e}"));
+        }
+    };
+    shared.conversations.add_user(peer.user, &convs);
+    for c in convs {
+        shared.sync_route(c).await;
     }
     Ok(())
 }
@@ -374,6 +394,26 @@ async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<Server
         ClientBody::Ack { message_ids } => Ok(ServerBody::AckOk {
             removed: engine.ack(peer.client_id, &message_ids).await?,
         }),
+        // One id exactly (`after` = id - 1, `before` = id + 1): the pull of a
+        // tier-3 body, served through the edge's single-flight cache.
+        ClientBody::Fetch {
+            conversation,
+            before,
+            after,
+            ..
+        } if before == after.wrapping_add(2)
+            && shared.conversations.is_member(conversation, peer.user) =>
+        {
+            let m = shared
+                .pull(conversation, after + 1)
+                .await
+                .map_err(|e| Reply::Refused(ErrorCode::Unavailable, e))?;
+            Ok(ServerBody::Messages {
+                conversation,
+                messages: m.into_iter().collect(),
+                more: false,
+            })
+        }
         ClientBody::Fetch {
             conversation,
             before,

@@ -19,6 +19,12 @@ pub struct EngineConfig {
     pub max_clock_backstep_ms: u64,
     /// Largest page a Fetch or an inbox drain returns.
     pub max_page: usize,
+    /// Tier thresholds (members) and their hysteresis.
+    pub tiers: crate::planner::Thresholds,
+    /// K: node channels per edge. Cluster-wide: every engine and edge must
+    /// agree. 8 spreads one edge's tier 2/3 traffic over 8 hash slots, so
+    /// over every shard of a small cluster.
+    pub node_channels: u16,
 }
 
 impl Default for EngineConfig {
@@ -30,6 +36,8 @@ impl Default for EngineConfig {
             evict_oldest_device: false,
             max_clock_backstep_ms: 100,
             max_page: 200,
+            tiers: crate::planner::Thresholds::default(),
+            node_channels: 8,
         }
     }
 }
@@ -74,6 +82,15 @@ impl EngineConfig {
         }
         if !(1..=1000).contains(&self.max_page) {
             return Err(InvalidSetting::new("engine.max_page", "must be 1..=1000"));
+        }
+        self.tiers
+            .validate()
+            .map_err(|e| InvalidSetting::new("engine.tiers", e))?;
+        if !(1..=256).contains(&self.node_channels) {
+            return Err(InvalidSetting::new(
+                "engine.node_channels",
+                "must be 1..=256",
+            ));
         }
         Ok(())
     }

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{ErrorCode, Message};
 
-use crate::backplane::{Backplane, user_channel};
+use crate::backplane::{Backplane, Routes, node_channel, user_channel};
 use crate::config::EngineConfig;
 use crate::metrics::{CodeLabel, EngineMetrics, TierLabel};
+use crate::planner;
 use crate::snowflake::{IdError, IdGenerator, now_unix_ms};
 use crate::store::{
     ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
@@ -92,6 +93,7 @@ pub struct Engine {
     ids: IdGenerator,
     store: Arc<dyn Store>,
     backplane: Arc<dyn Backplane>,
+    routes: Arc<dyn Routes>,
     metrics: EngineMetrics,
 }
 
@@ -106,23 +108,35 @@ impl std::fmt::Debug for Engine {
 const MESSAGE_OVERHEAD: usize = 96;
 
 impl Engine {
+    /// An engine with node id `cfg.node_id`; in a cluster pass the flag of
+    /// the node-id lease it holds, so that it stops issuing ids without it.
     pub fn new(
         cfg: EngineConfig,
         store: Arc<dyn Store>,
         backplane: Arc<dyn Backplane>,
+        routes: Arc<dyn Routes>,
         metrics: EngineMetrics,
+        lease: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<Self, IdError> {
-        let ids = IdGenerator::try_new(
+        let mut ids = IdGenerator::try_new(
             cfg.node_id,
             Duration::from_millis(cfg.max_clock_backstep_ms),
         )?;
+        if let Some(flag) = lease {
+            ids = ids.with_lease(flag);
+        }
         Ok(Self {
             cfg,
             ids,
             store,
             backplane,
+            routes,
             metrics,
         })
+    }
+
+    pub fn routes(&self) -> &Arc<dyn Routes> {
+        &self.routes
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -164,30 +178,43 @@ impl Engine {
                 max: self.cfg.max_body_bytes,
             });
         }
-        let members = self.members_checked(out.conversation).await?;
-        if out.check_membership && !members.contains(&out.sender) {
+        let conv = self
+            .store
+            .conversation(out.conversation)
+            .await?
+            .ok_or(EngineError::UnknownConversation(out.conversation))?;
+        if out.check_membership && !self.store.is_member(out.conversation, out.sender).await? {
             return Err(EngineError::Forbidden {
                 user: out.sender,
                 conversation: out.conversation,
             });
         }
+        let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
         let id = self.ids.next_id().await?;
-        let inbox: Vec<u64> = self
-            .store
-            .client_ids_of(&members)
-            .await?
-            .into_iter()
-            .filter(|&c| c != out.sender_client)
-            .collect();
-        let message = Message {
-            id,
-            conversation: out.conversation,
-            sender: out.sender,
-            sender_client: out.sender_client,
-            body: out.body,
+        // Tier 1 keeps a pending row per device; tiers 2 and 3 never read
+        // their (large) member list on the write path.
+        let members = match tier {
+            Tier::Direct => self.store.members(out.conversation).await?,
+            Tier::Sharded | Tier::IdOnly => Vec::new(),
+        };
+        let inbox: Vec<u64> = if members.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .client_ids_of(&members)
+                .await?
+                .into_iter()
+                .filter(|&c| c != out.sender_client)
+                .collect()
         };
         let record = NewMessage {
-            message,
+            message: Message {
+                id,
+                conversation: out.conversation,
+                sender: out.sender,
+                sender_client: out.sender_client,
+                body: out.body,
+            },
             client_msg_id: out.client_msg_id,
             inbox,
         };
@@ -203,7 +230,7 @@ impl Engine {
                 self.metrics.messages_stored.inc();
             }
         }
-        self.publish_direct(record.message, out.sender_client, &members)
+        self.publish(tier, record.message, out.sender_client, &members)
             .await;
         Ok(SendReceipt {
             message_id: id,
@@ -211,24 +238,45 @@ impl Engine {
         })
     }
 
-    /// Tier 1: the full message on every member's user channel, encoded once.
-    async fn publish_direct(&self, message: Message, except_client: u64, members: &[u64]) {
-        let payload = Envelope {
-            origin_node: self.node_id(),
-            payload: Payload::Deliver {
-                tier: Tier::Direct,
+    /// Publishes a stored message by its tier: tier 1 on every member's
+    /// user channel, tiers 2 and 3 once per hosting edge. The payload is
+    /// encoded once. A failure is counted and logged, never returned: the
+    /// message is stored, and devices catch up.
+    async fn publish(&self, tier: Tier, message: Message, except_client: u64, members: &[u64]) {
+        let conversation = message.conversation;
+        let payload = match tier {
+            Tier::Direct | Tier::Sharded => Payload::Deliver {
+                tier,
                 message,
                 except_client,
             },
+            Tier::IdOnly => Payload::Notify {
+                conversation,
+                message_id: message.id,
+            },
+        };
+        let payload = Envelope {
+            origin_node: self.node_id(),
+            payload,
         }
         .encode();
-        let label = TierLabel { tier: 1 };
-        for &user in members {
-            match self
-                .backplane
-                .publish(&user_channel(user), payload.clone())
-                .await
-            {
+        let channels: Vec<String> = match tier {
+            Tier::Direct => members.iter().map(|&u| user_channel(u)).collect(),
+            Tier::Sharded | Tier::IdOnly => match self.routes.hosting_edges(conversation).await {
+                Ok(edges) => {
+                    let k = (conversation % u64::from(self.cfg.node_channels)) as u16;
+                    edges.into_iter().map(|e| node_channel(e, k)).collect()
+                }
+                Err(e) => {
+                    self.metrics.publish_failures.inc();
+                    tracing::warn!(conversation, error = %e, "routing table unavailable; devices catch up by sync");
+                    return;
+                }
+            },
+        };
+        let label = TierLabel { tier: tier as u8 };
+        for channel in channels {
+            match self.backplane.publish(&channel, payload.clone()).await {
                 Ok(()) => {
                     self.metrics.publishes.get_or_create(&label).inc();
                     self.metrics
@@ -238,18 +286,66 @@ impl Engine {
                 }
                 Err(e) => {
                     self.metrics.publish_failures.inc();
-                    tracing::warn!(user, error = %e, "publish failed; the device catches up from its inbox");
+                    tracing::warn!(%channel, error = %e, "publish failed; devices catch up from the store");
                 }
             }
         }
     }
 
-    async fn members_checked(&self, conversation: u64) -> Result<Vec<u64>, EngineError> {
-        let members = self.store.members(conversation).await?;
-        if members.is_empty() && self.store.conversation(conversation).await?.is_none() {
-            return Err(EngineError::UnknownConversation(conversation));
+    /// Tells the edges hosting `users` that they joined or left
+    /// `conversation` (on the users' channels, which exactly those edges
+    /// subscribe to).
+    async fn announce_membership(&self, conversation: u64, users: &[u64], joined: bool) {
+        for &user in users {
+            let payload = Envelope {
+                origin_node: self.node_id(),
+                payload: Payload::Membership {
+                    user,
+                    conversation,
+                    joined,
+                },
+            }
+            .encode();
+            if let Err(e) = self.backplane.publish(&user_channel(user), payload).await {
+                tracing::warn!(user, conversation, error = %e, "membership change not announced; it applies on reconnect");
+            }
         }
-        Ok(members)
+    }
+
+    /// Re-plans the tier of a conversation after its size or pin changed.
+    async fn replan(&self, conversation: u64) -> Result<Tier, EngineError> {
+        let conv = self
+            .store
+            .conversation(conversation)
+            .await?
+            .ok_or(EngineError::UnknownConversation(conversation))?;
+        let current = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
+        let pinned = conv.pinned_tier.and_then(Tier::from_u8);
+        let next = planner::plan(current, conv.member_count, pinned, &self.cfg.tiers);
+        if next != current {
+            self.store.set_tier(conversation, next as u8).await?;
+            tracing::info!(
+                conversation,
+                from = current as u8,
+                to = next as u8,
+                members = conv.member_count,
+                "tier changed"
+            );
+        }
+        Ok(next)
+    }
+
+    /// Pins a conversation to a tier (or unpins it with `None`); returns the
+    /// tier it is now served by.
+    pub async fn pin_tier(
+        &self,
+        conversation: u64,
+        tier: Option<Tier>,
+    ) -> Result<Tier, EngineError> {
+        self.store
+            .set_pinned_tier(conversation, tier.map(|t| t as u8))
+            .await?;
+        self.replan(conversation).await
     }
 
     async fn check_member(&self, conversation: u64, user: u64) -> Result<(), EngineError> {
@@ -365,15 +461,20 @@ impl Engine {
             Some(id) => id,
             None => self.ids.next_id().await?,
         };
+        if members.contains(&0) {
+            return Err(EngineError::Invalid("user id 0 is reserved".into()));
+        }
         let conv = Conversation {
             id,
             name,
             created_ms: now_unix_ms(),
             pinned_tier: None,
+            tier: Tier::Direct as u8,
+            member_count: 0,
         };
         self.store.create_conversation(&conv).await?;
-        self.store.add_members(id, members).await?;
-        Ok(conv)
+        self.add_members(id, members).await?;
+        Ok(self.conversation(id).await?.0)
     }
 
     pub async fn conversation(&self, id: u64) -> Result<(Conversation, Vec<u64>), EngineError> {
@@ -389,12 +490,20 @@ impl Engine {
         if users.contains(&0) {
             return Err(EngineError::Invalid("user id 0 is reserved".into()));
         }
-        Ok(self.store.add_members(conversation, users).await?)
+        let added = self.store.add_members(conversation, users).await?;
+        self.replan(conversation).await?;
+        self.announce_membership(conversation, &added, true).await;
+        Ok(())
     }
 
     pub async fn remove_member(&self, conversation: u64, user: u64) -> Result<bool, EngineError> {
         self.conversation(conversation).await?;
-        Ok(self.store.remove_member(conversation, user).await?)
+        let was = self.store.remove_member(conversation, user).await?;
+        if was {
+            self.replan(conversation).await?;
+            self.announce_membership(conversation, &[user], false).await;
+        }
+        Ok(was)
     }
 }
 

@@ -12,11 +12,12 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::{ErrorCode, Message};
 use tokio::net::TcpListener;
 
@@ -95,6 +96,13 @@ pub struct ConversationView {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PinTier {
+    /// 1, 2 or 3 to pin; null to let the planner choose by size.
+    pub tier: Option<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddMembers {
     pub users: Vec<u64>,
 }
@@ -165,6 +173,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/conversations", post(create_conversation))
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/v1/conversations/{id}/members", post(add_members))
+        .route("/v1/conversations/{id}/tier", put(pin_tier))
         .route(
             "/v1/conversations/{id}/members/{user}",
             delete(remove_member),
@@ -247,7 +256,7 @@ async fn view(engine: &Engine, id: u64) -> ApiResult<ConversationView> {
         id: conv.id,
         name: conv.name,
         members,
-        tier: conv.pinned_tier.unwrap_or(1),
+        tier: conv.tier,
         pinned_tier: conv.pinned_tier,
         created_ms: conv.created_ms,
     })
@@ -283,6 +292,25 @@ async fn add_members(
     Json(req): Json<AddMembers>,
 ) -> ApiResult<Json<ConversationView>> {
     state.engine.add_members(id, &req.users).await?;
+    Ok(Json(view(&state.engine, id).await?))
+}
+
+async fn pin_tier(
+    State(state): State<HttpState>,
+    Path(id): Path<u64>,
+    Json(req): Json<PinTier>,
+) -> ApiResult<Json<ConversationView>> {
+    let tier = match req.tier {
+        None => None,
+        Some(t) => Some(Tier::from_u8(t).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                "tier must be 1, 2, 3 or null",
+            )
+        })?),
+    };
+    state.engine.pin_tier(id, tier).await?;
     Ok(Json(view(&state.engine, id).await?))
 }
 

@@ -7,7 +7,10 @@
 //!   publish) and the reads devices catch up with.
 //! - [`store`]: the `Store` trait, its embedded backend and the conformance
 //!   rules every backend passes.
-//! - [`backplane`]: the `Backplane` trait and its in-process backend.
+//! - [`planner`]: which fan-out tier a conversation gets (pure).
+//! - [`backplane`]: the `Backplane` and `Routes` traits, in-process and
+//!   Redis (Cluster, sharded pub/sub) backends.
+//! - [`lease`]: node-id leases through Redis.
 //! - [`auth`]: HS256 tokens for clients and publishers.
 //! - [`http`]: the publisher HTTP/JSON API and `/metrics`.
 //! - [`metrics`]: the engine's Prometheus metrics.
@@ -18,7 +21,9 @@ pub mod backplane;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod lease;
 pub mod metrics;
+pub mod planner;
 pub mod snowflake;
 pub mod store;
 

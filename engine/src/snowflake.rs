@@ -30,6 +30,10 @@ pub enum IdError {
     SequenceExhausted,
     #[error("clock is before the epoch or past the 41-bit range")]
     ClockOutOfRange,
+    /// The node-id lease could not be renewed: issuing ids could duplicate
+    /// another node's.
+    #[error("node-id lease lost")]
+    LeaseLost,
 }
 
 /// The parts of an id.
@@ -118,6 +122,8 @@ pub fn now_unix_ms() -> u64 {
 #[derive(Debug)]
 pub struct IdGenerator {
     state: Mutex<Snowflake>,
+    /// Cleared when the node-id lease is lost (cluster mode).
+    lease: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// How long a backward clock step is waited out before a send fails.
     /// NTP slews small corrections; a step larger than this is an operator
     /// problem, and failing loudly beats stalling every send behind it.
@@ -128,8 +134,15 @@ impl IdGenerator {
     pub fn try_new(node: u16, max_backstep: Duration) -> Result<Self, IdError> {
         Ok(Self {
             state: Mutex::new(Snowflake::try_new(node)?),
+            lease: None,
             max_backstep,
         })
+    }
+
+    /// Ids are issued only while `flag` is set (the node-id lease holds).
+    pub fn with_lease(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.lease = Some(flag);
+        self
     }
 
     pub fn node(&self) -> u16 {
@@ -168,6 +181,11 @@ impl IdGenerator {
 
     /// One decision of the policy: an id, a wait, or a refusal.
     fn step(&self, now: u64, waited: &mut Duration) -> Step {
+        if let Some(flag) = &self.lease
+            && !flag.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Step::Fail(IdError::LeaseLost);
+        }
         let result = self.state.lock().expect("snowflake lock").next_at(now);
         match result {
             Ok(id) => Step::Id(id),

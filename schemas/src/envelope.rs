@@ -50,6 +50,12 @@ pub enum Payload {
         message_id: u64,
         origin_client: u64,
     },
+    /// `user` joined or left `conversation`.
+    Membership {
+        user: u64,
+        conversation: u64,
+        joined: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,21 @@ impl Envelope {
                 );
                 (fb::Payload::ReadMarker, o.as_union_value())
             }
+            Payload::Membership {
+                user,
+                conversation,
+                joined,
+            } => {
+                let o = fb::Membership::create(
+                    &mut fbb,
+                    &fb::MembershipArgs {
+                        user: *user,
+                        conversation: *conversation,
+                        joined: *joined,
+                    },
+                );
+                (fb::Payload::Membership, o.as_union_value())
+            }
         };
         let root = fb::Envelope::create(
             &mut fbb,
@@ -164,6 +185,16 @@ impl Envelope {
                     origin_client: r.origin_client(),
                 }
             }
+            fb::Payload::Membership => {
+                let m = e
+                    .payload_as_membership()
+                    .ok_or(DecodeError::Missing("membership"))?;
+                Payload::Membership {
+                    user: m.user(),
+                    conversation: m.conversation(),
+                    joined: m.joined(),
+                }
+            }
             other => return Err(DecodeError::UnknownType(other.0)),
         };
         Ok(Self {
@@ -206,6 +237,13 @@ mod tests {
                 conversation: c,
                 message_id: m,
                 origin_client: o,
+            }),
+            (any::<[u64; 2]>(), any::<bool>()).prop_map(|([u, c], joined)| {
+                Payload::Membership {
+                    user: u,
+                    conversation: c,
+                    joined,
+                }
             }),
         ]
     }

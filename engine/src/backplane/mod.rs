@@ -9,6 +9,8 @@
 //! the message.
 
 pub mod local;
+pub mod redis;
+pub mod routes;
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use local::LocalBackplane;
+pub use routes::{LocalRoutes, Routes};
 
 /// The channel of one user's devices: `client+user:{uid}`. The braces are
 /// the hash tag, so one user's channel maps to one Redis Cluster slot.
@@ -31,6 +34,20 @@ pub fn parse_user_channel(channel: &str) -> Option<u64> {
         .strip_suffix('}')?
         .parse()
         .ok()
+}
+
+/// One of an edge's `k` node channels: `node:{<edge>:<k>}`. Tier 2 and 3
+/// payloads for a conversation go to channel `conversation % K` of each
+/// hosting edge, so an edge's traffic spreads over K slots (and shards).
+pub fn node_channel(edge: u16, k: u16) -> String {
+    format!("node:{{{edge}:{k}}}")
+}
+
+/// The edge and index of a [`node_channel`] name.
+pub fn parse_node_channel(channel: &str) -> Option<(u16, u16)> {
+    let inner = channel.strip_prefix("node:{")?.strip_suffix('}')?;
+    let (e, k) = inner.split_once(':')?;
+    Some((e.parse().ok()?, k.parse().ok()?))
 }
 
 /// One payload received on a subscribed channel.
@@ -75,6 +92,9 @@ mod tests {
     fn user_channel_is_hash_tagged_and_parses_back() {
         assert_eq!(user_channel(42), "client+user:{42}");
         assert_eq!(parse_user_channel(&user_channel(42)), Some(42));
-        assert_eq!(parse_user_channel("node:{edge:1}"), None);
+        assert_eq!(parse_user_channel("node:{1:2}"), None);
+        assert_eq!(node_channel(7, 3), "node:{7:3}");
+        assert_eq!(parse_node_channel(&node_channel(7, 3)), Some((7, 3)));
+        assert_eq!(parse_node_channel(&user_channel(7)), None);
     }
 }

@@ -26,6 +26,8 @@ fn conv(id: u64) -> Conversation {
         name: format!("c{id}"),
         created_ms: 1,
         pinned_tier: None,
+        tier: 1,
+        member_count: 0,
     }
 }
 
@@ -75,20 +77,36 @@ async fn conversations_and_members(store: &dyn Store) {
         Err(StoreError::ConversationExists(1))
     ));
     assert_eq!(store.conversation(1).await.unwrap(), Some(conv(1)));
+    assert!(
+        !store.remove_member(1, 42).await.unwrap(),
+        "removing a non-member changes nothing"
+    );
     assert_eq!(store.conversation(2).await.unwrap(), None);
     assert!(matches!(
         store.add_members(2, &[1]).await,
         Err(StoreError::NoSuchConversation(2))
     ));
 
-    store.add_members(1, &[10, 11, 12]).await.unwrap();
-    store.add_members(1, &[11]).await.unwrap();
+    assert_eq!(
+        store.add_members(1, &[10, 11, 12]).await.unwrap(),
+        vec![10, 11, 12]
+    );
+    assert_eq!(store.add_members(1, &[11, 13]).await.unwrap(), vec![13]);
+    assert!(store.remove_member(1, 13).await.unwrap());
     assert_eq!(store.members(1).await.unwrap(), vec![10, 11, 12]);
+    assert_eq!(
+        store.conversation(1).await.unwrap().unwrap().member_count,
+        3
+    );
     assert!(store.is_member(1, 11).await.unwrap());
     assert!(store.remove_member(1, 11).await.unwrap());
     assert!(!store.remove_member(1, 11).await.unwrap());
     assert!(!store.is_member(1, 11).await.unwrap());
     assert_eq!(store.members(1).await.unwrap(), vec![10, 12]);
+    assert_eq!(
+        store.conversation(1).await.unwrap().unwrap().member_count,
+        2
+    );
 
     store.create_conversation(&conv(3)).await.unwrap();
     store.add_members(3, &[10]).await.unwrap();

@@ -233,6 +233,22 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<Job>) {
     }
 }
 
+/// Reads, changes and writes back one conversation record.
+fn update_conversation(
+    txn: &WriteTransaction,
+    id: u64,
+    change: impl FnOnce(&mut Conversation),
+) -> Result<(), StoreError> {
+    let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
+    let mut conv: Conversation = match t.get(id).map_err(backend)? {
+        Some(v) => json(v.value())?,
+        None => return Err(StoreError::NoSuchConversation(id)),
+    };
+    change(&mut conv);
+    t.insert(id, to_json(&conv).as_slice()).map_err(backend)?;
+    Ok(())
+}
+
 fn read_message(
     table: &impl ReadableTable<(u64, u64), &'static [u8]>,
     conv: u64,
@@ -275,25 +291,21 @@ impl Store for EmbeddedStore {
     }
 
     async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
-        self.write(move |txn| {
-            {
-                let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
-                let mut conv: Conversation = match t.get(id).map_err(backend)? {
-                    Some(v) => json(v.value())?,
-                    None => return Err(StoreError::NoSuchConversation(id)),
-                };
-                conv.pinned_tier = tier;
-                t.insert(id, to_json(&conv).as_slice()).map_err(backend)?;
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |txn| update_conversation(txn, id, |c| c.pinned_tier = tier))
+            .await
     }
 
-    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<(), StoreError> {
+    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError> {
+        self.write(move |txn| update_conversation(txn, id, |c| c.tier = tier))
+            .await
+    }
+
+    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<Vec<u64>, StoreError> {
         let users = users.to_vec();
         self.write(move |txn| {
+            let mut added = Vec::new();
             {
+                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
                 if txn
                     .open_table(CONVERSATIONS)
                     .map_err(backend)?
@@ -303,14 +315,17 @@ impl Store for EmbeddedStore {
                 {
                     return Err(StoreError::NoSuchConversation(conv));
                 }
-                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
                 let mut u = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
                 for user in users {
-                    m.insert((conv, user), ()).map_err(backend)?;
+                    if m.insert((conv, user), ()).map_err(backend)?.is_none() {
+                        added.push(user);
+                    }
                     u.insert((user, conv), ()).map_err(backend)?;
                 }
             }
-            Ok(())
+            let n = added.len() as u64;
+            update_conversation(txn, conv, |c| c.member_count += n)?;
+            Ok(added)
         })
         .await
     }
@@ -324,6 +339,11 @@ impl Store for EmbeddedStore {
                 u.remove((user, conv)).map_err(backend)?;
                 was
             };
+            if was {
+                update_conversation(txn, conv, |c| {
+                    c.member_count = c.member_count.saturating_sub(1)
+                })?;
+            }
             Ok(was)
         })
         .await

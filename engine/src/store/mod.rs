@@ -26,6 +26,16 @@ pub struct Conversation {
     pub created_ms: u64,
     /// A tier the operator pinned this conversation to (1..=3), if any.
     pub pinned_tier: Option<u8>,
+    /// The tier the planner chose last (1..=3).
+    #[serde(default = "tier_one")]
+    pub tier: u8,
+    /// Kept with the members, so a send never counts them.
+    #[serde(default)]
+    pub member_count: u64,
+}
+
+fn tier_one() -> u8 {
+    1
 }
 
 /// A registered device of a user.
@@ -96,10 +106,12 @@ pub trait Store: Send + Sync + 'static {
     async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError>;
     async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError>;
     async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError>;
+    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError>;
 
-    /// Adds members; adding a member twice is a no-op.
-    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<(), StoreError>;
-    /// Whether the user was a member.
+    /// Adds members (keeping `member_count`); returns those that were not
+    /// members before. Adding a member twice is a no-op.
+    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<Vec<u64>, StoreError>;
+    /// Whether the user was a member (keeping `member_count`).
     async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;
     async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError>;
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;

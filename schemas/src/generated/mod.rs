@@ -14,6 +14,8 @@ pub mod tiercast {
     pub use self::notify_generated::*;
     mod read_marker_generated;
     pub use self::read_marker_generated::*;
+    mod membership_generated;
+    pub use self::membership_generated::*;
     mod envelope_generated;
     pub use self::envelope_generated::*;
   } // backplane

@@ -105,6 +105,21 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn payload_as_membership(&self) -> Option<Membership<'a>> {
+    if self.payload_type() == Payload::Membership {
+      self.payload().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Membership::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -119,6 +134,7 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Payload::Deliver => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Deliver>>("Payload::Deliver", pos),
           Payload::Notify => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Notify>>("Payload::Notify", pos),
           Payload::ReadMarker => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadMarker>>("Payload::ReadMarker", pos),
+          Payload::Membership => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Membership>>("Payload::Membership", pos),
           _ => Ok(()),
         }
      })?
@@ -196,6 +212,13 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Payload::ReadMarker => {
           if let Some(x) = self.payload_as_read_marker() {
+            ds.field("payload", &x)
+          } else {
+            ds.field("payload", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Payload::Membership => {
+          if let Some(x) = self.payload_as_membership() {
             ds.field("payload", &x)
           } else {
             ds.field("payload", &"InvalidFlatbuffer: Union discriminant does not match value.")
