@@ -3,6 +3,8 @@
 //! bound by then).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::time::Duration;
 
 use tiercast_client::{Client, ClientConfig, Deliveries, Delivery, Message};

@@ -1,0 +1,209 @@
+//! A Redis Cluster started by `scripts/redis-cluster.sh` for one test, and
+//! several nodes (engine + edge, each with its own leased node id) on it,
+//! sharing one embedded store. Everything binds loopback; the cluster is
+//! stopped when the test ends, pass or fail.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use tiercast_client::{Client, ClientConfig, Deliveries};
+use tiercast_edge::{Config, Node};
+use tiercast_engine::store::{EmbeddedStore, Store};
+
+use super::SECRET;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
+}
+
+/// A running Redis Cluster on loopback.
+pub struct RedisCluster {
+    pub dir: String,
+    /// Master addresses, `127.0.0.1:port`.
+    pub nodes: Vec<String>,
+}
+
+impl RedisCluster {
+    pub fn up(replicas: u32) -> Self {
+        let out = Command::new(script())
+            .args(["up", "--replicas", &replicas.to_string()])
+            .output()
+            .expect("scripts/redis-cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "redis cluster did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {text}"))
+                .to_owned()
+        };
+        Self {
+            dir: get("TIERCAST_REDIS_DIR="),
+            nodes: get("TIERCAST_REDIS_NODES=")
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
+    /// Runs `redis-cli -p <port> args...` and returns its output.
+    pub fn cli(&self, addr: &str, args: &[&str]) -> String {
+        let port = addr.rsplit_once(':').expect("host:port").1;
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", port])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Every node (masters and replicas) as `(id, addr, is_master, master_id)`.
+    pub fn topology(&self) -> Vec<(String, String, bool, String)> {
+        self.cli(&self.nodes[0], &["cluster", "nodes"])
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let addr = f[1].split('@').next().unwrap().to_owned();
+                (
+                    f[0].to_owned(),
+                    addr,
+                    f[2].contains("master"),
+                    f[3].to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The master serving `slot`, as (id, addr).
+    pub fn owner_of(&self, slot: u16) -> (String, String) {
+        for line in self.cli(&self.nodes[0], &["cluster", "nodes"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f[2].contains("master") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>())
+                    && (a..=b).contains(&slot)
+                {
+                    return (f[0].to_owned(), f[1].split('@').next().unwrap().to_owned());
+                }
+            }
+        }
+        panic!("no owner for slot {slot}");
+    }
+
+    pub fn keyslot(&self, key: &str) -> u16 {
+        self.cli(&self.nodes[0], &["cluster", "keyslot", key])
+            .parse()
+            .expect("a slot number")
+    }
+
+    /// Moves one slot (and its keys) to the master `to` (id, addr).
+    pub fn migrate_slot(&self, slot: u16, to: &(String, String)) {
+        let from = self.owner_of(slot);
+        assert_ne!(from.0, to.0, "slot already there");
+        let s = slot.to_string();
+        assert_eq!(self.cli(&to.1, &["cluster", "setslot", &s, "importing", &from.0]), "OK");
+        assert_eq!(self.cli(&from.1, &["cluster", "setslot", &s, "migrating", &to.0]), "OK");
+        let keys = self.cli(&from.1, &["cluster", "getkeysinslot", &s, "1000"]);
+        let (host, port) = to.1.rsplit_once(':').unwrap();
+        for k in keys.lines().filter(|k| !k.is_empty()) {
+            assert_eq!(self.cli(&from.1, &["migrate", host, port, k, "0", "5000"]), "OK");
+        }
+        for (_, addr, master, _) in self.topology() {
+            if master {
+                self.cli(&addr, &["cluster", "setslot", &s, "node", &to.0]);
+            }
+        }
+    }
+
+    pub fn down(&self) {
+        let _ = Command::new(script())
+            .args(["down", "--dir", &self.dir])
+            .output();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Nodes sharing one store over one Redis Cluster.
+pub struct Fleet {
+    pub redis: RedisCluster,
+    pub nodes: Vec<Node>,
+    pub store: Arc<dyn Store>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// `edges` nodes on `redis`, with extra settings `(key, value)`.
+    pub async fn start(redis: RedisCluster, edges: usize, extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("shared.redb")).unwrap());
+        let nodes_list = format!(
+            "[{}]",
+            redis
+                .nodes
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut nodes = Vec::new();
+        for i in 0..edges {
+            let data = dir.path().join(format!("node{i}"));
+            let mut overrides: Vec<(String, String)> = vec![
+                ("edge.listen".into(), "127.0.0.1:0".into()),
+                ("node.http_listen".into(), "127.0.0.1:0".into()),
+                ("node.data_dir".into(), data.display().to_string()),
+                ("node.token_secret".into(), SECRET.into()),
+                ("backplane.kind".into(), "redis".into()),
+                ("backplane.redis.nodes".into(), nodes_list.clone()),
+                ("backplane.redis.topology_check_ms".into(), "200".into()),
+            ];
+            overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let cfg = Config::load(None, [], &overrides).expect("valid config");
+            nodes.push(
+                Node::start_with_store(cfg, store.clone())
+                    .await
+                    .expect("node starts"),
+            );
+        }
+        Self {
+            redis,
+            nodes,
+            store,
+            dir,
+        }
+    }
+
+    pub fn token(&self, user: u64) -> String {
+        self.nodes[0]
+            .keys
+            .mint_user(user, tiercast_engine::auth::now_unix(), 3600)
+    }
+
+    /// A device of `user` connected to edge `edge`.
+    pub async fn device(&self, edge: usize, user: u64, client_id: u64) -> (Client, Deliveries) {
+        let n = &self.nodes[edge];
+        let cfg = ClientConfig::new(n.quic_addr, n.cert_pem.clone(), self.token(user), client_id);
+        Client::connect(cfg).await.expect("device connects")
+    }
+
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
