@@ -139,11 +139,7 @@ async fn three_edges_serve_every_tier_exactly_once() {
     let mut delivered = 0;
     for t in tasks {
         let (user, want, seen) = t.await.unwrap();
-        let own: HashSet<u64> = sent
-            .iter()
-            .filter(|s| s.1 == user)
-            .map(|s| s.2)
-            .collect();
+        let own: HashSet<u64> = sent.iter().filter(|s| s.1 == user).map(|s| s.2).collect();
         let got: HashSet<u64> = seen.ids.difference(&own).copied().collect();
         assert_eq!(got, want, "user {user}: every message, nothing else");
         assert_eq!(seen.duplicates, 0, "user {user}: exactly once");
@@ -169,13 +165,38 @@ async fn three_edges_serve_every_tier_exactly_once() {
             .await
             .unwrap();
     }
-    let per_tier = |t: u8| sent.iter().filter(|s| convs[(s.0 - 1) as usize].2 as u8 == t).count() as u64;
-    let publishes = |t: u8| metric(&text, &format!("tiercast_engine_publishes_total{{tier=\"{t}\"}}"));
-    assert_eq!(publishes(1), per_tier(1) * 4, "tier 1: one publish per member");
-    assert_eq!(publishes(2), per_tier(2) * 3, "tier 2: one publish per hosting edge");
-    assert_eq!(publishes(3), per_tier(3) * 3, "tier 3: one notification per hosting edge");
+    let per_tier = |t: u8| {
+        sent.iter()
+            .filter(|s| convs[(s.0 - 1) as usize].2 as u8 == t)
+            .count() as u64
+    };
+    let publishes = |t: u8| {
+        metric(
+            &text,
+            &format!("tiercast_engine_publishes_total{{tier=\"{t}\"}}"),
+        )
+    };
+    assert_eq!(
+        publishes(1),
+        per_tier(1) * 4,
+        "tier 1: one publish per member"
+    );
+    assert_eq!(
+        publishes(2),
+        per_tier(2) * 3,
+        "tier 2: one publish per hosting edge"
+    );
+    assert_eq!(
+        publishes(3),
+        per_tier(3) * 3,
+        "tier 3: one notification per hosting edge"
+    );
     let bytes3 = metric(&text, "tiercast_engine_publish_bytes_total{tier=\"3\"}");
-    assert!(bytes3 / publishes(3) < 64, "tier 3 payload {} bytes", bytes3 / publishes(3));
+    assert!(
+        bytes3 / publishes(3) < 64,
+        "tier 3 payload {} bytes",
+        bytes3 / publishes(3)
+    );
     let pull_reads = metric(&text, "tiercast_edge_pull_store_reads_total");
     assert!(
         pull_reads <= per_tier(3) * 3,
@@ -212,17 +233,29 @@ async fn a_tier_change_loses_nothing() {
         devices.push(fleet.device((u % 2) as usize, u, client_id(u)).await);
     }
     let (sender, _) = &devices[0];
-    let before = sender.send(9, 0, Bytes::from_static(b"tier 1")).await.unwrap();
+    let before = sender
+        .send(9, 0, Bytes::from_static(b"tier 1"))
+        .await
+        .unwrap();
     engine.add_members(9, &[4, 5, 6]).await.unwrap();
-    assert_eq!(engine.conversation(9).await.unwrap().0.tier, Tier::Sharded as u8);
+    assert_eq!(
+        engine.conversation(9).await.unwrap().0.tier,
+        Tier::Sharded as u8
+    );
     // The edges learn the new members from the membership announcements;
     // wait (bounded) until both are routed.
     let deadline = tokio::time::Instant::now() + WAIT;
     while engine.routes().hosting_edges(9).await.unwrap().len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "routes did not converge");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routes did not converge"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let after = sender.send(9, 0, Bytes::from_static(b"tier 2")).await.unwrap();
+    let after = sender
+        .send(9, 0, Bytes::from_static(b"tier 2"))
+        .await
+        .unwrap();
 
     for (i, (client, rx)) in devices.into_iter().enumerate().skip(1) {
         let user = i as u64 + 1;

@@ -110,12 +110,21 @@ impl RedisCluster {
         let from = self.owner_of(slot);
         assert_ne!(from.0, to.0, "slot already there");
         let s = slot.to_string();
-        assert_eq!(self.cli(&to.1, &["cluster", "setslot", &s, "importing", &from.0]), "OK");
-        assert_eq!(self.cli(&from.1, &["cluster", "setslot", &s, "migrating", &to.0]), "OK");
+        assert_eq!(
+            self.cli(&to.1, &["cluster", "setslot", &s, "importing", &from.0]),
+            "OK"
+        );
+        assert_eq!(
+            self.cli(&from.1, &["cluster", "setslot", &s, "migrating", &to.0]),
+            "OK"
+        );
         let keys = self.cli(&from.1, &["cluster", "getkeysinslot", &s, "1000"]);
         let (host, port) = to.1.rsplit_once(':').unwrap();
         for k in keys.lines().filter(|k| !k.is_empty()) {
-            assert_eq!(self.cli(&from.1, &["migrate", host, port, k, "0", "5000"]), "OK");
+            assert_eq!(
+                self.cli(&from.1, &["migrate", host, port, k, "0", "5000"]),
+                "OK"
+            );
         }
         for (_, addr, master, _) in self.topology() {
             if master {

@@ -1,0 +1,125 @@
+//! A Redis master fails over, and a slot moves to another master, while two
+//! edges serve a chat: live delivery resumes by itself (the subscribers
+//! notice the new slot owners and resubscribe), nothing stored is lost, and
+//! the device gets whatever the live path missed from its inbox.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::WAIT;
+use common::cluster::{Fleet, RedisCluster};
+use tiercast_client::{Client, Deliveries, Delivery};
+
+/// Sends until the receiver gets one of the messages sent in this call live
+/// (bounded); returns every id sent.
+async fn send_until_delivered(sender: &Client, rx: &mut Deliveries, tag: &str) -> Vec<u64> {
+    let mut sent = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tag}: live delivery did not resume within 30 s"
+        );
+        let ok = sender
+            .send(1, 0, Bytes::from(format!("{tag} {}", sent.len())))
+            .await
+            .expect("the send is stored even while Redis moves");
+        sent.push(ok.message_id);
+        // Wait a little for it (or any earlier one of this round) to arrive.
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(d)) = tokio::time::timeout_at(until, rx.recv()).await {
+            if let Delivery::Message(m) = d
+                && sent.contains(&m.id)
+            {
+                return sent;
+            }
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resumes_after_a_failover_and_a_slot_migration() {
+    let fleet = Fleet::start(RedisCluster::up(1), 2, &[]).await;
+    let engine = fleet.nodes[0].engine.clone();
+    engine
+        .create_conversation(Some(1), "chat".into(), &[1, 2])
+        .await
+        .unwrap();
+    let (sender, _s_rx) = fleet.device(0, 1, 10).await;
+    let (_receiver, mut rx) = fleet.device(1, 2, 20).await;
+    let mut all = send_until_delivered(&sender, &mut rx, "before").await;
+
+    // 1. Fail over the master that serves user 2's channel.
+    let redis = &fleet.redis;
+    let slot = redis.keyslot("client+user:{2}");
+    let (master_id, _) = redis.owner_of(slot);
+    let replica = redis
+        .topology()
+        .into_iter()
+        .find(|(_, _, is_master, of)| !is_master && *of == master_id)
+        .expect("the master has a replica")
+        .1;
+    assert_eq!(redis.cli(&replica, &["cluster", "failover"]), "OK");
+    wait_for("the replica takes over", || {
+        redis.owner_of(slot).1 == replica
+    })
+    .await;
+    let round = send_until_delivered(&sender, &mut rx, "after failover").await;
+    eprintln!(
+        "failover: live delivery resumed after {} sends",
+        round.len()
+    );
+    all.extend(round);
+
+    // 2. Move that slot to another master.
+    let (now_id, _) = redis.owner_of(slot);
+    let target = redis
+        .topology()
+        .into_iter()
+        .find(|(id, _, is_master, _)| *is_master && *id != now_id)
+        .map(|(id, addr, _, _)| (id, addr))
+        .expect("another master");
+    redis.migrate_slot(slot, &target);
+    wait_for("the slot moves", || redis.owner_of(slot).0 == target.0).await;
+    let round = send_until_delivered(&sender, &mut rx, "after migration").await;
+    eprintln!(
+        "slot migration: live delivery resumed after {} sends",
+        round.len()
+    );
+    all.extend(round);
+
+    // Nothing stored was lost: history holds every message sent.
+    let (history, _) = sender.fetch(1, 0, 200).await.unwrap();
+    let stored: HashSet<u64> = history.iter().map(|m| m.id).collect();
+    assert_eq!(stored, all.iter().copied().collect::<HashSet<_>>());
+
+    // And the device catches up: what the live path missed is in its inbox.
+    let (_again, mut rx2) = fleet.device(1, 2, 20).await;
+    let mut got = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !all.iter().all(|id| got.contains(id)) {
+        match tokio::time::timeout_at(deadline, rx2.recv()).await {
+            Ok(Some(Delivery::Message(m))) => {
+                got.insert(m.id);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!(
+                "inbox drain ended with {} of {} messages",
+                got.len(),
+                all.len()
+            ),
+        }
+    }
+    fleet.shutdown().await;
+}
