@@ -145,7 +145,30 @@ fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))
+    client_endpoint(bind, 0).map_err(|e| ClientError::Connect(e.to_string()))
+}
+
+/// A client UDP endpoint bound to `bind`, with `buffer` bytes of socket
+/// buffer (0 = the system default). Many connections can share one endpoint
+/// ([`Client::connect_on`]); a load generator holding thousands wants big
+/// buffers so that bursts are not dropped on its side.
+pub fn client_endpoint(bind: SocketAddr, buffer: usize) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if buffer > 0 {
+        let _ = socket.set_recv_buffer_size(buffer);
+        let _ = socket.set_send_buffer_size(buffer);
+    }
+    socket.bind(&bind.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 impl Client {

@@ -19,5 +19,7 @@
 pub mod connection;
 pub mod tls;
 
-pub use connection::{Client, ClientConfig, ClientError, Deliveries, Delivery, SendOk};
+pub use connection::{
+    Client, ClientConfig, ClientError, Deliveries, Delivery, SendOk, client_endpoint,
+};
 pub use tiercast_schemas::wire::{ErrorCode, Message};

@@ -62,6 +62,7 @@ pub struct Node {
     pub engine: Arc<Engine>,
     /// The node-id lease (cluster mode).
     lease: Option<NodeLease>,
+    registry: Arc<Registry>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -81,15 +82,38 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
     t
 }
 
+/// UDP socket buffer size of the QUIC listener. With Linux's default 208
+/// KiB, a burst of handshakes (a reconnect storm, 10k clients at once)
+/// overflows the receive buffer and handshakes are dropped; 4 MiB absorbs
+/// it. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
+pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
 /// Binds the QUIC endpoint of an edge.
 pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, StartError> {
     let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(id)?);
     server.transport_config(Arc::new(transport_config(cfg)));
-    quinn::Endpoint::server(server, cfg.listen).map_err(|e| StartError::Bind {
+    let bind_err = |e: std::io::Error| StartError::Bind {
         what: "the QUIC listener",
         addr: cfg.listen,
         reason: e.to_string(),
-    })
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(cfg.listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_err)?;
+    // Best effort: a smaller buffer still works, it only drops earlier.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&cfg.listen.into()).map_err(bind_err)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)
 }
 
 impl Node {
@@ -191,10 +215,11 @@ impl Node {
         tasks.push(tokio::spawn(
             edge.run(endpoint, until_stopped(stopped.clone())),
         ));
+        let registry = Arc::new(registry);
         let state = HttpState {
             engine: engine.clone(),
             keys: keys.clone(),
-            registry: Arc::new(registry),
+            registry: registry.clone(),
         };
         let shutdown = until_stopped(stopped);
         tasks.push(tokio::spawn(async move {
@@ -211,6 +236,7 @@ impl Node {
             keys,
             engine,
             lease,
+            registry,
             stop,
             tasks,
         })
@@ -225,6 +251,33 @@ impl Node {
         if let Some(lease) = self.lease {
             lease.release().await;
         }
+    }
+
+    /// The node's metrics in Prometheus text format (what `/metrics` serves).
+    pub fn metrics(&self) -> String {
+        tiercast_engine::metrics::render(&self.registry)
+    }
+
+    /// `n` nodes in this process sharing one store (in `cfg.node.data_dir`),
+    /// each with its own data directory below it, QUIC and HTTP port 0.
+    /// With the Redis backplane each leases its own node id: a whole
+    /// multi-edge deployment on one machine.
+    pub async fn start_many(cfg: &Config, n: usize) -> Result<Vec<Self>, StartError> {
+        let data_dir = &cfg.node.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
+            path: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&data_dir.join("tiercast.redb"))?);
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut c = cfg.clone();
+            c.node.data_dir = data_dir.join(format!("edge-{i}"));
+            c.edge.listen.set_port(0);
+            c.node.http_listen.set_port(0);
+            nodes.push(Self::start_with_store(c, store.clone()).await?);
+        }
+        Ok(nodes)
     }
 
     /// The node id this node's engine issues ids (and its edge routes) under.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{ErrorCode, Message};
 
@@ -102,6 +103,11 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine").field("cfg", &self.cfg).finish()
     }
 }
+
+/// Publishes of one message in flight at once. Enough to keep a pipeline
+/// to every shard busy; bounded so a 20,000-member tier-1 group does not
+/// queue 20,000 futures at once.
+const PUBLISH_CONCURRENCY: usize = 64;
 
 /// Bytes a Message costs in a frame beyond its body (ids, vtable, vector
 /// headers), rounded up.
@@ -275,8 +281,21 @@ impl Engine {
             },
         };
         let label = TierLabel { tier: tier as u8 };
-        for channel in channels {
-            match self.backplane.publish(&channel, payload.clone()).await {
+        // Publishes go out concurrently (the Redis client pipelines them on
+        // its connections) instead of one round trip after another.
+        let results = futures::stream::iter(channels)
+            .map(|channel| {
+                let payload = payload.clone();
+                async move {
+                    let r = self.backplane.publish(&channel, payload).await;
+                    (channel, r)
+                }
+            })
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (channel, result) in results {
+            match result {
                 Ok(()) => {
                     self.metrics.publishes.get_or_create(&label).inc();
                     self.metrics

@@ -40,6 +40,30 @@ enum Command {
     Listen(DeviceArgs),
     /// Connect as a device and send a message (or each line of stdin).
     Send(SendArgs),
+    /// Measure what each fan-out tier costs Redis and the store per message,
+    /// with E edges on a Redis Cluster (scripts/fanout-figures.sh runs it).
+    BenchFanout(BenchFanoutArgs),
+}
+
+#[derive(Args)]
+struct BenchFanoutArgs {
+    /// Redis Cluster masters, comma-separated host:port.
+    #[arg(long, env = "TIERCAST_REDIS_NODES", value_delimiter = ',')]
+    redis: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    edges: usize,
+    /// Group sizes (members, one device each online).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,20000")]
+    sizes: Vec<u64>,
+    /// Messages per group and mode.
+    #[arg(long, default_value_t = 10)]
+    messages: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    body: usize,
+    /// Write the rows as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -176,7 +200,41 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Token(a) => token(a),
         Command::Listen(a) => listen(a).await,
         Command::Send(a) => send(a).await,
+        Command::BenchFanout(a) => bench_fanout(a).await,
     }
+}
+
+async fn bench_fanout(a: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
+    if a.redis.is_empty() {
+        return Err(usage(
+            "--redis (or TIERCAST_REDIS_NODES) is required: start a cluster with scripts/redis-cluster.sh up",
+        ));
+    }
+    if a.edges == 0 || a.sizes.is_empty() || a.messages == 0 || !(16..=16 * 1024).contains(&a.body)
+    {
+        return Err(usage(
+            "--edges, --sizes and --messages must be positive, --body 16..=16384",
+        ));
+    }
+    let opts = tiercast_loadgen::fanout::FanoutOptions {
+        redis: a.redis,
+        edges: a.edges,
+        sizes: a.sizes,
+        messages: a.messages,
+        body: a.body,
+    };
+    let rows = tiercast_loadgen::fanout::run(opts, |line| eprintln!("{line}")).await?;
+    print!("{}", tiercast_loadgen::fanout::table(&rows));
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let lost: u64 = rows.iter().map(|r| r.lost).sum();
+    Ok(if lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn demo_cmd(a: DemoArgs) -> anyhow::Result<ExitCode> {
