@@ -18,6 +18,10 @@ pub struct NodeConfig {
     pub http_listen: SocketAddr,
     /// HS256 secret that client and publisher tokens are signed with.
     pub token_secret: String,
+    /// Use the store of an engine service (`tiercast engine`) at this URL
+    /// (`http://host:port`) instead of an embedded one: how several edge
+    /// processes share one store without ScyllaDB.
+    pub store_url: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -26,6 +30,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("tiercast-data"),
             http_listen: "127.0.0.1:7480".parse().expect("literal address"),
             token_secret: String::new(),
+            store_url: None,
         }
     }
 }

@@ -21,5 +21,5 @@ pub mod sessions;
 pub mod tls;
 
 pub use config::Config;
-pub use node::Node;
+pub use node::{EngineService, Node};
 pub use server::Edge;

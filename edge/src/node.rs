@@ -16,7 +16,7 @@ use tiercast_engine::backplane::{Backplane, LocalBackplane, LocalRoutes, Routes}
 use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::lease::NodeLease;
 use tiercast_engine::metrics::EngineMetrics;
-use tiercast_engine::store::{EmbeddedStore, Store};
+use tiercast_engine::store::{EmbeddedStore, RemoteStore, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -43,6 +43,57 @@ pub enum StartError {
     Engine(String),
     #[error("backplane: {0}")]
     Backplane(#[from] tiercast_engine::backplane::BackplaneError),
+}
+
+/// The engine service (`tiercast engine`): the HTTP API for publishers, the
+/// store for edge processes (`/internal/store`), and the engine, without a
+/// QUIC edge.
+#[derive(Debug)]
+pub struct EngineService {
+    pub http_addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    pub keys: TokenKeys,
+    lease: Option<NodeLease>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl EngineService {
+    pub async fn start(mut cfg: Config) -> Result<Self, StartError> {
+        let store = open_store(&cfg)?;
+        let Core {
+            engine,
+            lease,
+            registry,
+            keys,
+        } = core(&mut cfg, store).await?;
+        let (stop, stopped) = watch::channel(false);
+        let (http_addr, task) = serve_http(
+            &cfg,
+            engine.clone(),
+            keys.clone(),
+            Arc::new(registry),
+            stopped,
+        )
+        .await?;
+        tracing::info!(%http_addr, node_id = engine.node_id(), "engine service started");
+        Ok(Self {
+            http_addr,
+            engine,
+            keys,
+            lease,
+            stop,
+            task,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        if let Some(lease) = self.lease {
+            lease.release().await;
+        }
+    }
 }
 
 /// How long a node-id lease lasts unrenewed. Renewed every third; a
@@ -116,16 +167,111 @@ pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, 
     .map_err(bind_err)
 }
 
+/// What every process builds the same way: the store, the backplane and
+/// node-id lease, the engine, the metrics registry.
+struct Core {
+    engine: Arc<Engine>,
+    lease: Option<NodeLease>,
+    registry: Registry,
+    keys: TokenKeys,
+}
+
+fn data_dir_error(path: &std::path::Path, e: std::io::Error) -> StartError {
+    StartError::DataDir {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The store a configuration names: an engine service's, or an embedded one
+/// in `node.data_dir`.
+pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
+    if let Some(url) = &cfg.node.store_url {
+        let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
+        return Ok(Arc::new(RemoteStore::new(url, keys)));
+    }
+    let dir = &cfg.node.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, e))?;
+    Ok(Arc::new(EmbeddedStore::open(&dir.join("tiercast.redb"))?))
+}
+
+async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartError> {
+    let (backplane, routes, lease): (Arc<dyn Backplane>, Arc<dyn Routes>, _) =
+        match cfg.backplane.kind {
+            BackplaneKind::Local => (
+                Arc::new(LocalBackplane::new()),
+                Arc::new(LocalRoutes::default()),
+                None,
+            ),
+            BackplaneKind::Redis => {
+                let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
+                let lease = NodeLease::acquire(bp.client(), LEASE_TTL).await?;
+                cfg.engine.node_id = lease.node;
+                let routes = RedisRoutes::new(bp.client().clone());
+                (Arc::new(bp), Arc::new(routes), Some(lease))
+            }
+        };
+    let mut registry = Registry::default();
+    let engine_metrics = EngineMetrics::register(&mut registry);
+    let engine = Engine::new(
+        cfg.engine.clone(),
+        store,
+        backplane,
+        routes,
+        engine_metrics,
+        lease.as_ref().map(NodeLease::flag),
+    )
+    .map_err(|e| StartError::Engine(e.to_string()))?;
+    Ok(Core {
+        engine: Arc::new(engine),
+        lease,
+        registry,
+        keys: TokenKeys::new(cfg.node.token_secret.as_bytes()),
+    })
+}
+
+type Stopped = watch::Receiver<bool>;
+
+async fn until_stopped(mut rx: Stopped) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Binds and serves the HTTP API; returns its address and task.
+async fn serve_http(
+    cfg: &Config,
+    engine: Arc<Engine>,
+    keys: TokenKeys,
+    registry: Arc<Registry>,
+    stopped: Stopped,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let bind_err = |e: std::io::Error| StartError::Bind {
+        what: "the HTTP API",
+        addr: cfg.node.http_listen,
+        reason: e.to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.node.http_listen)
+        .await
+        .map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let state = HttpState {
+        engine,
+        keys,
+        registry,
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, state, until_stopped(stopped)).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    Ok((addr, task))
+}
+
 impl Node {
-    /// A node with its own embedded store in `node.data_dir`.
+    /// A node on the store its configuration names (`node.store_url`, or
+    /// an embedded store in `node.data_dir`).
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
-        let data_dir = &cfg.node.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
-            path: data_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let store = EmbeddedStore::open(&data_dir.join("tiercast.redb"))?;
-        Self::start_with_store(cfg, Arc::new(store)).await
+        let store = open_store(&cfg)?;
+        Self::start_with_store(cfg, store).await
     }
 
     /// A node (engine, edge, HTTP API) on `store`. Several nodes in one
@@ -136,51 +282,20 @@ impl Node {
         store: Arc<dyn Store>,
     ) -> Result<Self, StartError> {
         let data_dir = cfg.node.data_dir.clone();
-        let data_dir = &data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
-            path: data_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let (backplane, routes, lease): (Arc<dyn Backplane>, Arc<dyn Routes>, _) =
-            match cfg.backplane.kind {
-                BackplaneKind::Local => (
-                    Arc::new(LocalBackplane::new()),
-                    Arc::new(LocalRoutes::default()),
-                    None,
-                ),
-                BackplaneKind::Redis => {
-                    let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
-                    let lease = NodeLease::acquire(bp.client(), LEASE_TTL).await?;
-                    cfg.engine.node_id = lease.node;
-                    let routes = RedisRoutes::new(bp.client().clone());
-                    (Arc::new(bp), Arc::new(routes), Some(lease))
-                }
-            };
-        let mut registry = Registry::default();
-        let engine_metrics = EngineMetrics::register(&mut registry);
+        std::fs::create_dir_all(&data_dir).map_err(|e| data_dir_error(&data_dir, e))?;
+        let Core {
+            engine,
+            lease,
+            mut registry,
+            keys,
+        } = core(&mut cfg, store).await?;
         let edge_metrics = EdgeMetrics::register(&mut registry);
-        let engine = Arc::new(
-            Engine::new(
-                cfg.engine.clone(),
-                store,
-                backplane,
-                routes,
-                engine_metrics,
-                lease.as_ref().map(NodeLease::flag),
-            )
-            .map_err(|e| StartError::Engine(e.to_string()))?,
-        );
-        let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
-
         let (identity, cert_path) = match (&cfg.edge.cert_path, &cfg.edge.key_path) {
             (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, None),
             _ => {
                 let id = Identity::self_signed(&cfg.edge.dev_cert_names)?;
                 let path = data_dir.join("dev-cert.pem");
-                std::fs::write(&path, &id.chain_pem).map_err(|e| StartError::DataDir {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                std::fs::write(&path, &id.chain_pem).map_err(|e| data_dir_error(&path, e))?;
                 (id, Some(path))
             }
         };
@@ -191,42 +306,20 @@ impl Node {
             addr: cfg.edge.listen,
             reason: e.to_string(),
         })?;
-        let listener = tokio::net::TcpListener::bind(cfg.node.http_listen)
-            .await
-            .map_err(|e| StartError::Bind {
-                what: "the HTTP API",
-                addr: cfg.node.http_listen,
-                reason: e.to_string(),
-            })?;
-        let http_addr = listener.local_addr().map_err(|e| StartError::Bind {
-            what: "the HTTP API",
-            addr: cfg.node.http_listen,
-            reason: e.to_string(),
-        })?;
-
         let edge = Edge::new(engine.clone(), keys.clone(), cfg.edge.clone(), edge_metrics)
             .await
             .map_err(|e| StartError::Engine(e.to_string()))?;
         let (stop, stopped) = watch::channel(false);
-        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(
-            edge.run(endpoint, until_stopped(stopped.clone())),
-        ));
         let registry = Arc::new(registry);
-        let state = HttpState {
-            engine: engine.clone(),
-            keys: keys.clone(),
-            registry: registry.clone(),
-        };
-        let shutdown = until_stopped(stopped);
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, state, shutdown).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        let (http_addr, http_task) = serve_http(
+            &cfg,
+            engine.clone(),
+            keys.clone(),
+            registry.clone(),
+            stopped.clone(),
+        )
+        .await?;
+        let edge_task = tokio::spawn(edge.run(endpoint, until_stopped(stopped)));
         tracing::info!(%quic_addr, %http_addr, node_id = engine.node_id(), "node started");
         Ok(Self {
             quic_addr,
@@ -238,7 +331,7 @@ impl Node {
             lease,
             registry,
             stop,
-            tasks,
+            tasks: vec![edge_task, http_task],
         })
     }
 
@@ -264,11 +357,7 @@ impl Node {
     /// multi-edge deployment on one machine.
     pub async fn start_many(cfg: &Config, n: usize) -> Result<Vec<Self>, StartError> {
         let data_dir = &cfg.node.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
-            path: data_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&data_dir.join("tiercast.redb"))?);
+        let store = open_store(cfg)?;
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let mut c = cfg.clone();

@@ -174,6 +174,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/v1/conversations/{id}/members", post(add_members))
         .route("/v1/conversations/{id}/tier", put(pin_tier))
+        .route("/internal/store", post(store_call))
         .route(
             "/v1/conversations/{id}/members/{user}",
             delete(remove_member),
@@ -190,7 +191,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .merge(api)
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)
 }
 
@@ -293,6 +294,17 @@ async fn add_members(
 ) -> ApiResult<Json<ConversationView>> {
     state.engine.add_members(id, &req.users).await?;
     Ok(Json(view(&state.engine, id).await?))
+}
+
+/// The engine's store, for edge processes (`store::remote`).
+async fn store_call(
+    State(state): State<HttpState>,
+    Json(call): Json<crate::store::remote::Call>,
+) -> Response {
+    match crate::store::remote::serve(state.engine.store().as_ref(), call).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(e)).into_response(),
+    }
 }
 
 async fn pin_tier(

@@ -31,6 +31,9 @@ pub struct FanoutOptions {
     pub sizes: Vec<u64>,
     pub messages: u64,
     pub body: usize,
+    /// Share of devices that read (pull) each tier-3 message; the rest only
+    /// get the notification, as most members of a huge channel do.
+    pub pull_fraction: f64,
 }
 
 /// One (size, mode) run, per message.
@@ -53,10 +56,15 @@ pub struct Row {
     pub redis_net_out_per_msg: f64,
     /// Store reads by the edges' pull path, per message.
     pub pull_store_reads_per_msg: f64,
+    /// Deliveries: full messages (tiers 1, 2) or notifications (tier 3).
     pub expected_deliveries: u64,
     pub deliveries: u64,
     pub lost: u64,
     pub duplicates: u64,
+    /// Tier 3: bodies pulled, and pulls that failed.
+    pub pulls: u64,
+    pub pull_errors: u64,
+    /// From the first publish to the last delivery (and pull).
     pub seconds: f64,
 }
 
@@ -116,32 +124,67 @@ fn metric_sum(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// What the devices of one group have received.
+/// What the devices of one group have received in the current round: only
+/// ids at or above `round_start` count (Snowflake ids grow with time), so a
+/// late delivery of an earlier round is never mistaken for this one's.
+#[derive(Default)]
 struct Receipts {
+    round_start: AtomicU64,
     first: AtomicU64,
     duplicates: AtomicU64,
+    pulls: AtomicU64,
+    pull_errors: AtomicU64,
     progress: Notify,
 }
 
-async fn device_loop(client: Client, mut rx: tiercast_client::Deliveries, receipts: Arc<Receipts>) {
+impl Receipts {
+    fn start_round(&self, min_id: u64) {
+        self.first.store(0, Ordering::Release);
+        self.duplicates.store(0, Ordering::Release);
+        self.pulls.store(0, Ordering::Release);
+        self.pull_errors.store(0, Ordering::Release);
+        self.round_start.store(min_id, Ordering::Release);
+    }
+
+    fn bump(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.progress.notify_waiters();
+    }
+}
+
+async fn device_loop(
+    client: Client,
+    mut rx: tiercast_client::Deliveries,
+    receipts: Arc<Receipts>,
+    reads: bool,
+) {
     let mut seen = HashSet::new();
     while let Some(d) = rx.recv().await {
-        let id = match d {
-            Delivery::Message(m) => m.id,
+        let (id, conversation, notify) = match d {
+            Delivery::Message(m) => (m.id, m.conversation, false),
             Delivery::Notify {
                 conversation,
                 message_id,
-            } => match client.pull(conversation, message_id).await {
-                Ok(Some(m)) => m.id,
-                _ => continue,
-            },
+            } => (message_id, conversation, true),
             _ => continue,
         };
-        if seen.insert(id) {
-            receipts.first.fetch_add(1, Ordering::AcqRel);
-            receipts.progress.notify_waiters();
-        } else {
+        if id < receipts.round_start.load(Ordering::Acquire) {
+            continue;
+        }
+        if !seen.insert(id) {
             receipts.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        receipts.bump(&receipts.first);
+        if notify && reads {
+            // Pull without holding up the next delivery.
+            let (client, receipts) = (client.clone(), receipts.clone());
+            tokio::spawn(async move {
+                match client.pull(conversation, id).await {
+                    Ok(Some(_)) => receipts.bump(&receipts.pulls),
+                    _ => receipts.bump(&receipts.pull_errors),
+                }
+            });
         }
     }
 }
@@ -209,11 +252,14 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
             opts.edges
         ));
         let started = Instant::now();
-        let receipts = Arc::new(Receipts {
-            first: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            progress: Notify::new(),
-        });
+        let receipts = Arc::new(Receipts::default());
+        // Every n-th device reads tier-3 messages.
+        let read_every = if opts.pull_fraction > 0.0 {
+            (1.0 / opts.pull_fraction).round().max(1.0) as usize
+        } else {
+            usize::MAX
+        };
+        let readers = users.len().div_ceil(read_every.min(users.len()).max(1)) as u64;
         let gate = Arc::new(Semaphore::new(256));
         let mut connects = Vec::new();
         for (i, &user) in users.iter().enumerate() {
@@ -225,10 +271,11 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
             let endpoint = endpoints[i % endpoints.len()].clone();
             let gate = gate.clone();
             let receipts = receipts.clone();
+            let reads = read_every != usize::MAX && i % read_every == 0;
             connects.push(tokio::spawn(async move {
                 let _permit = gate.acquire().await.expect("gate open");
                 let (client, rx) = Client::connect_on(&endpoint, cfg).await?;
-                tokio::spawn(device_loop(client.clone(), rx, receipts));
+                tokio::spawn(device_loop(client.clone(), rx, receipts, reads));
                 anyhow::Ok(client)
             }));
         }
@@ -242,13 +289,15 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
             started.elapsed().as_secs_f64()
         ));
 
-        let mut expected_total = 0u64;
         for (mode, pin) in [("planner", None), ("forced tier 1", Some(Tier::Direct))] {
             let tier = match pin {
                 Some(t) => engine.pin_tier(conv, Some(t)).await? as u8,
                 None => planned,
             };
             let before = read_counters(&masters, &nodes).await?;
+            receipts.start_round(tiercast_engine::snowflake::min_id_at(
+                tiercast_engine::snowflake::now_unix_ms(),
+            ));
             let t0 = Instant::now();
             for i in 0..opts.messages {
                 let mut body = vec![b'x'; opts.body];
@@ -265,12 +314,19 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
                     .await?;
             }
             let expected = opts.messages * size;
-            expected_total += expected;
-            // Wait (bounded) for every device to have every message.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            let expected_pulls = if tier == Tier::IdOnly as u8 {
+                opts.messages * readers
+            } else {
+                0
+            };
+            // Wait (bounded) for every device to have every message, and the
+            // readers their pulls.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
             loop {
                 let notified = receipts.progress.notified();
-                if receipts.first.load(Ordering::Acquire) >= expected_total {
+                let pulled = receipts.pulls.load(Ordering::Acquire)
+                    + receipts.pull_errors.load(Ordering::Acquire);
+                if receipts.first.load(Ordering::Acquire) >= expected && pulled >= expected_pulls {
                     break;
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -279,7 +335,7 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
             }
             let seconds = t0.elapsed().as_secs_f64();
             let after = read_counters(&masters, &nodes).await?;
-            let delivered = receipts.first.load(Ordering::Acquire) - (expected_total - expected);
+            let delivered = receipts.first.load(Ordering::Acquire);
             let m = opts.messages as f64;
             let spublish = after.cmds.get("spublish").copied().unwrap_or(0)
                 - before.cmds.get("spublish").copied().unwrap_or(0);
@@ -304,7 +360,9 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
                 expected_deliveries: expected,
                 deliveries: delivered.min(expected),
                 lost: expected.saturating_sub(delivered),
-                duplicates: receipts.duplicates.swap(0, Ordering::Relaxed),
+                duplicates: receipts.duplicates.load(Ordering::Relaxed),
+                pulls: receipts.pulls.load(Ordering::Relaxed),
+                pull_errors: receipts.pull_errors.load(Ordering::Relaxed),
                 seconds,
             });
             progress(&format!(
@@ -325,12 +383,12 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
 /// The rows as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| members | mode | tier | SPUBLISH / msg | other Redis cmds / msg | payload bytes / msg | Redis net in / msg | Redis net out / msg | pull store reads / msg | delivered / expected | lost | dups |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| members | mode | tier | SPUBLISH / msg | other Redis cmds / msg | payload bytes / msg | Redis net in / msg | Redis net out / msg | pulls / msg | pull store reads / msg | delivered / expected | lost | dups | seconds |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         out += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {}/{} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {}/{} | {} | {} | {:.1} |\n",
             r.members,
             r.mode,
             r.tier,
@@ -339,11 +397,13 @@ pub fn table(rows: &[Row]) -> String {
             r.published_bytes_per_msg,
             r.redis_net_in_per_msg,
             r.redis_net_out_per_msg,
+            r.pulls as f64 / r.messages as f64,
             r.pull_store_reads_per_msg,
             r.deliveries,
             r.expected_deliveries,
             r.lost,
-            r.duplicates
+            r.duplicates,
+            r.seconds
         );
     }
     out

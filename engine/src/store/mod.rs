@@ -7,15 +7,18 @@
 //! are bounded, and multi-row writes that must be atomic come as one call.
 //!
 //! - [`embedded`]: redb, the single-node default (docs/adr/0001).
+//! - [`remote`]: an engine service's store, used by edge processes.
 //! - [`conformance`]: the behaviour every backend must show, run against each.
 
 pub mod conformance;
 pub mod embedded;
+pub mod remote;
 
 use async_trait::async_trait;
 use tiercast_schemas::wire::Message;
 
 pub use embedded::EmbeddedStore;
+pub use remote::RemoteStore;
 
 /// A conversation's metadata (members are kept apart, by conversation and by
 /// user).

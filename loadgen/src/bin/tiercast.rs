@@ -34,6 +34,13 @@ enum Command {
     Demo(DemoArgs),
     /// Run a single node (edge + engine, embedded store) for development.
     Dev(NodeArgs),
+    /// Run the engine service: the publisher HTTP API, and the store that
+    /// edge processes share (`node.store_url`). With `backplane.kind=redis`
+    /// it publishes through Redis Cluster.
+    Engine(NodeArgs),
+    /// Run an edge: QUIC for devices, on a Redis Cluster backplane, with the
+    /// engine service's store (`--set node.store_url=http://host:port`).
+    Edge(NodeArgs),
     /// Mint a token for a user (or a publisher).
     Token(TokenArgs),
     /// Connect as a device and print every message it receives.
@@ -61,6 +68,9 @@ struct BenchFanoutArgs {
     /// Body size in bytes.
     #[arg(long, default_value_t = 256)]
     body: usize,
+    /// Share of devices that pull each tier-3 body (0..=1).
+    #[arg(long, default_value_t = 0.1)]
+    pull_fraction: f64,
     /// Write the rows as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -197,6 +207,8 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Demo(a) => demo_cmd(a).await,
         Command::Dev(a) => dev(a).await,
+        Command::Engine(a) => engine_cmd(a).await,
+        Command::Edge(a) => edge_cmd(a).await,
         Command::Token(a) => token(a),
         Command::Listen(a) => listen(a).await,
         Command::Send(a) => send(a).await,
@@ -222,6 +234,7 @@ async fn bench_fanout(a: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         sizes: a.sizes,
         messages: a.messages,
         body: a.body,
+        pull_fraction: a.pull_fraction.clamp(0.0, 1.0),
     };
     let rows = tiercast_loadgen::fanout::run(opts, |line| eprintln!("{line}")).await?;
     print!("{}", tiercast_loadgen::fanout::table(&rows));
@@ -341,6 +354,46 @@ async fn dev(a: NodeArgs) -> anyhow::Result<ExitCode> {
     let _ = std::io::stdout().flush();
     shutdown_signal().await;
     eprintln!("tiercast dev: shutting down");
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn engine_cmd(a: NodeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&a, false)?;
+    let svc = tiercast_edge::EngineService::start(cfg).await?;
+    println!("tiercast engine running");
+    println!("  HTTP API:     http://{}", svc.http_addr);
+    println!("  node id:      {}", svc.engine.node_id());
+    println!(
+        "  edges use:    --set node.store_url=http://{}",
+        svc.http_addr
+    );
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    eprintln!("tiercast engine: shutting down");
+    svc.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn edge_cmd(a: NodeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&a, false)?;
+    if cfg.node.store_url.is_none() {
+        eprintln!("tiercast edge: no node.store_url; using an embedded store of its own");
+    }
+    let node = Node::start(cfg).await?;
+    println!("tiercast edge running");
+    println!("  QUIC edge:    {}", node.quic_addr);
+    println!("  HTTP API:     http://{}", node.http_addr);
+    println!("  node id:      {}", node.node_id());
+    if let Some(p) = &node.cert_path {
+        println!(
+            "  certificate:  {} (self-signed; clients pass --ca)",
+            p.display()
+        );
+    }
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    eprintln!("tiercast edge: shutting down");
     node.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

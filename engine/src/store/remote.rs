@@ -1,0 +1,418 @@
+//! A `Store` served by another process: the engine service (`tiercast
+//! engine`) owns the embedded store and serves it at `POST /internal/store`,
+//! and edge processes (`tiercast edge --set node.store_url=...`) use it
+//! through this client. It lets several edge processes share one embedded
+//! store on one machine or a small deployment; a large deployment uses
+//! ScyllaDB, which every process reaches directly.
+//!
+//! One call, one HTTP request (keep-alive, JSON). The same conformance rules
+//! as every backend run against it in the tests.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tiercast_schemas::wire::Message;
+
+use super::{
+    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+};
+
+/// A message as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageJson {
+    pub id: u64,
+    pub conversation: u64,
+    pub sender: u64,
+    pub sender_client: u64,
+    pub body: Vec<u8>,
+}
+
+impl From<&Message> for MessageJson {
+    fn from(m: &Message) -> Self {
+        Self {
+            id: m.id,
+            conversation: m.conversation,
+            sender: m.sender,
+            sender_client: m.sender_client,
+            body: m.body.to_vec(),
+        }
+    }
+}
+
+impl From<MessageJson> for Message {
+    fn from(m: MessageJson) -> Self {
+        Self {
+            id: m.id,
+            conversation: m.conversation,
+            sender: m.sender,
+            sender_client: m.sender_client,
+            body: Bytes::from(m.body),
+        }
+    }
+}
+
+/// One store call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Call {
+    CreateConversation {
+        conv: Conversation,
+    },
+    Conversation {
+        id: u64,
+    },
+    SetPinnedTier {
+        id: u64,
+        tier: Option<u8>,
+    },
+    SetTier {
+        id: u64,
+        tier: u8,
+    },
+    AddMembers {
+        conv: u64,
+        users: Vec<u64>,
+    },
+    RemoveMember {
+        conv: u64,
+        user: u64,
+    },
+    Members {
+        conv: u64,
+    },
+    IsMember {
+        conv: u64,
+        user: u64,
+    },
+    ConversationsOf {
+        user: u64,
+    },
+    RegisterClient {
+        client: ClientRecord,
+        max_devices: usize,
+        evict_oldest: bool,
+    },
+    ClientsOf {
+        user: u64,
+    },
+    ClientIdsOf {
+        users: Vec<u64>,
+    },
+    InsertMessage {
+        message: MessageJson,
+        client_msg_id: u64,
+        inbox: Vec<u64>,
+    },
+    Message {
+        conv: u64,
+        id: u64,
+    },
+    History {
+        conv: u64,
+        before: u64,
+        after: u64,
+        limit: usize,
+    },
+    Inbox {
+        client: u64,
+        after: u64,
+        limit: usize,
+    },
+    Ack {
+        client: u64,
+        ids: Vec<u64>,
+    },
+}
+
+/// A store error as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum ErrorJson {
+    ConversationExists { id: u64 },
+    NoSuchConversation { id: u64 },
+    TooManyDevices { user: u64, max: usize },
+    Corrupt { reason: String },
+    Backend { reason: String },
+}
+
+impl From<StoreError> for ErrorJson {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::ConversationExists(id) => Self::ConversationExists { id },
+            StoreError::NoSuchConversation(id) => Self::NoSuchConversation { id },
+            StoreError::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            StoreError::Corrupt(reason) => Self::Corrupt { reason },
+            StoreError::Backend(reason) => Self::Backend { reason },
+        }
+    }
+}
+
+impl From<ErrorJson> for StoreError {
+    fn from(e: ErrorJson) -> Self {
+        match e {
+            ErrorJson::ConversationExists { id } => Self::ConversationExists(id),
+            ErrorJson::NoSuchConversation { id } => Self::NoSuchConversation(id),
+            ErrorJson::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            ErrorJson::Corrupt { reason } => Self::Corrupt(reason),
+            ErrorJson::Backend { reason } => Self::Backend(reason),
+        }
+    }
+}
+
+fn to_value<T: Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).expect("plain data serializes")
+}
+
+/// Serves one call against `store` (the engine service's side).
+pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, ErrorJson> {
+    Ok(match call {
+        Call::CreateConversation { conv } => to_value(store.create_conversation(&conv).await?),
+        Call::Conversation { id } => to_value(store.conversation(id).await?),
+        Call::SetPinnedTier { id, tier } => to_value(store.set_pinned_tier(id, tier).await?),
+        Call::SetTier { id, tier } => to_value(store.set_tier(id, tier).await?),
+        Call::AddMembers { conv, users } => to_value(store.add_members(conv, &users).await?),
+        Call::RemoveMember { conv, user } => to_value(store.remove_member(conv, user).await?),
+        Call::Members { conv } => to_value(store.members(conv).await?),
+        Call::IsMember { conv, user } => to_value(store.is_member(conv, user).await?),
+        Call::ConversationsOf { user } => to_value(store.conversations_of(user).await?),
+        Call::RegisterClient {
+            client,
+            max_devices,
+            evict_oldest,
+        } => to_value(
+            match store
+                .register_client(&client, max_devices, evict_oldest)
+                .await?
+            {
+                Registered::Known => serde_json::json!({"known": true}),
+                Registered::New => serde_json::json!({"new": true}),
+                Registered::Evicted(c) => serde_json::json!({"evicted": c}),
+            },
+        ),
+        Call::ClientsOf { user } => to_value(store.clients_of(user).await?),
+        Call::ClientIdsOf { users } => to_value(store.client_ids_of(&users).await?),
+        Call::InsertMessage {
+            message,
+            client_msg_id,
+            inbox,
+        } => {
+            let msg = NewMessage {
+                message: message.into(),
+                client_msg_id,
+                inbox,
+            };
+            match store.insert_message(&msg).await? {
+                Persisted::Stored => serde_json::json!({"stored": true}),
+                Persisted::Duplicate(id) => serde_json::json!({"duplicate": id}),
+            }
+        }
+        Call::Message { conv, id } => to_value(
+            store
+                .message(conv, id)
+                .await?
+                .as_ref()
+                .map(MessageJson::from),
+        ),
+        Call::History {
+            conv,
+            before,
+            after,
+            limit,
+        } => to_value(
+            store
+                .history(
+                    conv,
+                    Page {
+                        before,
+                        after,
+                        limit,
+                    },
+                )
+                .await?
+                .iter()
+                .map(MessageJson::from)
+                .collect::<Vec<_>>(),
+        ),
+        Call::Inbox {
+            client,
+            after,
+            limit,
+        } => to_value(
+            store
+                .inbox(client, after, limit)
+                .await?
+                .iter()
+                .map(MessageJson::from)
+                .collect::<Vec<_>>(),
+        ),
+        Call::Ack { client, ids } => to_value(store.ack(client, &ids).await?),
+    })
+}
+
+/// The client side: a `Store` whose calls go to an engine service.
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    url: String,
+    keys: crate::auth::TokenKeys,
+    http: reqwest::Client,
+}
+
+impl RemoteStore {
+    /// `base` is the engine service's HTTP address (`http://host:port`);
+    /// `keys` sign the short-lived publisher token of each call.
+    pub fn new(base: &str, keys: crate::auth::TokenKeys) -> Self {
+        Self {
+            url: format!("{}/internal/store", base.trim_end_matches('/')),
+            keys,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .expect("plain HTTP client builds"),
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, call: Call) -> Result<T, StoreError> {
+        let resp = self
+            .http
+            .post(&self.url)
+            .bearer_auth(
+                self.keys
+                    .mint_publisher("edge", crate::auth::now_unix(), 300),
+            )
+            .json(&call)
+            .send()
+            .await
+            .map_err(|e| StoreError::Backend(format!("engine service unreachable: {e}")))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| StoreError::Backend(format!("bad answer from the engine service: {e}")))?;
+        if status.is_success() {
+            serde_json::from_value(body).map_err(|e| StoreError::Backend(e.to_string()))
+        } else {
+            match serde_json::from_value::<ErrorJson>(body.clone()) {
+                Ok(e) => Err(e.into()),
+                Err(_) => Err(StoreError::Backend(format!(
+                    "engine service: {status}: {body}"
+                ))),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError> {
+        self.call(Call::CreateConversation { conv: conv.clone() })
+            .await
+    }
+    async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError> {
+        self.call(Call::Conversation { id }).await
+    }
+    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
+        self.call(Call::SetPinnedTier { id, tier }).await
+    }
+    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError> {
+        self.call(Call::SetTier { id, tier }).await
+    }
+    async fn add_members(&self, conv: u64, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        self.call(Call::AddMembers {
+            conv,
+            users: users.to_vec(),
+        })
+        .await
+    }
+    async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
+        self.call(Call::RemoveMember { conv, user }).await
+    }
+    async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError> {
+        self.call(Call::Members { conv }).await
+    }
+    async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
+        self.call(Call::IsMember { conv, user }).await
+    }
+    async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError> {
+        self.call(Call::ConversationsOf { user }).await
+    }
+    async fn register_client(
+        &self,
+        client: &ClientRecord,
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Registered, StoreError> {
+        let v: serde_json::Value = self
+            .call(Call::RegisterClient {
+                client: client.clone(),
+                max_devices,
+                evict_oldest,
+            })
+            .await?;
+        Ok(if let Some(c) = v.get("evicted").and_then(|c| c.as_u64()) {
+            Registered::Evicted(c)
+        } else if v.get("new").is_some() {
+            Registered::New
+        } else {
+            Registered::Known
+        })
+    }
+    async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError> {
+        self.call(Call::ClientsOf { user }).await
+    }
+    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+        self.call(Call::ClientIdsOf {
+            users: users.to_vec(),
+        })
+        .await
+    }
+    async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError> {
+        let v: serde_json::Value = self
+            .call(Call::InsertMessage {
+                message: MessageJson::from(&msg.message),
+                client_msg_id: msg.client_msg_id,
+                inbox: msg.inbox.clone(),
+            })
+            .await?;
+        Ok(match v.get("duplicate").and_then(|d| d.as_u64()) {
+            Some(id) => Persisted::Duplicate(id),
+            None => Persisted::Stored,
+        })
+    }
+    async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError> {
+        let m: Option<MessageJson> = self.call(Call::Message { conv, id }).await?;
+        Ok(m.map(Message::from))
+    }
+    async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError> {
+        let ms: Vec<MessageJson> = self
+            .call(Call::History {
+                conv,
+                before: page.before,
+                after: page.after,
+                limit: page.limit,
+            })
+            .await?;
+        Ok(ms.into_iter().map(Message::from).collect())
+    }
+    async fn inbox(
+        &self,
+        client: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let ms: Vec<MessageJson> = self
+            .call(Call::Inbox {
+                client,
+                after,
+                limit,
+            })
+            .await?;
+        Ok(ms.into_iter().map(Message::from).collect())
+    }
+    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
+        self.call(Call::Ack {
+            client,
+            ids: ids.to_vec(),
+        })
+        .await
+    }
+}
