@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The test command: everything CI runs, on a fresh machine.
 #   scripts/test.sh
-# Installs what the tests need (flatc for the schema check), checks
-# formatting, lints, the generated code, then runs every test.
+# Installs what the tests need (redis-server, flatc), checks the generated
+# code, formatting and lints, then runs every test. Tests that need a Redis
+# Cluster start one each with scripts/redis-cluster.sh on free loopback
+# ports and stop it when they end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== redis-server (the tests start their own Redis Clusters on loopback)"
+scripts/redis-cluster.sh install
 
 echo "== generated FlatBuffers code"
 scripts/gen-schemas.sh --check
