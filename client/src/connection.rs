@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tiercast_schemas::MAX_FRAME_BYTES;
 use tiercast_schemas::framing::read_frame;
 use tiercast_schemas::wire::{
-    ClientBody, ClientFrame, ErrorCode, Message, ServerBody, ServerFrame,
+    ClientBody, ClientFrame, Cursor, ErrorCode, Message, ServerBody, ServerFrame, SyncEntry,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +34,9 @@ pub struct ClientConfig {
     /// Deliveries buffered before the SDK stops reading (and the edge, in
     /// turn, sees a slow consumer).
     pub delivery_buffer: usize,
+    /// QUIC flow-control window of the delivery stream, bytes (quinn's
+    /// default when unset). A small one models a device on a slow link.
+    pub stream_receive_window: Option<u32>,
 }
 
 impl ClientConfig {
@@ -47,6 +50,7 @@ impl ClientConfig {
             device: "sdk".into(),
             request_timeout: Duration::from_secs(10),
             delivery_buffer: 4096,
+            stream_receive_window: None,
         }
     }
 }
@@ -191,6 +195,9 @@ impl Client {
         let mut transport = quinn::TransportConfig::default();
         // Well inside the edge's idle timeout, so an idle device stays up.
         transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        if let Some(w) = cfg.stream_receive_window {
+            transport.stream_receive_window(w.into());
+        }
         qcfg.transport_config(Arc::new(transport));
         let connecting = endpoint
             .connect_with(qcfg, cfg.addr, &cfg.server_name)
@@ -380,6 +387,41 @@ impl Client {
                 Ok(messages.into_iter().find(|m| m.id == message_id))
             }
             other => Err(unexpected("Messages", &other)),
+        }
+    }
+
+    /// Catches up on conversations from cursors (see `SyncEntry`); no
+    /// cursors lists every conversation of the user with its latest and
+    /// read ids.
+    pub async fn sync(
+        &self,
+        cursors: &[Cursor],
+        limit: u32,
+    ) -> Result<Vec<SyncEntry>, ClientError> {
+        match self
+            .request(ClientBody::Sync {
+                cursors: cursors.to_vec(),
+                limit,
+            })
+            .await?
+        {
+            ServerBody::SyncResult { entries } => Ok(entries),
+            other => Err(unexpected("SyncResult", &other)),
+        }
+    }
+
+    /// Marks `conversation` read up to `message_id`: the user's other
+    /// devices get a `ReadMarker`, and it is kept for their next sync.
+    pub async fn read(&self, conversation: u64, message_id: u64) -> Result<(), ClientError> {
+        match self
+            .request(ClientBody::Read {
+                conversation,
+                message_id,
+            })
+            .await?
+        {
+            ServerBody::ReadOk { .. } => Ok(()),
+            other => Err(unexpected("ReadOk", &other)),
         }
     }
 

@@ -14,12 +14,16 @@
 //! ```
 //!
 //! - [`connection`]: connect, Hello, requests and the delivery stream.
+//! - [`session`]: a device that reconnects (backoff with full jitter),
+//!   resumes (inbox, cursor sync) and deduplicates by itself.
 //! - [`tls`]: trusting an edge's certificate.
 
 pub mod connection;
+pub mod session;
 pub mod tls;
 
 pub use connection::{
     Client, ClientConfig, ClientError, Deliveries, Delivery, SendOk, client_endpoint,
 };
-pub use tiercast_schemas::wire::{ErrorCode, Message};
+pub use session::{Event, Events, Session, SessionConfig, SessionStats};
+pub use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};

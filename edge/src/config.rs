@@ -59,6 +59,13 @@ pub struct EdgeConfig {
     /// A connection with no traffic for this long is closed; clients ping
     /// well within it.
     pub idle_timeout_ms: u64,
+    /// On shutdown (SIGTERM) each device is told to reconnect after a
+    /// random delay in 0..=this, so an edge's devices do not all arrive
+    /// elsewhere at once.
+    pub drain_spread_ms: u64,
+    /// How long a shutdown waits for devices to leave before closing the
+    /// rest.
+    pub drain_deadline_ms: u64,
 }
 
 impl Default for EdgeConfig {
@@ -73,6 +80,8 @@ impl Default for EdgeConfig {
             max_frame_bytes: tiercast_schemas::MAX_FRAME_BYTES,
             hello_timeout_ms: 5_000,
             idle_timeout_ms: 30_000,
+            drain_spread_ms: 5_000,
+            drain_deadline_ms: 10_000,
         }
     }
 }
@@ -113,6 +122,18 @@ impl EdgeConfig {
             return Err(InvalidSetting::new(
                 "edge.idle_timeout_ms",
                 "must be 1000..=600000",
+            ));
+        }
+        if self.drain_spread_ms > 600_000 {
+            return Err(InvalidSetting::new(
+                "edge.drain_spread_ms",
+                "must be at most 600000",
+            ));
+        }
+        if self.drain_deadline_ms > 600_000 {
+            return Err(InvalidSetting::new(
+                "edge.drain_deadline_ms",
+                "must be at most 600000",
             ));
         }
         Ok(())

@@ -17,6 +17,10 @@ pub struct EdgeMetrics {
     pub slow_consumers: Counter,
     pub pull_requests: Counter,
     pub pull_store_reads: Counter,
+    pub coalesced_notifications: Counter,
+    pub drained: Counter,
+    pub syncs: Counter,
+    pub reads: Counter,
 }
 
 impl EdgeMetrics {
@@ -64,6 +68,18 @@ impl EdgeMetrics {
             "Store reads made by the pull path (at most one per message per edge while cached)",
             m.pull_store_reads.clone(),
         );
+        r.register(
+            "coalesced_notifications",
+            "Tier-3 notifications set aside for a full queue (one per conversation is sent later)",
+            m.coalesced_notifications.clone(),
+        );
+        r.register(
+            "drained",
+            "Connections told to reconnect elsewhere at shutdown",
+            m.drained.clone(),
+        );
+        r.register("syncs", "Sync requests served", m.syncs.clone());
+        r.register("reads", "Read markers accepted", m.reads.clone());
         m
     }
 

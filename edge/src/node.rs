@@ -16,6 +16,9 @@ use tiercast_engine::backplane::{Backplane, LocalBackplane, LocalRoutes, Routes}
 use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::lease::NodeLease;
 use tiercast_engine::metrics::EngineMetrics;
+use tiercast_engine::reads::{
+    FlusherConfig, LocalReadQueue, ReadMetrics, ReadQueue, RedisReadQueue,
+};
 use tiercast_engine::store::{EmbeddedStore, RemoteStore, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -90,6 +93,7 @@ impl EngineService {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.engine.read_queue().close().await;
         if let Some(lease) = self.lease {
             lease.release().await;
         }
@@ -196,11 +200,12 @@ pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
 }
 
 async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartError> {
-    let (backplane, routes, lease): (Arc<dyn Backplane>, Arc<dyn Routes>, _) =
+    let (backplane, routes, lease, redis): (Arc<dyn Backplane>, Arc<dyn Routes>, _, _) =
         match cfg.backplane.kind {
             BackplaneKind::Local => (
                 Arc::new(LocalBackplane::new()),
                 Arc::new(LocalRoutes::default()),
+                None,
                 None,
             ),
             BackplaneKind::Redis => {
@@ -208,22 +213,44 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
                 let lease = NodeLease::acquire(bp.client(), LEASE_TTL).await?;
                 cfg.engine.node_id = lease.node;
                 let routes = RedisRoutes::new(bp.client().clone());
-                (Arc::new(bp), Arc::new(routes), Some(lease))
+                let client = bp.client().clone();
+                (Arc::new(bp), Arc::new(routes), Some(lease), Some(client))
             }
         };
     let mut registry = Registry::default();
     let engine_metrics = EngineMetrics::register(&mut registry);
+    let read_metrics = ReadMetrics::register(&mut registry);
     let engine = Engine::new(
         cfg.engine.clone(),
-        store,
+        store.clone(),
         backplane,
         routes,
         engine_metrics,
         lease.as_ref().map(NodeLease::flag),
     )
     .map_err(|e| StartError::Engine(e.to_string()))?;
+    // Read markers: through Redis Streams in a cluster (any engine's
+    // flusher writes them), in process on a single node.
+    let reads: Arc<dyn ReadQueue> = match redis {
+        Some(client) => RedisReadQueue::start(
+            client,
+            store,
+            FlusherConfig {
+                consumer: format!("node-{}", cfg.engine.node_id),
+                claim_idle: Duration::from_millis(cfg.engine.read_claim_idle_ms),
+                run: true,
+            },
+            read_metrics,
+        )
+        .await
+        .map_err(|e| StartError::Engine(e.to_string()))?,
+        None => LocalReadQueue::start(store, read_metrics),
+    };
+    engine.set_read_queue(reads);
+    let engine = Arc::new(engine);
+    engine.spawn_device_reaper();
     Ok(Core {
-        engine: Arc::new(engine),
+        engine,
         lease,
         registry,
         keys: TokenKeys::new(cfg.node.token_secret.as_bytes()),
@@ -341,6 +368,7 @@ impl Node {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.engine.read_queue().close().await;
         if let Some(lease) = self.lease {
             lease.release().await;
         }

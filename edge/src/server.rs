@@ -186,6 +186,7 @@ impl Edge {
         let Edge { shared, inbound } = self;
         let fanout = tokio::spawn(fan_out_loop(shared.clone(), inbound));
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+        let toucher = tokio::spawn(touch_devices(shared.clone()));
         let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -208,20 +209,84 @@ impl Edge {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
+        // Drain: accept no one, tell every device to reconnect (elsewhere)
+        // after a jittered delay so they do not all arrive at once, and wait
+        // for them to go, up to the deadline; then close whoever is left.
+        endpoint.set_server_config(None);
+        let spread = shared.cfg.drain_spread_ms;
+        let conns_now = shared.sessions.all();
+        shared.metrics.drained.inc_by(conns_now.len() as u64);
+        for (tx, handle) in conns_now {
+            let after = if spread == 0 {
+                0
+            } else {
+                rand::random_range(0..=spread)
+            };
+            let frame = ServerFrame::new(
+                0,
+                ServerBody::Drain {
+                    reconnect_after_ms: after as u32,
+                    reason: "edge shutting down".into(),
+                },
+            )
+            .encode();
+            if tx.try_send(frame).is_err() {
+                handle.close(
+                    quinn::VarInt::from(ErrorCode::Draining as u16),
+                    b"edge shutting down",
+                );
+            }
+        }
+        let deadline = Duration::from_millis(shared.cfg.drain_deadline_ms);
+        let _ = tokio::time::timeout(deadline, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
         endpoint.close(
             quinn::VarInt::from(ErrorCode::Draining as u16),
             b"edge shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while conns.join_next().await.is_some() {}
         })
         .await;
         fanout.abort();
         heartbeat.abort();
+        toucher.abort();
         endpoint.wait_idle().await;
     }
 }
 
+/// A tier-3 notification frame.
+pub(crate) fn notify_frame(conversation: u64, message_id: u64) -> bytes::Bytes {
+    ServerFrame::new(
+        0,
+        ServerBody::Notify {
+            conversation,
+            message_id,
+        },
+    )
+    .encode()
+}
+
+/// Refreshes the last-seen time of the devices connected here four times
+/// per device TTL, so the device reaper never takes a connected one.
+async fn touch_devices(shared: Arc<Shared>) {
+    let every = (shared.engine.config().device_ttl_ms / 4).clamp(250, 3_600_000);
+    let mut tick = tokio::time::interval(Duration::from_millis(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let devices = shared.sessions.devices();
+        for chunk in devices.chunks(1_000) {
+            if let Err(e) = shared.engine.touch_devices(chunk).await {
+                tracing::warn!(error = %e, "last-seen refresh failed");
+            }
+        }
+    }
+}
+
+/// Keeps this edge's liveness lease in the routing table.
 async fn heartbeat(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(LIVENESS_TTL / 3);
     loop {
@@ -266,6 +331,7 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
             tracing::debug!(channel = %msg.channel, "payload on a channel this edge does not serve");
             continue;
         };
+        let mut notify = None;
         let (frame, except_client) = match envelope.payload {
             Payload::Deliver {
                 message,
@@ -278,17 +344,10 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
             Payload::Notify {
                 conversation,
                 message_id,
-            } => (
-                ServerFrame::new(
-                    0,
-                    ServerBody::Notify {
-                        conversation,
-                        message_id,
-                    },
-                )
-                .encode(),
-                0,
-            ),
+            } => {
+                notify = Some((conversation, message_id));
+                (notify_frame(conversation, message_id), 0)
+            }
             Payload::ReadMarker {
                 user,
                 conversation,
@@ -324,8 +383,12 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
             }
         };
         for user in recipients {
-            let result = shared.sessions.fan_out(user, except_client, &frame);
+            let result = shared.sessions.fan_out(user, except_client, &frame, notify);
             shared.metrics.deliveries.inc_by(result.enqueued as u64);
+            shared
+                .metrics
+                .coalesced_notifications
+                .inc_by(result.coalesced as u64);
             for conn in result.overflowed {
                 shared.metrics.slow_consumers.inc();
                 shared.metrics.error(ErrorCode::SlowConsumer);

@@ -19,7 +19,7 @@ use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, ServerBody, Ser
 use tokio::sync::mpsc;
 
 use crate::server::Shared;
-use crate::sessions::LocalConn;
+use crate::sessions::{Coalesced, LocalConn};
 
 /// The protocol version this edge speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -192,12 +192,13 @@ async fn run(
 ) -> End {
     let conn_id = shared.next_conn_id();
     let (tx, rx) = mpsc::channel::<Bytes>(shared.cfg.outbound_queue);
-    let writer = tokio::spawn(write_deliveries(conn.clone(), rx));
+    let coalesced = Arc::new(Coalesced::default());
+    let writer = tokio::spawn(write_deliveries(conn.clone(), rx, coalesced.clone()));
 
     // Subscribe before reading the inbox: a message stored meanwhile arrives
     // live or from the inbox (or both; devices drop duplicates by id), never
     // neither.
-    if let Err(e) = attach(shared, &peer, conn_id, tx.clone(), conn.clone()).await {
+    if let Err(e) = attach(shared, &peer, conn_id, tx.clone(), coalesced, conn.clone()).await {
         writer.abort();
         return End::fatal(ErrorCode::Unavailable, e);
     }
@@ -224,6 +225,14 @@ async fn run(
     };
     detach(shared, &peer, conn_id).await;
     writer.abort();
+    // Last seen: now (the reaper counts the TTL from here).
+    if let Err(e) = shared
+        .engine
+        .touch_devices(&[(peer.user, peer.client_id)])
+        .await
+    {
+        tracing::debug!(error = %e, "last-seen not refreshed at disconnect");
+    }
     end
 }
 
@@ -232,6 +241,7 @@ async fn attach(
     peer: &Peer,
     conn_id: u64,
     tx: mpsc::Sender<Bytes>,
+    coalesced: Arc<Coalesced>,
     conn: quinn::Connection,
 ) -> Result<(), String> {
     let _guard = shared.subscription_lock(peer.user).lock().await;
@@ -241,6 +251,7 @@ async fn attach(
             conn_id,
             client_id: peer.client_id,
             tx,
+            coalesced,
             handle: conn,
         },
     );
@@ -308,19 +319,38 @@ async fn drain_inbox(shared: Arc<Shared>, client_id: u64, tx: mpsc::Sender<Bytes
 }
 
 /// Writes queued delivery frames to a server-opened stream (opened on the
-/// first delivery).
-async fn write_deliveries(conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>) {
+/// first delivery), and the tier-3 notifications that were coalesced while
+/// the queue was full.
+async fn write_deliveries(
+    conn: quinn::Connection,
+    mut rx: mpsc::Receiver<Bytes>,
+    coalesced: Arc<Coalesced>,
+) {
     let mut stream: Option<quinn::SendStream> = None;
-    while let Some(frame) = rx.recv().await {
-        let s = match &mut stream {
-            Some(s) => s,
-            None => match conn.open_uni().await {
-                Ok(s) => stream.insert(s),
-                Err(_) => return,
+    loop {
+        let frames = tokio::select! {
+            biased;
+            frame = rx.recv() => match frame {
+                Some(f) => vec![f],
+                None => return,
             },
+            () = coalesced.wake.notified() => coalesced
+                .take()
+                .into_iter()
+                .map(|(c, id)| crate::server::notify_frame(c, id))
+                .collect(),
         };
-        if s.write_all(&frame).await.is_err() {
-            return;
+        for frame in frames {
+            let s = match &mut stream {
+                Some(s) => s,
+                None => match conn.open_uni().await {
+                    Ok(s) => stream.insert(s),
+                    Err(_) => return,
+                },
+            };
+            if s.write_all(&frame).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -430,9 +460,24 @@ async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<Server
             })
         }
         ClientBody::Ping { nonce } => Ok(ServerBody::Pong { nonce }),
-        ClientBody::Sync { .. } | ClientBody::Read { .. } => Err(Reply::Refused(
-            ErrorCode::InvalidRequest,
-            "Sync and Read are not served by this version of the edge".into(),
-        )),
+        ClientBody::Sync { cursors, limit } => {
+            shared.metrics.syncs.inc();
+            Ok(ServerBody::SyncResult {
+                entries: engine.sync(peer.user, &cursors, limit).await?,
+            })
+        }
+        ClientBody::Read {
+            conversation,
+            message_id,
+        } => {
+            engine
+                .read(peer.user, peer.client_id, conversation, message_id)
+                .await?;
+            shared.metrics.reads.inc();
+            Ok(ServerBody::ReadOk {
+                conversation,
+                message_id,
+            })
+        }
     }
 }

@@ -6,11 +6,38 @@
 //! benches), so this is tested and benchmarked without sockets.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+
+/// Tier-3 notifications that did not fit in a connection's queue: the
+/// newest id per conversation, written by the connection's writer once the
+/// queue has room. A slow device gets one notification per conversation
+/// however many it missed, and is not disconnected for them.
+#[derive(Debug, Default)]
+pub struct Coalesced {
+    latest: Mutex<HashMap<u64, u64>>,
+    pub wake: tokio::sync::Notify,
+}
+
+impl Coalesced {
+    pub fn put(&self, conversation: u64, message_id: u64) {
+        let mut l = self.latest.lock().expect("coalesced lock");
+        let e = l.entry(conversation).or_insert(0);
+        *e = (*e).max(message_id);
+        drop(l);
+        self.wake.notify_one();
+    }
+
+    /// Takes what gathered, as `(conversation, newest id)`.
+    pub fn take(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.latest.lock().expect("coalesced lock"))
+            .into_iter()
+            .collect()
+    }
+}
 
 /// One local connection of a user.
 #[derive(Debug, Clone)]
@@ -19,6 +46,7 @@ pub struct LocalConn<C> {
     pub client_id: u64,
     /// The connection's bounded outbound queue of encoded frames.
     pub tx: mpsc::Sender<Bytes>,
+    pub coalesced: Arc<Coalesced>,
     pub handle: C,
 }
 
@@ -26,6 +54,8 @@ pub struct LocalConn<C> {
 #[derive(Debug, Default)]
 pub struct FanOut<C> {
     pub enqueued: usize,
+    /// Tier-3 notifications set aside for full queues.
+    pub coalesced: usize,
     /// Connections whose queue was full: slow consumers, to be closed.
     pub overflowed: Vec<C>,
 }
@@ -88,13 +118,41 @@ impl<C: Clone> Sessions<C> {
             .contains_key(&user)
     }
 
+    /// Every connection's `(user, client id)`, for refreshing last-seen.
+    pub fn devices(&self) -> Vec<(u64, u64)> {
+        let users = self.users.lock().expect("sessions lock");
+        users
+            .iter()
+            .flat_map(|(&u, conns)| conns.iter().map(move |c| (u, c.client_id)))
+            .collect()
+    }
+
+    /// Every connection's queue and handle (to drain the edge).
+    pub fn all(&self) -> Vec<(mpsc::Sender<Bytes>, C)> {
+        let users = self.users.lock().expect("sessions lock");
+        users
+            .values()
+            .flatten()
+            .map(|c| (c.tx.clone(), c.handle.clone()))
+            .collect()
+    }
+
     /// Hands `frame` (encoded once, shared) to every local connection of
     /// `user` except the device `except_client`. Never waits: a full queue
-    /// marks its connection as a slow consumer.
-    pub fn fan_out(&self, user: u64, except_client: u64, frame: &Bytes) -> FanOut<C> {
+    /// marks its connection as a slow consumer, unless the frame is a
+    /// tier-3 notification (`notify` = its conversation and id), which is
+    /// coalesced instead.
+    pub fn fan_out(
+        &self,
+        user: u64,
+        except_client: u64,
+        frame: &Bytes,
+        notify: Option<(u64, u64)>,
+    ) -> FanOut<C> {
         let users = self.users.lock().expect("sessions lock");
         let mut out = FanOut {
             enqueued: 0,
+            coalesced: 0,
             overflowed: Vec::new(),
         };
         for conn in users.get(&user).into_iter().flatten() {
@@ -103,7 +161,13 @@ impl<C: Clone> Sessions<C> {
             }
             match conn.tx.try_send(frame.clone()) {
                 Ok(()) => out.enqueued += 1,
-                Err(TrySendError::Full(_)) => out.overflowed.push(conn.handle.clone()),
+                Err(TrySendError::Full(_)) => match notify {
+                    Some((c, id)) => {
+                        conn.coalesced.put(c, id);
+                        out.coalesced += 1;
+                    }
+                    None => out.overflowed.push(conn.handle.clone()),
+                },
                 // The connection is going away; its inbox has the message.
                 Err(TrySendError::Closed(_)) => {}
             }
@@ -123,6 +187,7 @@ mod tests {
                 conn_id,
                 client_id,
                 tx,
+                coalesced: Arc::default(),
                 handle: conn_id,
             },
             rx,
@@ -154,16 +219,43 @@ mod tests {
         s.insert(7, b);
         s.insert(7, c);
         let frame = Bytes::from_static(b"frame");
-        let r = s.fan_out(7, 12, &frame);
+        let r = s.fan_out(7, 12, &frame, None);
         assert_eq!((r.enqueued, r.overflowed.len()), (2, 0));
         let got = ra.try_recv().unwrap();
         assert_eq!(got.as_ptr(), frame.as_ptr(), "the same bytes, not a copy");
         assert!(rc.try_recv().is_err(), "the sending device gets no copy");
         // b's queue (capacity 1) is still full: it is a slow consumer.
-        let r = s.fan_out(7, 0, &frame);
+        let r = s.fan_out(7, 0, &frame, None);
         assert_eq!(r.enqueued, 2);
         assert_eq!(r.overflowed, vec![2]);
         assert!(rb.try_recv().is_ok());
-        assert_eq!(s.fan_out(99, 0, &frame).enqueued, 0);
+        assert_eq!(s.fan_out(99, 0, &frame, None).enqueued, 0);
+    }
+
+    #[test]
+    fn notifications_for_a_full_queue_coalesce_per_conversation() {
+        let s = Sessions::new();
+        let (a, mut ra) = conn(1, 10, 1);
+        let coalesced = a.coalesced.clone();
+        s.insert(7, a);
+        let frame = Bytes::from_static(b"notify");
+        assert_eq!(s.fan_out(7, 0, &frame, Some((5, 100))).enqueued, 1);
+        for id in 101..=150 {
+            let r = s.fan_out(7, 0, &frame, Some((5, id)));
+            assert_eq!((r.enqueued, r.coalesced, r.overflowed.len()), (0, 1, 0));
+        }
+        s.fan_out(7, 0, &frame, Some((6, 7)));
+        let mut got = coalesced.take();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![(5, 150), (6, 7)],
+            "the newest id per conversation"
+        );
+        assert!(coalesced.take().is_empty());
+        assert!(ra.try_recv().is_ok());
+        // A full message (not a notification) still marks a slow consumer.
+        s.fan_out(7, 0, &frame, None);
+        assert_eq!(s.fan_out(7, 0, &frame, None).overflowed, vec![1]);
     }
 }

@@ -25,6 +25,15 @@ pub struct EngineConfig {
     /// agree. 8 spreads one edge's tier 2/3 traffic over 8 hash slots, so
     /// over every shard of a small cluster.
     pub node_channels: u16,
+    /// A device unseen this long is removed with its pending inbox.
+    pub device_ttl_ms: u64,
+    /// How often the device reaper looks for such devices.
+    pub device_sweep_ms: u64,
+    /// Cursors one Sync may carry.
+    pub max_sync_cursors: usize,
+    /// Cluster: read markers a stopped flusher left pending this long are
+    /// taken over by another engine's flusher.
+    pub read_claim_idle_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +47,10 @@ impl Default for EngineConfig {
             max_page: 200,
             tiers: crate::planner::Thresholds::default(),
             node_channels: 8,
+            device_ttl_ms: 30 * 24 * 3_600_000,
+            device_sweep_ms: 60_000,
+            max_sync_cursors: 256,
+            read_claim_idle_ms: 30_000,
         }
     }
 }
@@ -90,6 +103,30 @@ impl EngineConfig {
             return Err(InvalidSetting::new(
                 "engine.node_channels",
                 "must be 1..=256",
+            ));
+        }
+        if self.device_ttl_ms < 1_000 {
+            return Err(InvalidSetting::new(
+                "engine.device_ttl_ms",
+                "must be at least 1000",
+            ));
+        }
+        if !(100..=86_400_000).contains(&self.device_sweep_ms) {
+            return Err(InvalidSetting::new(
+                "engine.device_sweep_ms",
+                "must be 100..=86400000",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.read_claim_idle_ms) {
+            return Err(InvalidSetting::new(
+                "engine.read_claim_idle_ms",
+                "must be 100..=3600000",
+            ));
+        }
+        if !(1..=4096).contains(&self.max_sync_cursors) {
+            return Err(InvalidSetting::new(
+                "engine.max_sync_cursors",
+                "must be 1..=4096",
             ));
         }
         Ok(())

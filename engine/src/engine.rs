@@ -2,21 +2,23 @@
 //! and the reads devices catch up with. Edges and the HTTP service both call
 //! it; it owns no sockets.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use tiercast_schemas::envelope::{Envelope, Payload, Tier};
-use tiercast_schemas::wire::{ErrorCode, Message};
+use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 
 use crate::backplane::{Backplane, Routes, node_channel, user_channel};
 use crate::config::EngineConfig;
 use crate::metrics::{CodeLabel, EngineMetrics, TierLabel};
 use crate::planner;
+use crate::reads::{LocalReadQueue, ReadQueue};
 use crate::snowflake::{IdError, IdGenerator, now_unix_ms};
 use crate::store::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    StoreError,
 };
 
 /// Everything the engine refuses, each with its wire code.
@@ -38,6 +40,14 @@ pub enum EngineError {
     Clock(#[from] IdError),
     #[error("storage unavailable: {0}")]
     Store(StoreError),
+    #[error("{unknown} of {asked} acked ids were not pending for this device ({removed} removed)")]
+    NotPending {
+        unknown: usize,
+        asked: usize,
+        removed: u32,
+    },
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for EngineError {
@@ -59,7 +69,8 @@ impl EngineError {
             Self::Forbidden { .. } => ErrorCode::Forbidden,
             Self::TooManyDevices { .. } => ErrorCode::TooManyDevices,
             Self::Invalid(_) | Self::ConversationExists(_) => ErrorCode::InvalidRequest,
-            Self::Clock(_) | Self::Store(_) => ErrorCode::Unavailable,
+            Self::Clock(_) | Self::Store(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::NotPending { .. } => ErrorCode::NotPending,
         }
     }
 }
@@ -96,6 +107,9 @@ pub struct Engine {
     backplane: Arc<dyn Backplane>,
     routes: Arc<dyn Routes>,
     metrics: EngineMetrics,
+    /// Read markers' write-behind queue; an in-process one unless a
+    /// deployment sets another before the first Read.
+    reads: OnceLock<Arc<dyn ReadQueue>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -138,6 +152,19 @@ impl Engine {
             backplane,
             routes,
             metrics,
+            reads: OnceLock::new(),
+        })
+    }
+
+    /// Sets the read-marker queue (before the first Read); false if one was
+    /// set already.
+    pub fn set_read_queue(&self, queue: Arc<dyn ReadQueue>) -> bool {
+        self.reads.set(queue).is_ok()
+    }
+
+    pub fn read_queue(&self) -> &Arc<dyn ReadQueue> {
+        self.reads.get_or_init(|| {
+            LocalReadQueue::start(self.store.clone(), crate::reads::ReadMetrics::default())
         })
     }
 
@@ -455,6 +482,9 @@ impl Engine {
         Ok(page)
     }
 
+    /// Removes acked ids from a device's inbox. Ids that were not pending
+    /// (never delivered to this device, or acked before) are refused with
+    /// `not_pending` after the others are removed.
     pub async fn ack(&self, client_id: u64, ids: &[u64]) -> Result<u32, EngineError> {
         if ids.len() > self.cfg.max_page * 8 {
             return Err(EngineError::Invalid(format!(
@@ -462,7 +492,210 @@ impl Engine {
                 self.cfg.max_page * 8
             )));
         }
-        Ok(self.store.ack(client_id, ids).await?)
+        let mut unique = ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let removed = self.store.ack(client_id, &unique).await?;
+        if (removed as usize) < unique.len() {
+            return Err(EngineError::NotPending {
+                unknown: unique.len() - removed as usize,
+                asked: unique.len(),
+                removed,
+            });
+        }
+        Ok(removed)
+    }
+
+    /// Refreshes the last-seen time of connected devices `(user, client)`.
+    pub async fn touch_devices(&self, devices: &[(u64, u64)]) -> Result<(), EngineError> {
+        Ok(self.store.touch_clients(devices, now_unix_ms()).await?)
+    }
+
+    /// Removes devices unseen for `engine.device_ttl_ms`, with their pending
+    /// inbox; returns them.
+    pub async fn expire_devices(&self) -> Result<Vec<ClientRecord>, EngineError> {
+        let cutoff = now_unix_ms().saturating_sub(self.cfg.device_ttl_ms);
+        let mut gone = Vec::new();
+        loop {
+            let batch = self.store.expire_clients(cutoff, 1_000).await?;
+            let n = batch.len();
+            gone.extend(batch);
+            if n < 1_000 {
+                return Ok(gone);
+            }
+        }
+    }
+
+    /// Runs [`Self::expire_devices`] every `engine.device_sweep_ms` until the
+    /// engine is dropped.
+    pub fn spawn_device_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        let every = Duration::from_millis(self.cfg.device_sweep_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                match engine.expire_devices().await {
+                    Ok(gone) if !gone.is_empty() => {
+                        tracing::info!(devices = gone.len(), "removed devices past their TTL");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "device reaper failed; retried next sweep")
+                    }
+                }
+            }
+        })
+    }
+
+    /// A device read `conversation` up to `message_id`: the user's other
+    /// devices hear it at once (on the user's channel, every edge), and the
+    /// marker is queued for the store.
+    pub async fn read(
+        &self,
+        user: u64,
+        client_id: u64,
+        conversation: u64,
+        message_id: u64,
+    ) -> Result<(), EngineError> {
+        // An id from the future could mark messages not yet sent as read.
+        let horizon = crate::snowflake::min_id_at(now_unix_ms() + 60_000);
+        if message_id == 0 || message_id >= horizon {
+            return Err(EngineError::Invalid(format!(
+                "message id {message_id} is not an id this cluster issued"
+            )));
+        }
+        self.check_member(conversation, user).await?;
+        self.read_queue()
+            .push(ReadMark {
+                user,
+                conversation,
+                message_id,
+            })
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let payload = Envelope {
+            origin_node: self.node_id(),
+            payload: Payload::ReadMarker {
+                user,
+                conversation,
+                message_id,
+                origin_client: client_id,
+            },
+        }
+        .encode();
+        if let Err(e) = self.backplane.publish(&user_channel(user), payload).await {
+            // Stored (queued) already: other devices see it on their next sync.
+            self.metrics.publish_failures.inc();
+            tracing::warn!(user, conversation, error = %e, "read marker not published");
+        }
+        Ok(())
+    }
+
+    /// What a device missed, per cursor (see `SyncEntry` in the schema):
+    /// tiers 1 and 2 the messages after the cursor, oldest first, at most
+    /// `limit` per conversation and one frame in all; tier 3 only the
+    /// latest id. No cursors: every conversation of the user, latest and
+    /// read ids only.
+    pub async fn sync(
+        &self,
+        user: u64,
+        cursors: &[Cursor],
+        limit: u32,
+    ) -> Result<Vec<SyncEntry>, EngineError> {
+        if cursors.len() > self.cfg.max_sync_cursors {
+            return Err(EngineError::Invalid(format!(
+                "at most {} cursors per Sync",
+                self.cfg.max_sync_cursors
+            )));
+        }
+        let listing = cursors.is_empty();
+        let cursors: Vec<Cursor> = if listing {
+            self.store
+                .conversations_of(user)
+                .await?
+                .into_iter()
+                .take(self.cfg.max_sync_cursors)
+                .map(|conversation| Cursor {
+                    conversation,
+                    last_id: 0,
+                })
+                .collect()
+        } else {
+            cursors.to_vec()
+        };
+        let convs: Vec<u64> = cursors.iter().map(|c| c.conversation).collect();
+        let reads: std::collections::HashMap<u64, u64> = self
+            .store
+            .read_marks(user, &convs)
+            .await?
+            .into_iter()
+            .collect();
+        let limit = (limit as usize).clamp(1, self.cfg.max_page);
+        let mut budget = self.page_budget().saturating_sub(cursors.len() * 64);
+        let mut out = Vec::with_capacity(cursors.len());
+        for c in cursors {
+            let mut entry = SyncEntry {
+                conversation: c.conversation,
+                tier: 0,
+                messages: Vec::new(),
+                latest_id: 0,
+                read_id: reads.get(&c.conversation).copied().unwrap_or(0),
+                more: false,
+            };
+            let conv = match self.store.conversation(c.conversation).await? {
+                Some(conv) if listing || self.store.is_member(c.conversation, user).await? => conv,
+                _ => {
+                    entry.read_id = 0;
+                    out.push(entry);
+                    continue;
+                }
+            };
+            entry.tier = conv.tier;
+            entry.latest_id = self
+                .store
+                .history(
+                    c.conversation,
+                    Page {
+                        before: 0,
+                        after: 0,
+                        limit: 1,
+                    },
+                )
+                .await?
+                .first()
+                .map_or(0, |m| m.id);
+            let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
+            if !listing && tier != Tier::IdOnly && entry.latest_id > c.last_id {
+                if budget < MESSAGE_OVERHEAD * 2 {
+                    // Out of frame: the device syncs this one again.
+                    entry.more = true;
+                } else {
+                    let mut page = self.store.since(c.conversation, c.last_id, limit).await?;
+                    let last = page.last().map_or(0, |m| m.id);
+                    entry.more = fit_to_frame(&mut page, budget) || last < entry.latest_id;
+                    if page
+                        .first()
+                        .is_some_and(|m| m.body.len() + MESSAGE_OVERHEAD > budget)
+                    {
+                        page.clear();
+                        entry.more = true;
+                    }
+                    budget = budget.saturating_sub(
+                        page.iter()
+                            .map(|m| m.body.len() + MESSAGE_OVERHEAD)
+                            .sum::<usize>(),
+                    );
+                    entry.messages = page;
+                }
+            }
+            out.push(entry);
+        }
+        Ok(out)
     }
 
     pub async fn create_conversation(

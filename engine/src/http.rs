@@ -56,8 +56,12 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownConversation(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden { .. } => StatusCode::FORBIDDEN,
             EngineError::ConversationExists(_) => StatusCode::CONFLICT,
-            EngineError::TooManyDevices { .. } | EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
-            EngineError::Clock(_) | EngineError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::TooManyDevices { .. }
+            | EngineError::Invalid(_)
+            | EngineError::NotPending { .. } => StatusCode::BAD_REQUEST,
+            EngineError::Clock(_) | EngineError::Store(_) | EngineError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         Self::new(status, e.code(), e.to_string())
     }

@@ -24,6 +24,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod planner;
+pub mod reads;
 pub mod snowflake;
 pub mod store;
 

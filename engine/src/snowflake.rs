@@ -10,10 +10,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// 2026-01-01T00:00:00Z in Unix milliseconds.
-pub const EPOCH_MS: u64 = 1_767_225_600_000;
-pub const NODE_BITS: u32 = 10;
-pub const SEQ_BITS: u32 = 12;
+pub use tiercast_schemas::ids::{EPOCH_MS, NODE_BITS, SEQ_BITS, min_id_at};
 pub const MAX_NODE: u16 = (1 << NODE_BITS) - 1;
 const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
 const MAX_TIME: u64 = (1 << 41) - 1;
@@ -56,12 +53,6 @@ pub fn parts(id: u64) -> Parts {
         node: ((id >> SEQ_BITS) & u64::from(MAX_NODE)) as u16,
         seq: (id & MAX_SEQ) as u16,
     }
-}
-
-/// The smallest id that any node could issue at `unix_ms`: a lower bound for
-/// "messages since time T".
-pub fn min_id_at(unix_ms: u64) -> u64 {
-    compose(unix_ms.max(EPOCH_MS), 0, 0)
 }
 
 /// The pure generator: no clock, no waiting.

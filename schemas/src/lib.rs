@@ -11,9 +11,11 @@
 //! - [`wire`]: client protocol frames ([`wire::ClientFrame`],
 //!   [`wire::ServerFrame`]) and the error-code table ([`wire::ErrorCode`]).
 //! - [`envelope`]: backplane envelopes ([`envelope::Envelope`]).
+//! - [`ids`]: the layout of Snowflake message ids (time order).
 
 pub mod envelope;
 pub mod framing;
+pub mod ids;
 pub mod wire;
 
 #[allow(unsafe_code, unused_imports, clippy::all, clippy::pedantic, missing_docs)]

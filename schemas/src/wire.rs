@@ -35,10 +35,11 @@ pub enum ErrorCode {
     InvalidRequest = 24,
     Unavailable = 25,
     Internal = 26,
+    NotPending = 27,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::Unspecified,
         Self::MalformedFrame,
         Self::FrameTooLarge,
@@ -56,6 +57,7 @@ impl ErrorCode {
         Self::InvalidRequest,
         Self::Unavailable,
         Self::Internal,
+        Self::NotPending,
     ];
 
     pub fn from_u16(v: u16) -> Self {
@@ -90,6 +92,7 @@ impl ErrorCode {
             Self::InvalidRequest => "invalid_request",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::NotPending => "not_pending",
         }
     }
 }
@@ -108,6 +111,21 @@ pub struct Message {
     pub sender: u64,
     pub sender_client: u64,
     pub body: Bytes,
+}
+
+/// One conversation's state in a [`ServerBody::SyncResult`]; see
+/// `SyncEntry` in `schemas/fbs/protocol.fbs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncEntry {
+    pub conversation: u64,
+    /// 0: not a member (or no such conversation).
+    pub tier: u8,
+    /// Tiers 1 and 2: messages after the cursor, oldest first.
+    pub messages: Vec<Message>,
+    pub latest_id: u64,
+    /// The newest message the user has read (0 = none).
+    pub read_id: u64,
+    pub more: bool,
 }
 
 /// A per-conversation position: the last message id a device has.
@@ -192,10 +210,7 @@ pub enum ServerBody {
         nonce: u64,
     },
     SyncResult {
-        conversation: u64,
-        messages: Vec<Message>,
-        latest_id: u64,
-        more: bool,
+        entries: Vec<SyncEntry>,
     },
     ReadOk {
         conversation: u64,
@@ -597,26 +612,31 @@ impl ServerFrame {
                 let o = fb::Pong::create(&mut fbb, &fb::PongArgs { nonce: *nonce });
                 (fb::Body::Pong, o.as_union_value())
             }
-            ServerBody::SyncResult {
-                conversation,
-                messages,
-                latest_id,
-                more,
-            } => {
-                let ms: Vec<_> = messages
+            ServerBody::SyncResult { entries } => {
+                let es: Vec<_> = entries
                     .iter()
-                    .map(|m| build_message(&mut fbb, m))
+                    .map(|e| {
+                        let ms: Vec<_> = e
+                            .messages
+                            .iter()
+                            .map(|m| build_message(&mut fbb, m))
+                            .collect();
+                        let ms = fbb.create_vector(&ms);
+                        fb::SyncEntry::create(
+                            &mut fbb,
+                            &fb::SyncEntryArgs {
+                                conversation: e.conversation,
+                                tier: e.tier,
+                                messages: Some(ms),
+                                latest_id: e.latest_id,
+                                read_id: e.read_id,
+                                more: e.more,
+                            },
+                        )
+                    })
                     .collect();
-                let ms = fbb.create_vector(&ms);
-                let o = fb::SyncResult::create(
-                    &mut fbb,
-                    &fb::SyncResultArgs {
-                        conversation: *conversation,
-                        messages: Some(ms),
-                        latest_id: *latest_id,
-                        more: *more,
-                    },
-                );
+                let es = fbb.create_vector(&es);
+                let o = fb::SyncResult::create(&mut fbb, &fb::SyncResultArgs { entries: Some(es) });
                 (fb::Body::SyncResult, o.as_union_value())
             }
             ServerBody::ReadOk {
@@ -728,10 +748,21 @@ impl ServerFrame {
             fb::Body::SyncResult => {
                 let s = field!(f.body_as_sync_result(), "sync_result");
                 ServerBody::SyncResult {
-                    conversation: s.conversation(),
-                    messages: read_messages(frame, s.messages()),
-                    latest_id: s.latest_id(),
-                    more: s.more(),
+                    entries: s
+                        .entries()
+                        .map(|es| {
+                            es.iter()
+                                .map(|e| SyncEntry {
+                                    conversation: e.conversation(),
+                                    tier: e.tier(),
+                                    messages: read_messages(frame, e.messages()),
+                                    latest_id: e.latest_id(),
+                                    read_id: e.read_id(),
+                                    more: e.more(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             }
             fb::Body::ReadOk => {
@@ -886,18 +917,30 @@ mod tests {
                     more,
                 }),
             any::<u64>().prop_map(|nonce| ServerBody::Pong { nonce }),
-            (
-                any::<u64>(),
-                proptest::collection::vec(message(), 0..8),
-                any::<u64>(),
-                any::<bool>()
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    0u8..4,
+                    proptest::collection::vec(message(), 0..4),
+                    any::<u64>(),
+                    any::<u64>(),
+                    any::<bool>()
+                )
+                    .prop_map(
+                        |(conversation, tier, messages, latest_id, read_id, more)| {
+                            SyncEntry {
+                                conversation,
+                                tier,
+                                messages,
+                                latest_id,
+                                read_id,
+                                more,
+                            }
+                        }
+                    ),
+                0..4
             )
-                .prop_map(|(c, ms, l, more)| ServerBody::SyncResult {
-                    conversation: c,
-                    messages: ms,
-                    latest_id: l,
-                    more,
-                }),
+            .prop_map(|entries| ServerBody::SyncResult { entries }),
             (any::<u64>(), any::<u64>()).prop_map(|(c, m)| ServerBody::ReadOk {
                 conversation: c,
                 message_id: m,

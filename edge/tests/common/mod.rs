@@ -109,3 +109,117 @@ pub async fn messages_until(rx: &mut Deliveries, fence: u64) -> Vec<Message> {
         }
     }
 }
+
+/// What a [`Device`] has seen, each message once (the session dedupes).
+#[derive(Debug, Default)]
+pub struct Log {
+    pub messages: Vec<Message>,
+    pub notifies: Vec<(u64, u64)>,
+    pub markers: Vec<(u64, u64)>,
+    pub connects: usize,
+    pub disconnects: Vec<tiercast_client::ClientError>,
+    pub stopped: Option<tiercast_client::ClientError>,
+}
+
+impl Log {
+    pub fn ids(&self, conversation: u64) -> std::collections::HashSet<u64> {
+        self.messages
+            .iter()
+            .filter(|m| m.conversation == conversation)
+            .map(|m| m.id)
+            .collect()
+    }
+}
+
+/// A self-healing session whose events are logged by a task.
+pub struct Device {
+    pub session: tiercast_client::Session,
+    pub log: std::sync::Arc<std::sync::Mutex<Log>>,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Device {
+    pub fn start(cfg: tiercast_client::SessionConfig) -> Self {
+        use tiercast_client::Event;
+        let (session, mut events) = tiercast_client::Session::start(cfg);
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Log::default()));
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (l, c) = (log.clone(), changed.clone());
+        let task = tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                {
+                    let mut log = l.lock().unwrap();
+                    match e {
+                        Event::Connected { .. } => log.connects += 1,
+                        Event::Message(m) => log.messages.push(m),
+                        Event::Notify {
+                            conversation,
+                            message_id,
+                        } => log.notifies.push((conversation, message_id)),
+                        Event::ReadMarker {
+                            conversation,
+                            message_id,
+                        } => log.markers.push((conversation, message_id)),
+                        Event::Disconnected { error } => log.disconnects.push(error),
+                        Event::Stopped { error } => log.stopped = Some(error),
+                    }
+                }
+                c.notify_waiters();
+            }
+        });
+        Self {
+            session,
+            log,
+            changed,
+            task,
+        }
+    }
+
+    /// Waits (bounded by `within`) until `ok` holds for the log.
+    pub async fn wait_until(&self, what: &str, within: Duration, ok: impl Fn(&Log) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            if ok(&self.log.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let log = self.log.lock().unwrap();
+                panic!(
+                    "timed out waiting for {what}: {} messages, {} connects, disconnects {:?}, stopped {:?}",
+                    log.messages.len(),
+                    log.connects,
+                    log.disconnects,
+                    log.stopped
+                );
+            }
+        }
+    }
+
+    pub fn ids(&self, conversation: u64) -> std::collections::HashSet<u64> {
+        self.log.lock().unwrap().ids(conversation)
+    }
+}
+
+impl TestNode {
+    /// A session of `user`'s device `client_id` on this node.
+    pub fn session_config(&self, user: u64, client_id: u64) -> tiercast_client::SessionConfig {
+        let mut cfg = tiercast_client::SessionConfig::new(
+            vec![self.node.quic_addr],
+            self.node.cert_pem.clone(),
+            self.token(user),
+            client_id,
+        );
+        cfg.device = format!("test-{client_id}");
+        cfg.backoff_base = Duration::from_millis(20);
+        cfg.backoff_cap = Duration::from_millis(500);
+        cfg
+    }
+}

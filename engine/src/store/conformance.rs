@@ -9,7 +9,8 @@ use bytes::Bytes;
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    StoreError,
 };
 
 pub async fn run_all(store: &dyn Store) {
@@ -18,6 +19,9 @@ pub async fn run_all(store: &dyn Store) {
     messages_history_and_paging(store).await;
     inbox_and_acks(store).await;
     idempotent_insert(store).await;
+    since_pages_forward(store).await;
+    read_markers(store).await;
+    device_expiry(store).await;
 }
 
 fn conv(id: u64) -> Conversation {
@@ -333,4 +337,101 @@ async fn idempotent_insert(store: &dyn Store) {
         store.insert_message(&other).await.unwrap(),
         Persisted::Stored
     );
+}
+
+async fn since_pages_forward(store: &dyn Store) {
+    let ids = seed_history(store, 70, 7).await;
+    let ms = |v: Vec<Message>| v.iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(ms(store.since(70, 0, 3).await.unwrap()), ids[..3].to_vec());
+    assert_eq!(
+        ms(store.since(70, ids[2], 3).await.unwrap()),
+        ids[3..6].to_vec()
+    );
+    assert_eq!(
+        ms(store.since(70, ids[5], 3).await.unwrap()),
+        ids[6..].to_vec()
+    );
+    assert!(store.since(70, ids[6], 3).await.unwrap().is_empty());
+    assert!(store.since(70, u64::MAX, 3).await.unwrap().is_empty());
+    assert!(store.since(71, 0, 3).await.unwrap().is_empty());
+}
+
+async fn read_markers(store: &dyn Store) {
+    let mark = |conversation, message_id| ReadMark {
+        user: 800,
+        conversation,
+        message_id,
+    };
+    assert_eq!(store.read_marks(800, &[1, 2]).await.unwrap(), vec![]);
+    store
+        .set_read_marks(&[mark(1, 50), mark(2, 7)])
+        .await
+        .unwrap();
+    store.set_read_marks(&[mark(1, 40)]).await.unwrap();
+    assert_eq!(
+        store.read_marks(800, &[1, 2, 3]).await.unwrap(),
+        vec![(1, 50), (2, 7)],
+        "a marker never moves back"
+    );
+    store
+        .set_read_marks(&[mark(2, 9), mark(2, 8)])
+        .await
+        .unwrap();
+    assert_eq!(store.read_marks(800, &[2]).await.unwrap(), vec![(2, 9)]);
+    assert_eq!(
+        store.read_marks(801, &[1, 2]).await.unwrap(),
+        vec![],
+        "markers are per user"
+    );
+}
+
+async fn device_expiry(store: &dyn Store) {
+    let dev = |client_id, seen| ClientRecord {
+        client_id,
+        user: 900,
+        device: format!("d{client_id}"),
+        last_seen_ms: seen,
+    };
+    store.register_client(&dev(91, 1), 3, false).await.unwrap();
+    store.register_client(&dev(92, 2), 3, false).await.unwrap();
+    store.register_client(&dev(93, 2), 3, false).await.unwrap();
+    store.create_conversation(&conv(90)).await.unwrap();
+    store.add_members(90, &[900]).await.unwrap();
+    let m = NewMessage {
+        message: message(90, 9_000, 900, "pending"),
+        client_msg_id: 0,
+        inbox: vec![91, 92, 93],
+    };
+    store.insert_message(&m).await.unwrap();
+    // 93 was seen just now; 91 and 92 not since 1 and 2.
+    store
+        .touch_clients(&[(900, 93), (900, 999)], 5)
+        .await
+        .unwrap();
+    let mut gone: Vec<u64> = store
+        .expire_clients(3, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client_id)
+        .collect();
+    gone.sort_unstable();
+    assert_eq!(gone, vec![91, 92]);
+    let left: Vec<u64> = store
+        .clients_of(900)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client_id)
+        .collect();
+    assert_eq!(left, vec![93]);
+    assert!(store.inbox(91, 0, 10).await.unwrap().is_empty());
+    assert!(store.inbox(92, 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.inbox(93, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.message(90, 9_000).await.unwrap().map(|m| m.id),
+        Some(9_000),
+        "expiry removes devices and their inbox rows, never messages"
+    );
+    assert!(store.expire_clients(3, 100).await.unwrap().is_empty());
 }

@@ -23,7 +23,8 @@ use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    StoreError,
 };
 
 const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
@@ -39,6 +40,8 @@ const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messa
 /// (client, message id) -> conversation
 const INBOX: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbox");
 /// (sender client, client message id) -> message id
+/// (user, conversation) -> id of the newest message read.
+const READS: TableDefinition<(u64, u64), u64> = TableDefinition::new("reads");
 const IDEMPOTENCY: TableDefinition<(u64, u64), u64> = TableDefinition::new("idempotency");
 
 /// Most writes one group commit takes. Bounds the latency a commit adds to
@@ -128,6 +131,7 @@ impl EmbeddedStore {
             txn.open_table(MESSAGES).map_err(backend)?;
             txn.open_table(INBOX).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
+            txn.open_table(READS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -461,6 +465,90 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
+        let clients = clients.to_vec();
+        self.write(move |txn| {
+            let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+            for key in clients {
+                let rec = match t.get(key).map_err(backend)? {
+                    Some(v) => json::<ClientRecord>(v.value())?,
+                    None => continue,
+                };
+                if rec.last_seen_ms < now_ms {
+                    let rec = ClientRecord {
+                        last_seen_ms: now_ms,
+                        ..rec
+                    };
+                    t.insert(key, to_json(&rec).as_slice()).map_err(backend)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn expire_clients(
+        &self,
+        unseen_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ClientRecord>, StoreError> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+            let mut stale = Vec::new();
+            for row in t.iter().map_err(backend)? {
+                let rec: ClientRecord = json(row.map_err(backend)?.1.value())?;
+                if rec.last_seen_ms < unseen_before_ms {
+                    stale.push(rec);
+                    if stale.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+            for rec in &stale {
+                t.remove((rec.user, rec.client_id)).map_err(backend)?;
+                let c = rec.client_id;
+                inbox
+                    .retain_in((c, 0)..=(c, u64::MAX), |_, _| false)
+                    .map_err(backend)?;
+            }
+            Ok(stale)
+        })
+        .await
+    }
+
+    async fn set_read_marks(&self, marks: &[ReadMark]) -> Result<(), StoreError> {
+        let marks = marks.to_vec();
+        self.write(move |txn| {
+            let mut t = txn.open_table(READS).map_err(backend)?;
+            for m in marks {
+                let key = (m.user, m.conversation);
+                let current = t.get(key).map_err(backend)?.map(|v| v.value());
+                if current.is_none_or(|c| c < m.message_id) {
+                    t.insert(key, m.message_id).map_err(backend)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_marks(&self, user: u64, convs: &[u64]) -> Result<Vec<(u64, u64)>, StoreError> {
+        let convs = convs.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(READS).map_err(backend)?;
+            let mut out = Vec::new();
+            for conv in convs {
+                if let Some(v) = t.get((user, conv)).map_err(backend)? {
+                    out.push((conv, v.value()));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError> {
         let msg = msg.clone();
         self.write(move |txn| {
@@ -493,6 +581,27 @@ impl Store for EmbeddedStore {
         self.run(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             read_message(&txn.open_table(MESSAGES).map_err(backend)?, conv, id)
+        })
+        .await
+    }
+
+    async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MESSAGES).map_err(backend)?;
+            let mut out = Vec::with_capacity(limit.min(256));
+            for row in t
+                .range((conv, after + 1)..=(conv, u64::MAX))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(backend)?;
+                out.push(decode_message(conv, k.value().1, v.value())?);
+            }
+            Ok(out)
         })
         .await
     }

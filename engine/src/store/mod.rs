@@ -61,6 +61,15 @@ pub enum Registered {
     Evicted(u64),
 }
 
+/// How far a user has read a conversation (the id of the newest message
+/// read). Markers only move forward: a store keeps the largest it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ReadMark {
+    pub user: u64,
+    pub conversation: u64,
+    pub message_id: u64,
+}
+
 /// A message to persist with what must be written beside it atomically.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -133,11 +142,32 @@ pub trait Store: Send + Sync + 'static {
     /// The registered client ids of several users, in one read.
     async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
 
+    /// Refreshes the last-seen time of registered devices `(user, client)`;
+    /// unknown ones are skipped.
+    async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError>;
+    /// Removes up to `limit` devices last seen before `unseen_before_ms`,
+    /// each with its pending inbox; returns them.
+    async fn expire_clients(
+        &self,
+        unseen_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ClientRecord>, StoreError>;
+
+    /// Stores read markers, keeping per (user, conversation) the largest id
+    /// ever given (a marker never moves back).
+    async fn set_read_marks(&self, marks: &[ReadMark]) -> Result<(), StoreError>;
+    /// The user's read markers for `convs`, as `(conversation, id)`, for
+    /// those that have one.
+    async fn read_marks(&self, user: u64, convs: &[u64]) -> Result<Vec<(u64, u64)>, StoreError>;
+
     /// Stores a message, its inbox rows and its idempotency key atomically.
     async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError>;
     async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError>;
     /// History newest first within `page`.
     async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError>;
+    /// The oldest `limit` messages with ids above `after`, oldest first (a
+    /// device catching up from its cursor).
+    async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
 
     /// Pending inbox of a client, oldest first, ids above `after`.
     async fn inbox(

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, Registered, Store, StoreError,
+    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    StoreError,
 };
 
 /// A message as JSON.
@@ -107,6 +108,11 @@ pub enum Call {
         conv: u64,
         id: u64,
     },
+    Since {
+        conv: u64,
+        after: u64,
+        limit: usize,
+    },
     History {
         conv: u64,
         before: u64,
@@ -121,6 +127,21 @@ pub enum Call {
     Ack {
         client: u64,
         ids: Vec<u64>,
+    },
+    TouchClients {
+        clients: Vec<(u64, u64)>,
+        now_ms: u64,
+    },
+    ExpireClients {
+        unseen_before_ms: u64,
+        limit: usize,
+    },
+    SetReadMarks {
+        marks: Vec<ReadMark>,
+    },
+    ReadMarks {
+        user: u64,
+        convs: Vec<u64>,
     },
 }
 
@@ -246,6 +267,23 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
                 .collect::<Vec<_>>(),
         ),
         Call::Ack { client, ids } => to_value(store.ack(client, &ids).await?),
+        Call::Since { conv, after, limit } => to_value(
+            store
+                .since(conv, after, limit)
+                .await?
+                .iter()
+                .map(MessageJson::from)
+                .collect::<Vec<_>>(),
+        ),
+        Call::TouchClients { clients, now_ms } => {
+            to_value(store.touch_clients(&clients, now_ms).await?)
+        }
+        Call::ExpireClients {
+            unseen_before_ms,
+            limit,
+        } => to_value(store.expire_clients(unseen_before_ms, limit).await?),
+        Call::SetReadMarks { marks } => to_value(store.set_read_marks(&marks).await?),
+        Call::ReadMarks { user, convs } => to_value(store.read_marks(user, &convs).await?),
     })
 }
 
@@ -412,6 +450,41 @@ impl Store for RemoteStore {
         self.call(Call::Ack {
             client,
             ids: ids.to_vec(),
+        })
+        .await
+    }
+    async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let ms: Vec<MessageJson> = self.call(Call::Since { conv, after, limit }).await?;
+        Ok(ms.into_iter().map(Message::from).collect())
+    }
+    async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
+        self.call(Call::TouchClients {
+            clients: clients.to_vec(),
+            now_ms,
+        })
+        .await
+    }
+    async fn expire_clients(
+        &self,
+        unseen_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ClientRecord>, StoreError> {
+        self.call(Call::ExpireClients {
+            unseen_before_ms,
+            limit,
+        })
+        .await
+    }
+    async fn set_read_marks(&self, marks: &[ReadMark]) -> Result<(), StoreError> {
+        self.call(Call::SetReadMarks {
+            marks: marks.to_vec(),
+        })
+        .await
+    }
+    async fn read_marks(&self, user: u64, convs: &[u64]) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.call(Call::ReadMarks {
+            user,
+            convs: convs.to_vec(),
         })
         .await
     }

@@ -53,6 +53,8 @@ pub mod tiercast {
     pub use self::cursor_generated::*;
     mod sync_generated;
     pub use self::sync_generated::*;
+    mod sync_entry_generated;
+    pub use self::sync_entry_generated::*;
     mod sync_result_generated;
     pub use self::sync_result_generated::*;
     mod read_generated;

@@ -5,10 +5,10 @@ use super::*;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 26;
+pub const ENUM_MAX_ERROR_CODE: u16 = 27;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 17] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 18] = [
   ErrorCode::Unspecified,
   ErrorCode::MalformedFrame,
   ErrorCode::FrameTooLarge,
@@ -26,6 +26,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 17] = [
   ErrorCode::InvalidRequest,
   ErrorCode::Unavailable,
   ErrorCode::Internal,
+  ErrorCode::NotPending,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -50,9 +51,10 @@ impl ErrorCode {
   pub const InvalidRequest: Self = Self(24);
   pub const Unavailable: Self = Self(25);
   pub const Internal: Self = Self(26);
+  pub const NotPending: Self = Self(27);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 26;
+  pub const ENUM_MAX: u16 = 27;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unspecified,
     Self::MalformedFrame,
@@ -71,6 +73,7 @@ impl ErrorCode {
     Self::InvalidRequest,
     Self::Unavailable,
     Self::Internal,
+    Self::NotPending,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -92,6 +95,7 @@ impl ErrorCode {
       Self::InvalidRequest => Some("InvalidRequest"),
       Self::Unavailable => Some("Unavailable"),
       Self::Internal => Some("Internal"),
+      Self::NotPending => Some("NotPending"),
       _ => None,
     }
   }

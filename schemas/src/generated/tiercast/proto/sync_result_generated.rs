@@ -18,10 +18,7 @@ impl<'a> ::flatbuffers::Follow<'a> for SyncResult<'a> {
 }
 
 impl<'a> SyncResult<'a> {
-  pub const VT_CONVERSATION: ::flatbuffers::VOffsetT = 4;
-  pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 6;
-  pub const VT_LATEST_ID: ::flatbuffers::VOffsetT = 8;
-  pub const VT_MORE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ENTRIES: ::flatbuffers::VOffsetT = 4;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -33,41 +30,17 @@ impl<'a> SyncResult<'a> {
     args: &'args SyncResultArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SyncResult<'bldr>> {
     let mut builder = SyncResultBuilder::new(_fbb);
-    builder.add_latest_id(args.latest_id);
-    builder.add_conversation(args.conversation);
-    if let Some(x) = args.messages { builder.add_messages(x); }
-    builder.add_more(args.more);
+    if let Some(x) = args.entries { builder.add_entries(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn conversation(&self) -> u64 {
+  pub fn entries(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SyncEntry<'a>>>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(SyncResult::VT_CONVERSATION, Some(0)).unwrap()}
-  }
-  #[inline]
-  pub fn messages(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Message<'a>>>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Message>>>>(SyncResult::VT_MESSAGES, None)}
-  }
-  #[inline]
-  pub fn latest_id(&self) -> u64 {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(SyncResult::VT_LATEST_ID, Some(0)).unwrap()}
-  }
-  #[inline]
-  pub fn more(&self) -> bool {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<bool>(SyncResult::VT_MORE, Some(false)).unwrap()}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SyncEntry>>>>(SyncResult::VT_ENTRIES, None)}
   }
 }
 
@@ -77,28 +50,19 @@ impl ::flatbuffers::Verifiable for SyncResult<'_> {
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<u64>("conversation", Self::VT_CONVERSATION, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Message>>>>("messages", Self::VT_MESSAGES, false)?
-     .visit_field::<u64>("latest_id", Self::VT_LATEST_ID, false)?
-     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SyncEntry>>>>("entries", Self::VT_ENTRIES, false)?
      .finish();
     Ok(())
   }
 }
 pub struct SyncResultArgs<'a> {
-    pub conversation: u64,
-    pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Message<'a>>>>>,
-    pub latest_id: u64,
-    pub more: bool,
+    pub entries: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SyncEntry<'a>>>>>,
 }
 impl<'a> Default for SyncResultArgs<'a> {
   #[inline]
   fn default() -> Self {
     SyncResultArgs {
-      conversation: 0,
-      messages: None,
-      latest_id: 0,
-      more: false,
+      entries: None,
     }
   }
 }
@@ -109,20 +73,8 @@ pub struct SyncResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
 }
 impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncResultBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_conversation(&mut self, conversation: u64) {
-    self.fbb_.push_slot::<u64>(SyncResult::VT_CONVERSATION, conversation, 0);
-  }
-  #[inline]
-  pub fn add_messages(&mut self, messages: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Message<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SyncResult::VT_MESSAGES, messages);
-  }
-  #[inline]
-  pub fn add_latest_id(&mut self, latest_id: u64) {
-    self.fbb_.push_slot::<u64>(SyncResult::VT_LATEST_ID, latest_id, 0);
-  }
-  #[inline]
-  pub fn add_more(&mut self, more: bool) {
-    self.fbb_.push_slot::<bool>(SyncResult::VT_MORE, more, false);
+  pub fn add_entries(&mut self, entries: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<SyncEntry<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SyncResult::VT_ENTRIES, entries);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncResultBuilder<'a, 'b, A> {
@@ -142,10 +94,7 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncResultBuilder<'a, 'b, A> 
 impl ::core::fmt::Debug for SyncResult<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("SyncResult");
-      ds.field("conversation", &self.conversation());
-      ds.field("messages", &self.messages());
-      ds.field("latest_id", &self.latest_id());
-      ds.field("more", &self.more());
+      ds.field("entries", &self.entries());
       ds.finish()
   }
 }

@@ -1,0 +1,736 @@
+//! A device that stays connected: [`Session`] reconnects by itself
+//! (exponential backoff with full jitter, rotating over the edges it was
+//! given), resumes where it left off (its inbox arrives again, its cursors
+//! are synced), drops duplicates by message id, and acks tier-1 messages.
+//!
+//! What the app sees is a stream of [`Event`]s in which every message
+//! appears once, whichever way it came (live, inbox, sync).
+//!
+//! Resuming: a cursor is the newest id a device has per conversation. Ids
+//! are time-ordered but two senders' messages can be published out of id
+//! order by a few milliseconds, so a resume syncs from [`SessionConfig::
+//! resync_window`] before the cursor and lets deduplication drop the overlap.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiercast_schemas::ids::{NODE_BITS, SEQ_BITS, min_id_at};
+use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::connection::{Client, ClientConfig, ClientError, Delivery, SendOk};
+
+/// Gives the token for the next (re)connect: a long-lived device refreshes
+/// its token here.
+pub type TokenSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    /// Edges to connect to; after a failure the next one is tried.
+    pub edges: Vec<SocketAddr>,
+    pub server_name: String,
+    pub trusted_pem: String,
+    pub client_id: u64,
+    pub device: String,
+    pub token: TokenSource,
+    /// Backoff: the n-th consecutive failure waits a random time in
+    /// `0..=min(cap, base * 2^n)` ("full jitter").
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Messages per conversation per Sync page.
+    pub sync_limit: u32,
+    /// How far before a cursor a resume syncs from.
+    pub resync_window: Duration,
+    pub request_timeout: Duration,
+    /// Connections go through this endpoint (one UDP socket for many
+    /// sessions); without one the session makes its own.
+    pub endpoint: Option<quinn::Endpoint>,
+    pub event_buffer: usize,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("edges", &self.edges)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionConfig {
+    pub fn new(edges: Vec<SocketAddr>, trusted_pem: String, token: String, client_id: u64) -> Self {
+        Self {
+            edges,
+            server_name: "localhost".into(),
+            trusted_pem,
+            client_id,
+            device: "sdk".into(),
+            token: Arc::new(move || token.clone()),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(5),
+            sync_limit: 200,
+            resync_window: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            endpoint: None,
+            event_buffer: 65_536,
+        }
+    }
+}
+
+/// What a session tells its app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Connected {
+        edge: SocketAddr,
+    },
+    /// A message, once per id whichever way it arrived.
+    Message(Message),
+    /// A tier-3 message exists (pull it to show it).
+    Notify {
+        conversation: u64,
+        message_id: u64,
+    },
+    /// The user read up to here on another device.
+    ReadMarker {
+        conversation: u64,
+        message_id: u64,
+    },
+    /// The connection ended; the session reconnects.
+    Disconnected {
+        error: ClientError,
+    },
+    /// The session gave up (a refused token, too many devices): it will not
+    /// reconnect.
+    Stopped {
+        error: ClientError,
+    },
+}
+
+/// Counters of a session, exact.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pub connects: AtomicU64,
+    /// Message frames received (live, inbox or sync), before deduplication.
+    pub received: AtomicU64,
+    /// Of those, dropped as already seen.
+    pub duplicates: AtomicU64,
+    pub syncs: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+/// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
+pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .min(cap);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        rand::random_range(0..=ms)
+    })
+}
+
+/// Errors after which reconnecting cannot help.
+fn is_fatal(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::Unauthenticated
+                | ErrorCode::TokenExpired
+                | ErrorCode::TooManyDevices
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::ProtocolViolation
+        )
+    )
+}
+
+/// Errors a request is retried after (on the next connection).
+fn is_retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect(_) | ClientError::Closed { .. } | ClientError::Timeout(_) => true,
+        ClientError::Refused { code, .. } => *code == ErrorCode::Unavailable,
+        ClientError::Protocol(_) => false,
+    }
+}
+
+/// Per-conversation resume state.
+#[derive(Debug, Default)]
+struct State {
+    cursors: HashMap<u64, u64>,
+    /// Recently seen ids per conversation (pruned below the cursor minus the
+    /// window).
+    seen: HashMap<u64, BTreeSet<u64>>,
+    tiers: HashMap<u64, u8>,
+    read: HashMap<u64, u64>,
+    /// When the last connection ended (Unix ms): conversations discovered
+    /// on the next connect sync from there.
+    disconnected_at_ms: Option<u64>,
+    listed: bool,
+}
+
+/// Ids to keep per conversation before pruning.
+const SEEN_PRUNE_AT: usize = 4_096;
+
+impl State {
+    /// Records a message; false if it was seen before.
+    fn accept(&mut self, m: &Message, window_ids: u64) -> bool {
+        let seen = self.seen.entry(m.conversation).or_default();
+        if !seen.insert(m.id) {
+            return false;
+        }
+        let c = self.cursors.entry(m.conversation).or_insert(0);
+        *c = (*c).max(m.id);
+        if seen.len() > SEEN_PRUNE_AT {
+            let keep_from = c.saturating_sub(window_ids.saturating_mul(2));
+            *seen = seen.split_off(&keep_from);
+        }
+        true
+    }
+}
+
+struct Inner {
+    cfg: SessionConfig,
+    state: Mutex<State>,
+    current: watch::Sender<Option<Client>>,
+    closing: AtomicBool,
+    close: Notify,
+    stats: Arc<SessionStats>,
+    acks: Mutex<Vec<u64>>,
+}
+
+/// A self-healing device session. Drop or [`Session::close`] ends it.
+pub struct Session {
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The events of a session, in order.
+pub type Events = mpsc::Receiver<Event>;
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client_id", &self.inner.cfg.client_id)
+            .finish()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(c) = self.inner.current.borrow().as_ref() {
+            c.close();
+        }
+    }
+}
+
+impl Session {
+    /// Starts connecting in the background; the app reads the events.
+    pub fn start(cfg: SessionConfig) -> (Self, Events) {
+        assert!(!cfg.edges.is_empty(), "a session needs at least one edge");
+        let (tx, events) = mpsc::channel(cfg.event_buffer);
+        let inner = Arc::new(Inner {
+            cfg,
+            state: Mutex::new(State::default()),
+            current: watch::channel(None).0,
+            closing: AtomicBool::new(false),
+            close: Notify::new(),
+            stats: Arc::default(),
+            acks: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(supervise(inner.clone(), tx));
+        (Self { inner, task }, events)
+    }
+
+    pub fn stats(&self) -> Arc<SessionStats> {
+        self.inner.stats.clone()
+    }
+
+    /// The current connection, waiting up to `within` for one.
+    pub async fn client(&self, within: Duration) -> Result<Client, ClientError> {
+        let mut rx = self.inner.current.subscribe();
+        let got = tokio::time::timeout(within, rx.wait_for(Option::is_some))
+            .await
+            .map_err(|_| ClientError::Timeout(within))?
+            .map_err(|_| ClientError::Connect("session stopped".into()))?;
+        Ok(got.clone().expect("waited for Some"))
+    }
+
+    /// Sends, retrying across reconnects until `within` passes. The
+    /// client message id makes the retries safe: the edge stores the
+    /// message once and answers every retry with the first id.
+    pub async fn send(
+        &self,
+        conversation: u64,
+        client_msg_id: u64,
+        body: Bytes,
+        within: Duration,
+    ) -> Result<SendOk, ClientError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let client = self.client(left).await?;
+            match client.send(conversation, client_msg_id, body.clone()).await {
+                Ok(ok) => {
+                    // The device has its own message; a later sync must
+                    // not hand it back as new.
+                    let m = Message {
+                        id: ok.message_id,
+                        conversation,
+                        sender: client.user_id,
+                        sender_client: client.client_id,
+                        body: Bytes::new(),
+                    };
+                    self.inner
+                        .state
+                        .lock()
+                        .expect("state lock")
+                        .accept(&m, self.inner.window_ids());
+                    return Ok(ok);
+                }
+                Err(e) if is_retryable(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Marks a conversation read up to `message_id` (the other devices see
+    /// it at once).
+    pub async fn read(
+        &self,
+        conversation: u64,
+        message_id: u64,
+        within: Duration,
+    ) -> Result<(), ClientError> {
+        let client = self.client(within).await?;
+        client.read(conversation, message_id).await
+    }
+
+    /// The newest read marker this device knows for a conversation.
+    pub fn read_marker(&self, conversation: u64) -> Option<u64> {
+        self.inner
+            .state
+            .lock()
+            .expect("state lock")
+            .read
+            .get(&conversation)
+            .copied()
+    }
+
+    /// Drops the current connection as a network blip would; the session
+    /// reconnects and resumes by itself.
+    pub fn reconnect(&self) {
+        if let Some(c) = self.inner.current.borrow().as_ref() {
+            c.close();
+        }
+    }
+
+    /// Stops reconnecting and closes the connection.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        self.inner.close.notify_waiters();
+        if let Some(c) = self.inner.current.borrow().as_ref() {
+            c.close();
+        }
+    }
+}
+
+impl Inner {
+    fn window_ids(&self) -> u64 {
+        (self.cfg.resync_window.as_millis() as u64) << (NODE_BITS + SEQ_BITS)
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+/// Why one connection ended.
+enum Ended {
+    /// The edge is draining: reconnect (elsewhere) after this long.
+    Drain(Duration),
+    Lost(ClientError),
+    Closed,
+}
+
+async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
+    let cfg = &inner.cfg;
+    let endpoint = match &cfg.endpoint {
+        Some(e) => e.clone(),
+        None => {
+            let bind: SocketAddr = if cfg.edges[0].is_ipv6() {
+                "[::]:0".parse().expect("literal")
+            } else {
+                "0.0.0.0:0".parse().expect("literal")
+            };
+            match crate::connection::client_endpoint(bind, 1 << 20) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = events
+                        .send(Event::Stopped {
+                            error: ClientError::Connect(e.to_string()),
+                        })
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    let mut failures: u32 = 0;
+    let mut edge = 0usize;
+    let mut delay = Duration::ZERO;
+    while !inner.closing() {
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = inner.close.notified() => return,
+            }
+        }
+        let addr = cfg.edges[edge % cfg.edges.len()];
+        let ccfg = ClientConfig {
+            addr,
+            server_name: cfg.server_name.clone(),
+            trusted_pem: cfg.trusted_pem.clone(),
+            token: (cfg.token)(),
+            client_id: cfg.client_id,
+            device: cfg.device.clone(),
+            request_timeout: cfg.request_timeout,
+            delivery_buffer: 4_096,
+            stream_receive_window: None,
+        };
+        let (client, deliveries) = match Client::connect_on(&endpoint, ccfg).await {
+            Ok(c) => c,
+            Err(e) if is_fatal(&e) => {
+                let _ = events.send(Event::Stopped { error: e }).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "connect failed; backing off");
+                failures += 1;
+                edge += 1;
+                delay = full_jitter(cfg.backoff_base, cfg.backoff_cap, failures);
+                continue;
+            }
+        };
+        failures = 0;
+        inner.stats.connects.fetch_add(1, Ordering::Relaxed);
+        inner.current.send_replace(Some(client.clone()));
+        if events.send(Event::Connected { edge: addr }).await.is_err() {
+            client.close();
+            return;
+        }
+        let ended = serve_connection(&inner, &client, deliveries, &events).await;
+        inner.current.send_replace(None);
+        inner.state.lock().expect("state lock").disconnected_at_ms = Some(now_unix_ms());
+        match ended {
+            Ended::Closed => return,
+            Ended::Drain(after) => {
+                edge += 1;
+                delay = after;
+            }
+            Ended::Lost(error) => {
+                if events.send(Event::Disconnected { error }).await.is_err() {
+                    return;
+                }
+                failures = 1;
+                edge += 1;
+                delay = full_jitter(cfg.backoff_base, cfg.backoff_cap, failures);
+            }
+        }
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One connection's life: deliveries in, a resume sync beside them, acks
+/// out every few milliseconds.
+async fn serve_connection(
+    inner: &Arc<Inner>,
+    client: &Client,
+    mut deliveries: crate::connection::Deliveries,
+    events: &mpsc::Sender<Event>,
+) -> Ended {
+    let resync = tokio::spawn(resume(inner.clone(), client.clone(), events.clone()));
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(25));
+    let ended = loop {
+        tokio::select! {
+            d = deliveries.recv() => match d {
+                Some(Delivery::Message(m)) => {
+                    if !deliver(inner, m, events).await {
+                        break Ended::Closed;
+                    }
+                }
+                Some(Delivery::Notify { conversation, message_id }) => {
+                    let newer = {
+                        let mut st = inner.state.lock().expect("state lock");
+                        let c = st.cursors.entry(conversation).or_insert(0);
+                        let newer = message_id > *c;
+                        *c = (*c).max(message_id);
+                        newer
+                    };
+                    if newer && events.send(Event::Notify { conversation, message_id }).await.is_err() {
+                        break Ended::Closed;
+                    }
+                }
+                Some(Delivery::ReadMarker { conversation, message_id, .. }) => {
+                    if !read_marker(inner, conversation, message_id, events).await {
+                        break Ended::Closed;
+                    }
+                }
+                Some(Delivery::Drain { reconnect_after_ms, reason }) => {
+                    tracing::debug!(%reason, reconnect_after_ms, "edge draining");
+                    flush_acks(inner, client).await;
+                    client.close();
+                    break Ended::Drain(Duration::from_millis(u64::from(reconnect_after_ms)));
+                }
+                None => {
+                    let why = tokio::time::timeout(Duration::from_secs(2), client.closed())
+                        .await
+                        .unwrap_or(ClientError::Closed {
+                            code: ErrorCode::Unspecified,
+                            reason: "delivery stream ended".into(),
+                        });
+                    break Ended::Lost(why);
+                }
+            },
+            _ = ack_tick.tick() => flush_acks(inner, client).await,
+            () = inner.close.notified() => {
+                flush_acks(inner, client).await;
+                client.close();
+                break Ended::Closed;
+            }
+        }
+    };
+    resync.abort();
+    ended
+}
+
+/// Hands a message to the app once; queues its ack (tier 1 only: tiers 2
+/// and 3 keep no inbox).
+async fn deliver(inner: &Inner, m: Message, events: &mpsc::Sender<Event>) -> bool {
+    inner.stats.received.fetch_add(1, Ordering::Relaxed);
+    let (fresh, ack) = {
+        let mut st = inner.state.lock().expect("state lock");
+        let fresh = st.accept(&m, inner.window_ids());
+        let tier = st.tiers.get(&m.conversation).copied().unwrap_or(1);
+        (fresh, tier == 1)
+    };
+    if ack {
+        // Acked even when a duplicate: the first ack may have been lost
+        // with a connection.
+        inner.acks.lock().expect("acks lock").push(m.id);
+    }
+    if !fresh {
+        inner.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
+    events.send(Event::Message(m)).await.is_ok()
+}
+
+async fn read_marker(
+    inner: &Inner,
+    conversation: u64,
+    message_id: u64,
+    events: &mpsc::Sender<Event>,
+) -> bool {
+    let newer = {
+        let mut st = inner.state.lock().expect("state lock");
+        let r = st.read.entry(conversation).or_insert(0);
+        let newer = message_id > *r;
+        *r = (*r).max(message_id);
+        newer
+    };
+    !newer
+        || events
+            .send(Event::ReadMarker {
+                conversation,
+                message_id,
+            })
+            .await
+            .is_ok()
+}
+
+async fn flush_acks(inner: &Inner, client: &Client) {
+    let ids = std::mem::take(&mut *inner.acks.lock().expect("acks lock"));
+    if ids.is_empty() {
+        return;
+    }
+    for chunk in ids.chunks(1_000) {
+        match client.ack(chunk).await {
+            Ok(n) => {
+                inner.stats.acked.fetch_add(u64::from(n), Ordering::Relaxed);
+            }
+            // Acked before (a duplicate's second ack): nothing to do.
+            Err(ClientError::Refused {
+                code: ErrorCode::NotPending,
+                ..
+            }) => {}
+            // Unacked entries come again on the next connect.
+            Err(e) => tracing::debug!(error = %e, "ack failed"),
+        }
+    }
+}
+
+/// After (re)connecting: list the user's conversations, then sync every
+/// cursor from a little before it, page by page.
+async fn resume(inner: Arc<Inner>, client: Client, events: mpsc::Sender<Event>) {
+    if let Err(e) = resume_inner(&inner, &client, &events).await {
+        tracing::debug!(error = %e, "resume sync failed; the next connect retries");
+    }
+}
+
+async fn resume_inner(
+    inner: &Inner,
+    client: &Client,
+    events: &mpsc::Sender<Event>,
+) -> Result<(), ClientError> {
+    let cfg = &inner.cfg;
+    let window = inner.window_ids();
+    let listing = client.sync(&[], cfg.sync_limit).await?;
+    inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+    let mut markers = Vec::new();
+    let mut cursors = Vec::new();
+    {
+        let mut st = inner.state.lock().expect("state lock");
+        // A conversation new to this device starts at its latest message on
+        // the first connect, and at the last disconnect afterwards.
+        let since = match (st.listed, st.disconnected_at_ms) {
+            (true, Some(t)) => Some(min_id_at(
+                t.saturating_sub(cfg.resync_window.as_millis() as u64),
+            )),
+            _ => None,
+        };
+        st.listed = true;
+        for e in &listing {
+            st.tiers.insert(e.conversation, e.tier);
+            if e.read_id > st.read.get(&e.conversation).copied().unwrap_or(0) {
+                markers.push((e.conversation, e.read_id));
+            }
+            let cursor = match (st.cursors.get(&e.conversation), since) {
+                (Some(&c), _) => c.saturating_sub(window),
+                (None, Some(from)) => from,
+                (None, None) => {
+                    st.cursors.insert(e.conversation, e.latest_id);
+                    continue;
+                }
+            };
+            cursors.push(Cursor {
+                conversation: e.conversation,
+                last_id: cursor,
+            });
+        }
+    }
+    for (conversation, id) in markers {
+        read_marker(inner, conversation, id, events).await;
+    }
+    while !cursors.is_empty() {
+        let batch: Vec<Cursor> = cursors.drain(..cursors.len().min(64)).collect();
+        let entries = client.sync(&batch, cfg.sync_limit).await?;
+        inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        for SyncEntry {
+            conversation,
+            tier,
+            messages,
+            latest_id,
+            more,
+            ..
+        } in entries
+        {
+            let from = batch
+                .iter()
+                .find(|c| c.conversation == conversation)
+                .map_or(0, |c| c.last_id);
+            inner
+                .state
+                .lock()
+                .expect("state lock")
+                .tiers
+                .insert(conversation, tier);
+            if tier == 3 {
+                let newer = {
+                    let mut st = inner.state.lock().expect("state lock");
+                    let c = st.cursors.entry(conversation).or_insert(0);
+                    let newer = latest_id > *c;
+                    *c = (*c).max(latest_id);
+                    newer
+                };
+                if newer {
+                    let _ = events
+                        .send(Event::Notify {
+                            conversation,
+                            message_id: latest_id,
+                        })
+                        .await;
+                }
+                continue;
+            }
+            let last = messages.last().map_or(from, |m| m.id);
+            for m in messages {
+                if !deliver(inner, m, events).await {
+                    return Ok(());
+                }
+            }
+            if more {
+                cursors.push(Cursor {
+                    conversation,
+                    last_id: last,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_jitter_stays_under_the_exponential_ceiling() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let ceiling = (100u64 << attempt.min(20)).min(5_000);
+            for _ in 0..50 {
+                let d = full_jitter(base, cap, attempt).as_millis() as u64;
+                assert!(d <= ceiling, "attempt {attempt}: {d} > {ceiling}");
+            }
+        }
+        // Full jitter spreads: not every draw is the ceiling.
+        let draws: BTreeSet<u128> = (0..100)
+            .map(|_| full_jitter(base, cap, 6).as_millis())
+            .collect();
+        assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn messages_are_accepted_once_and_move_the_cursor() {
+        let mut st = State::default();
+        let m = |id| Message {
+            id,
+            conversation: 9,
+            sender: 1,
+            sender_client: 1,
+            body: Bytes::new(),
+        };
+        assert!(st.accept(&m(5), 1));
+        assert!(!st.accept(&m(5), 1));
+        assert!(st.accept(&m(3), 1), "an older id is still new");
+        assert_eq!(st.cursors[&9], 5);
+        for id in 10..(10 + SEEN_PRUNE_AT as u64 + 10) {
+            assert!(st.accept(&m(id), 4));
+        }
+        assert!(st.seen[&9].len() <= SEEN_PRUNE_AT);
+    }
+}

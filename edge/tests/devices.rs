@@ -1,0 +1,494 @@
+//! Every device gets every message, on a single node: a device that keeps
+//! dropping its connection catches up from its inbox (tier 1) and by cursor
+//! sync (tier 2) with no gap; read markers reach the other devices at once
+//! and survive a restart; a stalled device is cut off (or, for tier-3
+//! notifications, coalesced) without slowing anyone else and catches up;
+//! devices past their TTL go with their inbox; limits give clear errors and
+//! change nothing else.
+//!
+//! "Nothing stored is lost" is checked the same way everywhere: the ids a
+//! device ends with equal the ids the senders were given by `SendOk`, and
+//! the store's history holds exactly those.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Device, TestNode, WAIT};
+use tiercast_client::{Client, ClientError, Cursor, Delivery, ErrorCode};
+use tiercast_engine::Outgoing;
+use tiercast_schemas::envelope::Tier;
+
+async fn pinned(node: &TestNode, id: u64, members: &[u64], tier: Tier) {
+    node.chat(id, members).await;
+    node.node.engine.pin_tier(id, Some(tier)).await.unwrap();
+}
+
+fn metric(node: &TestNode, name: &str) -> u64 {
+    node.node
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_keeps_reconnecting_misses_nothing() {
+    let node = common::start(&[]).await;
+    node.chat(1, &[1, 2]).await;
+    pinned(&node, 2, &[1, 2], Tier::Sharded).await;
+    pinned(&node, 3, &[1, 2], Tier::IdOnly).await;
+    let (sender, _rx) = node.device(1, 10).await;
+    let bob = Device::start(node.session_config(2, 20));
+    bob.wait_until("connected", WAIT, |l| l.connects >= 1).await;
+
+    let mut sent: [HashSet<u64>; 2] = Default::default();
+    let mut last_broadcast = 0;
+    for round in 0..200u64 {
+        for (i, conv) in [1u64, 2].into_iter().enumerate() {
+            let ok = sender
+                .send(
+                    conv,
+                    round * 2 + i as u64 + 1,
+                    Bytes::from(format!("m{round}")),
+                )
+                .await
+                .unwrap();
+            sent[i].insert(ok.message_id);
+        }
+        if round % 20 == 10 {
+            // A network blip: the session reconnects and resumes by itself
+            // while the sends go on.
+            bob.session.reconnect();
+            last_broadcast = sender
+                .send(3, 10_000 + round, Bytes::from_static(b"broadcast"))
+                .await
+                .unwrap()
+                .message_id;
+        }
+    }
+    bob.wait_until("every message of both chats", WAIT * 3, |l| {
+        l.ids(1) == sent[0] && l.ids(2) == sent[1]
+    })
+    .await;
+    bob.wait_until("the latest broadcast", WAIT, |l| {
+        l.notifies
+            .iter()
+            .any(|&(c, id)| c == 3 && id == last_broadcast)
+    })
+    .await;
+    let stats = bob.session.stats();
+    let (delivered, connects) = {
+        let log = bob.log.lock().unwrap();
+        (log.messages.len(), log.connects)
+    };
+    assert_eq!(delivered, 400, "each message once after deduplication");
+    eprintln!(
+        "reconnecting device: sent 400, delivered {delivered}, lost 0, connects {connects}, frames received {}, duplicates dropped {}",
+        stats.received.load(Ordering::Relaxed),
+        stats.duplicates.load(Ordering::Relaxed)
+    );
+    assert!(connects >= 10, "it did reconnect ({connects})");
+    // The store holds exactly what was acknowledged to the sender.
+    let (history, _) = sender.fetch(2, 0, 200).await.unwrap();
+    assert_eq!(history.len(), 200);
+    assert!(history.iter().all(|m| sent[1].contains(&m.id)));
+    // Tier-1 messages are acked as they arrive: nothing stays pending.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node
+        .node
+        .engine
+        .store()
+        .inbox(20, 0, 1_000)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "inbox not acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_markers_reach_the_other_devices_and_survive_a_restart() {
+    let node = common::start(&[]).await;
+    node.chat(1, &[1, 2]).await;
+    let (friend, _f) = node.device(2, 20).await;
+    let phone = Device::start(node.session_config(1, 11));
+    let laptop = Device::start(node.session_config(1, 12));
+    for d in [&phone, &laptop] {
+        d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
+    }
+    let mut last = 0;
+    for i in 0..5 {
+        last = friend
+            .send(1, i + 1, Bytes::from(format!("m{i}")))
+            .await
+            .unwrap()
+            .message_id;
+    }
+    phone
+        .wait_until("the messages", WAIT, |l| l.ids(1).contains(&last))
+        .await;
+    phone.session.read(1, last, WAIT).await.unwrap();
+    laptop
+        .wait_until("the phone's read marker", WAIT, |l| {
+            l.markers.contains(&(1, last))
+        })
+        .await;
+    // A marker never moves back.
+    phone.session.read(1, last - 1, WAIT).await.unwrap();
+    assert!(
+        phone.log.lock().unwrap().markers.is_empty(),
+        "the reading device gets no echo"
+    );
+    // Not a member, and an id from the future: clear errors.
+    let (outsider, _o) = node.device(3, 30).await;
+    let e = outsider.read(1, last).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Forbidden));
+    let e = friend.read(1, u64::MAX - 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest));
+
+    // Restart the node on the same data directory.
+    drop((phone, laptop, friend, outsider));
+    let TestNode { node: running, dir } = node;
+    running.shutdown().await;
+    let node = TestNode {
+        node: tiercast_edge::Node::start(common::config(dir.path(), &[]))
+            .await
+            .unwrap(),
+        dir,
+    };
+    let (tablet, _t) = node.device(1, 11).await;
+    let entries = tablet
+        .sync(
+            &[Cursor {
+                conversation: 1,
+                last_id: 0,
+            }],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].read_id, last, "the marker survived the restart");
+    assert_eq!(entries[0].latest_id, last);
+    assert_eq!(entries[0].messages.len(), 5);
+    // A fresh session learns it from its first sync.
+    let fresh = Device::start(node.session_config(1, 12));
+    fresh
+        .wait_until("the stored marker", WAIT, |l| {
+            l.markers.contains(&(1, last))
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pages_forward_and_answers_non_members_with_tier_zero() {
+    let node = common::start(&[]).await;
+    pinned(&node, 1, &[1, 2], Tier::Sharded).await;
+    pinned(&node, 2, &[1, 2], Tier::IdOnly).await;
+    node.chat(3, &[2, 3]).await;
+    let (a, _a) = node.device(1, 10).await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        ids.push(
+            a.send(1, 0, Bytes::from(format!("m{i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    let broadcast = a
+        .send(2, 0, Bytes::from_static(b"b"))
+        .await
+        .unwrap()
+        .message_id;
+    let (b, _b) = node.device(2, 20).await;
+    let mut cursor = ids[4];
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let e = b
+            .sync(
+                &[
+                    Cursor {
+                        conversation: 1,
+                        last_id: cursor,
+                    },
+                    Cursor {
+                        conversation: 2,
+                        last_id: 0,
+                    },
+                    Cursor {
+                        conversation: 99,
+                        last_id: 0,
+                    },
+                ],
+                7,
+            )
+            .await
+            .unwrap();
+        assert_eq!((e[1].tier, e[1].latest_id), (3, broadcast));
+        assert!(e[1].messages.is_empty(), "tier 3 gives the latest id only");
+        assert_eq!(e[2].tier, 0, "no such conversation");
+        assert_eq!(e[0].tier, 2);
+        assert!(e[0].messages.len() <= 7);
+        got.extend(e[0].messages.iter().map(|m| m.id));
+        match e[0].messages.last() {
+            Some(m) if e[0].more => cursor = m.id,
+            _ => break,
+        }
+    }
+    assert_eq!(got, ids[5..].to_vec(), "oldest first, no gap, no repeat");
+    // A user outside conversation 3 learns nothing about it.
+    let e = a
+        .sync(
+            &[Cursor {
+                conversation: 3,
+                last_id: 0,
+            }],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!((e[0].tier, e[0].latest_id, e[0].messages.len()), (0, 0, 0));
+    // No cursors: the listing of the user's conversations.
+    let listing = b.sync(&[], 10).await.unwrap();
+    let convs: HashSet<u64> = listing.iter().map(|e| e.conversation).collect();
+    assert_eq!(convs, HashSet::from([1, 2, 3]));
+    assert!(listing.iter().all(|e| e.messages.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
+    let node = common::start(&[]).await;
+    node.chat(1, &[1, 2]).await;
+    let store = node.node.engine.store().clone();
+    let (friend, _f) = node.device(2, 20).await;
+    let mut devices = Vec::new();
+    for c in [11, 12, 13] {
+        devices.push(node.device(1, c).await);
+    }
+    // A fourth device is refused; the three keep working.
+    let err = Client::connect(node.client_config(1, 14))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooManyDevices), "{err}");
+    let mut registered: Vec<u64> = store
+        .clients_of(1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client_id)
+        .collect();
+    registered.sort_unstable();
+    assert_eq!(registered, vec![11, 12, 13]);
+    let sent = friend.send(1, 1, Bytes::from_static(b"hi")).await.unwrap();
+    for (_, rx) in &mut devices {
+        assert_eq!(common::next_message(rx).await.id, sent.message_id);
+    }
+
+    // Acks for ids that are not pending: a clear error, the inbox as it was.
+    let (d11, _) = &devices[0];
+    let before = store.inbox(11, 0, 100).await.unwrap();
+    assert_eq!(before.len(), 1);
+    let err = d11.ack(&[sent.message_id + 1, 42]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotPending), "{err}");
+    assert_eq!(store.inbox(11, 0, 100).await.unwrap(), before);
+    assert_eq!(d11.ack(&[sent.message_id]).await.unwrap(), 1);
+    let err = d11.ack(&[sent.message_id]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotPending), "acked twice");
+
+    // A token that expired by the time the session reconnects: the session
+    // stops with the code, and nothing else changes.
+    let (_, rx13) = devices.pop().unwrap();
+    drop(rx13);
+    let expired = Arc::new(AtomicBool::new(false));
+    let mut cfg = node.session_config(1, 13);
+    let (keys, flag) = (node.node.keys.clone(), expired.clone());
+    cfg.token = Arc::new(move || {
+        let now = tiercast_engine::auth::now_unix();
+        if flag.load(Ordering::Acquire) {
+            keys.mint_user(1, now - 7_200, 60)
+        } else {
+            keys.mint_user(1, now, 600)
+        }
+    });
+    let d13 = Device::start(cfg);
+    d13.wait_until("connected", WAIT, |l| l.connects >= 1).await;
+    expired.store(true, Ordering::Release);
+    d13.session.reconnect();
+    d13.wait_until("the session to stop", WAIT, |l| l.stopped.is_some())
+        .await;
+    let stopped = d13.log.lock().unwrap().stopped.clone().unwrap();
+    assert_eq!(stopped.code(), Some(ErrorCode::TokenExpired), "{stopped}");
+    assert_eq!(store.clients_of(1).await.unwrap().len(), 3);
+    let again = friend
+        .send(1, 2, Bytes::from_static(b"still"))
+        .await
+        .unwrap();
+    for (_, rx) in &mut devices {
+        assert_eq!(common::next_message(rx).await.id, again.message_id);
+    }
+
+    // With eviction configured, the least recently seen device makes room.
+    let evicting = common::start(&[("engine.evict_oldest_device", "true")]).await;
+    for c in [11, 12, 13] {
+        let (d, _) = evicting.device(1, c).await;
+        d.shutdown().await;
+    }
+    let (_d14, _) = evicting.device(1, 14).await;
+    let mut ids: Vec<u64> = evicting
+        .node
+        .engine
+        .store()
+        .clients_of(1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client_id)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![12, 13, 14], "the least recently seen went");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_device_is_cut_off_catches_up_and_slows_no_one() {
+    let node = common::start(&[("edge.outbound_queue", "8")]).await;
+    node.chat(1, &[1, 2, 3]).await;
+    pinned(&node, 2, &[1, 2, 3, 4], Tier::IdOnly).await;
+    let (sender, _s) = node.device(1, 10).await;
+    let healthy = Device::start(node.session_config(3, 30));
+    healthy
+        .wait_until("connected", WAIT, |l| l.connects >= 1)
+        .await;
+    // A device that stops reading: a tiny flow-control window and no one
+    // draining its deliveries.
+    let stalled_cfg = |user, client| {
+        let mut c = node.client_config(user, client);
+        c.delivery_buffer = 1;
+        c.stream_receive_window = Some(4_096);
+        c
+    };
+    let (stalled, _never_read) = Client::connect(stalled_cfg(2, 20)).await.unwrap();
+
+    let mut sent = HashSet::new();
+    let body = Bytes::from(vec![b'x'; 1024]);
+    for i in 0..200 {
+        sent.insert(
+            sender
+                .send(1, i + 1, body.clone())
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    healthy
+        .wait_until("every message, despite the stalled device", WAIT * 2, |l| {
+            l.ids(1) == sent
+        })
+        .await;
+    let why = tokio::time::timeout(WAIT, stalled.closed())
+        .await
+        .expect("the stalled device is disconnected");
+    assert_eq!(why.code(), Some(ErrorCode::SlowConsumer), "{why}");
+    assert!(metric(&node, "tiercast_edge_slow_consumers") >= 1);
+
+    // It comes back and catches up from its inbox.
+    let back = Device::start(node.session_config(2, 20));
+    back.wait_until("catching up", WAIT * 2, |l| l.ids(1) == sent)
+        .await;
+
+    // Tier-3 notifications for a full queue coalesce instead: the device
+    // stays connected and, once it reads again, learns the latest id.
+    let (slow, mut slow_rx) = Client::connect(stalled_cfg(4, 40)).await.unwrap();
+    let mut latest = 0;
+    for i in 0..300 {
+        latest = node
+            .node
+            .engine
+            .send(Outgoing {
+                conversation: 2,
+                sender: 0,
+                sender_client: 0,
+                client_msg_id: 0,
+                body: Bytes::from(format!("b{i}")),
+                check_membership: false,
+            })
+            .await
+            .unwrap()
+            .message_id;
+    }
+    assert!(
+        metric(&node, "tiercast_edge_coalesced_notifications") > 0,
+        "the queue overflowed and notifications coalesced"
+    );
+    slow.ping(7).await.expect("still connected");
+    let mut notified = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(d) = slow_rx.recv().await {
+            if let Delivery::Notify { message_id, .. } = d {
+                notified.push(message_id);
+                if message_id == latest {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the latest notification arrives");
+    eprintln!(
+        "stalled tier-3 device: 300 notifications published, {} delivered (coalesced), latest {}",
+        notified.len(),
+        latest
+    );
+    assert!(notified.len() < 300);
+    let e: Result<(), ClientError> = slow.ping(8).await;
+    assert!(e.is_ok(), "not disconnected for notifications");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_unseen_past_the_ttl_go_with_their_inbox() {
+    let node = common::start(&[
+        ("engine.device_ttl_ms", "2000"),
+        ("engine.device_sweep_ms", "200"),
+    ])
+    .await;
+    node.chat(1, &[1, 2]).await;
+    let store = node.node.engine.store().clone();
+    let (gone, _g) = node.device(1, 11).await;
+    gone.shutdown().await;
+    let (_stays, _s) = node.device(1, 12).await;
+    let (friend, _f) = node.device(2, 20).await;
+    friend.send(1, 1, Bytes::from_static(b"m")).await.unwrap();
+    assert_eq!(store.inbox(11, 0, 10).await.unwrap().len(), 1);
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let ids: Vec<u64> = store
+            .clients_of(1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.client_id)
+            .collect();
+        if ids == vec![12] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "device 11 not reaped: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(store.inbox(11, 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.inbox(12, 0, 10).await.unwrap().len(),
+        1,
+        "a connected device is kept, with its inbox"
+    );
+}
