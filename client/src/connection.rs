@@ -37,6 +37,10 @@ pub struct ClientConfig {
     /// QUIC flow-control window of the delivery stream, bytes (quinn's
     /// default when unset). A small one models a device on a slow link.
     pub stream_receive_window: Option<u32>,
+    /// A connection silent this long is dead (pings go every third of it):
+    /// how fast a device notices its edge died. The edge's own idle timeout
+    /// caps it.
+    pub idle_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -51,6 +55,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             delivery_buffer: 4096,
             stream_receive_window: None,
+            idle_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -193,8 +198,12 @@ impl Client {
         let crypto = crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?;
         let mut qcfg = quinn::ClientConfig::new(crypto);
         let mut transport = quinn::TransportConfig::default();
-        // Well inside the edge's idle timeout, so an idle device stays up.
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        // Pings well inside the idle timeout, so an idle device stays up and
+        // a dead edge is noticed within the timeout.
+        transport.keep_alive_interval(Some(cfg.idle_timeout / 3));
+        if let Ok(t) = quinn::IdleTimeout::try_from(cfg.idle_timeout) {
+            transport.max_idle_timeout(Some(t));
+        }
         if let Some(w) = cfg.stream_receive_window {
             transport.stream_receive_window(w.into());
         }

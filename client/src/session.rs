@@ -46,6 +46,8 @@ pub struct SessionConfig {
     /// How far before a cursor a resume syncs from.
     pub resync_window: Duration,
     pub request_timeout: Duration,
+    /// See [`ClientConfig::idle_timeout`].
+    pub idle_timeout: Duration,
     /// Connections go through this endpoint (one UDP socket for many
     /// sessions); without one the session makes its own.
     pub endpoint: Option<quinn::Endpoint>,
@@ -75,6 +77,7 @@ impl SessionConfig {
             sync_limit: 200,
             resync_window: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(15),
             endpoint: None,
             event_buffer: 65_536,
         }
@@ -404,6 +407,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             request_timeout: cfg.request_timeout,
             delivery_buffer: 4_096,
             stream_receive_window: None,
+            idle_timeout: cfg.idle_timeout,
         };
         let (client, deliveries) = match Client::connect_on(&endpoint, ccfg).await {
             Ok(c) => c,

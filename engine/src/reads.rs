@@ -199,6 +199,7 @@ pub struct RedisReadQueue {
     client: Client,
     stopped: Arc<AtomicBool>,
     metrics: ReadMetrics,
+    flushers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// How the Redis queue's flushers behave.
@@ -223,6 +224,7 @@ impl RedisReadQueue {
         metrics: ReadMetrics,
     ) -> Result<Arc<Self>, QueueError> {
         let stopped = Arc::new(AtomicBool::new(false));
+        let mut flushers = Vec::new();
         for s in 0..STREAMS {
             let key = stream_key(s);
             let created: Result<Value, _> = client
@@ -251,13 +253,14 @@ impl RedisReadQueue {
                     metrics: metrics.clone(),
                     stopped: stopped.clone(),
                 };
-                tokio::spawn(flusher.run());
+                flushers.push(tokio::spawn(flusher.run()));
             }
         }
         Ok(Arc::new(Self {
             client,
             stopped,
             metrics,
+            flushers: std::sync::Mutex::new(flushers),
         }))
     }
 }
@@ -287,8 +290,18 @@ impl ReadQueue for RedisReadQueue {
     }
 
     async fn close(&self) {
-        // Entries stay in the streams; the flushers stop after their round.
+        // Entries stay in the streams; the flushers stop after their round
+        // (a store write that hangs is cut off: its entries stay pending).
         self.stopped.store(true, Ordering::Release);
+        let flushers = std::mem::take(&mut *self.flushers.lock().expect("flushers lock"));
+        for f in flushers {
+            if tokio::time::timeout(Duration::from_secs(5), &mut { f })
+                .await
+                .is_err()
+            {
+                tracing::warn!("a read-marker flusher did not stop in time");
+            }
+        }
     }
 }
 

@@ -230,3 +230,160 @@ async fn engine_and_two_edge_processes_serve_a_chat_and_a_broadcast() {
         assert_eq!(&m.body[..], b"maintenance at noon");
     }
 }
+
+/// Ids a session's app saw, per conversation (each once: the SDK dedupes).
+type Seen = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, HashSet<u64>>>>;
+
+fn collect(mut events: tiercast_client::Events) -> Seen {
+    let seen: Seen = Default::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let tiercast_client::Event::Message(m) = e {
+                s.lock()
+                    .unwrap()
+                    .entry(m.conversation)
+                    .or_default()
+                    .insert(m.id);
+            }
+        }
+    });
+    seen
+}
+
+use std::collections::HashSet;
+
+/// An edge process is killed (SIGKILL) while a publisher sends to a chat
+/// (tier 1) and a group (tier 2): its devices reconnect to the other edge
+/// and every device ends with every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_edge_process_loses_no_message() {
+    let redis = Redis::up();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec!["engine".to_string()];
+    args.extend(common_args(&redis, &tmp.path().join("engine")));
+    let engine = Proc::spawn(&args);
+    let api = engine.wait_for("HTTP API:");
+    let mut edges = Vec::new();
+    for i in 0..2 {
+        let mut args = vec!["edge".to_string()];
+        args.extend(common_args(&redis, &tmp.path().join(format!("edge{i}"))));
+        args.extend(["--set".into(), format!("node.store_url={api}")]);
+        let p = Proc::spawn(&args);
+        let quic: std::net::SocketAddr = p.wait_for("QUIC edge:").parse().unwrap();
+        let cert = std::fs::read_to_string(p.wait_for("certificate:")).unwrap();
+        edges.push((p, quic, cert));
+    }
+    let keys = tiercast_engine::auth::TokenKeys::new(SECRET.as_bytes());
+    let now = tiercast_engine::auth::now_unix();
+    let publisher = keys.mint_publisher("test", now, 600);
+    let http = reqwest::Client::new();
+    let users: Vec<u64> = (1..=6).collect();
+    for (id, tier) in [(1u64, 1u8), (2, 2)] {
+        let r = http
+            .post(format!("{api}/v1/conversations"))
+            .bearer_auth(&publisher)
+            .json(&json!({"id": id, "members": users}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = http
+            .put(format!("{api}/v1/conversations/{id}/tier"))
+            .bearer_auth(&publisher)
+            .json(&json!({"tier": tier}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let trusted = format!("{}\n{}", edges[0].2, edges[1].2);
+    let addrs = [edges[0].1, edges[1].1];
+    // Two devices per user: one starts on each edge.
+    let mut devices = Vec::new();
+    for &u in &users {
+        for d in 0..2usize {
+            let order = if d == 0 {
+                vec![addrs[0], addrs[1]]
+            } else {
+                vec![addrs[1], addrs[0]]
+            };
+            let mut cfg = tiercast_client::SessionConfig::new(
+                order,
+                trusted.clone(),
+                keys.mint_user(u, now, 600),
+                u * 10 + d as u64,
+            );
+            cfg.backoff_base = Duration::from_millis(50);
+            cfg.backoff_cap = Duration::from_millis(1_000);
+            // Notice the killed edge within 3 s.
+            cfg.idle_timeout = Duration::from_secs(3);
+            let (session, events) = tiercast_client::Session::start(cfg);
+            devices.push((session, collect(events)));
+        }
+    }
+    for (s, _) in &devices {
+        s.client(WAIT).await.expect("every device connects");
+    }
+
+    let mut sent: [HashSet<u64>; 2] = Default::default();
+    let mut killed = false;
+    for i in 0..300u64 {
+        let conv = 1 + i % 2;
+        let v: Value = http
+            .post(format!("{api}/v1/conversations/{conv}/messages"))
+            .bearer_auth(&publisher)
+            .json(&json!({"body": format!("m{i}")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        sent[(conv - 1) as usize].insert(v["id"].as_u64().expect("stored"));
+        if i == 100 {
+            // SIGKILL: no drain, no goodbye.
+            edges[0].0.child.kill().unwrap();
+            edges[0].0.child.wait().unwrap();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    for (s, seen) in &devices {
+        loop {
+            let ok = {
+                let seen = seen.lock().unwrap();
+                seen.get(&1) == Some(&sent[0]) && seen.get(&2) == Some(&sent[1])
+            };
+            if ok {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a device is missing messages: {:?} of {} / {:?} of {}",
+                seen.lock().unwrap().get(&1).map(HashSet::len),
+                sent[0].len(),
+                seen.lock().unwrap().get(&2).map(HashSet::len),
+                sent[1].len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = s;
+    }
+    let (mut received, mut duplicates, mut connects) = (0, 0, 0);
+    for (s, _) in &devices {
+        let st = s.stats();
+        received += st.received.load(std::sync::atomic::Ordering::Relaxed);
+        duplicates += st.duplicates.load(std::sync::atomic::Ordering::Relaxed);
+        connects += st.connects.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    eprintln!(
+        "edge killed: 300 messages to 12 devices, expected 3600, delivered 3600 after dedupe, lost 0; frames received {received}, duplicates before dedupe {duplicates}, connects {connects}"
+    );
+    assert_eq!(received - duplicates, 3_600);
+    assert!(
+        connects >= 18,
+        "the six devices of the killed edge reconnected"
+    );
+}

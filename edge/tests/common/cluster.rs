@@ -216,3 +216,58 @@ impl Fleet {
         }
     }
 }
+
+impl RedisCluster {
+    /// Pids of every redis-server of this cluster (from their pid files).
+    pub fn pids(&self) -> Vec<String> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).expect("cluster dir") {
+            let pidfile = entry.unwrap().path().join("redis.pid");
+            if let Ok(p) = std::fs::read_to_string(pidfile) {
+                pids.push(p.trim().to_owned());
+            }
+        }
+        pids
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to every server of the cluster.
+    pub fn signal_all(&self, signal: &str) {
+        for pid in self.pids() {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()
+                .expect("kill runs")
+                .success();
+            assert!(ok, "kill -{signal} {pid}");
+        }
+    }
+}
+
+impl Fleet {
+    /// A self-healing session of `user`'s device, trying the edges in the
+    /// order given.
+    pub fn session_config(
+        &self,
+        edges: &[usize],
+        user: u64,
+        client_id: u64,
+    ) -> tiercast_client::SessionConfig {
+        let mut cfg = tiercast_client::SessionConfig::new(
+            edges.iter().map(|&e| self.nodes[e].quic_addr).collect(),
+            self.nodes[0].cert_pem.clone(),
+            self.token(user),
+            client_id,
+        );
+        // Every edge of a fleet has its own self-signed certificate: trust
+        // them all.
+        cfg.trusted_pem = self
+            .nodes
+            .iter()
+            .map(|n| n.cert_pem.clone())
+            .collect::<Vec<_>>()
+            .join("\n");
+        cfg.backoff_base = std::time::Duration::from_millis(20);
+        cfg.backoff_cap = std::time::Duration::from_millis(500);
+        cfg
+    }
+}
