@@ -1,0 +1,150 @@
+//! The hot paths, one criterion group each:
+//!
+//! - `snowflake`: issuing an id (pure generator, and with the system clock);
+//! - `frame`: encoding a delivery frame, and decoding one with the
+//!   FlatBuffers verifier (what the edge does to every client frame);
+//! - `planner`: choosing a tier;
+//! - `local_fanout`: the edge handing one encoded frame to 10,000 local
+//!   connection queues (`Sessions::fan_out`, one user per connection, as a
+//!   tier-2/3 node-channel payload is fanned out).
+//!
+//! `cargo bench -p tiercast-bench`; figures in docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use tiercast_edge::sessions::{LocalConn, Sessions};
+use tiercast_engine::planner::{Thresholds, plan};
+use tiercast_engine::snowflake::{IdGenerator, Snowflake, now_unix_ms};
+use tiercast_schemas::envelope::Tier;
+use tiercast_schemas::wire::{
+    ClientBody, ClientFrame, Message, ServerBody, ServerFrame,
+};
+
+fn snowflake(c: &mut Criterion) {
+    let mut g = c.benchmark_group("snowflake");
+    g.throughput(Throughput::Elements(1));
+    let mut sf = Snowflake::try_new(7).unwrap();
+    let t = now_unix_ms();
+    let mut ms = t;
+    g.bench_function("next_at (pure)", |b| {
+        b.iter(|| match sf.next_at(ms) {
+            Ok(id) => black_box(id),
+            Err(_) => {
+                // 4,096 ids per millisecond: move the clock on.
+                ms += 1;
+                sf.next_at(ms).unwrap()
+            }
+        });
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let ids = IdGenerator::try_new(8, std::time::Duration::from_millis(100)).unwrap();
+    g.bench_function("IdGenerator::next_id (system clock)", |b| {
+        b.iter(|| black_box(rt.block_on(ids.next_id()).unwrap()));
+    });
+    g.finish();
+}
+
+fn frame(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Elements(1));
+    let delivery = ServerFrame::new(
+        0,
+        ServerBody::Message(Message {
+            id: 118_000_000_000_000_000,
+            conversation: 42,
+            sender: 7,
+            sender_client: 70,
+            body: Bytes::from(vec![b'x'; 256]),
+        }),
+    );
+    g.bench_function("encode Message (256 B body)", |b| {
+        b.iter(|| black_box(delivery.encode()));
+    });
+    let send = ClientFrame::new(
+        9,
+        ClientBody::Send {
+            conversation: 42,
+            client_msg_id: 1,
+            body: Bytes::from(vec![b'x'; 256]),
+        },
+    )
+    .encode();
+    g.bench_function("verified decode Send (256 B body)", |b| {
+        b.iter(|| black_box(ClientFrame::decode(&send, 64 * 1024).unwrap()));
+    });
+    let encoded = delivery.encode();
+    g.bench_function("verified decode Message (256 B body)", |b| {
+        b.iter(|| black_box(ServerFrame::decode(&encoded, 64 * 1024).unwrap()));
+    });
+    g.finish();
+}
+
+fn planner(c: &mut Criterion) {
+    let t = Thresholds::default();
+    c.bench_function("planner/plan", |b| {
+        let mut members = 0u64;
+        b.iter(|| {
+            members = (members + 97) % 20_000;
+            black_box(plan(Tier::Sharded, black_box(members), None, &t))
+        });
+    });
+}
+
+const CONNS: u64 = 10_000;
+
+fn local_fanout(c: &mut Criterion) {
+    let mut g = c.benchmark_group("local_fanout");
+    g.throughput(Throughput::Elements(CONNS));
+    let frame = ServerFrame::new(
+        0,
+        ServerBody::Notify {
+            conversation: 1,
+            message_id: 2,
+        },
+    )
+    .encode();
+    let sessions: Sessions<()> = Sessions::new();
+    let mut receivers = Vec::new();
+    for user in 0..CONNS {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        sessions.insert(
+            user,
+            LocalConn {
+                conn_id: user,
+                client_id: user + 1,
+                tx,
+                coalesced: Arc::default(),
+                handle: (),
+            },
+        );
+        receivers.push(rx);
+    }
+    g.bench_function("one frame to 10,000 connection queues", |b| {
+        b.iter_batched(
+            || {
+                // Empty the queues so every enqueue succeeds.
+                for rx in &mut receivers {
+                    while rx.try_recv().is_ok() {}
+                }
+            },
+            |()| {
+                let mut n = 0;
+                for user in 0..CONNS {
+                    n += sessions.fan_out(user, 0, &frame, Some((1, 2))).enqueued;
+                }
+                assert_eq!(n, CONNS as usize);
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+}
+
+criterion_group!(benches, snowflake, frame, planner, local_fanout);
+criterion_main!(benches);
