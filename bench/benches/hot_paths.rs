@@ -19,9 +19,7 @@ use tiercast_edge::sessions::{LocalConn, Sessions};
 use tiercast_engine::planner::{Thresholds, plan};
 use tiercast_engine::snowflake::{IdGenerator, Snowflake, now_unix_ms};
 use tiercast_schemas::envelope::Tier;
-use tiercast_schemas::wire::{
-    ClientBody, ClientFrame, Message, ServerBody, ServerFrame,
-};
+use tiercast_schemas::wire::{ClientBody, ClientFrame, Message, ServerBody, ServerFrame};
 
 fn snowflake(c: &mut Criterion) {
     let mut g = c.benchmark_group("snowflake");

@@ -52,6 +52,9 @@ pub struct SessionConfig {
     /// sessions); without one the session makes its own.
     pub endpoint: Option<quinn::Endpoint>,
     pub event_buffer: usize,
+    /// Also report each dropped duplicate as [`Event::Duplicate`] (load
+    /// generators count them per conversation).
+    pub report_duplicates: bool,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -80,6 +83,7 @@ impl SessionConfig {
             idle_timeout: Duration::from_secs(15),
             endpoint: None,
             event_buffer: 65_536,
+            report_duplicates: false,
         }
     }
 }
@@ -105,6 +109,12 @@ pub enum Event {
     /// The connection ended; the session reconnects.
     Disconnected {
         error: ClientError,
+    },
+    /// A message that was dropped as already seen (only with
+    /// [`SessionConfig::report_duplicates`]).
+    Duplicate {
+        conversation: u64,
+        message_id: u64,
     },
     /// The session gave up (a refused token, too many devices): it will not
     /// reconnect.
@@ -262,6 +272,11 @@ impl Session {
             .map_err(|_| ClientError::Timeout(within))?
             .map_err(|_| ClientError::Connect("session stopped".into()))?;
         Ok(got.clone().expect("waited for Some"))
+    }
+
+    /// A watch on the current connection (`None` while reconnecting).
+    pub fn current(&self) -> watch::Receiver<Option<Client>> {
+        self.inner.current.subscribe()
     }
 
     /// Sends, retrying across reconnects until `within` passes. The
@@ -498,6 +513,7 @@ async fn serve_connection(
                     client.close();
                     break Ended::Drain(Duration::from_millis(u64::from(reconnect_after_ms)));
                 }
+                None if inner.closing() => break Ended::Closed,
                 None => {
                     let why = tokio::time::timeout(Duration::from_secs(2), client.closed())
                         .await
@@ -537,7 +553,14 @@ async fn deliver(inner: &Inner, m: Message, events: &mpsc::Sender<Event>) -> boo
     }
     if !fresh {
         inner.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-        return true;
+        return !inner.cfg.report_duplicates
+            || events
+                .send(Event::Duplicate {
+                    conversation: m.conversation,
+                    message_id: m.id,
+                })
+                .await
+                .is_ok();
     }
     events.send(Event::Message(m)).await.is_ok()
 }

@@ -5,9 +5,19 @@
 //! - [`fanout`]: `tiercast bench-fanout`, Redis and store cost per message
 //!   per tier, counted by Redis.
 //! - [`tracker`]: exact delivery accounting (lost, duplicates, latency).
+//! - [`scenario`], [`target`], [`run`]: `tiercast loadgen run`, open-loop
+//!   scenarios against a self-hosted or given deployment; [`hgrm`] and
+//!   [`plot`] write its histograms and picture.
+//! - [`plan`]: `tiercast loadgen plan`, fleet sizes from a measured run.
 //! - [`report`]: the figures as text and JSON.
 
 pub mod demo;
 pub mod fanout;
+pub mod hgrm;
+pub mod plan;
+pub mod plot;
 pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod target;
 pub mod tracker;

@@ -169,6 +169,7 @@ impl Device {
                         } => log.markers.push((conversation, message_id)),
                         Event::Disconnected { error } => log.disconnects.push(error),
                         Event::Stopped { error } => log.stopped = Some(error),
+                        Event::Duplicate { .. } => {}
                     }
                 }
                 c.notify_waiters();

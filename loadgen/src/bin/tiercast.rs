@@ -50,6 +50,94 @@ enum Command {
     /// Measure what each fan-out tier costs Redis and the store per message,
     /// with E edges on a Redis Cluster (scripts/fanout-figures.sh runs it).
     BenchFanout(BenchFanoutArgs),
+    /// Load scenarios and capacity planning.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    #[command(subcommand)]
+    command: LoadgenCommand,
+}
+
+#[derive(Subcommand)]
+enum LoadgenCommand {
+    /// Run a scenario (loadgen/scenarios/*.toml) against a deployment given
+    /// by address, or one started here (--self-hosted), and report per tier.
+    Run(LoadgenRunArgs),
+    /// Size a fleet for a workload from a run's measured figures.
+    Plan(LoadgenPlanArgs),
+}
+
+#[derive(Args)]
+struct LoadgenRunArgs {
+    /// The scenario file.
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Start the servers here on loopback: a single node, or with --redis an
+    /// engine service and --edges edges over that Redis Cluster.
+    #[arg(long)]
+    self_hosted: bool,
+    /// Edges to start (--self-hosted; more than 1 needs --redis).
+    #[arg(long, default_value_t = 1)]
+    edges: usize,
+    /// Redis Cluster seeds for --self-hosted (scripts/redis-cluster.sh up
+    /// prints them).
+    #[arg(long, env = "TIERCAST_REDIS_NODES", value_delimiter = ',')]
+    redis: Vec<String>,
+    /// A deployment's edge QUIC address (repeatable), without --self-hosted.
+    #[arg(long = "edge")]
+    edge_addrs: Vec<SocketAddr>,
+    /// The deployment's engine HTTP API, e.g. http://10.0.0.5:7480.
+    #[arg(long)]
+    api: Option<String>,
+    /// The deployment's token secret (loadgen mints device and publisher
+    /// tokens).
+    #[arg(long, env = "TIERCAST_NODE__TOKEN_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// PEM certificates to trust for the edges.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Override the scenario's measured duration, seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Override the scenario's send rate, messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Override the scenario's user count.
+    #[arg(long)]
+    users: Option<u64>,
+    /// Client UDP sockets to spread the devices over.
+    #[arg(long, default_value_t = 8)]
+    sockets: usize,
+    /// Write the report as JSON (docs/loadgen.md has the schema).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write HdrHistogram percentile distributions per tier.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Draw latency percentiles and throughput over time as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct LoadgenPlanArgs {
+    /// The workload to size (loadgen/workloads/*.toml).
+    #[arg(long)]
+    workload: PathBuf,
+    /// The JSON a self-hosted `loadgen run --json` wrote.
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Write the sizes as terraform.tfvars.json for terraform/.
+    #[arg(long)]
+    tfvars: Option<PathBuf>,
+    /// Write the whole plan as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -213,6 +301,12 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Listen(a) => listen(a).await,
         Command::Send(a) => send(a).await,
         Command::BenchFanout(a) => bench_fanout(a).await,
+        Command::Loadgen(LoadgenArgs {
+            command: LoadgenCommand::Run(a),
+        }) => loadgen_run(a).await,
+        Command::Loadgen(LoadgenArgs {
+            command: LoadgenCommand::Plan(a),
+        }) => loadgen_plan(a),
     }
 }
 
@@ -248,6 +342,131 @@ async fn bench_fanout(a: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::scenario::Scenario;
+    use tiercast_loadgen::target::TargetSpec;
+    let mut scenario = Scenario::load(&a.scenario).map_err(usage)?;
+    if let Some(d) = a.duration {
+        scenario.duration_s = d;
+    }
+    if let Some(r) = a.rate {
+        scenario.rate.messages_per_s = r;
+    }
+    if let Some(u) = a.users {
+        scenario.users = u;
+    }
+    scenario.validate().map_err(usage)?;
+    let target = if a.self_hosted {
+        if !a.edge_addrs.is_empty() || a.api.is_some() {
+            return Err(usage(
+                "--self-hosted starts its own servers: drop --edge and --api",
+            ));
+        }
+        TargetSpec::SelfHosted {
+            edges: a.edges,
+            redis: a.redis,
+        }
+    } else {
+        let (Some(api), Some(secret), Some(ca)) = (a.api, a.secret, a.ca) else {
+            return Err(usage(
+                "give --self-hosted, or a deployment: --edge ADDR (repeatable) --api URL --secret S --ca FILE",
+            ));
+        };
+        if a.edge_addrs.is_empty() {
+            return Err(usage("at least one --edge ADDR is needed"));
+        }
+        let ca_pem = std::fs::read_to_string(&ca)
+            .map_err(|e| usage(format!("--ca {}: {e}", ca.display())))?;
+        TargetSpec::External {
+            edges: a.edge_addrs,
+            api,
+            secret,
+            ca_pem,
+        }
+    };
+    if let TargetSpec::SelfHosted { edges, redis } = &target
+        && *edges > 1
+        && redis.is_empty()
+    {
+        return Err(usage(
+            "--edges above 1 needs --redis (start a cluster with scripts/redis-cluster.sh up)",
+        ));
+    }
+    if a.sockets == 0 {
+        return Err(usage("--sockets must be at least 1"));
+    }
+    eprintln!(
+        "tiercast loadgen: scenario {} ({}), {} devices, {} msg/s {:?} for {} s after {} s warm-up",
+        scenario.name,
+        scenario.description,
+        scenario.devices(),
+        scenario.rate.messages_per_s,
+        scenario.rate.kind,
+        scenario.duration_s,
+        scenario.warmup_s
+    );
+    let report = tiercast_loadgen::run::run(tiercast_loadgen::run::RunOptions {
+        scenario: scenario.clone(),
+        target,
+        sockets: a.sockets,
+        progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
+    .await?;
+    print!("{}", report.text);
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.hgrm {
+        std::fs::write(path, tiercast_loadgen::hgrm::render(&report.histograms))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.plot {
+        tiercast_loadgen::plot::draw(
+            path,
+            &format!("tiercast loadgen: {}", scenario.name),
+            &report.timeline,
+            &report.histograms,
+        )
+        .with_context(|| format!("drawing {}", path.display()))?;
+    }
+    Ok(if report.lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("tiercast loadgen: {} deliveries lost", report.lost);
+        ExitCode::FAILURE
+    })
+}
+
+fn loadgen_plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::plan;
+    let workload = plan::Workload::load(&a.workload).map_err(usage)?;
+    let text = std::fs::read_to_string(&a.calibration)
+        .map_err(|e| usage(format!("--calibration {}: {e}", a.calibration.display())))?;
+    let run: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        usage(format!(
+            "--calibration {}: not JSON: {e}",
+            a.calibration.display()
+        ))
+    })?;
+    let cal = plan::Calibration::from_run(&run).map_err(usage)?;
+    let p = plan::plan(&workload, &cal);
+    print!("{}", plan::render(&workload, &cal, &p));
+    if let Some(path) = &a.tfvars {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&plan::tfvars(&workload, &p))? + "\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({"workload": workload, "calibration": cal, "plan": p});
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn demo_cmd(a: DemoArgs) -> anyhow::Result<ExitCode> {

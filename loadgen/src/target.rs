@@ -1,0 +1,278 @@
+//! What a load run talks to: a deployment given by address, or one that
+//! loadgen starts itself on loopback (`--self-hosted`): a single node
+//! (`tiercast edge` on an embedded store and the in-process backplane), or
+//! an engine service and N edges over a Redis Cluster that
+//! `scripts/redis-cluster.sh up` started. Self-hosted servers are separate
+//! processes, so their CPU time and memory are measured apart from
+//! loadgen's own (from `/proc`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tiercast_engine::auth::TokenKeys;
+
+/// A server process loadgen started.
+#[derive(Debug)]
+pub struct ServerProc {
+    pub role: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl ServerProc {
+    fn spawn(role: &str, args: &[String]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the tiercast executable")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting the {role}"))?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            role: role.to_owned(),
+            child,
+            lines,
+        })
+    }
+
+    /// The value after `label` on the first line that has it (readiness:
+    /// the process prints its addresses once they are bound).
+    fn wait_for(&self, label: &str) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).map_err(|_| {
+                anyhow::anyhow!("the {} did not print `{label}` in 30 s", self.role)
+            })?;
+            if let Some(v) = line.trim().strip_prefix(label) {
+                return Ok(v.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM (the edge drains), then SIGKILL after 10 s.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// How to reach (or start) the deployment under test.
+#[derive(Debug, Clone)]
+pub enum TargetSpec {
+    SelfHosted {
+        /// Edges; 1 without Redis is a single node.
+        edges: usize,
+        /// Redis Cluster seeds (`scripts/redis-cluster.sh up` prints them).
+        redis: Vec<String>,
+    },
+    External {
+        edges: Vec<SocketAddr>,
+        api: String,
+        secret: String,
+        ca_pem: String,
+    },
+}
+
+/// A deployment ready for load.
+#[derive(Debug)]
+pub struct Target {
+    pub mode: String,
+    pub edges: Vec<SocketAddr>,
+    pub api: String,
+    pub keys: TokenKeys,
+    pub trusted_pem: String,
+    pub servers: Vec<ServerProc>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    pub fn start(spec: &TargetSpec) -> anyhow::Result<Self> {
+        match spec {
+            TargetSpec::External {
+                edges,
+                api,
+                secret,
+                ca_pem,
+            } => Ok(Self {
+                mode: "external".into(),
+                edges: edges.clone(),
+                api: api.trim_end_matches('/').to_owned(),
+                keys: TokenKeys::new(secret.as_bytes()),
+                trusted_pem: ca_pem.clone(),
+                servers: Vec::new(),
+                _dir: None,
+            }),
+            TargetSpec::SelfHosted { edges, redis } => self_hosted(*edges, redis),
+        }
+    }
+
+    /// Server CPU seconds so far (all processes), if self-hosted.
+    pub fn server_cpu(&self) -> Option<f64> {
+        if self.servers.is_empty() {
+            return None;
+        }
+        self.servers.iter().map(|s| cpu_seconds(s.pid())).sum()
+    }
+
+    /// Resident memory of the edge processes, if self-hosted.
+    pub fn edge_rss(&self) -> Option<u64> {
+        let edges: Vec<&ServerProc> = self
+            .servers
+            .iter()
+            .filter(|s| s.role.starts_with("edge"))
+            .collect();
+        if edges.is_empty() {
+            return None;
+        }
+        edges.iter().map(|s| rss_bytes(s.pid())).sum()
+    }
+
+    pub fn server_rss(&self) -> Option<u64> {
+        if self.servers.is_empty() {
+            return None;
+        }
+        self.servers.iter().map(|s| rss_bytes(s.pid())).sum()
+    }
+
+    /// Stops self-hosted servers (SIGTERM, drain).
+    pub fn shutdown(&mut self) {
+        for s in &mut self.servers {
+            s.stop();
+        }
+    }
+}
+
+fn self_hosted(edges: usize, redis: &[String]) -> anyhow::Result<Target> {
+    if edges == 0 {
+        bail!("--edges must be at least 1");
+    }
+    if edges > 1 && redis.is_empty() {
+        bail!(
+            "--edges {edges} needs a Redis Cluster: start one with scripts/redis-cluster.sh up and pass --redis with the nodes it prints"
+        );
+    }
+    let dir = tempfile::tempdir().context("creating a data directory")?;
+    let secret = format!("loadgen-{:032x}", rand::random::<u128>());
+    let common = |data: &str| -> Vec<String> {
+        let mut sets = vec![
+            format!("node.token_secret={secret}"),
+            format!("node.data_dir={}", dir.path().join(data).display()),
+            "node.http_listen=127.0.0.1:0".into(),
+            "edge.listen=127.0.0.1:0".into(),
+            "edge.max_connections=200000".into(),
+        ];
+        if !redis.is_empty() {
+            let nodes: Vec<String> = redis.iter().map(|n| format!("\"{n}\"")).collect();
+            sets.push("backplane.kind=redis".into());
+            sets.push(format!("backplane.redis.nodes=[{}]", nodes.join(",")));
+        }
+        sets.into_iter()
+            .flat_map(|s| ["--set".to_owned(), s])
+            .collect()
+    };
+    let mut servers = Vec::new();
+    let mut addrs = Vec::new();
+    let mut pems = Vec::new();
+    let api;
+    if redis.is_empty() {
+        let mut args = vec!["edge".to_owned()];
+        args.extend(common("node"));
+        let p = ServerProc::spawn("edge 0 (single node)", &args)?;
+        addrs.push(p.wait_for("QUIC edge:")?.parse()?);
+        api = p.wait_for("HTTP API:")?;
+        pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
+        servers.push(p);
+    } else {
+        let mut args = vec!["engine".to_owned()];
+        args.extend(common("engine"));
+        let engine = ServerProc::spawn("engine", &args)?;
+        api = engine.wait_for("HTTP API:")?;
+        servers.push(engine);
+        for i in 0..edges {
+            let mut args = vec!["edge".to_owned()];
+            args.extend(common(&format!("edge{i}")));
+            args.extend(["--set".to_owned(), format!("node.store_url={api}")]);
+            let p = ServerProc::spawn(&format!("edge {i}"), &args)?;
+            addrs.push(p.wait_for("QUIC edge:")?.parse()?);
+            pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
+            servers.push(p);
+        }
+    }
+    Ok(Target {
+        mode: if redis.is_empty() {
+            "self-hosted single node".into()
+        } else {
+            format!("self-hosted: engine + {edges} edges on Redis Cluster")
+        },
+        edges: addrs,
+        api,
+        keys: TokenKeys::new(secret.as_bytes()),
+        trusted_pem: pems.join("\n"),
+        servers,
+        _dir: Some(dir),
+    })
+}
