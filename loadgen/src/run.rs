@@ -529,6 +529,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         "cpu_s": server_cpu,
         "cpu_s_per_million_deliveries": server_cpu.map(|c| c / deliveries_total * 1e6),
         "cpu_us_per_delivery": server_cpu.map(|c| c / deliveries_total * 1e6),
+        "cpu_ms_per_message": server_cpu.map(|c| c / total.messages_sent.max(1) as f64 * 1e3),
         "edge_rss_bytes_before_connect": rss0,
         "edge_rss_bytes_connected": rss1,
         "rss_per_connection_bytes": match (rss0, rss1) {
@@ -909,9 +910,10 @@ fn render(
     if let Some(cpu) = sv["cpu_s"].as_f64() {
         let _ = writeln!(
             out,
-            "servers: {:.2} CPU s ({:.1} CPU s per million deliveries), edge RSS {:.1} MiB connected, {} B per connection",
+            "servers: {:.2} CPU s ({:.1} CPU s per million deliveries, {:.2} ms per message), edge RSS {:.1} MiB connected, {} B per connection",
             cpu,
             sv["cpu_s_per_million_deliveries"].as_f64().unwrap_or(0.0),
+            sv["cpu_ms_per_message"].as_f64().unwrap_or(0.0),
             sv["edge_rss_bytes_connected"].as_u64().unwrap_or(0) as f64 / 1048576.0,
             sv["rss_per_connection_bytes"]
         );

@@ -24,9 +24,18 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    fn spawn(role: &str, args: &[String]) -> anyhow::Result<Self> {
+    /// Starts `tiercast ARGS`, pinned to `cpus` (a `taskset` list) if given.
+    fn spawn(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the tiercast executable")?;
-        let mut child = Command::new(exe)
+        let mut cmd = match cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -128,6 +137,8 @@ pub enum TargetSpec {
         edges: usize,
         /// Redis Cluster seeds (`scripts/redis-cluster.sh up` prints them).
         redis: Vec<String>,
+        /// Pin the servers to these CPUs (`taskset` list, e.g. "0").
+        cpus: Option<String>,
     },
     External {
         edges: Vec<SocketAddr>,
@@ -166,7 +177,9 @@ impl Target {
                 servers: Vec::new(),
                 _dir: None,
             }),
-            TargetSpec::SelfHosted { edges, redis } => self_hosted(*edges, redis),
+            TargetSpec::SelfHosted { edges, redis, cpus } => {
+                self_hosted(*edges, redis, cpus.as_deref())
+            }
         }
     }
 
@@ -206,7 +219,7 @@ impl Target {
     }
 }
 
-fn self_hosted(edges: usize, redis: &[String]) -> anyhow::Result<Target> {
+fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Result<Target> {
     if edges == 0 {
         bail!("--edges must be at least 1");
     }
@@ -241,7 +254,7 @@ fn self_hosted(edges: usize, redis: &[String]) -> anyhow::Result<Target> {
     if redis.is_empty() {
         let mut args = vec!["edge".to_owned()];
         args.extend(common("node"));
-        let p = ServerProc::spawn("edge 0 (single node)", &args)?;
+        let p = ServerProc::spawn("edge 0 (single node)", &args, cpus)?;
         addrs.push(p.wait_for("QUIC edge:")?.parse()?);
         api = p.wait_for("HTTP API:")?;
         pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
@@ -249,14 +262,14 @@ fn self_hosted(edges: usize, redis: &[String]) -> anyhow::Result<Target> {
     } else {
         let mut args = vec!["engine".to_owned()];
         args.extend(common("engine"));
-        let engine = ServerProc::spawn("engine", &args)?;
+        let engine = ServerProc::spawn("engine", &args, cpus)?;
         api = engine.wait_for("HTTP API:")?;
         servers.push(engine);
         for i in 0..edges {
             let mut args = vec!["edge".to_owned()];
             args.extend(common(&format!("edge{i}")));
             args.extend(["--set".to_owned(), format!("node.store_url={api}")]);
-            let p = ServerProc::spawn(&format!("edge {i}"), &args)?;
+            let p = ServerProc::spawn(&format!("edge {i}"), &args, cpus)?;
             addrs.push(p.wait_for("QUIC edge:")?.parse()?);
             pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
             servers.push(p);
@@ -275,4 +288,16 @@ fn self_hosted(edges: usize, redis: &[String]) -> anyhow::Result<Target> {
         servers,
         _dir: Some(dir),
     })
+}
+
+/// Pins every thread of this process to `cpus` (a `taskset` list).
+pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?
+        .success();
+    anyhow::ensure!(ok, "taskset could not pin loadgen to CPUs {cpus}");
+    Ok(())
 }

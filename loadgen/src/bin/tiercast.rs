@@ -110,6 +110,13 @@ struct LoadgenRunArgs {
     /// Client UDP sockets to spread the devices over.
     #[arg(long, default_value_t = 8)]
     sockets: usize,
+    /// Pin the self-hosted servers to these CPUs (taskset list, e.g. 0).
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// Pin loadgen itself to these CPUs (e.g. 1), so servers and load do
+    /// not share cores.
+    #[arg(long)]
+    loadgen_cpus: Option<String>,
     /// Write the report as JSON (docs/loadgen.md has the schema).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -367,6 +374,7 @@ async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         TargetSpec::SelfHosted {
             edges: a.edges,
             redis: a.redis,
+            cpus: a.server_cpus.clone(),
         }
     } else {
         let (Some(api), Some(secret), Some(ca)) = (a.api, a.secret, a.ca) else {
@@ -386,7 +394,10 @@ async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             ca_pem,
         }
     };
-    if let TargetSpec::SelfHosted { edges, redis } = &target
+    if let Some(cpus) = &a.loadgen_cpus {
+        tiercast_loadgen::target::pin_self(cpus).map_err(|e| usage(e.to_string()))?;
+    }
+    if let TargetSpec::SelfHosted { edges, redis, .. } = &target
         && *edges > 1
         && redis.is_empty()
     {
