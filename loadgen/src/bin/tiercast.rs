@@ -64,7 +64,7 @@ struct LoadgenArgs {
 enum LoadgenCommand {
     /// Run a scenario (loadgen/scenarios/*.toml) against a deployment given
     /// by address, or one started here (--self-hosted), and report per tier.
-    Run(LoadgenRunArgs),
+    Run(Box<LoadgenRunArgs>),
     /// Size a fleet for a workload from a run's measured figures.
     Plan(LoadgenPlanArgs),
 }
@@ -310,7 +310,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::BenchFanout(a) => bench_fanout(a).await,
         Command::Loadgen(LoadgenArgs {
             command: LoadgenCommand::Run(a),
-        }) => loadgen_run(a).await,
+        }) => loadgen_run(*a).await,
         Command::Loadgen(LoadgenArgs {
             command: LoadgenCommand::Plan(a),
         }) => loadgen_plan(a),
