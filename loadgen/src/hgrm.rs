@@ -71,6 +71,6 @@ mod tests {
         let text = render(&[("tier 1".into(), h)]);
         assert!(text.starts_with("# tier 1"));
         assert!(text.contains("Total count    =         1000"));
-        assert!(text.contains("#[Max     =       10.000"), "{text}");
+        assert!(text.contains("#[Max     =       10.0"), "{text}");
     }
 }
