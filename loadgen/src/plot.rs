@@ -29,35 +29,39 @@ pub fn draw(
     let panels = root.split_evenly((3, 1));
     let t_max = timeline.iter().map(|p| p.t_s).max().unwrap_or(1).max(1) as f64;
 
-    // Throughput.
-    let y_max = timeline
+    // Throughput: deliveries (left axis) and scheduled sends (right axis).
+    let d_max = timeline
         .iter()
-        .map(|p| p.deliveries.max(p.sends))
+        .map(|p| p.deliveries)
         .max()
         .unwrap_or(1)
         .max(1) as f64
         * 1.1;
+    let s_max = timeline.iter().map(|p| p.sends).max().unwrap_or(1).max(1) as f64 * 1.1;
     let mut c = ChartBuilder::on(&panels[0])
-        .caption("throughput per second", ("sans-serif", 16))
+        .caption("throughput per second (after warm-up)", ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..t_max, 0f64..y_max)?;
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0f64..t_max, 0f64..d_max)?
+        .set_secondary_coord(0f64..t_max, 0f64..s_max);
     c.configure_mesh()
         .x_desc("seconds since sending started")
-        .y_desc("per second")
+        .y_desc("deliveries/s")
         .draw()?;
+    c.configure_secondary_axes().y_desc("sends/s").draw()?;
     c.draw_series(LineSeries::new(
         timeline.iter().map(|p| (p.t_s as f64, p.deliveries as f64)),
         COLORS[0].stroke_width(2),
     ))?
-    .label("deliveries/s")
+    .label("deliveries/s (left)")
     .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], COLORS[0].stroke_width(2)));
-    c.draw_series(LineSeries::new(
+    c.draw_secondary_series(LineSeries::new(
         timeline.iter().map(|p| (p.t_s as f64, p.sends as f64)),
         COLORS[1].stroke_width(2),
     ))?
-    .label("sends/s (scheduled)")
+    .label("sends/s, scheduled (right)")
     .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], COLORS[1].stroke_width(2)));
     c.configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -105,6 +109,7 @@ pub fn draw(
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..5.0, 0f64..l_max)?;
     c.configure_mesh()
+        .x_labels(6)
         .x_desc("percentile")
         .x_label_formatter(&|x| match x.round() as i64 {
             0 => "0%".into(),
