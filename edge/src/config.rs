@@ -22,6 +22,19 @@ pub struct NodeConfig {
     /// (`http://host:port`) instead of an embedded one: how several edge
     /// processes share one store without ScyllaDB.
     pub store_url: Option<String>,
+    /// The store this process opens itself (when `store_url` is unset):
+    /// `embedded` (redb in `data_dir`) or `scylla` (the `[scylla]` cluster).
+    pub store: StoreKind,
+}
+
+/// Which store a process opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Embedded,
+    /// ScyllaDB (untested on the development machines: no server there).
+    Scylla,
 }
 
 impl Default for NodeConfig {
@@ -31,6 +44,7 @@ impl Default for NodeConfig {
             http_listen: "127.0.0.1:7480".parse().expect("literal address"),
             token_secret: String::new(),
             store_url: None,
+            store: StoreKind::Embedded,
         }
     }
 }
@@ -165,6 +179,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub edge: EdgeConfig,
     pub backplane: BackplaneConfig,
+    pub scylla: tiercast_engine::store::ScyllaConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +251,11 @@ impl Config {
         }
         self.engine.validate()?;
         self.edge.validate()?;
+        if self.node.store == StoreKind::Scylla && self.node.store_url.is_none() {
+            self.scylla
+                .validate()
+                .map_err(|e| InvalidSetting::new("scylla", e))?;
+        }
         if self.backplane.kind == BackplaneKind::Redis {
             self.backplane
                 .redis

@@ -19,11 +19,11 @@ use tiercast_engine::metrics::EngineMetrics;
 use tiercast_engine::reads::{
     FlusherConfig, LocalReadQueue, ReadMetrics, ReadQueue, RedisReadQueue,
 };
-use tiercast_engine::store::{EmbeddedStore, RemoteStore, Store};
+use tiercast_engine::store::{EmbeddedStore, RemoteStore, ScyllaStore, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{BackplaneKind, Config, EdgeConfig};
+use crate::config::{BackplaneKind, Config, EdgeConfig, StoreKind};
 use crate::metrics::EdgeMetrics;
 use crate::server::Edge;
 use crate::tls::{self, Identity};
@@ -63,7 +63,7 @@ pub struct EngineService {
 
 impl EngineService {
     pub async fn start(mut cfg: Config) -> Result<Self, StartError> {
-        let store = open_store(&cfg)?;
+        let store = open_store(&cfg).await?;
         let Core {
             engine,
             lease,
@@ -187,12 +187,15 @@ fn data_dir_error(path: &std::path::Path, e: std::io::Error) -> StartError {
     }
 }
 
-/// The store a configuration names: an engine service's, or an embedded one
-/// in `node.data_dir`.
-pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
+/// The store a configuration names: an engine service's, a ScyllaDB
+/// cluster, or an embedded one in `node.data_dir`.
+pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
     if let Some(url) = &cfg.node.store_url {
         let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
         return Ok(Arc::new(RemoteStore::new(url, keys)));
+    }
+    if cfg.node.store == StoreKind::Scylla {
+        return Ok(Arc::new(ScyllaStore::connect(&cfg.scylla).await?));
     }
     let dir = &cfg.node.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, e))?;
@@ -297,7 +300,7 @@ impl Node {
     /// A node on the store its configuration names (`node.store_url`, or
     /// an embedded store in `node.data_dir`).
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
-        let store = open_store(&cfg)?;
+        let store = open_store(&cfg).await?;
         Self::start_with_store(cfg, store).await
     }
 
@@ -385,7 +388,7 @@ impl Node {
     /// multi-edge deployment on one machine.
     pub async fn start_many(cfg: &Config, n: usize) -> Result<Vec<Self>, StartError> {
         let data_dir = &cfg.node.data_dir;
-        let store = open_store(cfg)?;
+        let store = open_store(cfg).await?;
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let mut c = cfg.clone();

@@ -8,15 +8,18 @@
 //!
 //! - [`embedded`]: redb, the single-node default (docs/adr/0001).
 //! - [`remote`]: an engine service's store, used by edge processes.
+//! - [`scylla`]: ScyllaDB, for clusters (untested here: no server).
 //! - [`conformance`]: the behaviour every backend must show, run against each.
 
 pub mod conformance;
 pub mod embedded;
 pub mod remote;
+pub mod scylla;
 
 use async_trait::async_trait;
 use tiercast_schemas::wire::Message;
 
+pub use self::scylla::{ScyllaConfig, ScyllaStore};
 pub use embedded::EmbeddedStore;
 pub use remote::RemoteStore;
 
