@@ -193,12 +193,20 @@ async fn run(
     let conn_id = shared.next_conn_id();
     let (tx, rx) = mpsc::channel::<Bytes>(shared.cfg.outbound_queue);
     let coalesced = Arc::new(Coalesced::default());
-    let writer = tokio::spawn(write_deliveries(conn.clone(), rx, coalesced.clone()));
+    let (start_drain, drain_signal) = tokio::sync::oneshot::channel();
+    let writer = tokio::spawn(write_deliveries(
+        shared.clone(),
+        conn.clone(),
+        peer.client_id,
+        rx,
+        coalesced.clone(),
+        drain_signal,
+    ));
 
     // Subscribe before reading the inbox: a message stored meanwhile arrives
     // live or from the inbox (or both; devices drop duplicates by id), never
     // neither.
-    if let Err(e) = attach(shared, &peer, conn_id, tx.clone(), coalesced, conn.clone()).await {
+    if let Err(e) = attach(shared, &peer, conn_id, tx, coalesced, conn.clone()).await {
         writer.abort();
         return End::fatal(ErrorCode::Unavailable, e);
     }
@@ -216,10 +224,9 @@ async fn run(
     );
     let end = match send.write_all(&welcome.encode()).await {
         Ok(()) => {
-            let drain = tokio::spawn(drain_inbox(shared.clone(), peer.client_id, tx));
-            let end = request_loop(shared, send, recv, &peer).await;
-            drain.abort();
-            end
+            // Welcome is out: the writer may send the inbox now.
+            let _ = start_drain.send(());
+            request_loop(shared, send, recv, &peer).await
         }
         Err(_) => End::Gone,
     };
@@ -294,41 +301,39 @@ async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
     }
 }
 
-/// Sends the device's pending inbox, oldest first, page by page. The entries
-/// stay pending until the device acks them.
-async fn drain_inbox(shared: Arc<Shared>, client_id: u64, tx: mpsc::Sender<Bytes>) {
-    let mut after = 0;
-    loop {
-        let page = match shared.engine.pending(client_id, after).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(client_id, error = %e, "inbox drain failed; the device resyncs on reconnect");
-                return;
-            }
-        };
-        let Some(last) = page.last() else { return };
-        after = last.id;
-        for m in page {
-            let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
-            if tx.send(frame).await.is_err() {
-                return;
-            }
-            shared.metrics.deliveries.inc();
-        }
-    }
+/// Where a connection's inbox drain stands.
+#[derive(Clone, Copy)]
+enum Drain {
+    /// Not before Welcome.
+    Waiting,
+    /// Next page: pending ids above this one.
+    From(u64),
+    Done,
 }
 
-/// Writes queued delivery frames to a server-opened stream (opened on the
-/// first delivery), and the tier-3 notifications that were coalesced while
-/// the queue was full.
+/// The connection's writer: queued deliveries (live fan-out), the device's
+/// pending inbox (oldest first, page by page, once Welcome is out), and the
+/// tier-3 notifications coalesced while the queue was full, all on one
+/// server-opened stream (opened on the first frame). Live frames go first;
+/// the inbox fills the gaps. Draining here rather than through the queue
+/// keeps a large inbox from filling the queue and making the device look
+/// like a slow consumer. Inbox entries stay pending until the device acks.
 async fn write_deliveries(
+    shared: Arc<Shared>,
     conn: quinn::Connection,
+    client_id: u64,
     mut rx: mpsc::Receiver<Bytes>,
     coalesced: Arc<Coalesced>,
+    mut drain_signal: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut stream: Option<quinn::SendStream> = None;
+    let mut drain = Drain::Waiting;
     loop {
-        let frames = tokio::select! {
+        let from = match drain {
+            Drain::From(after) => Some(after),
+            Drain::Waiting | Drain::Done => None,
+        };
+        let frames: Vec<Bytes> = tokio::select! {
             biased;
             frame = rx.recv() => match frame {
                 Some(f) => vec![f],
@@ -339,15 +344,35 @@ async fn write_deliveries(
                 .into_iter()
                 .map(|(c, id)| crate::server::notify_frame(c, id))
                 .collect(),
+            started = &mut drain_signal, if matches!(drain, Drain::Waiting) => {
+                drain = if started.is_ok() { Drain::From(0) } else { Drain::Done };
+                continue;
+            }
+            page = shared.engine.pending(client_id, from.unwrap_or(0)), if from.is_some() => {
+                match page {
+                    Ok(page) => {
+                        drain = page.last().map_or(Drain::Done, |m| Drain::From(m.id));
+                        shared.metrics.deliveries.inc_by(page.len() as u64);
+                        page.into_iter()
+                            .map(|m| ServerFrame::new(0, ServerBody::Message(m)).encode())
+                            .collect()
+                    }
+                    Err(e) => {
+                        tracing::warn!(client_id, error = %e, "inbox drain failed; the device gets it on its next connect");
+                        drain = Drain::Done;
+                        continue;
+                    }
+                }
+            }
+        };
+        let s = match &mut stream {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => stream.insert(s),
+                Err(_) => return,
+            },
         };
         for frame in frames {
-            let s = match &mut stream {
-                Some(s) => s,
-                None => match conn.open_uni().await {
-                    Ok(s) => stream.insert(s),
-                    Err(_) => return,
-                },
-            };
             if s.write_all(&frame).await.is_err() {
                 return;
             }

@@ -492,3 +492,49 @@ async fn devices_unseen_past_the_ttl_go_with_their_inbox() {
         "a connected device is kept, with its inbox"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_inbox_drains_beside_live_traffic_without_a_disconnect() {
+    let node = common::start(&[("edge.outbound_queue", "16")]).await;
+    node.chat(1, &[1, 2]).await;
+    let (sender, _s) = node.device(1, 10).await;
+    // Register the device, then let 600 messages pile up in its inbox.
+    let (once, _o) = node.device(2, 20).await;
+    once.shutdown().await;
+    let mut sent = HashSet::new();
+    for i in 0..600 {
+        sent.insert(
+            sender
+                .send(1, i + 1, Bytes::from_static(b"while away"))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    let back = Device::start(node.session_config(2, 20));
+    back.wait_until("connected", WAIT, |l| l.connects >= 1)
+        .await;
+    for i in 600..700 {
+        sent.insert(
+            sender
+                .send(1, i + 1, Bytes::from_static(b"live"))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    back.wait_until("the inbox and the live messages", WAIT * 2, |l| {
+        l.ids(1) == sent
+    })
+    .await;
+    assert_eq!(
+        metric(&node, "tiercast_edge_slow_consumers"),
+        0,
+        "the drain does not fill the live queue"
+    );
+    assert_eq!(
+        back.log.lock().unwrap().connects,
+        1,
+        "one connection throughout"
+    );
+}
