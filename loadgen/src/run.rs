@@ -88,6 +88,8 @@ pub struct TierFigures {
     /// Deliveries of measured (post-warm-up) messages per second of the
     /// measured window.
     pub deliveries_per_s: f64,
+    /// Refused or failed sends by code.
+    pub errors: std::collections::BTreeMap<String, u64>,
 }
 
 fn quantiles(h: &Histogram<u64>, f: &mut TierFigures) {
@@ -223,7 +225,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
 
     // The open-loop send schedule.
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
-    let send_errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let send_errors: Arc<Mutex<HashMap<(u8, String), u64>>> = Arc::default();
     // A user's first device sends for the user.
     let by_user: HashMap<u64, usize> = meta
         .iter()
@@ -286,6 +288,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         let conversation = plan.id;
         let sent = sent.clone();
         let errors = send_errors.clone();
+        let tier = tiers.get(&conversation).copied().unwrap_or(1);
         match s.conversations[g].sender {
             Sender::Member => {
                 let member = plan.members[rng.random_range(0..plan.members.len())];
@@ -311,7 +314,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                             *errors
                                 .lock()
                                 .expect("errors")
-                                .entry(code_name(&e))
+                                .entry((tier, code_name(&e)))
                                 .or_default() += 1
                         }
                     }
@@ -345,14 +348,14 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                             *errors
                                 .lock()
                                 .expect("errors")
-                                .entry(format!("http_{}", r.status().as_u16()))
+                                .entry((tier, format!("http_{}", r.status().as_u16())))
                                 .or_default() += 1
                         }
                         Err(_) => {
                             *errors
                                 .lock()
                                 .expect("errors")
-                                .entry("http_unreachable".into())
+                                .entry((tier, "http_unreachable".into()))
                                 .or_default() += 1
                         }
                     }
@@ -447,7 +450,16 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     // Duplicates and out-of-order receipts, by the conversation's tier.
     let mut reconnect_us = Vec::new();
     let mut connect_us = Vec::new();
-    let mut errors: HashMap<String, u64> = send_errors.lock().expect("errors").clone();
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    for ((tier, code), n) in send_errors.lock().expect("errors").iter() {
+        *figures
+            .entry(*tier)
+            .or_default()
+            .errors
+            .entry(code.clone())
+            .or_default() += n;
+        *errors.entry(code.clone()).or_default() += n;
+    }
     for d in &meta {
         let log = d.log.lock().expect("log");
         for (conv, n) in &log.duplicates {
@@ -483,6 +495,9 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         total.lost += f.lost;
         total.duplicates += f.duplicates;
         total.out_of_order += f.out_of_order;
+        for (code, n) in &f.errors {
+            *total.errors.entry(code.clone()).or_default() += n;
+        }
     }
     quantiles(&all_hist, &mut total);
     total.deliveries_per_s = all_hist.len() as f64 / measured_s;
@@ -894,6 +909,16 @@ fn render(
         row(&t.to_string(), &figures[t], &mut out);
     }
     row("all", total, &mut out);
+    for t in tier_keys {
+        if !figures[t].errors.is_empty() {
+            let list: Vec<String> = figures[t]
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect();
+            let _ = writeln!(out, "tier {t} send errors: {}", list.join(", "));
+        }
+    }
     let c = &report["connect"];
     let _ = writeln!(
         out,

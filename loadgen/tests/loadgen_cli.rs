@@ -73,6 +73,7 @@ fn a_short_scenario_reports_every_delivery_and_plans_a_fleet() {
         assert_eq!(sum(k), v[k].as_u64().unwrap(), "tiers add up for {k}");
     }
     for t in tiers.values() {
+        assert!(t["errors"].is_object(), "errors by code per tier: {t}");
         assert!(t["p50_us"].as_u64().unwrap() <= t["p99_us"].as_u64().unwrap());
         assert!(t["p99_us"].as_u64().unwrap() <= t["max_us"].as_u64().unwrap());
     }
