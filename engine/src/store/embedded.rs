@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
@@ -48,6 +50,10 @@ const IDEMPOTENCY: TableDefinition<(u64, u64), u64> = TableDefinition::new("idem
 /// the first write of the group, and the size of the transaction.
 const MAX_GROUP: usize = 512;
 
+/// Groups of only lazy writes (acks, last-seen times) committed without an
+/// fsync before one is made durable anyway.
+const LAZY_GROUPS: u32 = 64;
+
 /// A write job's answer, called once the group's commit is known.
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A write job: applies itself to the group's transaction (or answers the
@@ -65,7 +71,8 @@ pub struct EmbeddedStore {
 /// queue closes, the thread commits what it has and ends, and the drop waits
 /// for it, so the file is free to open again (a restart in one process).
 struct Writer {
-    jobs: Option<crossbeam_channel::Sender<Job>>,
+    /// Jobs, each with whether it must be on disk before it is answered.
+    jobs: Option<crossbeam_channel::Sender<(Job, bool)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -135,7 +142,7 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
-        let (sender, jobs) = crossbeam_channel::unbounded::<Job>();
+        let (sender, jobs) = crossbeam_channel::unbounded::<(Job, bool)>();
         let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("tiercast-store-writer".into())
@@ -150,9 +157,30 @@ impl EmbeddedStore {
         })
     }
 
-    /// Runs `f` in the next group commit; answers after the commit.
+    /// Runs `f` in the next group commit; answers after the commit is on
+    /// disk.
     async fn write<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_with(true, f).await
+    }
+
+    /// Like [`Self::write`], for writes whose loss in a crash is harmless
+    /// (an ack lost means one redelivery; a last-seen time, a slightly older
+    /// one): a group of only such writes commits without an fsync, and the
+    /// next durable commit (at most [`LAZY_GROUPS`] groups later) persists
+    /// it.
+    async fn write_lazy<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_with(false, f).await
+    }
+
+    async fn write_with<T: Send + 'static>(
+        &self,
+        durable: bool,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
@@ -176,7 +204,7 @@ impl EmbeddedStore {
             .jobs
             .as_ref()
             .expect("jobs sender lives until drop")
-            .send(job)
+            .send((job, durable))
             .map_err(|_| StoreError::Backend("store writer stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Backend("store writer stopped".into()))?
@@ -195,16 +223,30 @@ impl EmbeddedStore {
 
 /// The writer thread: one transaction and one fsync per group of waiting
 /// jobs. Ends when every store handle is dropped.
-fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
+fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, bool)>) {
+    let mut lazy_in_a_row = 0;
+    while let Ok((first, first_durable)) = jobs.recv() {
         let mut group = vec![first];
+        let mut durable = first_durable;
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
-                Ok(j) => group.push(j),
+                Ok((j, d)) => {
+                    group.push(j);
+                    durable |= d;
+                }
                 Err(_) => break,
             }
         }
-        let txn = match db.begin_write() {
+        if !durable {
+            lazy_in_a_row += 1;
+            // Freed pages are reused only after a durable commit: do one
+            // now and then even when nothing asks for it.
+            durable = lazy_in_a_row >= LAZY_GROUPS;
+        }
+        if durable {
+            lazy_in_a_row = 0;
+        }
+        let mut txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => {
                 let e = backend(e);
@@ -216,6 +258,9 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<Job>) {
                 continue;
             }
         };
+        if !durable && let Err(e) = txn.set_durability(Durability::None) {
+            tracing::debug!(error = %e, "non-durable commit refused; committing durably");
+        }
         let mut done = Vec::with_capacity(group.len());
         let mut poisoned = false;
         for job in group {
@@ -233,6 +278,14 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<Job>) {
         };
         for d in done {
             d(outcome.as_ref().err());
+        }
+    }
+    // Shutting down: make the last lazy commits durable.
+    if lazy_in_a_row > 0 {
+        match db.begin_write().map(|t| t.commit()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final commit failed"),
+            Err(e) => tracing::error!(error = %e, "final commit failed"),
         }
     }
 }
@@ -467,7 +520,7 @@ impl Store for EmbeddedStore {
 
     async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
         let clients = clients.to_vec();
-        self.write(move |txn| {
+        self.write_lazy(move |txn| {
             let mut t = txn.open_table(CLIENTS).map_err(backend)?;
             for key in clients {
                 let rec = match t.get(key).map_err(backend)? {
@@ -664,7 +717,7 @@ impl Store for EmbeddedStore {
 
     async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
         let ids = ids.to_vec();
-        self.write(move |txn| {
+        self.write_lazy(move |txn| {
             let mut removed = 0;
             {
                 let mut inbox = txn.open_table(INBOX).map_err(backend)?;
@@ -735,6 +788,52 @@ mod tests {
 
     /// What was committed is there after the database is closed and opened
     /// again: nothing stored is lost by a restart.
+    #[tokio::test]
+    async fn lazy_acks_are_on_disk_after_a_clean_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store
+                .create_conversation(&Conversation {
+                    id: 5,
+                    name: "c".into(),
+                    created_ms: 1,
+                    pinned_tier: None,
+                    tier: 1,
+                    member_count: 0,
+                })
+                .await
+                .unwrap();
+            for id in 1..=3u64 {
+                let m = NewMessage {
+                    message: Message {
+                        id,
+                        conversation: 5,
+                        sender: 1,
+                        sender_client: 1,
+                        body: Bytes::from_static(b"m"),
+                    },
+                    client_msg_id: 0,
+                    inbox: vec![9],
+                };
+                store.insert_message(&m).await.unwrap();
+            }
+            // Acks commit without an fsync; closing the store makes them
+            // durable.
+            assert_eq!(store.ack(9, &[1, 2]).await.unwrap(), 2);
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        let left: Vec<u64> = store
+            .inbox(9, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(left, vec![3]);
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
