@@ -84,12 +84,23 @@ async fn delivery_resumes_after_a_failover_and_a_slot_migration() {
 
     // 2. Move that slot to another master.
     let (now_id, _) = redis.owner_of(slot);
-    let target = redis
-        .topology()
-        .into_iter()
-        .find(|(id, _, is_master, _)| *is_master && *id != now_id)
-        .map(|(id, addr, _, _)| (id, addr))
-        .expect("another master");
+    // Another master, as that node itself says: right after a failover the
+    // gossiped topology can still list the demoted master as one.
+    let mut target = None;
+    wait_for("another master that knows it is one", || {
+        target = redis
+            .topology()
+            .into_iter()
+            .find(|(id, addr, is_master, _)| {
+                *is_master
+                    && *id != now_id
+                    && redis.cli(addr, &["role"]).lines().next() == Some("master")
+            })
+            .map(|(id, addr, _, _)| (id, addr));
+        target.is_some()
+    })
+    .await;
+    let target = target.expect("found above");
     redis.migrate_slot(slot, &target);
     wait_for("the slot moves", || redis.owner_of(slot).0 == target.0).await;
     let round = send_until_delivered(&sender, &mut rx, "after migration").await;
