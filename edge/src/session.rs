@@ -301,6 +301,14 @@ async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
     }
 }
 
+/// One inbox page read in flight.
+type PageRead = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Vec<tiercast_schemas::wire::Message>, EngineError>>
+            + Send,
+    >,
+>;
+
 /// Where a connection's inbox drain stands.
 #[derive(Clone, Copy)]
 enum Drain {
@@ -328,11 +336,16 @@ async fn write_deliveries(
 ) {
     let mut stream: Option<quinn::SendStream> = None;
     let mut drain = Drain::Waiting;
+    // The inbox page being read, kept across live frames so a busy
+    // connection does not restart (and repeat) the read each time.
+    let mut page_read: Option<PageRead> = None;
     loop {
-        let from = match drain {
-            Drain::From(after) => Some(after),
-            Drain::Waiting | Drain::Done => None,
-        };
+        if let (Drain::From(after), None) = (drain, &page_read) {
+            let engine = shared.engine.clone();
+            page_read = Some(Box::pin(
+                async move { engine.pending(client_id, after).await },
+            ));
+        }
         let frames: Vec<Bytes> = tokio::select! {
             biased;
             frame = rx.recv() => match frame {
@@ -348,7 +361,8 @@ async fn write_deliveries(
                 drain = if started.is_ok() { Drain::From(0) } else { Drain::Done };
                 continue;
             }
-            page = shared.engine.pending(client_id, from.unwrap_or(0)), if from.is_some() => {
+            page = async { page_read.as_mut().expect("guarded").await }, if page_read.is_some() => {
+                page_read = None;
                 match page {
                     Ok(page) => {
                         drain = page.last().map_or(Drain::Done, |m| Drain::From(m.id));

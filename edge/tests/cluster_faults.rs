@@ -75,12 +75,10 @@ async fn a_send_while_redis_is_unreachable_is_stored_and_reaches_every_device() 
         let id = r.expect("stored, so the send succeeds").message_id;
         sent[i].insert(id);
     }
-    let failures: u64 = fleet.nodes[0]
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with("tiercast_engine_publish_failures_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0);
+    let failures = common::metric(
+        &fleet.nodes[0].metrics(),
+        "tiercast_engine_publish_failures_total",
+    );
     assert!(failures >= 2, "the publishes failed ({failures})");
     for (i, conv) in [1u64, 2].into_iter().enumerate() {
         let (history, _) = engine.history(conv, 0, 0, 100).await.unwrap();

@@ -29,12 +29,7 @@ async fn pinned(node: &TestNode, id: u64, members: &[u64], tier: Tier) {
 }
 
 fn metric(node: &TestNode, name: &str) -> u64 {
-    node.node
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    common::metric(&node.node.metrics(), name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

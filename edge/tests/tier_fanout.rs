@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::WAIT;
 use common::cluster::{Fleet, RedisCluster};
+use common::{WAIT, metric};
 use tiercast_client::{Client, Deliveries, Delivery};
 use tiercast_schemas::envelope::Tier;
 
@@ -62,13 +62,6 @@ async fn collect(client: Client, mut rx: Deliveries, want: HashSet<u64>) -> Seen
         }
     }
     seen
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

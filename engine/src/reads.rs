@@ -295,7 +295,7 @@ impl ReadQueue for RedisReadQueue {
         self.stopped.store(true, Ordering::Release);
         let flushers = std::mem::take(&mut *self.flushers.lock().expect("flushers lock"));
         for f in flushers {
-            if tokio::time::timeout(Duration::from_secs(5), &mut { f })
+            if tokio::time::timeout(Duration::from_secs(5), f)
                 .await
                 .is_err()
             {

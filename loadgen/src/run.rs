@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -975,7 +975,6 @@ pub struct Progress {
     live: Mutex<Histogram<u64>>,
     started: Instant,
     devices: u64,
-    ticker: AtomicUsize,
 }
 
 impl Progress {
@@ -997,7 +996,6 @@ impl Progress {
             live: Mutex::new(histogram()),
             started: Instant::now(),
             devices,
-            ticker: AtomicUsize::new(0),
         });
         if p.bar.is_some() {
             let weak = Arc::downgrade(&p);
@@ -1018,7 +1016,6 @@ impl Progress {
         if let Some(l) = latency_us {
             self.live.lock().expect("live").saturating_record(l.max(1));
         }
-        self.ticker.fetch_add(1, Ordering::Relaxed);
     }
 
     fn set_missing(&self, n: u64) {

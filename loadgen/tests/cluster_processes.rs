@@ -122,25 +122,49 @@ fn common_args(redis: &Redis, dir: &std::path::Path) -> Vec<String> {
     .collect()
 }
 
+/// `tiercast engine` and `edges` `tiercast edge` processes on a fresh Redis
+/// Cluster; each edge as (process, QUIC address, certificate PEM).
+struct Deployment {
+    api: String,
+    edges: Vec<(Proc, std::net::SocketAddr, String)>,
+    _engine: Proc,
+    _tmp: tempfile::TempDir,
+    _redis: Redis,
+}
+
+impl Deployment {
+    fn start(edges: usize) -> Self {
+        let redis = Redis::up();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = vec!["engine".to_string()];
+        args.extend(common_args(&redis, &tmp.path().join("engine")));
+        let engine = Proc::spawn(&args);
+        let api = engine.wait_for("HTTP API:");
+        let edges = (0..edges)
+            .map(|i| {
+                let mut args = vec!["edge".to_string()];
+                args.extend(common_args(&redis, &tmp.path().join(format!("edge{i}"))));
+                args.extend(["--set".into(), format!("node.store_url={api}")]);
+                let p = Proc::spawn(&args);
+                let quic = p.wait_for("QUIC edge:").parse().unwrap();
+                let cert = std::fs::read_to_string(p.wait_for("certificate:")).unwrap();
+                (p, quic, cert)
+            })
+            .collect();
+        Self {
+            api,
+            edges,
+            _engine: engine,
+            _tmp: tmp,
+            _redis: redis,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_and_two_edge_processes_serve_a_chat_and_a_broadcast() {
-    let redis = Redis::up();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut args = vec!["engine".to_string()];
-    args.extend(common_args(&redis, &tmp.path().join("engine")));
-    let engine = Proc::spawn(&args);
-    let api = engine.wait_for("HTTP API:");
-
-    let mut edges = Vec::new();
-    for i in 0..2 {
-        let mut args = vec!["edge".to_string()];
-        args.extend(common_args(&redis, &tmp.path().join(format!("edge{i}"))));
-        args.extend(["--set".into(), format!("node.store_url={api}")]);
-        let p = Proc::spawn(&args);
-        let quic = p.wait_for("QUIC edge:");
-        let cert = p.wait_for("certificate:");
-        edges.push((p, quic, std::fs::read_to_string(cert).unwrap()));
-    }
+    let deployment = Deployment::start(2);
+    let (api, edges) = (&deployment.api, &deployment.edges);
 
     let keys = tiercast_engine::auth::TokenKeys::new(SECRET.as_bytes());
     let now = tiercast_engine::auth::now_unix();
@@ -173,7 +197,7 @@ async fn engine_and_two_edge_processes_serve_a_chat_and_a_broadcast() {
     let device = |edge: usize, user: u64| {
         let (_, quic, cert) = &edges[edge];
         ClientConfig::new(
-            quic.parse().unwrap(),
+            *quic,
             cert.clone(),
             keys.mint_user(user, now, 600),
             user * 10,
@@ -258,22 +282,9 @@ use std::collections::HashSet;
 /// and every device ends with every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_edge_process_loses_no_message() {
-    let redis = Redis::up();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut args = vec!["engine".to_string()];
-    args.extend(common_args(&redis, &tmp.path().join("engine")));
-    let engine = Proc::spawn(&args);
-    let api = engine.wait_for("HTTP API:");
-    let mut edges = Vec::new();
-    for i in 0..2 {
-        let mut args = vec!["edge".to_string()];
-        args.extend(common_args(&redis, &tmp.path().join(format!("edge{i}"))));
-        args.extend(["--set".into(), format!("node.store_url={api}")]);
-        let p = Proc::spawn(&args);
-        let quic: std::net::SocketAddr = p.wait_for("QUIC edge:").parse().unwrap();
-        let cert = std::fs::read_to_string(p.wait_for("certificate:")).unwrap();
-        edges.push((p, quic, cert));
-    }
+    let mut deployment = Deployment::start(2);
+    let api = deployment.api.clone();
+    let edges = &mut deployment.edges;
     let keys = tiercast_engine::auth::TokenKeys::new(SECRET.as_bytes());
     let now = tiercast_engine::auth::now_unix();
     let publisher = keys.mint_publisher("test", now, 600);

@@ -81,6 +81,14 @@ impl TestNode {
     }
 }
 
+/// The sum of a Prometheus metric's samples (all label sets) in `text`.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// The next message delivered, skipping other deliveries; panics after
 /// [`WAIT`].
 pub async fn next_message(rx: &mut Deliveries) -> Message {

@@ -458,28 +458,14 @@ impl Store for EmbeddedStore {
                 {
                     existing.push(json(row.map_err(backend)?.1.value())?);
                 }
-                let outcome = if existing.iter().any(|c| c.client_id == client.client_id) {
-                    Registered::Known
-                } else if existing.len() < max_devices {
-                    Registered::New
-                } else if evict_oldest {
-                    let oldest = existing
-                        .iter()
-                        .min_by_key(|c| c.last_seen_ms)
-                        .expect("at least max_devices > 0 clients")
-                        .client_id;
+                let outcome = super::registration(&existing, &client, max_devices, evict_oldest)?;
+                if let Registered::Evicted(oldest) = outcome {
                     t.remove((client.user, oldest)).map_err(backend)?;
                     let mut inbox = txn.open_table(INBOX).map_err(backend)?;
                     inbox
                         .retain_in((oldest, 0)..=(oldest, u64::MAX), |_, _| false)
                         .map_err(backend)?;
-                    Registered::Evicted(oldest)
-                } else {
-                    return Err(StoreError::TooManyDevices {
-                        user: client.user,
-                        max: max_devices,
-                    });
-                };
+                }
                 t.insert((client.user, client.client_id), to_json(&client).as_slice())
                     .map_err(backend)?;
                 outcome

@@ -73,6 +73,31 @@ pub struct ReadMark {
     pub message_id: u64,
 }
 
+/// What registering `client` does, given the user's `existing` devices: the
+/// rule every backend applies (the backend then removes an evicted device
+/// and its inbox).
+pub(crate) fn registration(
+    existing: &[ClientRecord],
+    client: &ClientRecord,
+    max_devices: usize,
+    evict_oldest: bool,
+) -> Result<Registered, StoreError> {
+    if existing.iter().any(|c| c.client_id == client.client_id) {
+        Ok(Registered::Known)
+    } else if existing.len() < max_devices {
+        Ok(Registered::New)
+    } else if let (true, Some(oldest)) =
+        (evict_oldest, existing.iter().min_by_key(|c| c.last_seen_ms))
+    {
+        Ok(Registered::Evicted(oldest.client_id))
+    } else {
+        Err(StoreError::TooManyDevices {
+            user: client.user,
+            max: max_devices,
+        })
+    }
+}
+
 /// A message to persist with what must be written beside it atomically.
 #[derive(Debug, Clone)]
 pub struct NewMessage {

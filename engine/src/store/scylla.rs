@@ -507,26 +507,12 @@ impl Store for ScyllaStore {
         evict_oldest: bool,
     ) -> Result<Registered, StoreError> {
         let existing = self.clients_of(client.user).await?;
-        let outcome = if existing.iter().any(|c| c.client_id == client.client_id) {
-            Registered::Known
-        } else if existing.len() < max_devices {
-            Registered::New
-        } else if evict_oldest {
-            let oldest = existing
-                .iter()
-                .min_by_key(|c| c.last_seen_ms)
-                .expect("max_devices > 0")
-                .client_id;
+        let outcome = super::registration(&existing, client, max_devices, evict_oldest)?;
+        if let Registered::Evicted(oldest) = outcome {
             self.exec(&self.st.delete_client, (i(client.user), i(oldest)))
                 .await?;
             self.exec(&self.st.delete_inbox, (i(oldest),)).await?;
-            Registered::Evicted(oldest)
-        } else {
-            return Err(StoreError::TooManyDevices {
-                user: client.user,
-                max: max_devices,
-            });
-        };
+        }
         self.exec(
             &self.st.upsert_client,
             (
