@@ -229,7 +229,7 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
         backplane,
         routes,
         engine_metrics,
-        lease.as_ref().map(NodeLease::flag),
+        lease.as_ref().map(NodeLease::gate),
     )
     .map_err(|e| StartError::Engine(e.to_string()))?;
     // Read markers: through Redis Streams in a cluster (any engine's

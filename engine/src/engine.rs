@@ -128,7 +128,7 @@ const PUBLISH_CONCURRENCY: usize = 64;
 const MESSAGE_OVERHEAD: usize = 96;
 
 impl Engine {
-    /// An engine with node id `cfg.node_id`; in a cluster pass the flag of
+    /// An engine with node id `cfg.node_id`; in a cluster pass the gate of
     /// the node-id lease it holds, so that it stops issuing ids without it.
     pub fn new(
         cfg: EngineConfig,
@@ -136,14 +136,14 @@ impl Engine {
         backplane: Arc<dyn Backplane>,
         routes: Arc<dyn Routes>,
         metrics: EngineMetrics,
-        lease: Option<Arc<std::sync::atomic::AtomicBool>>,
+        lease: Option<Arc<crate::snowflake::LeaseGate>>,
     ) -> Result<Self, IdError> {
         let mut ids = IdGenerator::try_new(
             cfg.node_id,
             Duration::from_millis(cfg.max_clock_backstep_ms),
         )?;
-        if let Some(flag) = lease {
-            ids = ids.with_lease(flag);
+        if let Some(gate) = lease {
+            ids = ids.with_lease(gate);
         }
         Ok(Self {
             cfg,

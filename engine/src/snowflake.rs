@@ -7,8 +7,9 @@
 //! [`IdGenerator`] wraps it with the system clock and the policy for a clock
 //! that steps back: wait it out up to a bound, then refuse.
 
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use tiercast_schemas::ids::{EPOCH_MS, NODE_BITS, SEQ_BITS, min_id_at};
 pub const MAX_NODE: u16 = (1 << NODE_BITS) - 1;
@@ -109,12 +110,57 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Until when a node-id lease lets this process issue ids: a monotonic
+/// deadline that the lease's renewer pushes forward after every renewal and
+/// that every id checks. Ids stop at the deadline even if the renewer is
+/// stuck (a hung command, a starved runtime), not only when it reports a
+/// failure.
+#[derive(Debug)]
+pub struct LeaseGate {
+    base: Instant,
+    /// Nanoseconds after `base` (a deadline at or before `base` is 0, and 0
+    /// is closed: no elapsed time is below it).
+    until_ns: AtomicU64,
+}
+
+impl Default for LeaseGate {
+    fn default() -> Self {
+        Self::closed()
+    }
+}
+
+impl LeaseGate {
+    pub fn closed() -> Self {
+        Self {
+            base: Instant::now(),
+            until_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Ids may be issued until `at` (later calls move it either way: a
+    /// renewal sent at t makes the lease good until t + margin).
+    pub fn open_until(&self, at: Instant) {
+        let ns = at.saturating_duration_since(self.base).as_nanos() as u64;
+        self.until_ns.store(ns, Ordering::Release);
+    }
+
+    /// No more ids: the lease is someone else's.
+    pub fn close(&self) {
+        self.until_ns.store(0, Ordering::Release);
+    }
+
+    pub fn is_open(&self) -> bool {
+        let now = self.base.elapsed().as_nanos() as u64;
+        now < self.until_ns.load(Ordering::Acquire)
+    }
+}
+
 /// Ids from the system clock for one node.
 #[derive(Debug)]
 pub struct IdGenerator {
     state: Mutex<Snowflake>,
-    /// Cleared when the node-id lease is lost (cluster mode).
-    lease: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Closed when the node-id lease is not known to hold (cluster mode).
+    lease: Option<Arc<LeaseGate>>,
     /// How long a backward clock step is waited out before a send fails.
     /// NTP slews small corrections; a step larger than this is an operator
     /// problem, and failing loudly beats stalling every send behind it.
@@ -130,9 +176,9 @@ impl IdGenerator {
         })
     }
 
-    /// Ids are issued only while `flag` is set (the node-id lease holds).
-    pub fn with_lease(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.lease = Some(flag);
+    /// Ids are issued only while `gate` is open (the node-id lease holds).
+    pub fn with_lease(mut self, gate: Arc<LeaseGate>) -> Self {
+        self.lease = Some(gate);
         self
     }
 
@@ -172,8 +218,8 @@ impl IdGenerator {
 
     /// One decision of the policy: an id, a wait, or a refusal.
     fn step(&self, now: u64, waited: &mut Duration) -> Step {
-        if let Some(flag) = &self.lease
-            && !flag.load(std::sync::atomic::Ordering::Acquire)
+        if let Some(gate) = &self.lease
+            && !gate.is_open()
         {
             return Step::Fail(IdError::LeaseLost);
         }
@@ -208,6 +254,25 @@ mod tests {
     use std::collections::HashSet;
 
     const T0: u64 = EPOCH_MS + 1_000_000;
+
+    #[test]
+    fn ids_pass_the_lease_gate_only_before_its_deadline() {
+        let gate = Arc::new(LeaseGate::closed());
+        let ids = IdGenerator::try_new(7, Duration::ZERO)
+            .unwrap()
+            .with_lease(gate.clone());
+        let at = || T0;
+        assert_eq!(ids.next_id_with(at, |_| {}), Err(IdError::LeaseLost));
+        gate.open_until(Instant::now() + Duration::from_secs(60));
+        assert!(ids.next_id_with(at, |_| {}).is_ok());
+        // A deadline in the past closes it without anyone calling close():
+        // a stuck renewer cannot keep ids flowing.
+        gate.open_until(Instant::now() - Duration::from_millis(1));
+        assert_eq!(ids.next_id_with(at, |_| {}), Err(IdError::LeaseLost));
+        gate.open_until(Instant::now() + Duration::from_secs(60));
+        gate.close();
+        assert_eq!(ids.next_id_with(at, |_| {}), Err(IdError::LeaseLost));
+    }
 
     #[test]
     fn layout_round_trips() {
