@@ -66,13 +66,7 @@ async fn delivery_resumes_after_a_failover_and_a_slot_migration() {
     // 1. Fail over the master that serves user 2's channel.
     let redis = &fleet.redis;
     let slot = redis.keyslot("client+user:{2}");
-    let (master_id, _) = redis.owner_of(slot);
-    let replica = redis
-        .topology()
-        .into_iter()
-        .find(|(_, _, is_master, of)| !is_master && *of == master_id)
-        .expect("the master has a replica")
-        .1;
+    let replica = redis.replica_serving(slot);
     assert_eq!(redis.cli(&replica, &["cluster", "failover"]), "OK");
     wait_for("the replica takes over", || {
         redis.owner_of(slot).1 == replica
@@ -163,13 +157,7 @@ async fn the_node_id_lease_survives_a_failover_and_a_lost_key() {
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
 
     // 1. Fail over the master that holds the key; sample the gate throughout.
-    let (master_id, _) = redis.owner_of(slot);
-    let replica = redis
-        .topology()
-        .into_iter()
-        .find(|(_, _, is_master, of)| !is_master && *of == master_id)
-        .expect("the master has a replica")
-        .1;
+    let replica = redis.replica_serving(slot);
     let renewed_before = count(&lease.stats().renewed);
     assert_eq!(redis.cli(&replica, &["cluster", "failover"]), "OK");
     let gate = lease.gate();

@@ -99,6 +99,16 @@ impl RedisCluster {
         panic!("no owner for slot {slot}");
     }
 
+    /// The address of a replica of the master serving `slot`.
+    pub fn replica_serving(&self, slot: u16) -> String {
+        let (master_id, _) = self.owner_of(slot);
+        self.topology()
+            .into_iter()
+            .find(|(_, _, is_master, of)| !is_master && *of == master_id)
+            .expect("the master has a replica")
+            .1
+    }
+
     pub fn keyslot(&self, key: &str) -> u16 {
         self.cli(&self.nodes[0], &["cluster", "keyslot", key])
             .parse()
