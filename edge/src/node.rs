@@ -100,7 +100,7 @@ impl EngineService {
     }
 }
 
-/// How long a node-id lease lasts unrenewed. Renewed every third; a
+/// How long a node-id lease lasts unrenewed. Renewed every sixth; a
 /// crashed process frees its id after this.
 const LEASE_TTL: Duration = Duration::from_secs(15);
 

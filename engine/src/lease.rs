@@ -1,14 +1,16 @@
 //! Node-id leases: in a cluster every engine (and every edge, which embeds
 //! one) takes a Snowflake node id from Redis, so two live processes never
 //! share one. A lease is a key `tiercast:node:{<id>}` set with NX and a TTL,
-//! renewed every third of the TTL by compare-and-expire.
+//! renewed every sixth of the TTL by compare-and-expire.
 //!
 //! A renewal sent at `t` keeps the key until at least `t + ttl`; the process
 //! issues ids only until `t + ttl - ttl/3` (the [`LeaseGate`] deadline), so
 //! it stops a third of the TTL before anyone else could take the id. A failed
 //! or hung renewal (a failover, a slot moving) is retried every 100 ms to 1 s
-//! with its own timeout, so a Redis hiccup shorter than two thirds of the TTL
-//! costs nothing. A key found missing (a failover dropped the write, or it
+//! with its own timeout. An outage that begins just before a renewal is due
+//! leaves `ttl - ttl/3 - ttl/6` (7.5 s at the 15 s TTL) before ids stop, so
+//! a Redis failover, which pauses writes for at most a few seconds, costs
+//! nothing. A key found missing (a failover dropped the write, or it
 //! expired while the process was stalled) is taken back atomically if nobody
 //! else has it; a key holding another token stops this process's ids for
 //! good.
@@ -161,7 +163,8 @@ async fn renew(
     // up and retried: waiting out the client's own timeout could use up
     // the whole margin on one stuck connection.
     let attempt_timeout = ttl / 6;
-    let mut next = tokio::time::Instant::now() + ttl / 3;
+    let period = ttl / 6;
+    let mut next = tokio::time::Instant::now() + period;
     let mut retry = RETRY_MIN;
     loop {
         tokio::time::sleep_until(next).await;
@@ -185,7 +188,7 @@ async fn renew(
                 } else {
                     stats.renewed.fetch_add(1, Ordering::Relaxed);
                 }
-                next = tokio::time::Instant::from_std(sent) + ttl / 3;
+                next = tokio::time::Instant::from_std(sent) + period;
                 retry = RETRY_MIN;
             }
             Ok(_) => {

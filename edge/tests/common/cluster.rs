@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tiercast_client::{Client, ClientConfig, Deliveries};
 use tiercast_edge::{Config, Node};
@@ -99,6 +100,34 @@ impl RedisCluster {
         panic!("no owner for slot {slot}");
     }
 
+    /// Promotes `replica` (the address of a replica of the master serving
+    /// `slot`) and returns once the cluster map shows it serving the slot.
+    /// A manual failover that Redis gives up on (it waits at most 5 s for
+    /// the replica to catch up, which a loaded machine can exceed) is asked
+    /// for again; the third ask uses FORCE.
+    pub async fn fail_over(&self, slot: u16, replica: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for attempt in 0.. {
+            let args: &[&str] = if attempt < 2 {
+                &["cluster", "failover"]
+            } else {
+                &["cluster", "failover", "force"]
+            };
+            assert_eq!(self.cli(replica, args), "OK", "{args:?} on {replica}");
+            let again = tokio::time::Instant::now() + Duration::from_secs(7);
+            while tokio::time::Instant::now() < again {
+                if self.owner_of(slot).1 == replica {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{replica} did not take over slot {slot}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     /// The address of a replica of the master serving `slot`.
     pub fn replica_serving(&self, slot: u16) -> String {
         let (master_id, _) = self.owner_of(slot);
@@ -136,8 +165,19 @@ impl RedisCluster {
                 "OK"
             );
         }
-        for (_, addr, master, _) in self.topology() {
-            if master {
+        // The new owner first, then the source, then the rest (the order
+        // the Redis manual gives): a client redirected in between never
+        // bounces back to the source.
+        assert_eq!(
+            self.cli(&to.1, &["cluster", "setslot", &s, "node", &to.0]),
+            "OK"
+        );
+        assert_eq!(
+            self.cli(&from.1, &["cluster", "setslot", &s, "node", &to.0]),
+            "OK"
+        );
+        for (id, addr, master, _) in self.topology() {
+            if master && id != to.0 && id != from.0 {
                 self.cli(&addr, &["cluster", "setslot", &s, "node", &to.0]);
             }
         }
