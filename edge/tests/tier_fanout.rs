@@ -235,29 +235,60 @@ async fn a_tier_change_loses_nothing() {
         engine.conversation(9).await.unwrap().0.tier,
         Tier::Sharded as u8
     );
-    // The edges learn the new members from the membership announcements;
-    // wait (bounded) until both are routed.
+    // A new member gets live traffic once its edge has processed the
+    // membership announcement. That travels on the user's channel, another
+    // shard than the conversation's node channels, so a message sent right
+    // after the add can overtake it (it is in history, and in a cursor
+    // sync). Send until every new member has had one live.
+    let (old, new) = devices.split_at_mut(3);
+    let sender = &old[0].0;
+    let mut probes = Vec::new();
+    let mut joined = [false; 3];
     let deadline = tokio::time::Instant::now() + WAIT;
-    while engine.routes().hosting_edges(9).await.unwrap().len() < 2 {
+    while !joined.iter().all(|j| *j) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "routes did not converge"
+            "new members got no live traffic: {joined:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let probe = sender
+            .send(9, 0, Bytes::from_static(b"probe"))
+            .await
+            .unwrap();
+        probes.push(probe.message_id);
+        for (k, (_, rx)) in new.iter_mut().enumerate() {
+            let until = tokio::time::Instant::now() + Duration::from_millis(200);
+            while !joined[k] {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(Delivery::Message(m))) => joined[k] = probes.contains(&m.id),
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+        }
     }
+    eprintln!(
+        "tier change: new members live after {} probe(s)",
+        probes.len()
+    );
     let after = sender
         .send(9, 0, Bytes::from_static(b"tier 2"))
         .await
         .unwrap();
 
+    // Members from before the change miss nothing across it; new members
+    // miss nothing once live.
     for (i, (client, rx)) in devices.into_iter().enumerate().skip(1) {
         let user = i as u64 + 1;
         let mut want = HashSet::from([after.message_id]);
         if user <= 3 {
             want.insert(before.message_id);
+            want.extend(&probes);
         }
         let seen = collect(client, rx, want.clone()).await;
-        assert_eq!(seen.ids, want, "user {user}");
+        assert!(want.is_subset(&seen.ids), "user {user}: {seen:?}");
+        if user <= 3 {
+            assert_eq!(seen.ids, want, "user {user}");
+        }
         assert_eq!(seen.duplicates, 0);
     }
     fleet.shutdown().await;
