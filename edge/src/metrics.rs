@@ -18,6 +18,7 @@ pub struct EdgeMetrics {
     pub pull_requests: Counter,
     pub pull_store_reads: Counter,
     pub coalesced_notifications: Counter,
+    pub seam_duplicates: Counter,
     pub drained: Counter,
     pub syncs: Counter,
     pub reads: Counter,
@@ -72,6 +73,11 @@ impl EdgeMetrics {
             "coalesced_notifications",
             "Tier-3 notifications set aside for a full queue (one per conversation is sent later)",
             m.coalesced_notifications.clone(),
+        );
+        r.register(
+            "seam_duplicates",
+            "Messages not sent twice at a connection's start (stored during the handshake, they reached the writer live and in an inbox page)",
+            m.seam_duplicates.clone(),
         );
         r.register(
             "drained",

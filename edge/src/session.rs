@@ -203,9 +203,9 @@ async fn run(
         drain_signal,
     ));
 
-    // Subscribe before reading the inbox: a message stored meanwhile arrives
-    // live or from the inbox (or both; devices drop duplicates by id), never
-    // neither.
+    // Subscribe before reading the inbox: a message stored meanwhile reaches
+    // the writer live or from the inbox (or both, and then it is sent once:
+    // see `Seam`), never neither.
     if let Err(e) = attach(shared, &peer, conn_id, tx, coalesced, conn.clone()).await {
         writer.abort();
         return End::fatal(ErrorCode::Unavailable, e);
@@ -319,6 +319,73 @@ enum Drain {
     Done,
 }
 
+/// How long after the inbox drain ends the writer still remembers what it
+/// sent: a live copy of a message the drain already sent can trail it by
+/// the publish latency.
+const SEAM_GRACE: Duration = Duration::from_secs(5);
+/// Ids remembered at most (a device back with a huge inbox): past this the
+/// device's own dedupe is all there is.
+const SEAM_MAX_IDS: usize = 65_536;
+
+/// The ids a connection's writer sent while its inbox drained and for
+/// [`SEAM_GRACE`] after. A message stored during the handshake reaches the
+/// writer twice, live and in an inbox page; it goes out once. Costs a frame
+/// decode per live frame during that window only.
+#[derive(Default)]
+struct Seam {
+    ids: std::collections::HashSet<u64>,
+    /// When the drain ended.
+    done_at: Option<tokio::time::Instant>,
+    active: bool,
+}
+
+impl Seam {
+    fn new() -> Self {
+        Self {
+            active: true,
+            ..Self::default()
+        }
+    }
+
+    /// The drain has ended (or will not run): start the grace period.
+    fn drain_done(&mut self) {
+        self.done_at.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    fn watching(&mut self) -> bool {
+        if self.active && self.done_at.is_some_and(|t| t.elapsed() >= SEAM_GRACE) {
+            self.active = false;
+            self.ids = Default::default();
+        }
+        self.active
+    }
+
+    /// False if `id` went out on this connection already.
+    fn first(&mut self, id: u64) -> bool {
+        if !self.watching() {
+            return true;
+        }
+        if self.ids.len() >= SEAM_MAX_IDS {
+            return !self.ids.contains(&id);
+        }
+        self.ids.insert(id)
+    }
+
+    /// False for a live message frame that went out already.
+    fn first_frame(&mut self, frame: &Bytes) -> bool {
+        if !self.watching() {
+            return true;
+        }
+        match ServerFrame::decode(frame, tiercast_schemas::MAX_FRAME_BYTES) {
+            Ok(ServerFrame {
+                body: ServerBody::Message(m),
+                ..
+            }) => self.first(m.id),
+            _ => true,
+        }
+    }
+}
+
 /// The connection's writer: queued deliveries (live fan-out), the device's
 /// pending inbox (oldest first, page by page, once Welcome is out), and the
 /// tier-3 notifications coalesced while the queue was full, all on one
@@ -339,7 +406,11 @@ async fn write_deliveries(
     // The inbox page being read, kept across live frames so a busy
     // connection does not restart (and repeat) the read each time.
     let mut page_read: Option<PageRead> = None;
+    let mut seam = Seam::new();
     loop {
+        if matches!(drain, Drain::Done) {
+            seam.drain_done();
+        }
         if let (Drain::From(after), None) = (drain, &page_read) {
             let engine = shared.engine.clone();
             page_read = Some(Box::pin(
@@ -349,7 +420,11 @@ async fn write_deliveries(
         let frames: Vec<Bytes> = tokio::select! {
             biased;
             frame = rx.recv() => match frame {
-                Some(f) => vec![f],
+                Some(f) if seam.first_frame(&f) => vec![f],
+                Some(_) => {
+                    shared.metrics.seam_duplicates.inc();
+                    continue;
+                }
                 None => return,
             },
             () = coalesced.wake.notified() => coalesced
@@ -366,10 +441,15 @@ async fn write_deliveries(
                 match page {
                     Ok(page) => {
                         drain = page.last().map_or(Drain::Done, |m| Drain::From(m.id));
-                        shared.metrics.deliveries.inc_by(page.len() as u64);
-                        page.into_iter()
+                        let total = page.len();
+                        let frames: Vec<Bytes> = page
+                            .into_iter()
+                            .filter(|m| seam.first(m.id))
                             .map(|m| ServerFrame::new(0, ServerBody::Message(m)).encode())
-                            .collect()
+                            .collect();
+                        shared.metrics.deliveries.inc_by(frames.len() as u64);
+                        shared.metrics.seam_duplicates.inc_by((total - frames.len()) as u64);
+                        frames
                     }
                     Err(e) => {
                         tracing::warn!(client_id, error = %e, "inbox drain failed; the device gets it on its next connect");

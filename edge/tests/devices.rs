@@ -21,7 +21,8 @@ use bytes::Bytes;
 use common::{Device, TestNode, WAIT};
 use tiercast_client::{Client, ClientError, Cursor, Delivery, ErrorCode};
 use tiercast_engine::Outgoing;
-use tiercast_schemas::envelope::Tier;
+use tiercast_engine::backplane::user_channel;
+use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 
 async fn pinned(node: &TestNode, id: u64, members: &[u64], tier: Tier) {
     node.chat(id, members).await;
@@ -548,4 +549,49 @@ async fn a_large_inbox_drains_beside_live_traffic_without_a_disconnect() {
         1,
         "one connection throughout"
     );
+}
+
+/// A message stored while a device connects reaches the edge's writer twice,
+/// live and in an inbox page; the device gets it once. The race is made
+/// certain here by replaying the live copy right after the inbox sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_both_live_and_in_the_inbox_goes_out_once() {
+    let node = common::start(&[]).await;
+    node.chat(1, &[1, 2]).await;
+    let (sender, _s) = node.device(1, 10).await;
+    let (once, _o) = node.device(2, 20).await;
+    once.shutdown().await;
+    let away = sender
+        .send(1, 1, Bytes::from_static(b"while away"))
+        .await
+        .unwrap();
+    let (_back, mut rx) = node.device(2, 20).await;
+    let first = common::next_message(&mut rx).await;
+    assert_eq!(first.id, away.message_id, "from the inbox");
+
+    // The live copy, as a publish that lost the race would bring it.
+    let late = Envelope {
+        origin_node: 0,
+        payload: Payload::Deliver {
+            tier: Tier::Direct,
+            message: first,
+            except_client: 0,
+        },
+    };
+    node.node
+        .engine
+        .backplane()
+        .publish(&user_channel(2), late.encode())
+        .await
+        .unwrap();
+    let next = sender
+        .send(1, 2, Bytes::from_static(b"next"))
+        .await
+        .unwrap();
+    assert_eq!(
+        common::next_message(&mut rx).await.id,
+        next.message_id,
+        "the second copy was not sent"
+    );
+    assert_eq!(metric(&node, "tiercast_edge_seam_duplicates_total"), 1);
 }
