@@ -29,13 +29,15 @@ install() {
   command -v redis-server >/dev/null || die "redis-server did not install"
 }
 
-# A port p such that p and p+10000 (the cluster bus) are both free.
+# A port p such that p and p+10000 (the cluster bus) are both free. Both
+# lie below the kernel's ephemeral range (32768 and up), so an outgoing
+# connection cannot take one between this check and redis-server's bind.
 free_port() {
   python3 - "$@" <<'PY'
 import random, socket, sys
 taken = set(int(p) for p in sys.argv[1:])
 for _ in range(500):
-    p = random.randint(20000, 29999)
+    p = random.randint(10000, 19999)
     if p in taken or p + 10000 in taken:
         continue
     ok = True
@@ -52,6 +54,14 @@ for _ in range(500):
         sys.exit(0)
 sys.exit("no free port pair found")
 PY
+}
+
+wait_until() { # seconds, command...: true once the command succeeds
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS < deadline )) || return 1
+    sleep 0.1
+  done
 }
 
 wait_for() { # seconds, description, command...
@@ -77,23 +87,39 @@ up() {
   [[ -n $dir ]] || dir=$(mktemp -d /tmp/tiercast-redis.XXXXXX)
   mkdir -p "$dir"
   local total=$((masters * (1 + replicas))) ports=() addrs=()
-  for _ in $(seq 1 "$total"); do
-    local p; p=$(free_port "${ports[@]}")
-    ports+=("$p")
+  # Clusters started at once (tests run in parallel) choose ports one after
+  # the other: the lock is held from the choice until every server listens.
+  exec 9>"${TMPDIR:-/tmp}/tiercast-redis-ports.lock"
+  flock -w 60 9 || die "timed out waiting for the port lock"
+  local attempt
+  for attempt in 1 2 3; do
+    ports=() addrs=()
+    for _ in $(seq 1 "$total"); do
+      local p; p=$(free_port "${ports[@]}")
+      ports+=("$p")
+    done
+    for p in "${ports[@]}"; do
+      mkdir -p "$dir/$p"
+      redis-server --port "$p" --bind 127.0.0.1 --protected-mode no \
+        --cluster-enabled yes --cluster-config-file "$dir/$p/nodes.conf" \
+        --cluster-node-timeout 2000 --appendonly no --save "" \
+        --dir "$dir/$p" --daemonize yes --pidfile "$dir/$p/redis.pid" \
+        --logfile "$dir/$p/redis.log" >/dev/null 9>&-  # the lock stays ours
+      echo "$p" >> "$dir/ports"
+      addrs+=("127.0.0.1:$p")
+    done
+    local listening=1
+    for p in "${ports[@]}"; do
+      if ! wait_until 10 redis-cli -p "$p" ping; then listening=0; break; fi
+    done
+    (( listening )) && break
+    # Someone bound a chosen port after all: stop what started, choose again.
+    echo "redis-cluster.sh: a server did not start (port taken?); attempt $attempt of 3" >&2
+    down --dir "$dir"
+    mkdir -p "$dir"
+    (( attempt < 3 )) || die "redis-server did not start on three sets of ports"
   done
-  for p in "${ports[@]}"; do
-    mkdir -p "$dir/$p"
-    redis-server --port "$p" --bind 127.0.0.1 --protected-mode no \
-      --cluster-enabled yes --cluster-config-file "$dir/$p/nodes.conf" \
-      --cluster-node-timeout 2000 --appendonly no --save "" \
-      --dir "$dir/$p" --daemonize yes --pidfile "$dir/$p/redis.pid" \
-      --logfile "$dir/$p/redis.log" >/dev/null
-    echo "$p" >> "$dir/ports"
-    addrs+=("127.0.0.1:$p")
-  done
-  for p in "${ports[@]}"; do
-    wait_for 10 "redis on port $p" redis-cli -p "$p" ping
-  done
+  flock -u 9
   redis-cli --cluster create "${addrs[@]}" --cluster-replicas "$replicas" --cluster-yes >"$dir/create.log" 2>&1 \
     || { cat "$dir/create.log" >&2; die "cluster create failed"; }
   for p in "${ports[@]}"; do

@@ -71,6 +71,7 @@ async fn a_send_while_redis_is_unreachable_is_stored_and_reaches_every_device() 
     ])
     .await;
     fleet.redis.signal_all("CONT");
+    fleet.redis.wait_healthy().await;
     for (i, r) in during.into_iter().enumerate() {
         let id = r.expect("stored, so the send succeeds").message_id;
         sent[i].insert(id);

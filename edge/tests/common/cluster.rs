@@ -281,14 +281,35 @@ impl RedisCluster {
     }
 
     /// Sends `signal` (`STOP`, `CONT`) to every server of the cluster.
+    /// Sends `signal` to every server with one `kill`, so that a STOP or
+    /// CONT reaches them all at (nearly) the same moment: continued one by
+    /// one, the first ones would find the others silent past the node
+    /// timeout and mark them failed.
     pub fn signal_all(&self, signal: &str) {
-        for pid in self.pids() {
-            let ok = Command::new("kill")
-                .args([&format!("-{signal}"), &pid])
-                .status()
-                .expect("kill runs")
-                .success();
-            assert!(ok, "kill -{signal} {pid}");
+        let pids = self.pids();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{signal} {pids:?}");
+    }
+
+    /// Waits (bounded) until every server reports `cluster_state:ok`.
+    pub async fn wait_healthy(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for (_, addr, _, _) in self.topology() {
+            while !self
+                .cli(&addr, &["cluster", "info"])
+                .contains("cluster_state:ok")
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{addr}: cluster not ok"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }
