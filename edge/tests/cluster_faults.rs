@@ -253,6 +253,29 @@ async fn read_markers_cross_edges_and_a_dead_flusher_loses_none() {
     );
     assert!(rescuer_metrics.recovered.get() >= 40);
     assert_eq!(doomed_metrics.written.get(), 0);
+
+    // The streams vanish (as a failover that lost them would leave it):
+    // markers pushed afterwards land in new streams without the group, and
+    // the flusher recreates the group and writes them.
+    for s in 0..tiercast_engine::reads::STREAMS {
+        let key = tiercast_engine::reads::stream_key(s);
+        let (_, owner) = fleet.redis.owner_of(fleet.redis.keyslot(&key));
+        fleet.redis.cli(&owner, &["del", &key]);
+    }
+    let after_loss = ReadMark {
+        user: 200,
+        conversation: 1,
+        message_id: 5_000,
+    };
+    producer.push(after_loss).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while fleet.store.read_marks(200, &[1]).await.unwrap() != vec![(1, 5_000)] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "marker after the stream loss not written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop((phone, laptop));
     fleet.shutdown().await;
 }

@@ -227,23 +227,9 @@ impl RedisReadQueue {
         let mut flushers = Vec::new();
         for s in 0..STREAMS {
             let key = stream_key(s);
-            let created: Result<Value, _> = client
-                .custom(
-                    cmd("XGROUP", 1),
-                    vec![
-                        "CREATE".into(),
-                        key.clone(),
-                        GROUP.into(),
-                        "0".into(),
-                        "MKSTREAM".into(),
-                    ],
-                )
-                .await;
-            if let Err(e) = created
-                && !e.details().contains("BUSYGROUP")
-            {
-                return Err(QueueError(format!("cannot create consumer group: {e}")));
-            }
+            create_group(&client, &key)
+                .await
+                .map_err(|e| QueueError(format!("cannot create consumer group: {e}")))?;
             if cfg.run {
                 let flusher = Flusher {
                     client: client.clone(),
@@ -305,6 +291,27 @@ impl ReadQueue for RedisReadQueue {
     }
 }
 
+/// Creates the flushers' consumer group on `key` (and the stream), reading
+/// from the stream's start; one that exists already is left as it is.
+async fn create_group(client: &Client, key: &str) -> Result<(), fred::error::Error> {
+    let created: Result<Value, _> = client
+        .custom(
+            cmd("XGROUP", 1),
+            vec![
+                Value::from("CREATE"),
+                key.into(),
+                GROUP.into(),
+                "0".into(),
+                "MKSTREAM".into(),
+            ],
+        )
+        .await;
+    match created {
+        Err(e) if !e.details().contains("BUSYGROUP") => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A custom command whose key is argument `key_at` (for the cluster slot).
 fn cmd(name: &'static str, key_at: usize) -> CustomCommand {
     CustomCommand::new_static(name, ClusterHash::Offset(key_at), false)
@@ -354,6 +361,17 @@ impl Flusher {
                         own_pending = true;
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
+                }
+                Err(e) if e.details().contains("NOGROUP") => {
+                    // The stream or its group is gone (a failover lost it, or
+                    // someone deleted it); entries added since are in a new
+                    // stream without the group. Recreate it from the start.
+                    tracing::warn!(stream = %self.key, "read-marker consumer group missing; recreating it");
+                    if let Err(e) = create_group(&self.client, &self.key).await {
+                        tracing::warn!(stream = %self.key, error = %e, "consumer group not recreated");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    own_pending = true;
                 }
                 Err(e) => {
                     tracing::warn!(stream = %self.key, error = %e, "read-marker stream unavailable");
