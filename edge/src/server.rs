@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub conversations: LocalConversations,
     /// Conversations this edge has announced in the routing table.
     announced: std::sync::Mutex<HashSet<u64>>,
+    /// Conversations whose route update failed; the heartbeat retries them.
+    route_retry: std::sync::Mutex<HashSet<u64>>,
     route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Tier-3 bodies by (conversation, id); loads are single-flight.
     pull_cache: moka::future::Cache<(u64, u64), Option<Message>>,
@@ -87,6 +89,10 @@ impl Shared {
             .expect("announced lock")
             .contains(&conv);
         if want == have {
+            self.route_retry
+                .lock()
+                .expect("route_retry lock")
+                .remove(&conv);
             return;
         }
         let routes = self.engine.routes();
@@ -103,9 +109,17 @@ impl Shared {
                 } else {
                     a.remove(&conv);
                 }
+                self.route_retry
+                    .lock()
+                    .expect("route_retry lock")
+                    .remove(&conv);
             }
             Err(e) => {
-                tracing::warn!(conv, error = %e, "route update failed; retried on the next change")
+                tracing::warn!(conv, error = %e, "route update failed; retried with the next heartbeat");
+                self.route_retry
+                    .lock()
+                    .expect("route_retry lock")
+                    .insert(conv);
             }
         }
     }
@@ -169,6 +183,7 @@ impl Edge {
                 metrics,
                 conversations: LocalConversations::new(),
                 announced: std::sync::Mutex::new(HashSet::new()),
+                route_retry: std::sync::Mutex::new(HashSet::new()),
                 route_locks: stripes(),
                 pull_cache: moka::future::Cache::builder()
                     .max_capacity(PULL_CACHE_ENTRIES)
@@ -286,7 +301,10 @@ async fn touch_devices(shared: Arc<Shared>) {
     }
 }
 
-/// Keeps this edge's liveness lease in the routing table.
+/// Keeps this edge's liveness lease in the routing table, and retries the
+/// route updates that failed (a Redis outage): without them tier-2 and
+/// tier-3 traffic would not reach this edge's members until the next join
+/// or leave in those conversations.
 async fn heartbeat(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(LIVENESS_TTL / 3);
     loop {
@@ -299,6 +317,16 @@ async fn heartbeat(shared: Arc<Shared>) {
             .await
         {
             tracing::warn!(error = %e, "liveness heartbeat failed");
+        }
+        let failed: Vec<u64> = shared
+            .route_retry
+            .lock()
+            .expect("route_retry lock")
+            .iter()
+            .copied()
+            .collect();
+        for conv in failed {
+            shared.sync_route(conv).await;
         }
     }
 }

@@ -303,10 +303,7 @@ async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
 
 /// One inbox page read in flight.
 type PageRead = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = Result<Vec<tiercast_schemas::wire::Message>, EngineError>>
-            + Send,
-    >,
+    Box<dyn std::future::Future<Output = Vec<tiercast_schemas::wire::Message>> + Send>,
 >;
 
 /// Where a connection's inbox drain stands.
@@ -413,9 +410,22 @@ async fn write_deliveries(
         }
         if let (Drain::From(after), None) = (drain, &page_read) {
             let engine = shared.engine.clone();
-            page_read = Some(Box::pin(
-                async move { engine.pending(client_id, after).await },
-            ));
+            page_read = Some(Box::pin(async move {
+                // A store that fails for a while (a failover) delays the
+                // drain, it does not end it: retried for as long as the
+                // connection lives, live frames flowing meanwhile.
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    match engine.pending(client_id, after).await {
+                        Ok(page) => return page,
+                        Err(e) => {
+                            tracing::warn!(client_id, error = %e, ?backoff, "inbox read failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }));
         }
         let frames: Vec<Bytes> = tokio::select! {
             biased;
@@ -438,25 +448,16 @@ async fn write_deliveries(
             }
             page = async { page_read.as_mut().expect("guarded").await }, if page_read.is_some() => {
                 page_read = None;
-                match page {
-                    Ok(page) => {
-                        drain = page.last().map_or(Drain::Done, |m| Drain::From(m.id));
-                        let total = page.len();
-                        let frames: Vec<Bytes> = page
-                            .into_iter()
-                            .filter(|m| seam.first(m.id))
-                            .map(|m| ServerFrame::new(0, ServerBody::Message(m)).encode())
-                            .collect();
-                        shared.metrics.deliveries.inc_by(frames.len() as u64);
-                        shared.metrics.seam_duplicates.inc_by((total - frames.len()) as u64);
-                        frames
-                    }
-                    Err(e) => {
-                        tracing::warn!(client_id, error = %e, "inbox drain failed; the device gets it on its next connect");
-                        drain = Drain::Done;
-                        continue;
-                    }
-                }
+                drain = page.last().map_or(Drain::Done, |m| Drain::From(m.id));
+                let total = page.len();
+                let frames: Vec<Bytes> = page
+                    .into_iter()
+                    .filter(|m| seam.first(m.id))
+                    .map(|m| ServerFrame::new(0, ServerBody::Message(m)).encode())
+                    .collect();
+                shared.metrics.deliveries.inc_by(frames.len() as u64);
+                shared.metrics.seam_duplicates.inc_by((total - frames.len()) as u64);
+                frames
             }
         };
         let s = match &mut stream {
