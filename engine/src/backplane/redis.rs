@@ -233,6 +233,11 @@ fn slot_owners(client: &SubscriberClient) -> BTreeMap<(u16, u16), String> {
 
 async fn topology_watchdog(client: SubscriberClient, every: Duration, resubs: Arc<AtomicU64>) {
     let mut known = slot_owners(&client);
+    // After a change, one more resubscribe on the next tick: a change seen
+    // mid-way (a slot migration's owners switch one node at a time) can
+    // leave a subscription on a node that drops it a moment later, with no
+    // further change in the slot map to notice.
+    let mut settle = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -248,14 +253,17 @@ async fn topology_watchdog(client: SubscriberClient, every: Duration, resubs: Ar
             continue;
         }
         let now = slot_owners(&client);
-        if now != known {
+        let changed = now != known;
+        if changed || settle {
             tracing::info!(
                 channels = client.tracked_shard_channels().len(),
+                changed,
                 "slot owners changed; resubscribing"
             );
             match client.resubscribe_all().await {
                 Ok(()) => {
                     known = now;
+                    settle = changed;
                     resubs.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => tracing::warn!(error = %e, "resubscribe failed; retrying"),
