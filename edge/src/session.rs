@@ -349,6 +349,12 @@ impl Seam {
         self.done_at.get_or_insert_with(tokio::time::Instant::now);
     }
 
+    /// When the remembered ids can go (so an idle connection does not keep
+    /// them until its next frame).
+    fn expires_at(&self) -> Option<tokio::time::Instant> {
+        self.done_at.filter(|_| self.active).map(|t| t + SEAM_GRACE)
+    }
+
     fn watching(&mut self) -> bool {
         if self.active && self.done_at.is_some_and(|t| t.elapsed() >= SEAM_GRACE) {
             self.active = false;
@@ -427,6 +433,7 @@ async fn write_deliveries(
                 }
             }));
         }
+        let seam_expiry = seam.expires_at();
         let frames: Vec<Bytes> = tokio::select! {
             biased;
             frame = rx.recv() => match frame {
@@ -442,6 +449,10 @@ async fn write_deliveries(
                 .into_iter()
                 .map(|(c, id)| crate::server::notify_frame(c, id))
                 .collect(),
+            () = tokio::time::sleep_until(seam_expiry.unwrap_or_else(tokio::time::Instant::now)), if seam_expiry.is_some() => {
+                seam.watching();
+                continue;
+            }
             started = &mut drain_signal, if matches!(drain, Drain::Waiting) => {
                 drain = if started.is_ok() { Drain::From(0) } else { Drain::Done };
                 continue;
