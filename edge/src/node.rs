@@ -11,7 +11,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tiercast_engine::Engine;
 use tiercast_engine::auth::TokenKeys;
-use tiercast_engine::backplane::redis::{RedisBackplane, RedisRoutes};
+use tiercast_engine::backplane::redis::{self, RedisBackplane, RedisRoutes};
 use tiercast_engine::backplane::{Backplane, LocalBackplane, LocalRoutes, Routes};
 use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::lease::NodeLease;
@@ -213,11 +213,23 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
             ),
             BackplaneKind::Redis => {
                 let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
-                let lease = NodeLease::acquire(bp.client(), LEASE_TTL).await?;
+                // The node-id lease and the read-marker streams each get a
+                // client (connections) of their own: every send depends on
+                // the lease, and stream commands meet ASK redirections while
+                // a slot migrates, which once left a shared client's
+                // connections answering the wrong commands (all renewals
+                // and publishes hung for 30 s while Redis was healthy).
+                let lease_client = redis::connect(&cfg.backplane.redis).await?;
+                let lease = NodeLease::acquire(&lease_client, LEASE_TTL).await?;
                 cfg.engine.node_id = lease.node;
                 let routes = RedisRoutes::new(bp.client().clone());
-                let client = bp.client().clone();
-                (Arc::new(bp), Arc::new(routes), Some(lease), Some(client))
+                let reads_client = redis::connect(&cfg.backplane.redis).await?;
+                (
+                    Arc::new(bp),
+                    Arc::new(routes),
+                    Some(lease),
+                    Some(reads_client),
+                )
             }
         };
     let mut registry = Registry::default();

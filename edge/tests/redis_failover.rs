@@ -64,6 +64,7 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_resumes_after_a_failover_and_a_slot_migration() {
+    common::logs();
     let fleet = Fleet::start(RedisCluster::up(1), 2, &[]).await;
     let engine = fleet.nodes[0].engine.clone();
     engine
@@ -152,6 +153,7 @@ async fn delivery_resumes_after_a_failover_and_a_slot_migration() {
 /// and stops ids for good when another process holds the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_id_lease_survives_a_failover_and_a_lost_key() {
+    common::logs();
     let redis = RedisCluster::up(1);
     let client = connect(&RedisConfig {
         nodes: redis.nodes.clone(),

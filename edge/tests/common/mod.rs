@@ -14,6 +14,17 @@ pub const SECRET: &str = "integration-test-secret";
 /// Upper bound for anything a test waits for; never a sleep.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Logs to the test's output when `RUST_LOG` is set (e.g.
+/// `RUST_LOG=fred=debug,tiercast_engine=debug`); once per test binary.
+pub fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub struct TestNode {
     pub node: Node,
     pub dir: tempfile::TempDir,

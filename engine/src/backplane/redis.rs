@@ -149,7 +149,8 @@ impl RedisBackplane {
         })
     }
 
-    /// The command client (routes and leases share its connections).
+    /// The command client: publishes and routes share its connections (the
+    /// node-id lease and the read-marker streams connect their own).
     pub fn client(&self) -> &Client {
         &self.client
     }
