@@ -154,19 +154,22 @@ impl RedisCluster {
             .expect("a slot number")
     }
 
+    /// `CLUSTER SETSLOT slot state node` on `addr`, which must answer OK.
+    fn set_slot(&self, addr: &str, slot: &str, state: &str, node: &str) {
+        assert_eq!(
+            self.cli(addr, &["cluster", "setslot", slot, state, node]),
+            "OK",
+            "setslot {slot} {state} {node} on {addr}"
+        );
+    }
+
     /// Moves one slot (and its keys) to the master `to` (id, addr).
     pub fn migrate_slot(&self, slot: u16, to: &(String, String)) {
         let from = self.owner_of(slot);
         assert_ne!(from.0, to.0, "slot already there");
         let s = slot.to_string();
-        assert_eq!(
-            self.cli(&to.1, &["cluster", "setslot", &s, "importing", &from.0]),
-            "OK"
-        );
-        assert_eq!(
-            self.cli(&from.1, &["cluster", "setslot", &s, "migrating", &to.0]),
-            "OK"
-        );
+        self.set_slot(&to.1, &s, "importing", &from.0);
+        self.set_slot(&from.1, &s, "migrating", &to.0);
         let keys = self.cli(&from.1, &["cluster", "getkeysinslot", &s, "1000"]);
         let (host, port) = to.1.rsplit_once(':').unwrap();
         for k in keys.lines().filter(|k| !k.is_empty()) {
@@ -178,14 +181,8 @@ impl RedisCluster {
         // The new owner first, then the source, then the rest (the order
         // the Redis manual gives): a client redirected in between never
         // bounces back to the source.
-        assert_eq!(
-            self.cli(&to.1, &["cluster", "setslot", &s, "node", &to.0]),
-            "OK"
-        );
-        assert_eq!(
-            self.cli(&from.1, &["cluster", "setslot", &s, "node", &to.0]),
-            "OK"
-        );
+        self.set_slot(&to.1, &s, "node", &to.0);
+        self.set_slot(&from.1, &s, "node", &to.0);
         for (id, addr, master, _) in self.topology() {
             if master && id != to.0 && id != from.0 {
                 self.cli(&addr, &["cluster", "setslot", &s, "node", &to.0]);

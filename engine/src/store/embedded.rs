@@ -281,12 +281,13 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
         }
     }
     // Shutting down: make the last lazy commits durable.
-    if lazy_in_a_row > 0 {
-        match db.begin_write().map(|t| t.commit()) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "final commit failed"),
-            Err(e) => tracing::error!(error = %e, "final commit failed"),
-        }
+    if lazy_in_a_row > 0
+        && let Err(e) = db
+            .begin_write()
+            .map_err(backend)
+            .and_then(|t| t.commit().map_err(backend))
+    {
+        tracing::error!(error = %e, "final commit failed");
     }
 }
 
