@@ -34,6 +34,10 @@ pub struct SessionConfig {
     pub edges: Vec<SocketAddr>,
     pub server_name: String,
     pub trusted_pem: String,
+    /// The device id the edge issued to this device before (kept by the
+    /// app), or 0 for a new device: the first Welcome then carries the
+    /// issued id ([`Event::Connected`], [`Session::client_id`]), and the
+    /// session uses it for every reconnect.
     pub client_id: u64,
     pub device: String,
     pub token: TokenSource,
@@ -91,36 +95,23 @@ impl SessionConfig {
 /// What a session tells its app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Connected {
-        edge: SocketAddr,
-    },
+    /// Connected (again). `client_id` is this device's id, issued by the
+    /// edge on the first connect: keep it to reconnect as the same device.
+    Connected { edge: SocketAddr, client_id: u64 },
     /// A message, once per id whichever way it arrived.
     Message(Message),
     /// A tier-3 message exists (pull it to show it).
-    Notify {
-        conversation: u64,
-        message_id: u64,
-    },
+    Notify { conversation: u64, message_id: u64 },
     /// The user read up to here on another device.
-    ReadMarker {
-        conversation: u64,
-        message_id: u64,
-    },
+    ReadMarker { conversation: u64, message_id: u64 },
     /// The connection ended; the session reconnects.
-    Disconnected {
-        error: ClientError,
-    },
+    Disconnected { error: ClientError },
     /// A message that was dropped as already seen (only with
     /// [`SessionConfig::report_duplicates`]).
-    Duplicate {
-        conversation: u64,
-        message_id: u64,
-    },
+    Duplicate { conversation: u64, message_id: u64 },
     /// The session gave up (a refused token, too many devices): it will not
     /// reconnect.
-    Stopped {
-        error: ClientError,
-    },
+    Stopped { error: ClientError },
 }
 
 /// Counters of a session, exact.
@@ -158,8 +149,16 @@ fn is_fatal(e: &ClientError) -> bool {
                 | ErrorCode::TooManyDevices
                 | ErrorCode::UnsupportedVersion
                 | ErrorCode::ProtocolViolation
+                | ErrorCode::UnknownDevice
+                | ErrorCode::ConnectionReplaced
         )
     )
+}
+
+/// Errors that end a live connection for good: another connection of this
+/// device took over (reconnecting would take it back, and so on).
+fn ends_session(e: &ClientError) -> bool {
+    matches!(e.code(), Some(ErrorCode::ConnectionReplaced))
 }
 
 /// Errors a request is retried after (on the next connection).
@@ -214,6 +213,9 @@ struct Inner {
     close: Notify,
     stats: Arc<SessionStats>,
     acks: Mutex<Vec<u64>>,
+    /// The device id in use: the configured one, or the one issued on the
+    /// first connect.
+    client_id: AtomicU64,
 }
 
 /// A self-healing device session. Drop or [`Session::close`] ends it.
@@ -228,7 +230,7 @@ pub type Events = mpsc::Receiver<Event>;
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("client_id", &self.inner.cfg.client_id)
+            .field("client_id", &self.client_id())
             .finish()
     }
 }
@@ -246,6 +248,7 @@ impl Session {
     /// Starts connecting in the background; the app reads the events.
     pub fn start(cfg: SessionConfig) -> (Self, Events) {
         assert!(!cfg.edges.is_empty(), "a session needs at least one edge");
+        let cfg_client_id = cfg.client_id;
         let (tx, events) = mpsc::channel(cfg.event_buffer);
         let inner = Arc::new(Inner {
             cfg,
@@ -255,6 +258,7 @@ impl Session {
             close: Notify::new(),
             stats: Arc::default(),
             acks: Mutex::new(Vec::new()),
+            client_id: AtomicU64::new(cfg_client_id),
         });
         let task = tokio::spawn(supervise(inner.clone(), tx));
         (Self { inner, task }, events)
@@ -262,6 +266,12 @@ impl Session {
 
     pub fn stats(&self) -> Arc<SessionStats> {
         self.inner.stats.clone()
+    }
+
+    /// This device's id: 0 until the edge has issued one (a new device
+    /// before its first connect).
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id.load(Ordering::Relaxed)
     }
 
     /// The current connection, waiting up to `within` for one.
@@ -417,7 +427,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             server_name: cfg.server_name.clone(),
             trusted_pem: cfg.trusted_pem.clone(),
             token: (cfg.token)(),
-            client_id: cfg.client_id,
+            client_id: inner.client_id.load(Ordering::Relaxed),
             device: cfg.device.clone(),
             request_timeout: cfg.request_timeout,
             delivery_buffer: 4_096,
@@ -440,8 +450,13 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
         };
         failures = 0;
         inner.stats.connects.fetch_add(1, Ordering::Relaxed);
+        inner.client_id.store(client.client_id, Ordering::Relaxed);
         inner.current.send_replace(Some(client.clone()));
-        if events.send(Event::Connected { edge: addr }).await.is_err() {
+        let connected = Event::Connected {
+            edge: addr,
+            client_id: client.client_id,
+        };
+        if events.send(connected).await.is_err() {
             client.close();
             return;
         }
@@ -453,6 +468,10 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             Ended::Drain(after) => {
                 edge += 1;
                 delay = after;
+            }
+            Ended::Lost(error) if ends_session(&error) => {
+                let _ = events.send(Event::Stopped { error }).await;
+                return;
             }
             Ended::Lost(error) => {
                 if events.send(Event::Disconnected { error }).await.is_err() {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tiercast_engine::auth::{MIN_SECRET_BYTES, TokenKeys};
 use tiercast_engine::config::{EngineConfig, InvalidSetting};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +155,38 @@ impl EdgeConfig {
     }
 }
 
+/// Token keys and credentials (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key id of `node.token_secret`: written in the `kid` header of every
+    /// token minted here, and how tokens name the key to verify them with.
+    pub kid: String,
+    /// Earlier keys still accepted, `kid = "secret"`: during a rotation the
+    /// previous key stays here until the tokens it signed have expired.
+    pub verify_keys: std::collections::BTreeMap<String, String>,
+    /// Longest a token may still live when presented: bearer tokens that
+    /// never expire are a liability when they leak.
+    pub max_token_lifetime_s: u64,
+    /// The internal credential's secret (edge processes calling an engine
+    /// service's `/internal/store`), at least 32 bytes and unlike
+    /// `node.token_secret`, so no user or publisher credential opens the
+    /// raw store. Required with `node.store_url`; an engine service without
+    /// it serves no internal API.
+    pub internal_secret: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            kid: tiercast_engine::auth::DEFAULT_KID.into(),
+            verify_keys: Default::default(),
+            max_token_lifetime_s: tiercast_engine::auth::DEFAULT_MAX_LIFETIME_SECS,
+            internal_secret: String::new(),
+        }
+    }
+}
+
 /// Which backplane carries messages between engines and edges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -180,6 +213,8 @@ pub struct Config {
     pub edge: EdgeConfig,
     pub backplane: BackplaneConfig,
     pub scylla: tiercast_engine::store::ScyllaConfig,
+    pub auth: AuthConfig,
+    pub http: tiercast_engine::http::HttpLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,15 +277,95 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The keys user and publisher tokens are minted and verified with.
+    pub fn token_keys(&self) -> TokenKeys {
+        let others: Vec<(String, Vec<u8>)> = self
+            .auth
+            .verify_keys
+            .iter()
+            .map(|(k, s)| (k.clone(), s.as_bytes().to_vec()))
+            .collect();
+        TokenKeys::with_keys(
+            &self.auth.kid,
+            self.node.token_secret.as_bytes(),
+            &others,
+            self.auth.max_token_lifetime_s,
+        )
+    }
+
+    /// The internal credential's keys, if one is configured.
+    pub fn internal_keys(&self) -> Option<TokenKeys> {
+        (!self.auth.internal_secret.is_empty()).then(|| {
+            TokenKeys::with_keys(
+                "internal",
+                self.auth.internal_secret.as_bytes(),
+                &[],
+                self.auth.max_token_lifetime_s,
+            )
+        })
+    }
+
     pub fn validate(&self) -> Result<(), InvalidSetting> {
-        if self.node.token_secret.len() < 16 {
+        if self.node.token_secret.len() < MIN_SECRET_BYTES {
             return Err(InvalidSetting::new(
                 "node.token_secret",
-                "must be at least 16 bytes (set TIERCAST_NODE__TOKEN_SECRET)",
+                format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes (set TIERCAST_NODE__TOKEN_SECRET)"
+                ),
+            ));
+        }
+        let kid_ok = |k: &str| {
+            !k.is_empty()
+                && k.len() <= 64
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !kid_ok(&self.auth.kid) {
+            return Err(InvalidSetting::new(
+                "auth.kid",
+                "must be 1..=64 of [A-Za-z0-9_-]",
+            ));
+        }
+        for (kid, secret) in &self.auth.verify_keys {
+            if !kid_ok(kid) || *kid == self.auth.kid {
+                return Err(InvalidSetting::new(
+                    "auth.verify_keys",
+                    format!("key id `{kid}` must be 1..=64 of [A-Za-z0-9_-] and not auth.kid"),
+                ));
+            }
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(InvalidSetting::new(
+                    "auth.verify_keys",
+                    format!("the secret of `{kid}` must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
+        }
+        if !(60..=365 * 86_400).contains(&self.auth.max_token_lifetime_s) {
+            return Err(InvalidSetting::new(
+                "auth.max_token_lifetime_s",
+                "must be 60..=31536000",
+            ));
+        }
+        if !self.auth.internal_secret.is_empty()
+            && (self.auth.internal_secret.len() < MIN_SECRET_BYTES
+                || self.auth.internal_secret == self.node.token_secret)
+        {
+            return Err(InvalidSetting::new(
+                "auth.internal_secret",
+                format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes and differ from node.token_secret"
+                ),
+            ));
+        }
+        if self.node.store_url.is_some() && self.auth.internal_secret.is_empty() {
+            return Err(InvalidSetting::new(
+                "auth.internal_secret",
+                "is required with node.store_url (the edge's credential for the engine service; set TIERCAST_AUTH__INTERNAL_SECRET)",
             ));
         }
         self.engine.validate()?;
         self.edge.validate()?;
+        self.http.validate()?;
         if self.node.store == StoreKind::Scylla && self.node.store_url.is_none() {
             self.scylla
                 .validate()
@@ -293,7 +408,7 @@ fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError>
             .get_mut(part)
             .and_then(|v| v.as_table_mut())
             .ok_or_else(|| {
-                bad("unknown section (node, engine, engine.tiers, edge, backplane, backplane.redis)")
+                bad("unknown section (node, engine, engine.tiers, edge, backplane, backplane.redis, scylla, auth, auth.verify_keys)")
             })?;
     }
     let parsed = format!("v = {value}")
@@ -309,7 +424,10 @@ fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError>
 mod tests {
     use super::*;
 
-    const SECRET: (&str, &str) = ("TIERCAST_NODE__TOKEN_SECRET", "0123456789abcdef");
+    const SECRET: (&str, &str) = (
+        "TIERCAST_NODE__TOKEN_SECRET",
+        "0123456789abcdef0123456789abcdef",
+    );
 
     fn load(vars: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::load(

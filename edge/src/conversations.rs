@@ -25,14 +25,29 @@ impl LocalConversations {
         Self::default()
     }
 
-    /// A user's first connection here: index their conversations.
-    pub fn add_user(&self, user: u64, convs: &[u64]) {
+    /// A user's first connection here: index their conversations, read
+    /// from the store just now, in place of whatever was indexed before (a
+    /// removal missed while the user was away must not survive). Returns
+    /// every conversation whose local membership may have changed (old and
+    /// new), for the route table.
+    pub fn set_user(&self, user: u64, convs: &[u64]) -> Vec<u64> {
         let mut i = self.inner.lock().expect("index lock");
-        let mine = i.by_user.entry(user).or_default();
-        mine.extend(convs);
-        for &c in convs {
+        let old = i.by_user.remove(&user).unwrap_or_default();
+        for c in &old {
+            if let Some(users) = i.by_conv.get_mut(c) {
+                users.remove(&user);
+                if users.is_empty() {
+                    i.by_conv.remove(c);
+                }
+            }
+        }
+        let new: HashSet<u64> = convs.iter().copied().collect();
+        for &c in &new {
             i.by_conv.entry(c).or_default().insert(user);
         }
+        let touched = old.union(&new).copied().collect();
+        i.by_user.insert(user, new);
+        touched
     }
 
     /// A user's last connection left: returns the conversations they were in.
@@ -122,8 +137,8 @@ mod tests {
     #[test]
     fn index_follows_connects_memberships_and_disconnects() {
         let ix = LocalConversations::new();
-        ix.add_user(1, &[10, 11]);
-        ix.add_user(2, &[11]);
+        ix.set_user(1, &[10, 11]);
+        ix.set_user(2, &[11]);
         assert!(ix.hosts(10) && ix.hosts(11));
         let mut u = ix.users(11);
         u.sort_unstable();
@@ -139,5 +154,18 @@ mod tests {
         assert!(!ix.hosts(10));
         assert_eq!(ix.users(11), vec![2]);
         assert_eq!(ix.conversations(), 1);
+    }
+
+    #[test]
+    fn a_reconnect_replaces_the_user_s_conversations() {
+        let ix = LocalConversations::new();
+        ix.set_user(1, &[10, 11]);
+        // Removed from 10 while away (the announcement never reached us).
+        let mut touched = ix.set_user(1, &[11, 12]);
+        touched.sort_unstable();
+        assert_eq!(touched, vec![10, 11, 12]);
+        assert!(!ix.is_member(10, 1));
+        assert!(!ix.hosts(10));
+        assert!(ix.is_member(11, 1) && ix.is_member(12, 1));
     }
 }

@@ -20,6 +20,6 @@ pub mod session;
 pub mod sessions;
 pub mod tls;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
 pub use node::{EngineService, Node};
 pub use server::Edge;

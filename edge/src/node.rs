@@ -191,7 +191,9 @@ fn data_dir_error(path: &std::path::Path, e: std::io::Error) -> StartError {
 /// cluster, or an embedded one in `node.data_dir`.
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
     if let Some(url) = &cfg.node.store_url {
-        let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
+        let keys = cfg
+            .internal_keys()
+            .expect("validated: auth.internal_secret is set with node.store_url");
         return Ok(Arc::new(RemoteStore::new(url, keys)));
     }
     if cfg.node.store == StoreKind::Scylla {
@@ -268,7 +270,7 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
         engine,
         lease,
         registry,
-        keys: TokenKeys::new(cfg.node.token_secret.as_bytes()),
+        keys: cfg.token_keys(),
     })
 }
 
@@ -298,7 +300,9 @@ async fn serve_http(
     let state = HttpState {
         engine,
         keys,
+        internal: cfg.internal_keys(),
         registry,
+        limits: cfg.http.clone(),
     };
     let task = tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state, until_stopped(stopped)).await {

@@ -37,6 +37,10 @@ const LIVENESS_TTL: Duration = Duration::from_secs(6);
 /// within seconds, then rarely again.
 const PULL_CACHE_ENTRIES: u64 = 100_000;
 const PULL_CACHE_TTL: Duration = Duration::from_secs(120);
+/// How far ahead of this edge's clock a pulled id may be before it is
+/// refused without a store read: the clock skew between engine nodes and
+/// edges that is tolerated.
+const PULL_FUTURE_SLACK_MS: u64 = 2_000;
 
 /// State shared by the edge's tasks.
 pub(crate) struct Shared {
@@ -55,7 +59,7 @@ pub(crate) struct Shared {
     route_retry: std::sync::Mutex<HashSet<u64>>,
     route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Tier-3 bodies by (conversation, id); loads are single-flight.
-    pull_cache: moka::future::Cache<(u64, u64), Option<Message>>,
+    pull_cache: moka::future::Cache<(u64, u64), Message>,
     next_conn: AtomicU64,
 }
 
@@ -125,18 +129,38 @@ impl Shared {
     }
 
     /// A tier-3 body for a member, read from the store at most once per
-    /// edge however many devices ask at once.
+    /// edge however many devices ask at once. A miss is not cached (ids are
+    /// predictable: a cached miss for the next id would hide that message
+    /// from this edge's devices for the cache's lifetime), and an id from
+    /// the future is answered without a store read.
     pub async fn pull(&self, conv: u64, id: u64) -> Result<Option<Message>, String> {
+        self.metrics.pull_requests.inc();
+        let horizon = tiercast_engine::snowflake::min_id_at(
+            tiercast_engine::snowflake::now_unix_ms() + PULL_FUTURE_SLACK_MS,
+        );
+        if id >= horizon {
+            return Ok(None);
+        }
         let engine = self.engine.clone();
         let reads = self.metrics.pull_store_reads.clone();
-        self.metrics.pull_requests.inc();
-        self.pull_cache
+        let found = self
+            .pull_cache
             .try_get_with((conv, id), async move {
                 reads.inc();
-                engine.store().message(conv, id).await
+                match engine.store().message(conv, id).await {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e.to_string())),
+                }
             })
-            .await
-            .map_err(|e| e.to_string())
+            .await;
+        match found {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => match e.as_ref() {
+                None => Ok(None),
+                Some(e) => Err(e.clone()),
+            },
+        }
     }
 }
 

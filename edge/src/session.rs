@@ -13,7 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tiercast_engine::auth::AuthError;
 use tiercast_engine::backplane::user_channel;
-use tiercast_engine::{EngineError, Outgoing};
+use tiercast_engine::store::Device;
+use tiercast_engine::{EngineError, Outgoing, Sender};
 use tiercast_schemas::framing::{FrameError, read_frame};
 use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, ServerBody, ServerFrame};
 use tokio::sync::mpsc;
@@ -42,6 +43,19 @@ impl End {
 struct Peer {
     user: u64,
     client_id: u64,
+    /// When the token ends (Unix seconds): the connection ends then.
+    expires_unix: u64,
+    /// The token's `convs` claim: the only conversations it may send to.
+    convs: Option<Vec<u64>>,
+}
+
+impl Peer {
+    fn device(&self) -> Device {
+        Device {
+            user: self.user,
+            client: self.client_id,
+        }
+    }
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
@@ -158,28 +172,27 @@ async fn hello(
             "device name over 128 bytes",
         ));
     }
-    match shared
+    // A device id is issued (Hello without one) or must be the user's own.
+    let client_id = match shared
         .engine
         .register_device(identity.user, client_id, &device)
         .await
     {
-        Ok(_) => {}
-        Err(e @ (EngineError::TooManyDevices { .. } | EngineError::Invalid(_))) => {
-            return Err(End::fatal(
-                if matches!(e, EngineError::TooManyDevices { .. }) {
-                    ErrorCode::TooManyDevices
-                } else {
-                    ErrorCode::ProtocolViolation
-                },
-                e.to_string(),
-            ));
+        Ok(id) => id,
+        Err(e @ (EngineError::TooManyDevices { .. } | EngineError::UnknownDevice(_))) => {
+            return Err(End::fatal(e.code(), e.to_string()));
+        }
+        Err(e @ EngineError::Invalid(_)) => {
+            return Err(End::fatal(ErrorCode::ProtocolViolation, e.to_string()));
         }
         Err(e) => return Err(End::fatal(ErrorCode::Unavailable, e.to_string())),
-    }
+    };
     tracing::debug!(user = identity.user, client_id, remote = %conn.remote_address(), "hello");
     Ok(Peer {
         user: identity.user,
         client_id,
+        expires_unix: identity.expires_unix,
+        convs: identity.convs,
     })
 }
 
@@ -197,7 +210,7 @@ async fn run(
     let writer = tokio::spawn(write_deliveries(
         shared.clone(),
         conn.clone(),
-        peer.client_id,
+        peer.device(),
         rx,
         coalesced.clone(),
         drain_signal,
@@ -226,7 +239,16 @@ async fn run(
         Ok(()) => {
             // Welcome is out: the writer may send the inbox now.
             let _ = start_drain.send(());
-            request_loop(shared, send, recv, &peer).await
+            // The connection lives as long as its token: then it ends with
+            // `token_expired` and the client reconnects with a fresh one.
+            let expiry = std::time::UNIX_EPOCH + Duration::from_secs(peer.expires_unix);
+            let left = expiry
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::select! {
+                end = request_loop(shared, send, recv, &peer) => end,
+                () = tokio::time::sleep(left) => End::fatal(ErrorCode::TokenExpired, "token expired; reconnect with a fresh one"),
+            }
         }
         Err(_) => End::Gone,
     };
@@ -252,7 +274,7 @@ async fn attach(
     conn: quinn::Connection,
 ) -> Result<(), String> {
     let _guard = shared.subscription_lock(peer.user).lock().await;
-    let first = shared.sessions.insert(
+    let (first, replaced) = shared.sessions.insert_replacing(
         peer.user,
         LocalConn {
             conn_id,
@@ -262,6 +284,14 @@ async fn attach(
             handle: conn,
         },
     );
+    // One live connection per device: the newer wins.
+    for old in replaced {
+        shared.metrics.error(ErrorCode::ConnectionReplaced);
+        old.close(
+            quinn::VarInt::from(ErrorCode::ConnectionReplaced as u16),
+            b"a newer connection of this device took over",
+        );
+    }
     if !first {
         return Ok(());
     }
@@ -282,8 +312,7 @@ async fn attach(
             return Err(format!("cannot read conversations: {e}"));
         }
     };
-    shared.conversations.add_user(peer.user, &convs);
-    for c in convs {
+    for c in shared.conversations.set_user(peer.user, &convs) {
         shared.sync_route(c).await;
     }
     Ok(())
@@ -291,13 +320,20 @@ async fn attach(
 
 async fn detach(shared: &Shared, peer: &Peer, conn_id: u64) {
     let _guard = shared.subscription_lock(peer.user).lock().await;
-    if shared.sessions.remove(peer.user, conn_id)
-        && let Err(e) = shared
-            .subscriber
-            .unsubscribe(&user_channel(peer.user))
-            .await
+    if !shared.sessions.remove(peer.user, conn_id) {
+        return;
+    }
+    if let Err(e) = shared
+        .subscriber
+        .unsubscribe(&user_channel(peer.user))
+        .await
     {
         tracing::warn!(user = peer.user, error = %e, "unsubscribe failed");
+    }
+    // The user's last connection here: forget their conversations (the
+    // next connect reads them afresh) and leave the routes no one needs.
+    for c in shared.conversations.remove_user(peer.user) {
+        shared.sync_route(c).await;
     }
 }
 
@@ -399,7 +435,7 @@ impl Seam {
 async fn write_deliveries(
     shared: Arc<Shared>,
     conn: quinn::Connection,
-    client_id: u64,
+    device: Device,
     mut rx: mpsc::Receiver<Bytes>,
     coalesced: Arc<Coalesced>,
     mut drain_signal: tokio::sync::oneshot::Receiver<()>,
@@ -422,10 +458,10 @@ async fn write_deliveries(
                 // connection lives, live frames flowing meanwhile.
                 let mut backoff = Duration::from_millis(100);
                 loop {
-                    match engine.pending(client_id, after).await {
+                    match engine.pending(device, after).await {
                         Ok(page) => return page,
                         Err(e) => {
-                            tracing::warn!(client_id, error = %e, ?backoff, "inbox read failed; retrying");
+                            tracing::warn!(client_id = device.client, error = %e, ?backoff, "inbox read failed; retrying");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
@@ -536,14 +572,25 @@ async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<Server
             client_msg_id,
             body,
         } => {
+            if peer
+                .convs
+                .as_ref()
+                .is_some_and(|c| !c.contains(&conversation))
+            {
+                return Err(Reply::Refused(
+                    ErrorCode::Forbidden,
+                    format!("this token may not send to conversation {conversation} (convs claim)"),
+                ));
+            }
             let receipt = engine
                 .send(Outgoing {
                     conversation,
-                    sender: peer.user,
-                    sender_client: peer.client_id,
+                    from: Sender::Device {
+                        user: peer.user,
+                        client: peer.client_id,
+                    },
                     client_msg_id,
                     body,
-                    check_membership: true,
                 })
                 .await?;
             Ok(ServerBody::SendOk {
@@ -553,18 +600,19 @@ async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<Server
             })
         }
         ClientBody::Ack { message_ids } => Ok(ServerBody::AckOk {
-            removed: engine.ack(peer.client_id, &message_ids).await?,
+            removed: engine.ack(peer.device(), &message_ids).await?,
         }),
         // One id exactly (`after` = id - 1, `before` = id + 1): the pull of a
-        // tier-3 body, served through the edge's single-flight cache.
+        // tier-3 body, served through the edge's single-flight cache. The
+        // membership is the store's (one point read): the edge's index can
+        // trail a removal by the announcement's latency.
         ClientBody::Fetch {
             conversation,
             before,
             after,
             ..
-        } if before == after.wrapping_add(2)
-            && shared.conversations.is_member(conversation, peer.user) =>
-        {
+        } if before == after.wrapping_add(2) => {
+            engine.check_member(conversation, peer.user).await?;
             let m = shared
                 .pull(conversation, after + 1)
                 .await

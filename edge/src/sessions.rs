@@ -81,10 +81,27 @@ impl<C: Clone> Sessions<C> {
     /// Adds a connection; true when it is the user's first on this edge (the
     /// edge must then subscribe to the user's channel).
     pub fn insert(&self, user: u64, conn: LocalConn<C>) -> bool {
+        self.insert_replacing(user, conn).0
+    }
+
+    /// Adds a connection, taking out the connections of the same device
+    /// that were here (one live connection per device: the newer wins).
+    /// Returns whether the user had no connection here before, and the
+    /// replaced connections, for the caller to close.
+    pub fn insert_replacing(&self, user: u64, conn: LocalConn<C>) -> (bool, Vec<C>) {
         let mut users = self.users.lock().expect("sessions lock");
         let conns = users.entry(user).or_default();
+        let first = conns.is_empty();
+        let mut replaced = Vec::new();
+        conns.retain(|c| {
+            let same = c.client_id == conn.client_id;
+            if same {
+                replaced.push(c.handle.clone());
+            }
+            !same
+        });
         conns.push(conn);
-        conns.len() == 1
+        (first, replaced)
     }
 
     /// Removes a connection; true when it was the user's last on this edge.
@@ -207,6 +224,21 @@ mod tests {
         assert!(s.remove(7, 2));
         assert!(!s.has_user(7));
         assert!(!s.remove(8, 1));
+    }
+
+    #[test]
+    fn a_second_connection_of_a_device_replaces_the_first() {
+        let s = Sessions::new();
+        let (a, _ra) = conn(1, 10, 4);
+        let (b, _rb) = conn(2, 11, 4);
+        let (again, _rc) = conn(3, 10, 4);
+        assert_eq!(s.insert_replacing(7, a), (true, vec![]));
+        assert_eq!(s.insert_replacing(7, b), (false, vec![]));
+        assert_eq!(s.insert_replacing(7, again), (false, vec![1]));
+        assert_eq!(s.connections(), 2);
+        // The replaced connection's own removal later changes nothing.
+        assert!(!s.remove(7, 1));
+        assert_eq!(s.connections(), 2);
     }
 
     #[test]

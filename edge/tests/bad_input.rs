@@ -45,13 +45,13 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
     }
 
     // A wrong token: refused at Hello.
-    let mut cfg = t.client_config(1, 12);
+    let mut cfg = t.client_config(1, 12).await;
     cfg.token = common::TestNode::token(&t, 1).replace('a', "b") + "x";
     let e = Client::connect(cfg).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::Unauthenticated, "{e}");
 
     // A token signed with another secret.
-    let mut cfg = t.client_config(1, 12);
+    let mut cfg = t.client_config(1, 12).await;
     cfg.token = tiercast_engine::auth::TokenKeys::new(b"another-secret-entirely").mint_user(
         1,
         tiercast_engine::auth::now_unix(),
@@ -63,7 +63,7 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
     );
 
     // An expired token.
-    let mut cfg = t.client_config(1, 12);
+    let mut cfg = t.client_config(1, 12).await;
     cfg.token = t
         .node
         .keys
@@ -83,9 +83,11 @@ async fn every_bad_input_gets_its_code_and_harms_only_its_connection() {
         .send(999, 0, Bytes::from_static(b"nowhere"))
         .await
         .unwrap_err();
-    assert_eq!(code_of(&e), ErrorCode::UnknownConversation, "{e}");
+    // To a non-member, a conversation that does not exist and one that is
+    // not theirs answer the same: which ids exist is not theirs to learn.
+    assert_eq!(code_of(&e), ErrorCode::Forbidden, "{e}");
     let e = sender.fetch(999, 0, 10).await.unwrap_err();
-    assert_eq!(code_of(&e), ErrorCode::UnknownConversation, "{e}");
+    assert_eq!(code_of(&e), ErrorCode::Forbidden, "{e}");
     let e = sender.fetch(2, 0, 10).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::Forbidden, "{e}");
     let big = Bytes::from(vec![b'x'; t.node.engine.config().max_body_bytes + 1]);
@@ -154,7 +156,10 @@ async fn a_fourth_device_is_refused_and_changes_nothing() {
     for c in 1..=3 {
         devices.push(t.device(1, c).await);
     }
-    let e = Client::connect(t.client_config(1, 4)).await.unwrap_err();
+    // A new device (no id yet): the registry is full.
+    let e = Client::connect(t.client_config(1, 0).await)
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::TooManyDevices, "{e}");
     let registered: Vec<u64> = t
         .node
@@ -199,6 +204,8 @@ async fn http_api_refuses_without_a_publisher_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401, "a user token is not a publisher token");
+    assert_eq!(r.status(), 403, "a user token is not a publisher token");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden");
     t.node.shutdown().await;
 }

@@ -18,14 +18,7 @@ use tiercast_engine::store::{ReadMark, RemoteStore, Store};
 use tiercast_schemas::envelope::Tier;
 
 fn outgoing(conversation: u64, body: &str) -> Outgoing {
-    Outgoing {
-        conversation,
-        sender: 0,
-        sender_client: 0,
-        client_msg_id: 0,
-        body: Bytes::from(body.to_owned()),
-        check_membership: false,
-    }
+    Outgoing::system(conversation, Bytes::from(body.to_owned()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,8 +34,8 @@ async fn a_send_while_redis_is_unreachable_is_stored_and_reaches_every_device() 
         .await
         .unwrap();
     engine.pin_tier(2, Some(Tier::Sharded)).await.unwrap();
-    let alice = Device::start(fleet.session_config(&[0, 1], 1, 10));
-    let bob = Device::start(fleet.session_config(&[1, 0], 2, 20));
+    let alice = Device::start(fleet.session_config(&[0, 1], 1, 10).await);
+    let bob = Device::start(fleet.session_config(&[1, 0], 2, 20).await);
     for d in [&alice, &bob] {
         d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
     }
@@ -128,8 +121,8 @@ async fn read_markers_cross_edges_and_a_dead_flusher_loses_none() {
         .create_conversation(Some(1), "chat".into(), &[1, 2])
         .await
         .unwrap();
-    let phone = Device::start(fleet.session_config(&[0], 1, 11));
-    let laptop = Device::start(fleet.session_config(&[1], 1, 12));
+    let phone = Device::start(fleet.session_config(&[0], 1, 11).await);
+    let laptop = Device::start(fleet.session_config(&[1], 1, 12).await);
     for d in [&phone, &laptop] {
         d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
     }
@@ -317,7 +310,7 @@ async fn a_draining_edge_sends_its_devices_to_the_other_edge() {
         .create_conversation(Some(1), "chat".into(), &[1, 2])
         .await
         .unwrap();
-    let bob = Device::start(fleet.session_config(&[0, 1], 2, 20));
+    let bob = Device::start(fleet.session_config(&[0, 1], 2, 20).await);
     bob.wait_until("connected", WAIT, |l| l.connects >= 1).await;
     let mut sent = HashSet::new();
     sent.insert(engine.send(outgoing(1, "one")).await.unwrap().message_id);

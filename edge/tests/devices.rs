@@ -40,7 +40,7 @@ async fn a_device_that_keeps_reconnecting_misses_nothing() {
     pinned(&node, 2, &[1, 2], Tier::Sharded).await;
     pinned(&node, 3, &[1, 2], Tier::IdOnly).await;
     let (sender, _rx) = node.device(1, 10).await;
-    let bob = Device::start(node.session_config(2, 20));
+    let bob = Device::start(node.session_config(2, 20).await);
     bob.wait_until("connected", WAIT, |l| l.connects >= 1).await;
 
     let mut sent: [HashSet<u64>; 2] = Default::default();
@@ -104,7 +104,7 @@ async fn a_device_that_keeps_reconnecting_misses_nothing() {
         .node
         .engine
         .store()
-        .inbox(20, 0, 1_000)
+        .inbox(common::dev(20), 0, 1_000)
         .await
         .unwrap()
         .is_empty()
@@ -119,8 +119,8 @@ async fn read_markers_reach_the_other_devices_and_survive_a_restart() {
     let node = common::start(&[]).await;
     node.chat(1, &[1, 2]).await;
     let (friend, _f) = node.device(2, 20).await;
-    let phone = Device::start(node.session_config(1, 11));
-    let laptop = Device::start(node.session_config(1, 12));
+    let phone = Device::start(node.session_config(1, 11).await);
+    let laptop = Device::start(node.session_config(1, 12).await);
     for d in [&phone, &laptop] {
         d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
     }
@@ -180,7 +180,7 @@ async fn read_markers_reach_the_other_devices_and_survive_a_restart() {
     assert_eq!(entries[0].latest_id, last);
     assert_eq!(entries[0].messages.len(), 5);
     // A fresh session learns it from its first sync.
-    let fresh = Device::start(node.session_config(1, 12));
+    let fresh = Device::start(node.session_config(1, 12).await);
     fresh
         .wait_until("the stored marker", WAIT, |l| {
             l.markers.contains(&(1, last))
@@ -275,7 +275,7 @@ async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
         devices.push(node.device(1, c).await);
     }
     // A fourth device is refused; the three keep working.
-    let err = Client::connect(node.client_config(1, 14))
+    let err = Client::connect(node.client_config(1, 0).await)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::TooManyDevices), "{err}");
@@ -295,11 +295,11 @@ async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
 
     // Acks for ids that are not pending: a clear error, the inbox as it was.
     let (d11, _) = &devices[0];
-    let before = store.inbox(11, 0, 100).await.unwrap();
+    let before = store.inbox(common::dev(11), 0, 100).await.unwrap();
     assert_eq!(before.len(), 1);
     let err = d11.ack(&[sent.message_id + 1, 42]).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotPending), "{err}");
-    assert_eq!(store.inbox(11, 0, 100).await.unwrap(), before);
+    assert_eq!(store.inbox(common::dev(11), 0, 100).await.unwrap(), before);
     assert_eq!(d11.ack(&[sent.message_id]).await.unwrap(), 1);
     let err = d11.ack(&[sent.message_id]).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotPending), "acked twice");
@@ -309,7 +309,7 @@ async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
     let (_, rx13) = devices.pop().unwrap();
     drop(rx13);
     let expired = Arc::new(AtomicBool::new(false));
-    let mut cfg = node.session_config(1, 13);
+    let mut cfg = node.session_config(1, 13).await;
     let (keys, flag) = (node.node.keys.clone(), expired.clone());
     cfg.token = Arc::new(move || {
         let now = tiercast_engine::auth::now_unix();
@@ -349,7 +349,8 @@ async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let (_d14, _) = evicting.device(1, 14).await;
+    // A new device: the edge issues its id, and 11 makes room.
+    let (d14, _) = evicting.device(1, 0).await;
     let mut ids: Vec<u64> = evicting
         .node
         .engine
@@ -361,7 +362,9 @@ async fn device_limit_expired_token_and_unknown_acks_change_nothing() {
         .map(|c| c.client_id)
         .collect();
     ids.sort_unstable();
-    assert_eq!(ids, vec![12, 13, 14], "the least recently seen went");
+    let mut want = vec![12, 13, d14.client_id];
+    want.sort_unstable();
+    assert_eq!(ids, want, "the least recently seen went");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,19 +373,19 @@ async fn a_stalled_device_is_cut_off_catches_up_and_slows_no_one() {
     node.chat(1, &[1, 2, 3]).await;
     pinned(&node, 2, &[1, 2, 3, 4], Tier::IdOnly).await;
     let (sender, _s) = node.device(1, 10).await;
-    let healthy = Device::start(node.session_config(3, 30));
+    let healthy = Device::start(node.session_config(3, 30).await);
     healthy
         .wait_until("connected", WAIT, |l| l.connects >= 1)
         .await;
     // A device that stops reading: a tiny flow-control window and no one
     // draining its deliveries.
-    let stalled_cfg = |user, client| {
-        let mut c = node.client_config(user, client);
+    let stalled_cfg = async |user, client| {
+        let mut c = node.client_config(user, client).await;
         c.delivery_buffer = 1;
         c.stream_receive_window = Some(4_096);
         c
     };
-    let (stalled, _never_read) = Client::connect(stalled_cfg(2, 20)).await.unwrap();
+    let (stalled, _never_read) = Client::connect(stalled_cfg(2, 20).await).await.unwrap();
 
     let mut sent = HashSet::new();
     let body = Bytes::from(vec![b'x'; 1024]);
@@ -407,26 +410,19 @@ async fn a_stalled_device_is_cut_off_catches_up_and_slows_no_one() {
     assert!(metric(&node, "tiercast_edge_slow_consumers") >= 1);
 
     // It comes back and catches up from its inbox.
-    let back = Device::start(node.session_config(2, 20));
+    let back = Device::start(node.session_config(2, 20).await);
     back.wait_until("catching up", WAIT * 2, |l| l.ids(1) == sent)
         .await;
 
     // Tier-3 notifications for a full queue coalesce instead: the device
     // stays connected and, once it reads again, learns the latest id.
-    let (slow, mut slow_rx) = Client::connect(stalled_cfg(4, 40)).await.unwrap();
+    let (slow, mut slow_rx) = Client::connect(stalled_cfg(4, 40).await).await.unwrap();
     let mut latest = 0;
     for i in 0..300 {
         latest = node
             .node
             .engine
-            .send(Outgoing {
-                conversation: 2,
-                sender: 0,
-                sender_client: 0,
-                client_msg_id: 0,
-                body: Bytes::from(format!("b{i}")),
-                check_membership: false,
-            })
+            .send(Outgoing::system(2, Bytes::from(format!("b{i}"))))
             .await
             .unwrap()
             .message_id;
@@ -478,7 +474,7 @@ async fn devices_unseen_past_the_ttl_go_with_their_inbox() {
     let (_stays, _s) = node.device(1, 12).await;
     let (friend, _f) = node.device(2, 20).await;
     friend.send(1, 1, Bytes::from_static(b"m")).await.unwrap();
-    assert_eq!(store.inbox(11, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.inbox(common::dev(11), 0, 10).await.unwrap().len(), 1);
     let deadline = tokio::time::Instant::now() + WAIT * 2;
     loop {
         let ids: Vec<u64> = store
@@ -497,9 +493,15 @@ async fn devices_unseen_past_the_ttl_go_with_their_inbox() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(store.inbox(11, 0, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .inbox(common::dev(11), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        store.inbox(12, 0, 10).await.unwrap().len(),
+        store.inbox(common::dev(12), 0, 10).await.unwrap().len(),
         1,
         "a connected device is kept, with its inbox"
     );
@@ -523,7 +525,7 @@ async fn a_large_inbox_drains_beside_live_traffic_without_a_disconnect() {
                 .message_id,
         );
     }
-    let back = Device::start(node.session_config(2, 20));
+    let back = Device::start(node.session_config(2, 20).await);
     back.wait_until("connected", WAIT, |l| l.connects >= 1)
         .await;
     for i in 600..700 {

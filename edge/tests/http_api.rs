@@ -7,6 +7,27 @@ mod common;
 use common::{next_message, start};
 use serde_json::{Value, json};
 
+/// An id from the API: a string of decimal digits.
+fn id_of(v: &Value) -> u64 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("ids are strings: {v}"))
+        .parse()
+        .unwrap()
+}
+
+/// The response is the JSON error envelope with `code`.
+async fn assert_error(r: reqwest::Response, code: &str) {
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_manages_a_conversation_and_publishes_into_it() {
     let t = start(&[]).await;
@@ -23,8 +44,9 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let conv: Value = r.json().await.unwrap();
-    let id = conv["id"].as_u64().unwrap();
-    assert_eq!(conv["members"], json!([5, 6]));
+    let id = id_of(&conv["id"]);
+    assert_eq!(conv["members"], json!(["5", "6"]), "ids are strings");
+    assert_eq!(conv["member_count"], 2);
     assert_eq!(conv["tier"], 1);
 
     let r = http
@@ -58,7 +80,7 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .json()
         .await
         .unwrap();
-    assert_eq!(conv["members"], json!([5, 7]));
+    assert_eq!(conv["members"], json!(["5", "7"]));
 
     let r = http
         .post(t.http(&format!("/v1/conversations/{id}/messages")))
@@ -69,7 +91,7 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let published: Value = r.json().await.unwrap();
-    let mid = published["id"].as_u64().unwrap();
+    let mid = id_of(&published["id"]);
     // A retry is answered with the same id, 200 instead of 201.
     let r = http
         .post(t.http(&format!("/v1/conversations/{id}/messages")))
@@ -79,7 +101,7 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["id"].as_u64(), Some(mid));
+    assert_eq!(id_of(&r.json::<Value>().await.unwrap()["id"]), mid);
 
     let m = next_message(&mut rx).await;
     assert_eq!((m.id, &m.body[..]), (mid, &b"deploy finished"[..]));
@@ -126,7 +148,32 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_client_error());
+    assert_eq!(r.status(), 400);
+    assert_error(r, "invalid_request").await;
+    // Every rejection is the JSON envelope: a bad id in the path, an
+    // unknown route, a wrong method, no token.
+    for (method, path) in [
+        ("GET", "/v1/conversations/not-a-number"),
+        ("GET", "/v1/conversations/-1"),
+        ("GET", "/v2/nothing"),
+        ("PATCH", "/v1/conversations"),
+    ] {
+        let r = http
+            .request(method.parse().unwrap(), t.http(path))
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{method} {path}");
+        assert_error(r, "invalid_request").await;
+    }
+    let r = http
+        .get(t.http(&format!("/v1/conversations/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_error(r, "unauthenticated").await;
 
     let metrics = http
         .get(t.http("/metrics"))
@@ -140,5 +187,45 @@ async fn publisher_manages_a_conversation_and_publishes_into_it() {
         metrics.contains("tiercast_engine_messages_stored_total 1"),
         "{metrics}"
     );
+    t.node.shutdown().await;
+}
+
+/// A publisher's idempotency key is (publisher, conversation,
+/// client_msg_id): the same id in another conversation, or from another
+/// publisher, is another message, never a silent duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_retries_are_scoped_to_publisher_and_conversation() {
+    let t = start(&[]).await;
+    t.chat(1, &[5]).await;
+    t.chat(2, &[5]).await;
+    let http = reqwest::Client::new();
+    let now = tiercast_engine::auth::now_unix();
+    let a = t.node.keys.mint_publisher("billing", now, 600);
+    let b = t.node.keys.mint_publisher("alerts", now, 600);
+    let publish = async |token: &str, conv: u64| {
+        let r = http
+            .post(t.http(&format!("/v1/conversations/{conv}/messages")))
+            .bearer_auth(token)
+            .json(&json!({"body": "x", "client_msg_id": 7}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        (status, id_of(&v["id"]), v["duplicate"].as_bool().unwrap())
+    };
+    let (s1, id1, d1) = publish(&a, 1).await;
+    assert_eq!((s1, d1), (201, false));
+    let (s2, id2, d2) = publish(&a, 2).await;
+    assert_eq!((s2, d2), (201, false), "another conversation");
+    assert_ne!(id1, id2);
+    let (s3, id3, d3) = publish(&b, 1).await;
+    assert_eq!((s3, d3), (201, false), "another publisher");
+    assert_ne!(id1, id3);
+    let (s4, id4, d4) = publish(&a, 1).await;
+    assert_eq!((s4, d4, id4), (200, true, id1), "a real retry");
+    let history = |c: u64| t.node.engine.history(c, 0, 0, 100);
+    assert_eq!(history(1).await.unwrap().0.len(), 2);
+    assert_eq!(history(2).await.unwrap().0.len(), 1);
     t.node.shutdown().await;
 }

@@ -93,6 +93,13 @@ async fn an_offline_device_drains_its_inbox_on_connect() {
         Some(tiercast_client::ErrorCode::NotPending),
         "acked once: a second ack names ids that are no longer pending"
     );
-    assert!(t.node.engine.pending(21, 0).await.unwrap().is_empty());
+    assert!(
+        t.node
+            .engine
+            .pending(common::dev(21), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     t.node.shutdown().await;
 }

@@ -232,7 +232,7 @@ async fn a_tier_change_loses_nothing() {
         .unwrap();
     engine.add_members(9, &[4, 5, 6]).await.unwrap();
     assert_eq!(
-        engine.conversation(9).await.unwrap().0.tier,
+        engine.conversation(9).await.unwrap().tier,
         Tier::Sharded as u8
     );
     // A new member gets live traffic once its edge has processed the

@@ -34,6 +34,19 @@ pub struct EngineConfig {
     /// Cluster: read markers a stopped flusher left pending this long are
     /// taken over by another engine's flusher.
     pub read_claim_idle_ms: u64,
+    /// How long a send's idempotency key (sender, conversation,
+    /// client_msg_id) is remembered: a retry within it returns the first
+    /// id. A day covers any client's retry horizon (an app offline
+    /// overnight resends on the next start) at one small row per send.
+    pub dedupe_ttl_ms: u64,
+    /// Users one call may add (create or add members). Larger lists go in
+    /// several calls: one call is one store transaction and one HTTP body.
+    pub max_members_per_call: usize,
+    /// Members a conversation may have. Tier 3 serves millions; the cap
+    /// stops a runaway script from growing one without bound.
+    pub max_conversation_members: u64,
+    /// Longest conversation name, in bytes (control characters refused).
+    pub max_name_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +64,10 @@ impl Default for EngineConfig {
             device_sweep_ms: 60_000,
             max_sync_cursors: 256,
             read_claim_idle_ms: 30_000,
+            dedupe_ttl_ms: 24 * 3_600_000,
+            max_members_per_call: 1_000,
+            max_conversation_members: 10_000_000,
+            max_name_bytes: 256,
         }
     }
 }
@@ -121,6 +138,30 @@ impl EngineConfig {
             return Err(InvalidSetting::new(
                 "engine.read_claim_idle_ms",
                 "must be 100..=3600000",
+            ));
+        }
+        if !(1_000..=30 * 86_400_000).contains(&self.dedupe_ttl_ms) {
+            return Err(InvalidSetting::new(
+                "engine.dedupe_ttl_ms",
+                "must be 1000..=2592000000 (30 days)",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_members_per_call) {
+            return Err(InvalidSetting::new(
+                "engine.max_members_per_call",
+                "must be 1..=100000",
+            ));
+        }
+        if self.max_conversation_members == 0 {
+            return Err(InvalidSetting::new(
+                "engine.max_conversation_members",
+                "must be positive",
+            ));
+        }
+        if !(1..=4096).contains(&self.max_name_bytes) {
+            return Err(InvalidSetting::new(
+                "engine.max_name_bytes",
+                "must be 1..=4096",
             ));
         }
         if !(1..=4096).contains(&self.max_sync_cursors) {

@@ -17,7 +17,7 @@ use crate::planner;
 use crate::reads::{LocalReadQueue, ReadQueue};
 use crate::snowflake::{IdError, IdGenerator, now_unix_ms};
 use crate::store::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Store,
     StoreError,
 };
 
@@ -48,6 +48,8 @@ pub enum EngineError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("device {0} is not one of this user's devices")]
+    UnknownDevice(u64),
 }
 
 impl From<StoreError> for EngineError {
@@ -71,6 +73,37 @@ impl EngineError {
             Self::Invalid(_) | Self::ConversationExists(_) => ErrorCode::InvalidRequest,
             Self::Clock(_) | Self::Store(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::NotPending { .. } => ErrorCode::NotPending,
+            Self::UnknownDevice(_) => ErrorCode::UnknownDevice,
+        }
+    }
+}
+
+/// Who sends a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sender {
+    /// A member's device (its membership is checked; it gets no copy of its
+    /// own message).
+    Device { user: u64, client: u64 },
+    /// A backend with a publisher token, by the token's subject: a system
+    /// message (`as_user` 0, no membership needed) or one on behalf of a
+    /// member (`as_user`, whose membership is checked).
+    Publisher { subject: String, as_user: u64 },
+}
+
+impl Sender {
+    /// The (user, client) a stored message names as its sender.
+    fn ids(&self) -> (u64, u64) {
+        match self {
+            Self::Device { user, client } => (*user, *client),
+            Self::Publisher { as_user, .. } => (*as_user, 0),
+        }
+    }
+
+    /// The idempotency scope: retries are matched per sender.
+    fn dedupe_scope(&self) -> String {
+        match self {
+            Self::Device { user, client } => Dedupe::device_scope(*user, *client),
+            Self::Publisher { subject, .. } => Dedupe::publisher_scope(subject),
         }
     }
 }
@@ -79,18 +112,28 @@ impl EngineError {
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub conversation: u64,
-    /// The sending user; 0 for a system message from a publisher.
-    pub sender: u64,
-    /// The sending device (0 for a publisher): it gets no copy of its own
-    /// message.
-    pub sender_client: u64,
-    /// Retries with the same (sender_client, client_msg_id) return the first
-    /// id; 0 disables deduplication.
+    pub from: Sender,
+    /// Retries with the same (sender, conversation, client_msg_id) within
+    /// `engine.dedupe_ttl_ms` return the first id; 0 disables
+    /// deduplication.
     pub client_msg_id: u64,
     pub body: Bytes,
-    /// Whether the sender's membership must be checked (devices: yes;
-    /// trusted publishers: no).
-    pub check_membership: bool,
+}
+
+impl Outgoing {
+    /// A system message from the engine's own tools (no sender, no
+    /// deduplication).
+    pub fn system(conversation: u64, body: impl Into<Bytes>) -> Self {
+        Self {
+            conversation,
+            from: Sender::Publisher {
+                subject: "system".into(),
+                as_user: 0,
+            },
+            client_msg_id: 0,
+            body: body.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,17 +254,20 @@ impl Engine {
                 max: self.cfg.max_body_bytes,
             });
         }
+        let (sender, sender_client) = out.from.ids();
+        // Membership first: to a non-member an unknown conversation and a
+        // forbidden one answer the same.
+        if sender != 0 && !self.store.is_member(out.conversation, sender).await? {
+            return Err(EngineError::Forbidden {
+                user: sender,
+                conversation: out.conversation,
+            });
+        }
         let conv = self
             .store
             .conversation(out.conversation)
             .await?
             .ok_or(EngineError::UnknownConversation(out.conversation))?;
-        if out.check_membership && !self.store.is_member(out.conversation, out.sender).await? {
-            return Err(EngineError::Forbidden {
-                user: out.sender,
-                conversation: out.conversation,
-            });
-        }
         let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
         let id = self.ids.next_id().await?;
         // Tier 1 keeps a pending row per device; tiers 2 and 3 never read
@@ -230,25 +276,31 @@ impl Engine {
             Tier::Direct => self.store.members(out.conversation).await?,
             Tier::Sharded | Tier::IdOnly => Vec::new(),
         };
-        let inbox: Vec<u64> = if members.is_empty() {
+        let inbox: Vec<Device> = if members.is_empty() {
             Vec::new()
         } else {
             self.store
-                .client_ids_of(&members)
+                .devices_of(&members)
                 .await?
                 .into_iter()
-                .filter(|&c| c != out.sender_client)
+                .filter(|d| (d.user, d.client) != (sender, sender_client))
                 .collect()
         };
+        let dedupe = (out.client_msg_id != 0).then(|| Dedupe {
+            scope: out.from.dedupe_scope(),
+            client_msg_id: out.client_msg_id,
+            now_ms: now_unix_ms(),
+            ttl_ms: self.cfg.dedupe_ttl_ms,
+        });
         let record = NewMessage {
             message: Message {
                 id,
                 conversation: out.conversation,
-                sender: out.sender,
-                sender_client: out.sender_client,
+                sender,
+                sender_client,
                 body: out.body,
             },
-            client_msg_id: out.client_msg_id,
+            dedupe,
             inbox,
         };
         match self.store.insert_message(&record).await? {
@@ -263,7 +315,7 @@ impl Engine {
                 self.metrics.messages_stored.inc();
             }
         }
-        self.publish(tier, record.message, out.sender_client, &members)
+        self.publish(tier, record.message, sender_client, &members)
             .await;
         Ok(SendReceipt {
             message_id: id,
@@ -358,6 +410,39 @@ impl Engine {
         }
     }
 
+    /// Tells every edge hosting `conversation` that `user` left it, on the
+    /// node channel that carries the conversation's tier 2/3 traffic. Done
+    /// before the removal is answered: a channel delivers in publish order,
+    /// so every message published after the answer reaches each edge after
+    /// the removal, and none reaches the removed user. (The announcement on
+    /// the user's channel alone could be overtaken: it travels on another
+    /// shard.)
+    async fn announce_removal_to_hosts(&self, conversation: u64, user: u64) {
+        let edges = match self.routes.hosting_edges(conversation).await {
+            Ok(edges) => edges,
+            Err(e) => {
+                tracing::warn!(conversation, user, error = %e, "removal not announced to hosting edges; it applies on reconnect");
+                return;
+            }
+        };
+        let payload = Envelope {
+            origin_node: self.node_id(),
+            payload: Payload::Membership {
+                user,
+                conversation,
+                joined: false,
+            },
+        }
+        .encode();
+        let k = (conversation % u64::from(self.cfg.node_channels)) as u16;
+        for edge in edges {
+            let channel = node_channel(edge, k);
+            if let Err(e) = self.backplane.publish(&channel, payload.clone()).await {
+                tracing::warn!(%channel, conversation, user, error = %e, "removal not announced to an edge");
+            }
+        }
+    }
+
     /// Re-plans the tier of a conversation after its size or pin changed.
     async fn replan(&self, conversation: u64) -> Result<Tier, EngineError> {
         let conv = self
@@ -394,14 +479,45 @@ impl Engine {
         self.replan(conversation).await
     }
 
-    async fn check_member(&self, conversation: u64, user: u64) -> Result<(), EngineError> {
+    /// A device's user must be a member. Non-members get `Forbidden`
+    /// whether or not the conversation exists: which ids exist is not
+    /// theirs to learn.
+    pub async fn check_member(&self, conversation: u64, user: u64) -> Result<(), EngineError> {
         if self.store.is_member(conversation, user).await? {
             return Ok(());
         }
-        if self.store.conversation(conversation).await?.is_none() {
-            return Err(EngineError::UnknownConversation(conversation));
-        }
         Err(EngineError::Forbidden { user, conversation })
+    }
+
+    /// Names and member lists as the limits allow.
+    fn check_name(&self, name: &str) -> Result<(), EngineError> {
+        if name.len() > self.cfg.max_name_bytes {
+            return Err(EngineError::Invalid(format!(
+                "name of {} bytes exceeds the limit of {} (engine.max_name_bytes)",
+                name.len(),
+                self.cfg.max_name_bytes
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(EngineError::Invalid(
+                "name contains control characters".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_users(&self, users: &[u64]) -> Result<(), EngineError> {
+        if users.len() > self.cfg.max_members_per_call {
+            return Err(EngineError::Invalid(format!(
+                "{} users in one call exceeds the limit of {} (engine.max_members_per_call); add them in several calls",
+                users.len(),
+                self.cfg.max_members_per_call
+            )));
+        }
+        if users.contains(&0) {
+            return Err(EngineError::Invalid("user id 0 is reserved".into()));
+        }
+        Ok(())
     }
 
     /// A page of history for a member, newest first, cut to fit one frame.
@@ -449,35 +565,50 @@ impl Engine {
         tiercast_schemas::MAX_FRAME_BYTES - 128
     }
 
-    /// Registers (or refreshes) a device at connect time.
+    /// A device connecting. `client_id` 0: a new device, issued a random,
+    /// unguessable id bound to `user`. Otherwise the id must be one of
+    /// `user`'s registered devices (refused with `UnknownDevice`, nothing
+    /// registered, if not); its last-seen time is refreshed. Returns the
+    /// device's id.
     pub async fn register_device(
         &self,
         user: u64,
         client_id: u64,
         device: &str,
-    ) -> Result<Registered, EngineError> {
-        if client_id == 0 {
-            return Err(EngineError::Invalid("client_id must be non-zero".into()));
+    ) -> Result<u64, EngineError> {
+        if user == 0 {
+            return Err(EngineError::Invalid("user id 0 is reserved".into()));
         }
+        let client_id = if client_id == 0 {
+            issue_device_id()
+        } else {
+            let owned = self
+                .store
+                .clients_of(user)
+                .await?
+                .iter()
+                .any(|c| c.client_id == client_id);
+            if !owned {
+                return Err(EngineError::UnknownDevice(client_id));
+            }
+            client_id
+        };
         let rec = ClientRecord {
             client_id,
             user,
             device: device.to_owned(),
             last_seen_ms: now_unix_ms(),
         };
-        Ok(self
-            .store
+        self.store
             .register_client(&rec, self.cfg.max_devices, self.cfg.evict_oldest_device)
-            .await?)
+            .await?;
+        Ok(client_id)
     }
 
     /// The oldest pending inbox entries of a device above `after`, cut to
     /// fit one frame.
-    pub async fn pending(&self, client_id: u64, after: u64) -> Result<Vec<Message>, EngineError> {
-        let mut page = self
-            .store
-            .inbox(client_id, after, self.cfg.max_page)
-            .await?;
+    pub async fn pending(&self, device: Device, after: u64) -> Result<Vec<Message>, EngineError> {
+        let mut page = self.store.inbox(device, after, self.cfg.max_page).await?;
         fit_to_frame(&mut page, self.page_budget());
         Ok(page)
     }
@@ -485,7 +616,7 @@ impl Engine {
     /// Removes acked ids from a device's inbox. Ids that were not pending
     /// (never delivered to this device, or acked before) are refused with
     /// `not_pending` after the others are removed.
-    pub async fn ack(&self, client_id: u64, ids: &[u64]) -> Result<u32, EngineError> {
+    pub async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, EngineError> {
         if ids.len() > self.cfg.max_page * 8 {
             return Err(EngineError::Invalid(format!(
                 "at most {} ids per ack",
@@ -495,7 +626,7 @@ impl Engine {
         let mut unique = ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
-        let removed = self.store.ack(client_id, &unique).await?;
+        let removed = self.store.ack(device, &unique).await?;
         if (removed as usize) < unique.len() {
             return Err(EngineError::NotPending {
                 unknown: unique.len() - removed as usize,
@@ -547,6 +678,9 @@ impl Engine {
                     Err(e) => {
                         tracing::warn!(error = %e, "device reaper failed; retried next sweep")
                     }
+                }
+                if let Err(e) = engine.store.expire_dedupe(now_unix_ms(), 10_000).await {
+                    tracing::warn!(error = %e, "idempotency sweep failed; retried next sweep");
                 }
             }
         })
@@ -713,9 +847,8 @@ impl Engine {
             Some(id) => id,
             None => self.ids.next_id().await?,
         };
-        if members.contains(&0) {
-            return Err(EngineError::Invalid("user id 0 is reserved".into()));
-        }
+        self.check_name(&name)?;
+        self.check_users(members)?;
         let conv = Conversation {
             id,
             name,
@@ -726,21 +859,42 @@ impl Engine {
         };
         self.store.create_conversation(&conv).await?;
         self.add_members(id, members).await?;
-        Ok(self.conversation(id).await?.0)
+        self.conversation(id).await
     }
 
-    pub async fn conversation(&self, id: u64) -> Result<(Conversation, Vec<u64>), EngineError> {
-        let conv = self
-            .store
+    pub async fn conversation(&self, id: u64) -> Result<Conversation, EngineError> {
+        self.store
             .conversation(id)
             .await?
-            .ok_or(EngineError::UnknownConversation(id))?;
-        Ok((conv, self.store.members(id).await?))
+            .ok_or(EngineError::UnknownConversation(id))
+    }
+
+    /// Up to `limit` (capped at `engine.max_page`) members above `after`,
+    /// ascending, and whether more follow.
+    pub async fn members_page(
+        &self,
+        conversation: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), EngineError> {
+        let limit = limit.clamp(1, self.cfg.max_page);
+        let mut page = self
+            .store
+            .members_page(conversation, after, limit + 1)
+            .await?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
     }
 
     pub async fn add_members(&self, conversation: u64, users: &[u64]) -> Result<(), EngineError> {
-        if users.contains(&0) {
-            return Err(EngineError::Invalid("user id 0 is reserved".into()));
+        self.check_users(users)?;
+        let conv = self.conversation(conversation).await?;
+        if conv.member_count + users.len() as u64 > self.cfg.max_conversation_members {
+            return Err(EngineError::Invalid(format!(
+                "conversation {conversation} would exceed {} members (engine.max_conversation_members)",
+                self.cfg.max_conversation_members
+            )));
         }
         let added = self.store.add_members(conversation, users).await?;
         self.replan(conversation).await?;
@@ -754,8 +908,20 @@ impl Engine {
         if was {
             self.replan(conversation).await?;
             self.announce_membership(conversation, &[user], false).await;
+            self.announce_removal_to_hosts(conversation, user).await;
         }
         Ok(was)
+    }
+}
+
+/// A new device id: 63 random bits (so it stays exact as a signed 64-bit
+/// column), never 0. Unguessable: 2^63 values from a CSPRNG seeded by the OS.
+fn issue_device_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>() >> 1;
+        if id != 0 {
+            return id;
+        }
     }
 }
 

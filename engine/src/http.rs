@@ -1,14 +1,26 @@
-//! The engine's HTTP/JSON API for backend publishers, and `/metrics`.
+//! The engine's HTTP/JSON API for backend publishers, the internal store API
+//! for edge processes, and `/metrics`.
 //!
-//! Every `/v1` route needs `Authorization: Bearer <publisher token>` (a JWT
-//! with `role: "publisher"`, minted by `tiercast token --publisher`). Errors
-//! are `{"error": {"code": "...", "message": "..."}}` with the wire code's
-//! name (docs/protocol.md) and a matching HTTP status.
+//! Every `/v1` route needs `Authorization: Bearer <publisher token>` (role
+//! `publisher`); `/internal/store` needs the internal credential (role
+//! `internal`, its own secret). Every rejection, including a malformed body,
+//! an unknown route and a bad id in the path, is
+//! `{"error": {"code": "...", "message": "..."}}` with the wire code's name
+//! (docs/protocol.md) and a matching HTTP status. Ids in JSON are strings of
+//! decimal digits (numbers are accepted on input): see [`crate::ids_json`].
+//!
+//! Limits (docs/security.md): header and body read timeouts, a whole-request
+//! timeout, a cap on connections and on body size, and the engine's caps on
+//! members per call, names and conversation size; member lists come in
+//! pages.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,19 +28,88 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::{ErrorCode, Message};
 use tokio::net::TcpListener;
 
-use crate::auth::TokenKeys;
-use crate::engine::{Engine, EngineError, Outgoing};
+use crate::auth::{AuthError, TokenKeys};
+use crate::engine::{Engine, EngineError, Outgoing, Sender};
+use crate::ids_json;
+
+/// The HTTP server's limits (`[http]` in the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// A client has this long to send a request's headers: a slow client
+    /// (slowloris) cannot hold a connection open for free.
+    pub header_timeout_ms: u64,
+    /// ... and this long to send its body.
+    pub body_timeout_ms: u64,
+    /// A whole request (read, handle, answer) past this is answered 503.
+    pub request_timeout_ms: u64,
+    /// Connections held at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Members listed in a conversation view (the first page).
+    pub member_page: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 10_000,
+            max_body_bytes: 1024 * 1024,
+            member_page: 100,
+        }
+    }
+}
+
+impl HttpLimits {
+    pub fn validate(&self) -> Result<(), crate::config::InvalidSetting> {
+        use crate::config::InvalidSetting;
+        for (name, v) in [
+            ("http.header_timeout_ms", self.header_timeout_ms),
+            ("http.body_timeout_ms", self.body_timeout_ms),
+            ("http.request_timeout_ms", self.request_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&v) {
+                return Err(InvalidSetting::new(name, "must be 100..=600000"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidSetting::new(
+                "http.max_connections",
+                "must be positive",
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(InvalidSetting::new(
+                "http.max_body_bytes",
+                "must be 1024..=67108864",
+            ));
+        }
+        if !(1..=1000).contains(&self.member_page) {
+            return Err(InvalidSetting::new("http.member_page", "must be 1..=1000"));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 pub struct HttpState {
     pub engine: Arc<Engine>,
+    /// User and publisher tokens.
     pub keys: TokenKeys,
+    /// The internal credential; `None`: no internal API.
+    pub internal: Option<TokenKeys>,
     pub registry: Arc<Registry>,
+    pub limits: HttpLimits,
 }
 
 /// An API error: a wire code, an HTTP status and a one-line message.
@@ -47,6 +128,24 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
+    }
+
+    fn auth(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::WrongRole { .. } => ErrorCode::Forbidden,
+            _ => ErrorCode::Unauthenticated,
+        };
+        let status = if code == ErrorCode::Forbidden {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        Self::new(status, code, e.to_string())
+    }
 }
 
 impl From<EngineError> for ApiError {
@@ -58,7 +157,8 @@ impl From<EngineError> for ApiError {
             EngineError::ConversationExists(_) => StatusCode::CONFLICT,
             EngineError::TooManyDevices { .. }
             | EngineError::Invalid(_)
-            | EngineError::NotPending { .. } => StatusCode::BAD_REQUEST,
+            | EngineError::NotPending { .. }
+            | EngineError::UnknownDevice(_) => StatusCode::BAD_REQUEST,
             EngineError::Clock(_) | EngineError::Store(_) | EngineError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -78,21 +178,87 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// `Json<T>` whose rejections are the API's JSON error.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ErrorCode::BodyTooLarge
+    } else {
+        ErrorCode::InvalidRequest
+    };
+    ApiError::new(status, code, r.body_text())
+}
+
+/// `Path<T>` whose rejections are the API's JSON error.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Self(p.0))
+            .map_err(|r: PathRejection| {
+                ApiError::invalid(format!(
+                    "bad path (ids are decimal digits): {}",
+                    r.body_text()
+                ))
+            })
+    }
+}
+
+/// `Query<T>` whose rejections are the API's JSON error.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Self(q.0))
+            .map_err(|r: QueryRejection| ApiError::invalid(r.body_text()))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConversation {
+    #[serde(default, with = "ids_json::opt_id")]
     pub id: Option<u64>,
     #[serde(default)]
     pub name: String,
-    #[serde(default)]
+    #[serde(default, with = "ids_json::ids")]
     pub members: Vec<u64>,
 }
 
+/// A conversation, with the first page of its members.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ConversationView {
+    #[serde(with = "ids_json::id")]
     pub id: u64,
     pub name: String,
+    /// The first `http.member_page` members (ascending); the rest from
+    /// `GET /v1/conversations/{id}/members?after=...`.
+    #[serde(with = "ids_json::ids")]
     pub members: Vec<u64>,
+    pub member_count: u64,
+    /// Whether members beyond this page exist.
+    pub members_more: bool,
     pub tier: u8,
     pub pinned_tier: Option<u8>,
     pub created_ms: u64,
@@ -108,6 +274,7 @@ pub struct PinTier {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddMembers {
+    #[serde(with = "ids_json::ids")]
     pub users: Vec<u64>,
 }
 
@@ -117,38 +284,56 @@ pub struct Publish {
     /// The message body (UTF-8 text).
     pub body: String,
     /// Send as this user (0 or absent: a system message).
-    #[serde(default)]
-    pub sender: u64,
-    /// Retries with the same id return the first message id.
-    #[serde(default)]
-    pub client_msg_id: u64,
+    #[serde(default, with = "ids_json::opt_id")]
+    pub sender: Option<u64>,
+    /// Retries with the same id (from the same publisher, into the same
+    /// conversation, within `engine.dedupe_ttl_ms`) return the first
+    /// message id.
+    #[serde(default, with = "ids_json::opt_id")]
+    pub client_msg_id: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Published {
+    #[serde(with = "ids_json::id")]
     pub id: u64,
     pub duplicate: bool,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct HistoryQuery {
-    #[serde(default)]
-    pub before: u64,
-    #[serde(default)]
-    pub after: u64,
-    #[serde(default = "default_limit")]
-    pub limit: u32,
+    #[serde(default, with = "ids_json::opt_id")]
+    pub before: Option<u64>,
+    #[serde(default, with = "ids_json::opt_id")]
+    pub after: Option<u64>,
+    pub limit: Option<u32>,
 }
 
-fn default_limit() -> u32 {
-    50
+#[derive(Debug, Deserialize)]
+pub struct MembersQuery {
+    #[serde(default, with = "ids_json::opt_id")]
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MembersPage {
+    #[serde(with = "ids_json::ids")]
+    pub members: Vec<u64>,
+    /// Pass as `after` for the next page; null on the last one.
+    #[serde(with = "ids_json::opt_id")]
+    pub next: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MessageView {
+    #[serde(with = "ids_json::id")]
     pub id: u64,
+    #[serde(with = "ids_json::id")]
     pub conversation: u64,
+    #[serde(with = "ids_json::id")]
     pub sender: u64,
+    #[serde(with = "ids_json::id")]
     pub sender_client: u64,
     pub body: String,
 }
@@ -171,14 +356,20 @@ pub struct HistoryView {
     pub more: bool,
 }
 
+/// The verified publisher token's subject, for the handlers.
+#[derive(Debug, Clone)]
+struct Publisher(String);
+
 /// The router; [`serve`] runs it.
 pub fn router(state: HttpState) -> Router {
     let api = Router::new()
         .route("/v1/conversations", post(create_conversation))
         .route("/v1/conversations/{id}", get(get_conversation))
-        .route("/v1/conversations/{id}/members", post(add_members))
+        .route(
+            "/v1/conversations/{id}/members",
+            post(add_members).get(list_members),
+        )
         .route("/v1/conversations/{id}/tier", put(pin_tier))
-        .route("/internal/store", post(store_call))
         .route(
             "/v1/conversations/{id}/members/{user}",
             delete(remove_member),
@@ -191,36 +382,111 @@ pub fn router(state: HttpState) -> Router {
             state.clone(),
             require_publisher,
         ));
+    let internal = Router::new()
+        .route("/internal/store", post(store_call))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_internal,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .merge(api)
-        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .merge(internal)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::InvalidRequest,
+                "no such route",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidRequest,
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_millis(state.limits.body_timeout_ms),
+        ))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes: HTTP/1.1 with a
+/// header read timeout and a cap on connections; each request within the
+/// request timeout. In-flight requests finish (bounded) on shutdown.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let limits = state.limits.clone();
+    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
+    let app = router(state).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        request_timeout,
+    ));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms));
+    tokio::pin!(shutdown);
+    loop {
+        // Wait for a free slot before accepting: past the cap, connections
+        // wait in the kernel's backlog instead of costing us memory.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, usually: back off instead of
+                    // spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after 5 s of shutdown; dropped");
+    }
+    Ok(())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 async fn require_publisher(
     State(state): State<HttpState>,
     headers: HeaderMap,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(token) = token else {
+    let Some(token) = bearer(&headers) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthenticated,
@@ -229,19 +495,39 @@ async fn require_publisher(
         .into_response();
     };
     match state.keys.verify_publisher(token) {
-        Ok(_) => next.run(req).await,
-        Err(crate::auth::AuthError::Expired) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::TokenExpired,
-            "token expired",
+        Ok(claims) => {
+            req.extensions_mut().insert(Publisher(claims.sub));
+            next.run(req).await
+        }
+        Err(e) => ApiError::auth(e).into_response(),
+    }
+}
+
+async fn require_internal(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(keys) = &state.internal else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "the internal API is off on this node (auth.internal_secret unset)",
         )
-        .into_response(),
-        Err(e) => ApiError::new(
+        .into_response();
+    };
+    let Some(token) = bearer(&headers) else {
+        return ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthenticated,
-            e.to_string(),
+            "missing `Authorization: Bearer <internal token>`",
         )
-        .into_response(),
+        .into_response();
+    };
+    match keys.verify_internal(token) {
+        Ok(_) => next.run(req).await,
+        Err(e) => ApiError::auth(e).into_response(),
     }
 }
 
@@ -255,12 +541,18 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-async fn view(engine: &Engine, id: u64) -> ApiResult<ConversationView> {
-    let (conv, members) = engine.conversation(id).await?;
+async fn view(state: &HttpState, id: u64) -> ApiResult<ConversationView> {
+    let conv = state.engine.conversation(id).await?;
+    let (members, more) = state
+        .engine
+        .members_page(id, 0, state.limits.member_page)
+        .await?;
     Ok(ConversationView {
         id: conv.id,
         name: conv.name,
         members,
+        member_count: conv.member_count,
+        members_more: more,
         tier: conv.tier,
         pinned_tier: conv.pinned_tier,
         created_ms: conv.created_ms,
@@ -269,41 +561,50 @@ async fn view(engine: &Engine, id: u64) -> ApiResult<ConversationView> {
 
 async fn create_conversation(
     State(state): State<HttpState>,
-    Json(req): Json<CreateConversation>,
+    ApiJson(req): ApiJson<CreateConversation>,
 ) -> ApiResult<(StatusCode, Json<ConversationView>)> {
-    if req.members.contains(&0) {
-        return Err(EngineError::Invalid("user id 0 is reserved".into()).into());
-    }
     let conv = state
         .engine
         .create_conversation(req.id, req.name, &req.members)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(view(&state.engine, conv.id).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(view(&state, conv.id).await?)))
 }
 
 async fn get_conversation(
     State(state): State<HttpState>,
-    Path(id): Path<u64>,
+    ApiPath(id): ApiPath<u64>,
 ) -> ApiResult<Json<ConversationView>> {
-    Ok(Json(view(&state.engine, id).await?))
+    Ok(Json(view(&state, id).await?))
+}
+
+async fn list_members(
+    State(state): State<HttpState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiQuery(q): ApiQuery<MembersQuery>,
+) -> ApiResult<Json<MembersPage>> {
+    state.engine.conversation(id).await?;
+    let limit = q.limit.unwrap_or(state.limits.member_page);
+    let (members, more) = state
+        .engine
+        .members_page(id, q.after.unwrap_or(0), limit)
+        .await?;
+    let next = if more { members.last().copied() } else { None };
+    Ok(Json(MembersPage { members, next }))
 }
 
 async fn add_members(
     State(state): State<HttpState>,
-    Path(id): Path<u64>,
-    Json(req): Json<AddMembers>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<AddMembers>,
 ) -> ApiResult<Json<ConversationView>> {
     state.engine.add_members(id, &req.users).await?;
-    Ok(Json(view(&state.engine, id).await?))
+    Ok(Json(view(&state, id).await?))
 }
 
 /// The engine's store, for edge processes (`store::remote`).
 async fn store_call(
     State(state): State<HttpState>,
-    Json(call): Json<crate::store::remote::Call>,
+    ApiJson(call): ApiJson<crate::store::remote::Call>,
 ) -> Response {
     match crate::store::remote::serve(state.engine.store().as_ref(), call).await {
         Ok(v) => Json(v).into_response(),
@@ -313,26 +614,22 @@ async fn store_call(
 
 async fn pin_tier(
     State(state): State<HttpState>,
-    Path(id): Path<u64>,
-    Json(req): Json<PinTier>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<PinTier>,
 ) -> ApiResult<Json<ConversationView>> {
     let tier = match req.tier {
         None => None,
-        Some(t) => Some(Tier::from_u8(t).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidRequest,
-                "tier must be 1, 2, 3 or null",
-            )
-        })?),
+        Some(t) => Some(
+            Tier::from_u8(t).ok_or_else(|| ApiError::invalid("tier must be 1, 2, 3 or null"))?,
+        ),
     };
     state.engine.pin_tier(id, tier).await?;
-    Ok(Json(view(&state.engine, id).await?))
+    Ok(Json(view(&state, id).await?))
 }
 
 async fn remove_member(
     State(state): State<HttpState>,
-    Path((id, user)): Path<(u64, u64)>,
+    ApiPath((id, user)): ApiPath<(u64, u64)>,
 ) -> ApiResult<StatusCode> {
     if state.engine.remove_member(id, user).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -347,18 +644,20 @@ async fn remove_member(
 
 async fn publish(
     State(state): State<HttpState>,
-    Path(id): Path<u64>,
-    Json(req): Json<Publish>,
+    Extension(Publisher(subject)): Extension<Publisher>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<Publish>,
 ) -> ApiResult<(StatusCode, Json<Published>)> {
     let receipt = state
         .engine
         .send(Outgoing {
             conversation: id,
-            sender: req.sender,
-            sender_client: 0,
-            client_msg_id: req.client_msg_id,
+            from: Sender::Publisher {
+                subject,
+                as_user: req.sender.unwrap_or(0),
+            },
+            client_msg_id: req.client_msg_id.unwrap_or(0),
             body: Bytes::from(req.body),
-            check_membership: req.sender != 0,
         })
         .await?;
     let status = if receipt.duplicate {
@@ -377,11 +676,19 @@ async fn publish(
 
 async fn history(
     State(state): State<HttpState>,
-    Path(id): Path<u64>,
-    Query(q): Query<HistoryQuery>,
+    ApiPath(id): ApiPath<u64>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<Json<HistoryView>> {
     state.engine.conversation(id).await?;
-    let (messages, more) = state.engine.history(id, q.before, q.after, q.limit).await?;
+    let (messages, more) = state
+        .engine
+        .history(
+            id,
+            q.before.unwrap_or(0),
+            q.after.unwrap_or(0),
+            q.limit.unwrap_or(50),
+        )
+        .await?;
     Ok(Json(HistoryView {
         messages: messages.into_iter().map(MessageView::from).collect(),
         more,

@@ -11,8 +11,11 @@
 //! - [`backplane`]: the `Backplane` and `Routes` traits, in-process and
 //!   Redis (Cluster, sharded pub/sub) backends.
 //! - [`lease`]: node-id leases through Redis.
-//! - [`auth`]: HS256 tokens for clients and publishers.
-//! - [`http`]: the publisher HTTP/JSON API and `/metrics`.
+//! - [`auth`]: HS256 tokens (with key ids) for users, publishers and the
+//!   internal credential.
+//! - [`http`]: the publisher HTTP/JSON API, `/internal/store` and
+//!   `/metrics`, with their limits.
+//! - [`ids_json`]: ids in JSON as decimal strings (exact past 2^53).
 //! - [`metrics`]: the engine's Prometheus metrics.
 //! - [`config`]: the engine's settings and their validation.
 
@@ -21,6 +24,7 @@ pub mod backplane;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod ids_json;
 pub mod lease;
 pub mod metrics;
 pub mod planner;
@@ -28,4 +32,4 @@ pub mod reads;
 pub mod snowflake;
 pub mod store;
 
-pub use engine::{Engine, EngineError, Outgoing, SendReceipt};
+pub use engine::{Engine, EngineError, Outgoing, SendReceipt, Sender};

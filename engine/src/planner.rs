@@ -49,7 +49,10 @@ impl Thresholds {
     }
 
     fn down_at(&self, threshold: u64) -> u64 {
-        threshold - threshold * u64::from(self.hysteresis_pct) / 100
+        // In u128: a threshold near u64::MAX (valid, if absurd) must not
+        // overflow.
+        let cut = u128::from(threshold) * u128::from(self.hysteresis_pct) / 100;
+        threshold - cut as u64
     }
 }
 
@@ -108,6 +111,19 @@ mod tests {
         assert_eq!(plan(Tier::IdOnly, 4_600, None, &T), Tier::IdOnly);
         assert_eq!(plan(Tier::IdOnly, 4_500, None, &T), Tier::Sharded);
         assert_eq!(plan(Tier::IdOnly, 10, None, &T), Tier::Direct);
+    }
+
+    /// Found by reading the fuzzed config path: thresholds near u64::MAX
+    /// pass validation and used to overflow the hysteresis band.
+    #[test]
+    fn huge_thresholds_do_not_overflow() {
+        let t = Thresholds {
+            sharded_above: 1_000_000_000_000_000_000,
+            id_only_above: 9_000_000_000_000_000_000,
+            hysteresis_pct: 50,
+        };
+        assert_eq!(plan(Tier::IdOnly, 10, None, &t), Tier::Direct);
+        assert_eq!(plan(Tier::Sharded, u64::MAX, None, &t), Tier::IdOnly);
     }
 
     #[test]

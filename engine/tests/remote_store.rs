@@ -27,7 +27,13 @@ async fn remote_store_conforms() {
         None,
     )
     .unwrap();
-    let keys = TokenKeys::new(b"remote-store-test-secret");
+    let keys = TokenKeys::new(b"remote-store-test-secret-0123456789");
+    let internal = TokenKeys::with_keys(
+        "internal",
+        b"remote-store-internal-secret-0123456789",
+        &[],
+        3600,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -36,20 +42,36 @@ async fn remote_store_conforms() {
         HttpState {
             engine: Arc::new(engine),
             keys: keys.clone(),
+            internal: Some(internal.clone()),
             registry: Arc::new(registry),
+            limits: Default::default(),
         },
         async {
             let _ = stopped.await;
         },
     ));
 
-    let remote = RemoteStore::new(&format!("http://{addr}"), keys);
+    let remote = RemoteStore::new(&format!("http://{addr}"), internal);
     conformance::run_all(&remote).await;
 
-    // A caller without the secret is refused.
-    let stranger = RemoteStore::new(&format!("http://{addr}"), TokenKeys::new(b"wrong"));
+    // Without the internal secret: refused, even holding the key that
+    // mints user and publisher tokens.
     use tiercast_engine::store::Store;
+    let stranger = RemoteStore::new(&format!("http://{addr}"), keys.clone());
     assert!(stranger.conversation(1).await.is_err());
+    // A publisher token: 401 with the JSON error (no internal key signed
+    // it), the store untouched.
+    let publisher = keys.mint_publisher("backend", tiercast_engine::auth::now_unix(), 60);
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/internal/store"))
+        .bearer_auth(publisher)
+        .json(&serde_json::json!({"op": "inbox", "device": {"user": 1, "client": 1}, "after": 0, "limit": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthenticated", "{body}");
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();

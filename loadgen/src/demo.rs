@@ -72,10 +72,12 @@ impl DemoOptions {
     }
 }
 
-/// One simulated device: user, client id, index into the logs.
+/// One simulated device: user, its place among the user's devices
+/// (1-based), and the id the edge issued it.
 #[derive(Debug, Clone, Copy)]
 struct Device {
     user: u64,
+    slot: u64,
     client_id: u64,
 }
 
@@ -129,11 +131,12 @@ async fn drive(node: &Node, opts: &DemoOptions) -> anyhow::Result<Figures> {
             .create_conversation(Some(c + 1), format!("chat {}", c + 1), &opts.members(c))
             .await?;
     }
-    let devices: Vec<Device> = (1..=opts.users)
+    let mut devices: Vec<Device> = (1..=opts.users)
         .flat_map(|user| {
-            (1..=opts.devices).map(move |d| Device {
+            (1..=opts.devices).map(move |slot| Device {
                 user,
-                client_id: user * 100 + d,
+                slot,
+                client_id: 0,
             })
         })
         .collect();
@@ -142,20 +145,21 @@ async fn drive(node: &Node, opts: &DemoOptions) -> anyhow::Result<Figures> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let progress = Arc::new((AtomicU64::new(0), Notify::new()));
     let mut receivers = Vec::new();
-    for d in &devices {
+    for d in &mut devices {
         let now = tiercast_engine::auth::now_unix();
         let cfg = ClientConfig {
-            device: format!("demo-{}", d.client_id),
+            device: format!("demo-{}-{}", d.user, d.slot),
             ..ClientConfig::new(
                 node.quic_addr,
                 node.cert_pem.clone(),
                 node.keys.mint_user(d.user, now, 3600),
-                d.client_id,
+                0,
             )
         };
         let (client, rx) = Client::connect(cfg)
             .await
-            .with_context(|| format!("device {} of user {} connects", d.client_id, d.user))?;
+            .with_context(|| format!("device {} of user {} connects", d.slot, d.user))?;
+        d.client_id = client.client_id;
         receivers.push(tokio::spawn(receive(
             client.clone(),
             rx,
@@ -169,7 +173,7 @@ async fn drive(node: &Node, opts: &DemoOptions) -> anyhow::Result<Figures> {
     // Each user's first device sends `messages` into every chat it is in.
     let mut senders = Vec::new();
     for (i, d) in devices.iter().enumerate() {
-        if d.client_id % 100 != 1 {
+        if d.slot != 1 {
             continue;
         }
         let chats: Vec<u64> = (0..opts.chats)

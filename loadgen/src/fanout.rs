@@ -245,7 +245,7 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
         engine
             .create_conversation(Some(conv), format!("fanout {size}"), &users)
             .await?;
-        let planned = engine.conversation(conv).await?.0.tier;
+        let planned = engine.conversation(conv).await?.tier;
 
         progress(&format!(
             "{size} members: connecting {size} devices over {} edges",
@@ -303,14 +303,7 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
                 let mut body = vec![b'x'; opts.body];
                 body[..8].copy_from_slice(&i.to_le_bytes());
                 engine
-                    .send(Outgoing {
-                        conversation: conv,
-                        sender: 0,
-                        sender_client: 0,
-                        client_msg_id: 0,
-                        body: Bytes::from(body),
-                        check_membership: false,
-                    })
+                    .send(Outgoing::system(conv, Bytes::from(body)))
                     .await?;
             }
             let expected = opts.messages * size;

@@ -174,6 +174,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     for i in 0..s.devices() {
         let user = i / s.devices_per_user + 1;
         let d = i % s.devices_per_user;
+        // A label of loadgen's own (the edge issues the real device id).
         let client_id = user * 10 + d + 1;
         let e = i as usize % target.edges.len();
         let mut order = target.edges[e..].to_vec();
@@ -182,7 +183,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             order,
             target.trusted_pem.clone(),
             target.keys.mint_user(user, now, 24 * 3600),
-            client_id,
+            0,
         );
         cfg.endpoint = Some(sockets[i as usize % sockets.len()].clone());
         cfg.report_duplicates = true;
@@ -334,7 +335,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                     match r {
                         Ok(r) if r.status().is_success() => {
                             let v: serde_json::Value = r.json().await.unwrap_or_default();
-                            if let Some(id) = v["id"].as_u64() {
+                            if let Some(id) = v["id"].as_str().and_then(|s| s.parse().ok()) {
                                 sent.lock().expect("sent").push(Sent {
                                     id,
                                     conversation,
@@ -641,6 +642,10 @@ fn scheduled_of(body: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(body.get(..16)?).ok()?, 16).ok()
 }
 
+/// Users added per API call: the engine's default
+/// `engine.max_members_per_call`.
+const MEMBERS_PER_CALL: usize = 1_000;
+
 async fn create_conversations(
     http: &reqwest::Client,
     api: &str,
@@ -650,12 +655,14 @@ async fn create_conversations(
 ) -> anyhow::Result<HashMap<u64, u8>> {
     let results = futures::stream::iter(plans.iter())
         .map(|p| async move {
+            // At most MEMBERS_PER_CALL users per call (the API's default
+            // cap): the rest are added in further calls.
+            let mut chunks = p.members.chunks(MEMBERS_PER_CALL);
+            let first = chunks.next().unwrap_or(&[]);
             let r = http
                 .post(format!("{api}/v1/conversations"))
                 .bearer_auth(publisher)
-                .json(
-                    &json!({"id": p.id, "name": format!("loadgen {}", p.id), "members": p.members}),
-                )
+                .json(&json!({"id": p.id.to_string(), "name": format!("loadgen {}", p.id), "members": first}))
                 .send()
                 .await
                 .context("creating a conversation")?;
@@ -666,6 +673,22 @@ async fn create_conversations(
                 r.status()
             );
             let mut v: serde_json::Value = r.json().await?;
+            for chunk in chunks {
+                let r = http
+                    .post(format!("{api}/v1/conversations/{}/members", p.id))
+                    .bearer_auth(publisher)
+                    .json(&json!({"users": chunk}))
+                    .send()
+                    .await
+                    .context("adding members")?;
+                anyhow::ensure!(
+                    r.status().is_success(),
+                    "adding members to conversation {}: {}",
+                    p.id,
+                    r.status()
+                );
+                v = r.json().await?;
+            }
             if let Some(t) = s.conversations[p.group].tier {
                 let r = http
                     .put(format!("{api}/v1/conversations/{}/tier", p.id))
@@ -715,7 +738,7 @@ async fn consume(
         let at = now_us(base);
         let mut l = log.lock().expect("log");
         match e {
-            Event::Connected { edge } => {
+            Event::Connected { edge, .. } => {
                 l.connects += 1;
                 l.edge = edges.iter().position(|e| *e == edge);
                 if l.connected_after_us.is_none() {

@@ -234,9 +234,11 @@ fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Re
     }
     let dir = tempfile::tempdir().context("creating a data directory")?;
     let secret = format!("loadgen-{:032x}", rand::random::<u128>());
+    let internal = format!("loadgen-internal-{:032x}", rand::random::<u128>());
     let common = |data: &str| -> Vec<String> {
         let mut sets = vec![
             format!("node.token_secret={secret}"),
+            format!("auth.internal_secret={internal}"),
             format!("node.data_dir={}", dir.path().join(data).display()),
             "node.http_listen=127.0.0.1:0".into(),
             "edge.listen=127.0.0.1:0".into(),

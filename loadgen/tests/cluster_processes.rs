@@ -13,7 +13,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tiercast_client::{Client, ClientConfig, Delivery};
 
-const SECRET: &str = "cluster-process-test-secret";
+const SECRET: &str = "cluster-process-test-secret-0123456789";
+const INTERNAL_SECRET: &str = "cluster-process-internal-secret-0123456789";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn repo() -> PathBuf {
@@ -111,6 +112,7 @@ fn common_args(redis: &Redis, dir: &std::path::Path) -> Vec<String> {
     let nodes: Vec<String> = redis.nodes.split(',').map(|n| format!("\"{n}\"")).collect();
     [
         format!("node.token_secret={SECRET}"),
+        format!("auth.internal_secret={INTERNAL_SECRET}"),
         format!("node.data_dir={}", dir.display()),
         "node.http_listen=127.0.0.1:0".into(),
         "edge.listen=127.0.0.1:0".into(),
@@ -196,12 +198,7 @@ async fn engine_and_two_edge_processes_serve_a_chat_and_a_broadcast() {
 
     let device = |edge: usize, user: u64| {
         let (_, quic, cert) = &edges[edge];
-        ClientConfig::new(
-            *quic,
-            cert.clone(),
-            keys.mint_user(user, now, 600),
-            user * 10,
-        )
+        ClientConfig::new(*quic, cert.clone(), keys.mint_user(user, now, 600), 0)
     };
     let (alice, mut alice_rx) = Client::connect(device(0, 1)).await.unwrap();
     let (bob, mut bob_rx) = Client::connect(device(1, 2)).await.unwrap();
@@ -234,7 +231,7 @@ async fn engine_and_two_edge_processes_serve_a_chat_and_a_broadcast() {
         .json()
         .await
         .unwrap();
-    let id = r["id"].as_u64().unwrap();
+    let id: u64 = r["id"].as_str().unwrap().parse().unwrap();
     for (client, rx) in [(&alice, &mut alice_rx), (&bob, &mut bob_rx)] {
         let (conv, mid) = tokio::time::timeout(WAIT, async {
             loop {
@@ -323,7 +320,7 @@ async fn killing_an_edge_process_loses_no_message() {
                 order,
                 trusted.clone(),
                 keys.mint_user(u, now, 600),
-                u * 10 + d as u64,
+                0,
             );
             cfg.backoff_base = Duration::from_millis(50);
             cfg.backoff_cap = Duration::from_millis(1_000);
@@ -351,7 +348,7 @@ async fn killing_an_edge_process_loses_no_message() {
             .json()
             .await
             .unwrap();
-        sent[(conv - 1) as usize].insert(v["id"].as_u64().expect("stored"));
+        sent[(conv - 1) as usize].insert(v["id"].as_str().expect("stored").parse().unwrap());
         if i == 100 {
             // SIGKILL: no drain, no goodbye.
             edges[0].0.child.kill().unwrap();

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     SlowConsumer = 7,
     Draining = 8,
     UnsupportedVersion = 9,
+    UnknownDevice = 10,
+    ConnectionReplaced = 11,
     Forbidden = 20,
     UnknownConversation = 21,
     BodyTooLarge = 22,
@@ -39,7 +41,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::Unspecified,
         Self::MalformedFrame,
         Self::FrameTooLarge,
@@ -50,6 +52,8 @@ impl ErrorCode {
         Self::SlowConsumer,
         Self::Draining,
         Self::UnsupportedVersion,
+        Self::UnknownDevice,
+        Self::ConnectionReplaced,
         Self::Forbidden,
         Self::UnknownConversation,
         Self::BodyTooLarge,
@@ -85,6 +89,8 @@ impl ErrorCode {
             Self::SlowConsumer => "slow_consumer",
             Self::Draining => "draining",
             Self::UnsupportedVersion => "unsupported_version",
+            Self::UnknownDevice => "unknown_device",
+            Self::ConnectionReplaced => "connection_replaced",
             Self::Forbidden => "forbidden",
             Self::UnknownConversation => "unknown_conversation",
             Self::BodyTooLarge => "body_too_large",

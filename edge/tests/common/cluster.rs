@@ -262,6 +262,7 @@ impl Fleet {
 
     /// A device of `user` connected to edge `edge`.
     pub async fn device(&self, edge: usize, user: u64, client_id: u64) -> (Client, Deliveries) {
+        super::enroll(self.store.as_ref(), user, client_id).await;
         let n = &self.nodes[edge];
         let cfg = ClientConfig::new(n.quic_addr, n.cert_pem.clone(), self.token(user), client_id);
         Client::connect(cfg).await.expect("device connects")
@@ -324,12 +325,13 @@ impl RedisCluster {
 impl Fleet {
     /// A self-healing session of `user`'s device, trying the edges in the
     /// order given.
-    pub fn session_config(
+    pub async fn session_config(
         &self,
         edges: &[usize],
         user: u64,
         client_id: u64,
     ) -> tiercast_client::SessionConfig {
+        super::enroll(self.store.as_ref(), user, client_id).await;
         let mut cfg = tiercast_client::SessionConfig::new(
             edges.iter().map(|&e| self.nodes[e].quic_addr).collect(),
             self.nodes[0].cert_pem.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tiercast_client::{Client, ClientConfig, Deliveries, Delivery, Message};
 use tiercast_edge::{Config, Node};
 
-pub const SECRET: &str = "integration-test-secret";
+pub const SECRET: &str = "integration-test-secret-0123456789";
 /// Upper bound for anything a test waits for; never a sleep.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -56,7 +56,11 @@ impl TestNode {
             .mint_user(user, tiercast_engine::auth::now_unix(), 3600)
     }
 
-    pub fn client_config(&self, user: u64, client_id: u64) -> ClientConfig {
+    /// A device of `user` with id `client_id`, as if the edge had issued
+    /// it on an earlier connect (registered in the store), so a test can
+    /// name its devices. 0: a new device, issued an id on connect.
+    pub async fn client_config(&self, user: u64, client_id: u64) -> ClientConfig {
+        enroll(self.node.engine.store().as_ref(), user, client_id).await;
         let mut cfg = ClientConfig::new(
             self.node.quic_addr,
             self.node.cert_pem.clone(),
@@ -68,7 +72,7 @@ impl TestNode {
     }
 
     pub async fn device(&self, user: u64, client_id: u64) -> (Client, Deliveries) {
-        Client::connect(self.client_config(user, client_id))
+        Client::connect(self.client_config(user, client_id).await)
             .await
             .expect("device connects")
     }
@@ -90,6 +94,33 @@ impl TestNode {
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{}", self.node.http_addr, path)
     }
+}
+
+/// The tests name devices `user * 10 + n`: device `client_id` with its
+/// owner.
+pub fn dev(client_id: u64) -> tiercast_engine::store::Device {
+    tiercast_engine::store::Device {
+        user: client_id / 10,
+        client: client_id,
+    }
+}
+
+/// Registers device `client_id` of `user` in `store` (nothing for 0), the
+/// way an earlier connect that was issued this id would have.
+pub async fn enroll(store: &dyn tiercast_engine::store::Store, user: u64, client_id: u64) {
+    if client_id == 0 {
+        return;
+    }
+    let rec = tiercast_engine::store::ClientRecord {
+        client_id,
+        user,
+        device: format!("test-{client_id}"),
+        last_seen_ms: tiercast_engine::snowflake::now_unix_ms(),
+    };
+    store
+        .register_client(&rec, 16, false)
+        .await
+        .expect("test device enrolled");
 }
 
 /// The sum of a Prometheus metric's samples (all label sets) in `text`.
@@ -229,8 +260,14 @@ impl Device {
 }
 
 impl TestNode {
-    /// A session of `user`'s device `client_id` on this node.
-    pub fn session_config(&self, user: u64, client_id: u64) -> tiercast_client::SessionConfig {
+    /// A session of `user`'s device `client_id` on this node (enrolled as
+    /// in [`TestNode::client_config`]).
+    pub async fn session_config(
+        &self,
+        user: u64,
+        client_id: u64,
+    ) -> tiercast_client::SessionConfig {
+        enroll(self.node.engine.store().as_ref(), user, client_id).await;
         let mut cfg = tiercast_client::SessionConfig::new(
             vec![self.node.quic_addr],
             self.node.cert_pem.clone(),

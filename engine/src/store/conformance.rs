@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
-    StoreError,
+    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
+    Store, StoreError,
 };
 
 pub async fn run_all(store: &dyn Store) {
@@ -22,6 +22,21 @@ pub async fn run_all(store: &dyn Store) {
     since_pages_forward(store).await;
     read_markers(store).await;
     device_expiry(store).await;
+    dedupe_expiry(store).await;
+}
+
+/// Device `client` of `user`.
+fn d(user: u64, client: u64) -> Device {
+    Device { user, client }
+}
+
+fn key(scope: &str, client_msg_id: u64, now_ms: u64) -> Option<Dedupe> {
+    Some(Dedupe {
+        scope: scope.to_owned(),
+        client_msg_id,
+        now_ms,
+        ttl_ms: 1_000,
+    })
 }
 
 fn conv(id: u64) -> Conversation {
@@ -65,7 +80,7 @@ pub async fn seed_history(store: &dyn Store, conv_id: u64, n: u64) -> Vec<u64> {
         let id = 1_000 + i * 3;
         let m = NewMessage {
             message: message(conv_id, id, 7, &format!("m{i}")),
-            client_msg_id: 0,
+            dedupe: None,
             inbox: vec![],
         };
         assert_eq!(store.insert_message(&m).await.unwrap(), Persisted::Stored);
@@ -111,6 +126,16 @@ async fn conversations_and_members(store: &dyn Store) {
         store.conversation(1).await.unwrap().unwrap().member_count,
         2
     );
+    // Pages of the member list, ascending, after a cursor.
+    store.add_members(1, &[14, 15, 16]).await.unwrap();
+    assert_eq!(store.members_page(1, 0, 2).await.unwrap(), vec![10, 12]);
+    assert_eq!(store.members_page(1, 12, 2).await.unwrap(), vec![14, 15]);
+    assert_eq!(store.members_page(1, 15, 10).await.unwrap(), vec![16]);
+    assert!(store.members_page(1, 16, 10).await.unwrap().is_empty());
+    assert!(store.members_page(2, 0, 10).await.unwrap().is_empty());
+    for u in [14, 15, 16] {
+        store.remove_member(1, u).await.unwrap();
+    }
 
     store.create_conversation(&conv(3)).await.unwrap();
     store.add_members(3, &[10]).await.unwrap();
@@ -170,21 +195,19 @@ async fn device_registry(store: &dyn Store) {
     store.create_conversation(&conv(600)).await.unwrap();
     let m = NewMessage {
         message: message(600, 77, 9, "x"),
-        client_msg_id: 0,
-        inbox: vec![2, 3],
+        dedupe: None,
+        inbox: vec![d(500, 2), d(500, 3)],
     };
     store.insert_message(&m).await.unwrap();
     assert_eq!(
         store.register_client(&dev(4, 60), 3, true).await.unwrap(),
         Registered::Evicted(2)
     );
-    assert_eq!(store.client_ids_of(&[500]).await.unwrap(), vec![1, 3, 4]);
-    assert!(store.inbox(2, 0, 10).await.unwrap().is_empty());
-    assert_eq!(store.inbox(3, 0, 10).await.unwrap().len(), 1);
-    assert_eq!(
-        store.client_ids_of(&[500, 501]).await.unwrap(),
-        vec![1, 3, 4]
-    );
+    let mine = vec![d(500, 1), d(500, 3), d(500, 4)];
+    assert_eq!(store.devices_of(&[500]).await.unwrap(), mine);
+    assert!(store.inbox(d(500, 2), 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.inbox(d(500, 3), 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.devices_of(&[500, 501]).await.unwrap(), mine);
 }
 
 async fn messages_history_and_paging(store: &dyn Store) {
@@ -264,32 +287,32 @@ async fn inbox_and_acks(store: &dyn Store) {
     for id in [300, 301, 302] {
         let m = NewMessage {
             message: message(30, id, 1, "i"),
-            client_msg_id: 0,
-            inbox: vec![71, 72],
+            dedupe: None,
+            inbox: vec![d(7, 71), d(7, 72)],
         };
         store.insert_message(&m).await.unwrap();
     }
     let pending: Vec<u64> = store
-        .inbox(71, 0, 10)
+        .inbox(d(7, 71), 0, 10)
         .await
         .unwrap()
         .iter()
         .map(|m| m.id)
         .collect();
     assert_eq!(pending, vec![300, 301, 302]);
-    assert_eq!(store.inbox(71, 0, 2).await.unwrap().len(), 2);
+    assert_eq!(store.inbox(d(7, 71), 0, 2).await.unwrap().len(), 2);
     let rest: Vec<u64> = store
-        .inbox(71, 301, 10)
+        .inbox(d(7, 71), 301, 10)
         .await
         .unwrap()
         .iter()
         .map(|m| m.id)
         .collect();
     assert_eq!(rest, vec![302]);
-    assert_eq!(store.ack(71, &[300, 302, 999]).await.unwrap(), 2);
-    assert_eq!(store.ack(71, &[300]).await.unwrap(), 0);
+    assert_eq!(store.ack(d(7, 71), &[300, 302, 999]).await.unwrap(), 2);
+    assert_eq!(store.ack(d(7, 71), &[300]).await.unwrap(), 0);
     let pending: Vec<u64> = store
-        .inbox(71, 0, 10)
+        .inbox(d(7, 71), 0, 10)
         .await
         .unwrap()
         .iter()
@@ -297,7 +320,12 @@ async fn inbox_and_acks(store: &dyn Store) {
         .collect();
     assert_eq!(pending, vec![301]);
     // Another client's inbox is untouched.
-    assert_eq!(store.inbox(72, 0, 10).await.unwrap().len(), 3);
+    assert_eq!(store.inbox(d(7, 72), 0, 10).await.unwrap().len(), 3);
+    // The same device id under another user is another (empty) inbox, and
+    // acking through it removes nothing.
+    assert!(store.inbox(d(8, 72), 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.ack(d(8, 72), &[300, 301, 302]).await.unwrap(), 0);
+    assert_eq!(store.inbox(d(7, 72), 0, 10).await.unwrap().len(), 3);
     // Acking removes the pending row, never the message.
     assert!(store.message(30, 300).await.unwrap().is_some());
 }
@@ -306,8 +334,8 @@ async fn idempotent_insert(store: &dyn Store) {
     store.create_conversation(&conv(40)).await.unwrap();
     let first = NewMessage {
         message: message(40, 400, 2, "once"),
-        client_msg_id: 5,
-        inbox: vec![81],
+        dedupe: key("d:2:20", 5, 100),
+        inbox: vec![d(2, 81)],
     };
     assert_eq!(
         store.insert_message(&first).await.unwrap(),
@@ -315,28 +343,40 @@ async fn idempotent_insert(store: &dyn Store) {
     );
     let retry = NewMessage {
         message: message(40, 401, 2, "once"),
-        client_msg_id: 5,
-        inbox: vec![81],
+        dedupe: key("d:2:20", 5, 200),
+        inbox: vec![d(2, 81)],
     };
     assert_eq!(
         store.insert_message(&retry).await.unwrap(),
         Persisted::Duplicate(400)
     );
     assert_eq!(store.history(40, all()).await.unwrap().len(), 1);
-    assert_eq!(store.inbox(81, 0, 10).await.unwrap().len(), 1);
-    // The same client_msg_id from another client is another message.
+    assert_eq!(store.inbox(d(2, 81), 0, 10).await.unwrap().len(), 1);
+    // The same client_msg_id from another sender is another message.
     let other = NewMessage {
         message: Message {
             sender_client: 999,
             ..message(40, 402, 2, "other")
         },
-        client_msg_id: 5,
+        dedupe: key("d:2:999", 5, 200),
         inbox: vec![],
     };
     assert_eq!(
         store.insert_message(&other).await.unwrap(),
         Persisted::Stored
     );
+    // ... and so it is from the same sender in another conversation.
+    store.create_conversation(&conv(41)).await.unwrap();
+    let elsewhere = NewMessage {
+        message: message(41, 403, 2, "elsewhere"),
+        dedupe: key("d:2:20", 5, 200),
+        inbox: vec![],
+    };
+    assert_eq!(
+        store.insert_message(&elsewhere).await.unwrap(),
+        Persisted::Stored
+    );
+    assert_eq!(store.history(41, all()).await.unwrap().len(), 1);
 }
 
 async fn since_pages_forward(store: &dyn Store) {
@@ -399,8 +439,8 @@ async fn device_expiry(store: &dyn Store) {
     store.add_members(90, &[900]).await.unwrap();
     let m = NewMessage {
         message: message(90, 9_000, 900, "pending"),
-        client_msg_id: 0,
-        inbox: vec![91, 92, 93],
+        dedupe: None,
+        inbox: vec![d(900, 91), d(900, 92), d(900, 93)],
     };
     store.insert_message(&m).await.unwrap();
     // 93 was seen just now; 91 and 92 not since 1 and 2.
@@ -425,13 +465,49 @@ async fn device_expiry(store: &dyn Store) {
         .map(|c| c.client_id)
         .collect();
     assert_eq!(left, vec![93]);
-    assert!(store.inbox(91, 0, 10).await.unwrap().is_empty());
-    assert!(store.inbox(92, 0, 10).await.unwrap().is_empty());
-    assert_eq!(store.inbox(93, 0, 10).await.unwrap().len(), 1);
+    assert!(store.inbox(d(900, 91), 0, 10).await.unwrap().is_empty());
+    assert!(store.inbox(d(900, 92), 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.inbox(d(900, 93), 0, 10).await.unwrap().len(), 1);
     assert_eq!(
         store.message(90, 9_000).await.unwrap().map(|m| m.id),
         Some(9_000),
         "expiry removes devices and their inbox rows, never messages"
     );
     assert!(store.expire_clients(3, 100).await.unwrap().is_empty());
+}
+
+/// An idempotency key holds for its TTL and no longer: a retry after it is
+/// a new message. The sweep removes expired keys (backends whose keys expire
+/// by themselves report 0).
+async fn dedupe_expiry(store: &dyn Store) {
+    store.create_conversation(&conv(95)).await.unwrap();
+    let at = |id: u64, now_ms: u64| NewMessage {
+        message: message(95, id, 3, "p"),
+        dedupe: key("p:backend", 9, now_ms),
+        inbox: vec![],
+    };
+    assert_eq!(
+        store.insert_message(&at(950, 10_000)).await.unwrap(),
+        Persisted::Stored
+    );
+    assert_eq!(
+        store.insert_message(&at(951, 10_999)).await.unwrap(),
+        Persisted::Duplicate(950)
+    );
+    // The key was written at 10,000 with a 1,000 ms TTL.
+    assert_eq!(
+        store.insert_message(&at(952, 11_000)).await.unwrap(),
+        Persisted::Stored
+    );
+    assert_eq!(
+        store.insert_message(&at(953, 11_500)).await.unwrap(),
+        Persisted::Duplicate(952)
+    );
+    // Whatever a sweep removes, an expired key never answers.
+    store.expire_dedupe(20_000, 1_000).await.unwrap();
+    assert_eq!(
+        store.insert_message(&at(954, 20_000)).await.unwrap(),
+        Persisted::Stored
+    );
+    assert_eq!(store.history(95, all()).await.unwrap().len(), 3);
 }

@@ -25,7 +25,7 @@ use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    ClientRecord, Conversation, Device, NewMessage, Page, Persisted, ReadMark, Registered, Store,
     StoreError,
 };
 
@@ -39,12 +39,16 @@ const USER_CONVERSATIONS: TableDefinition<(u64, u64), ()> =
 const CLIENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("clients");
 /// (conversation, message id) -> sender, sender client, body
 const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
-/// (client, message id) -> conversation
-const INBOX: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbox");
-/// (sender client, client message id) -> message id
+/// (user, client, message id) -> conversation. Keyed by the owner too: a
+/// device id alone reaches nothing.
+const INBOX: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("device_inbox");
 /// (user, conversation) -> id of the newest message read.
 const READS: TableDefinition<(u64, u64), u64> = TableDefinition::new("reads");
-const IDEMPOTENCY: TableDefinition<(u64, u64), u64> = TableDefinition::new("idempotency");
+/// (scope, conversation, client message id) -> (message id, expires at ms)
+const DEDUPE: TableDefinition<(&str, u64, u64), (u64, u64)> = TableDefinition::new("dedupe");
+/// (expires at ms, message id) -> the DEDUPE key, for the expiry sweep.
+const DEDUPE_EXPIRY: TableDefinition<(u64, u64), (&str, u64, u64)> =
+    TableDefinition::new("dedupe_expiry");
 
 /// Most writes one group commit takes. Bounds the latency a commit adds to
 /// the first write of the group, and the size of the transaction.
@@ -137,7 +141,8 @@ impl EmbeddedStore {
             txn.open_table(CLIENTS).map_err(backend)?;
             txn.open_table(MESSAGES).map_err(backend)?;
             txn.open_table(INBOX).map_err(backend)?;
-            txn.open_table(IDEMPOTENCY).map_err(backend)?;
+            txn.open_table(DEDUPE).map_err(backend)?;
+            txn.open_table(DEDUPE_EXPIRY).map_err(backend)?;
             txn.open_table(READS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
@@ -291,6 +296,14 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
     }
 }
 
+/// Removes a device's whole pending inbox.
+fn clear_inbox(txn: &WriteTransaction, user: u64, client: u64) -> Result<(), StoreError> {
+    txn.open_table(INBOX)
+        .map_err(backend)?
+        .retain_in((user, client, 0)..=(user, client, u64::MAX), |_, _| false)
+        .map_err(backend)
+}
+
 /// Reads, changes and writes back one conversation record.
 fn update_conversation(
     txn: &WriteTransaction,
@@ -420,6 +433,31 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn members_page(
+        &self,
+        conv: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(MEMBERS).map_err(backend)?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for row in t
+                .range((conv, after + 1)..=(conv, u64::MAX))
+                .map_err(backend)?
+                .take(limit)
+            {
+                out.push(row.map_err(backend)?.0.value().1);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
         self.run(move |db| {
             let txn = db.begin_read().map_err(backend)?;
@@ -462,10 +500,7 @@ impl Store for EmbeddedStore {
                 let outcome = super::registration(&existing, &client, max_devices, evict_oldest)?;
                 if let Registered::Evicted(oldest) = outcome {
                     t.remove((client.user, oldest)).map_err(backend)?;
-                    let mut inbox = txn.open_table(INBOX).map_err(backend)?;
-                    inbox
-                        .retain_in((oldest, 0)..=(oldest, u64::MAX), |_, _| false)
-                        .map_err(backend)?;
+                    clear_inbox(txn, client.user, oldest)?;
                 }
                 t.insert((client.user, client.client_id), to_json(&client).as_slice())
                     .map_err(backend)?;
@@ -489,7 +524,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+    async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         let users = users.to_vec();
         self.run(move |db| {
             let txn = db.begin_read().map_err(backend)?;
@@ -497,7 +532,8 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for user in users {
                 for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
-                    out.push(row.map_err(backend)?.0.value().1);
+                    let client = row.map_err(backend)?.0.value().1;
+                    out.push(Device { user, client });
                 }
             }
             Ok(out)
@@ -544,13 +580,9 @@ impl Store for EmbeddedStore {
                     }
                 }
             }
-            let mut inbox = txn.open_table(INBOX).map_err(backend)?;
             for rec in &stale {
                 t.remove((rec.user, rec.client_id)).map_err(backend)?;
-                let c = rec.client_id;
-                inbox
-                    .retain_in((c, 0)..=(c, u64::MAX), |_, _| false)
-                    .map_err(backend)?;
+                clear_inbox(txn, rec.user, rec.client_id)?;
             }
             Ok(stale)
         })
@@ -594,21 +626,35 @@ impl Store for EmbeddedStore {
         self.write(move |txn| {
             let m = &msg.message;
             {
-                if msg.client_msg_id != 0 {
-                    let mut idem = txn.open_table(IDEMPOTENCY).map_err(backend)?;
-                    let key = (m.sender_client, msg.client_msg_id);
+                if let Some(d) = &msg.dedupe {
+                    let mut idem = txn.open_table(DEDUPE).map_err(backend)?;
+                    let key = (d.scope.as_str(), m.conversation, d.client_msg_id);
                     if let Some(earlier) = idem.get(key).map_err(backend)? {
-                        return Ok(Persisted::Duplicate(earlier.value()));
+                        let (id, expires) = earlier.value();
+                        if expires > d.now_ms {
+                            return Ok(Persisted::Duplicate(id));
+                        }
                     }
-                    idem.insert(key, m.id).map_err(backend)?;
+                    let expires = d.now_ms.saturating_add(d.ttl_ms);
+                    if let Some(old) = idem.insert(key, (m.id, expires)).map_err(backend)? {
+                        let (old_id, old_expires) = old.value();
+                        txn.open_table(DEDUPE_EXPIRY)
+                            .map_err(backend)?
+                            .remove((old_expires, old_id))
+                            .map_err(backend)?;
+                    }
+                    txn.open_table(DEDUPE_EXPIRY)
+                        .map_err(backend)?
+                        .insert((expires, m.id), key)
+                        .map_err(backend)?;
                 }
                 let mut t = txn.open_table(MESSAGES).map_err(backend)?;
                 t.insert((m.conversation, m.id), encode_message(m).as_slice())
                     .map_err(backend)?;
                 let mut inbox = txn.open_table(INBOX).map_err(backend)?;
-                for &client in &msg.inbox {
+                for d in &msg.inbox {
                     inbox
-                        .insert((client, m.id), m.conversation)
+                        .insert((d.user, d.client, m.id), m.conversation)
                         .map_err(backend)?;
                 }
             }
@@ -673,12 +719,37 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn expire_dedupe(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.write_lazy(move |txn| {
+            let mut by_time = txn.open_table(DEDUPE_EXPIRY).map_err(backend)?;
+            let mut idem = txn.open_table(DEDUPE).map_err(backend)?;
+            let mut due = Vec::new();
+            for row in by_time
+                .range((0, 0)..(now_ms, 0))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(backend)?;
+                let (scope, conv, cmid) = v.value();
+                due.push((k.value(), scope.to_owned(), conv, cmid));
+            }
+            for (k, scope, conv, cmid) in &due {
+                by_time.remove(*k).map_err(backend)?;
+                idem.remove((scope.as_str(), *conv, *cmid))
+                    .map_err(backend)?;
+            }
+            Ok(due.len())
+        })
+        .await
+    }
+
     async fn inbox(
         &self,
-        client: u64,
+        device: Device,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
+        let Device { user, client } = device;
         if after == u64::MAX {
             return Ok(Vec::new());
         }
@@ -688,12 +759,12 @@ impl Store for EmbeddedStore {
             let messages = txn.open_table(MESSAGES).map_err(backend)?;
             let mut out = Vec::new();
             for row in inbox
-                .range((client, after + 1)..=(client, u64::MAX))
+                .range((user, client, after + 1)..=(user, client, u64::MAX))
                 .map_err(backend)?
                 .take(limit)
             {
                 let (k, conv) = row.map_err(backend)?;
-                if let Some(m) = read_message(&messages, conv.value(), k.value().1)? {
+                if let Some(m) = read_message(&messages, conv.value(), k.value().2)? {
                     out.push(m);
                 }
             }
@@ -702,14 +773,15 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
+    async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError> {
+        let Device { user, client } = device;
         let ids = ids.to_vec();
         self.write_lazy(move |txn| {
             let mut removed = 0;
             {
                 let mut inbox = txn.open_table(INBOX).map_err(backend)?;
                 for id in ids {
-                    if inbox.remove((client, id)).map_err(backend)?.is_some() {
+                    if inbox.remove((user, client, id)).map_err(backend)?.is_some() {
                         removed += 1;
                     }
                 }
@@ -722,7 +794,10 @@ impl Store for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Dedupe;
     use super::*;
+
+    const DEV9: Device = Device { user: 2, client: 9 };
 
     #[tokio::test]
     async fn conforms() {
@@ -751,8 +826,13 @@ mod tests {
                         body: Bytes::from_static(b"x"),
                     },
                     // Every pair of sends shares a client message id.
-                    client_msg_id: i / 2 + 1,
-                    inbox: vec![9],
+                    dedupe: Some(Dedupe {
+                        scope: Dedupe::device_scope(1, 1),
+                        client_msg_id: i / 2 + 1,
+                        now_ms: 1,
+                        ttl_ms: 60_000,
+                    }),
+                    inbox: vec![DEV9],
                 };
                 store.insert_message(&m).await.unwrap()
             }));
@@ -770,7 +850,37 @@ mod tests {
             limit: 1000,
         };
         assert_eq!(store.history(5, page).await.unwrap().len(), 200);
-        assert_eq!(store.inbox(9, 0, 1000).await.unwrap().len(), 200);
+        assert_eq!(store.inbox(DEV9, 0, 1000).await.unwrap().len(), 200);
+    }
+
+    /// The sweep removes expired idempotency keys, and only those.
+    #[tokio::test]
+    async fn dedupe_sweep_removes_expired_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("t.redb")).unwrap();
+        super::super::conformance::seed_history(&store, 5, 0).await;
+        for (id, now_ms) in [(1, 1_000), (2, 5_000)] {
+            let m = NewMessage {
+                message: Message {
+                    id,
+                    conversation: 5,
+                    sender: 1,
+                    sender_client: 1,
+                    body: Bytes::from_static(b"x"),
+                },
+                dedupe: Some(Dedupe {
+                    scope: Dedupe::publisher_scope("backend"),
+                    client_msg_id: id,
+                    now_ms,
+                    ttl_ms: 1_000,
+                }),
+                inbox: vec![],
+            };
+            store.insert_message(&m).await.unwrap();
+        }
+        assert_eq!(store.expire_dedupe(3_000, 100).await.unwrap(), 1);
+        assert_eq!(store.expire_dedupe(3_000, 100).await.unwrap(), 0);
+        assert_eq!(store.expire_dedupe(7_000, 100).await.unwrap(), 1);
     }
 
     /// What was committed is there after the database is closed and opened
@@ -801,18 +911,18 @@ mod tests {
                         sender_client: 1,
                         body: Bytes::from_static(b"m"),
                     },
-                    client_msg_id: 0,
-                    inbox: vec![9],
+                    dedupe: None,
+                    inbox: vec![DEV9],
                 };
                 store.insert_message(&m).await.unwrap();
             }
             // Acks commit without an fsync; closing the store makes them
             // durable.
-            assert_eq!(store.ack(9, &[1, 2]).await.unwrap(), 2);
+            assert_eq!(store.ack(DEV9, &[1, 2]).await.unwrap(), 2);
         }
         let store = EmbeddedStore::open(&path).unwrap();
         let left: Vec<u64> = store
-            .inbox(9, 0, 10)
+            .inbox(DEV9, 0, 10)
             .await
             .unwrap()
             .iter()

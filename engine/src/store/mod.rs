@@ -98,14 +98,49 @@ pub(crate) fn registration(
     }
 }
 
+/// A registered device: the user that owns it and its issued id. Every
+/// per-device row (inbox, acks) is keyed by both, so naming another user's
+/// device id reaches nothing.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Device {
+    pub user: u64,
+    pub client: u64,
+}
+
+/// The idempotency key of a send: retries with the same
+/// `(scope, conversation, client_msg_id)` within `ttl_ms` return the first
+/// message id. The scope is who sends: `d:{user}:{client}` for a device,
+/// `p:{subject}` for a publisher, so two senders (or one sender in two
+/// conversations) never share a key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dedupe {
+    pub scope: String,
+    pub client_msg_id: u64,
+    /// When the key is written (it expires `ttl_ms` after).
+    pub now_ms: u64,
+    pub ttl_ms: u64,
+}
+
+impl Dedupe {
+    pub fn device_scope(user: u64, client: u64) -> String {
+        format!("d:{user}:{client}")
+    }
+
+    pub fn publisher_scope(subject: &str) -> String {
+        format!("p:{subject}")
+    }
+}
+
 /// A message to persist with what must be written beside it atomically.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub message: Message,
-    /// `(sender client, client message id)` for idempotent retries; 0 = none.
-    pub client_msg_id: u64,
-    /// Clients that get an inbox-pending row (tier 1).
-    pub inbox: Vec<u64>,
+    /// The idempotency key, if the sender gave a client message id.
+    pub dedupe: Option<Dedupe>,
+    /// Devices that get an inbox-pending row (tier 1).
+    pub inbox: Vec<Device>,
 }
 
 /// What persisting a message did.
@@ -154,6 +189,14 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the user was a member (keeping `member_count`).
     async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;
     async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError>;
+    /// Up to `limit` members with ids above `after`, ascending: a page of a
+    /// member list that may hold millions.
+    async fn members_page(
+        &self,
+        conv: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError>;
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError>;
     async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError>;
 
@@ -167,8 +210,8 @@ pub trait Store: Send + Sync + 'static {
         evict_oldest: bool,
     ) -> Result<Registered, StoreError>;
     async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError>;
-    /// The registered client ids of several users, in one read.
-    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError>;
+    /// The registered devices of several users, in one read.
+    async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError>;
 
     /// Refreshes the last-seen time of registered devices `(user, client)`;
     /// unknown ones are skipped.
@@ -189,7 +232,12 @@ pub trait Store: Send + Sync + 'static {
     async fn read_marks(&self, user: u64, convs: &[u64]) -> Result<Vec<(u64, u64)>, StoreError>;
 
     /// Stores a message, its inbox rows and its idempotency key atomically.
+    /// A key older than its TTL counts as absent.
     async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError>;
+    /// Removes up to `limit` idempotency keys that expired before `now_ms`;
+    /// returns how many. (A backend whose keys expire by themselves returns
+    /// 0.)
+    async fn expire_dedupe(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
     async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError>;
     /// History newest first within `page`.
     async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError>;
@@ -197,13 +245,14 @@ pub trait Store: Send + Sync + 'static {
     /// device catching up from its cursor).
     async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
 
-    /// Pending inbox of a client, oldest first, ids above `after`.
+    /// Pending inbox of a device, oldest first, ids above `after`.
     async fn inbox(
         &self,
-        client: u64,
+        device: Device,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
-    /// Removes acked ids from a client's inbox; returns how many were pending.
-    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError>;
+    /// Removes acked ids from a device's inbox; returns how many were
+    /// pending.
+    async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError>;
 }

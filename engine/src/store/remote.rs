@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
-    StoreError,
+    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
+    Store, StoreError,
 };
 
 /// A message as JSON.
@@ -81,6 +81,11 @@ pub enum Call {
     Members {
         conv: u64,
     },
+    MembersPage {
+        conv: u64,
+        after: u64,
+        limit: usize,
+    },
     IsMember {
         conv: u64,
         user: u64,
@@ -96,13 +101,17 @@ pub enum Call {
     ClientsOf {
         user: u64,
     },
-    ClientIdsOf {
+    DevicesOf {
         users: Vec<u64>,
     },
     InsertMessage {
         message: MessageJson,
-        client_msg_id: u64,
-        inbox: Vec<u64>,
+        dedupe: Option<Dedupe>,
+        inbox: Vec<Device>,
+    },
+    ExpireDedupe {
+        now_ms: u64,
+        limit: usize,
     },
     Message {
         conv: u64,
@@ -120,12 +129,12 @@ pub enum Call {
         limit: usize,
     },
     Inbox {
-        client: u64,
+        device: Device,
         after: u64,
         limit: usize,
     },
     Ack {
-        client: u64,
+        device: Device,
         ids: Vec<u64>,
     },
     TouchClients {
@@ -194,6 +203,9 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
         Call::AddMembers { conv, users } => to_value(store.add_members(conv, &users).await?),
         Call::RemoveMember { conv, user } => to_value(store.remove_member(conv, user).await?),
         Call::Members { conv } => to_value(store.members(conv).await?),
+        Call::MembersPage { conv, after, limit } => {
+            to_value(store.members_page(conv, after, limit).await?)
+        }
         Call::IsMember { conv, user } => to_value(store.is_member(conv, user).await?),
         Call::ConversationsOf { user } => to_value(store.conversations_of(user).await?),
         Call::RegisterClient {
@@ -211,15 +223,16 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
             },
         ),
         Call::ClientsOf { user } => to_value(store.clients_of(user).await?),
-        Call::ClientIdsOf { users } => to_value(store.client_ids_of(&users).await?),
+        Call::DevicesOf { users } => to_value(store.devices_of(&users).await?),
+        Call::ExpireDedupe { now_ms, limit } => to_value(store.expire_dedupe(now_ms, limit).await?),
         Call::InsertMessage {
             message,
-            client_msg_id,
+            dedupe,
             inbox,
         } => {
             let msg = NewMessage {
                 message: message.into(),
-                client_msg_id,
+                dedupe,
                 inbox,
             };
             match store.insert_message(&msg).await? {
@@ -255,18 +268,18 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
                 .collect::<Vec<_>>(),
         ),
         Call::Inbox {
-            client,
+            device,
             after,
             limit,
         } => to_value(
             store
-                .inbox(client, after, limit)
+                .inbox(device, after, limit)
                 .await?
                 .iter()
                 .map(MessageJson::from)
                 .collect::<Vec<_>>(),
         ),
-        Call::Ack { client, ids } => to_value(store.ack(client, &ids).await?),
+        Call::Ack { device, ids } => to_value(store.ack(device, &ids).await?),
         Call::Since { conv, after, limit } => to_value(
             store
                 .since(conv, after, limit)
@@ -297,7 +310,8 @@ pub struct RemoteStore {
 
 impl RemoteStore {
     /// `base` is the engine service's HTTP address (`http://host:port`);
-    /// `keys` sign the short-lived publisher token of each call.
+    /// `keys` (the internal credential's) sign the short-lived internal
+    /// token of each call.
     pub fn new(base: &str, keys: crate::auth::TokenKeys) -> Self {
         Self {
             url: format!("{}/internal/store", base.trim_end_matches('/')),
@@ -315,7 +329,7 @@ impl RemoteStore {
             .post(&self.url)
             .bearer_auth(
                 self.keys
-                    .mint_publisher("edge", crate::auth::now_unix(), 300),
+                    .mint_internal("edge", crate::auth::now_unix(), 300),
             )
             .json(&call)
             .send()
@@ -367,6 +381,14 @@ impl Store for RemoteStore {
     async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError> {
         self.call(Call::Members { conv }).await
     }
+    async fn members_page(
+        &self,
+        conv: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.call(Call::MembersPage { conv, after, limit }).await
+    }
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
         self.call(Call::IsMember { conv, user }).await
     }
@@ -397,8 +419,8 @@ impl Store for RemoteStore {
     async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError> {
         self.call(Call::ClientsOf { user }).await
     }
-    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
-        self.call(Call::ClientIdsOf {
+    async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
+        self.call(Call::DevicesOf {
             users: users.to_vec(),
         })
         .await
@@ -407,7 +429,7 @@ impl Store for RemoteStore {
         let v: serde_json::Value = self
             .call(Call::InsertMessage {
                 message: MessageJson::from(&msg.message),
-                client_msg_id: msg.client_msg_id,
+                dedupe: msg.dedupe.clone(),
                 inbox: msg.inbox.clone(),
             })
             .await?;
@@ -431,24 +453,27 @@ impl Store for RemoteStore {
             .await?;
         Ok(ms.into_iter().map(Message::from).collect())
     }
+    async fn expire_dedupe(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.call(Call::ExpireDedupe { now_ms, limit }).await
+    }
     async fn inbox(
         &self,
-        client: u64,
+        device: Device,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let ms: Vec<MessageJson> = self
             .call(Call::Inbox {
-                client,
+                device,
                 after,
                 limit,
             })
             .await?;
         Ok(ms.into_iter().map(Message::from).collect())
     }
-    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
+    async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError> {
         self.call(Call::Ack {
-            client,
+            device,
             ids: ids.to_vec(),
         })
         .await

@@ -41,7 +41,7 @@ use tiercast_schemas::ids::unix_ms_of;
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, NewMessage, Page, Persisted, ReadMark, Registered, Store,
+    ClientRecord, Conversation, Device, NewMessage, Page, Persisted, ReadMark, Registered, Store,
     StoreError,
 };
 
@@ -117,6 +117,7 @@ struct Statements {
     remove_member: PreparedStatement,
     remove_user_conversation: PreparedStatement,
     select_members: PreparedStatement,
+    members_page: PreparedStatement,
     select_member: PreparedStatement,
     select_user_conversations: PreparedStatement,
     select_clients: PreparedStatement,
@@ -125,7 +126,8 @@ struct Statements {
     delete_client: PreparedStatement,
     touch_client: PreparedStatement,
     scan_clients: PreparedStatement,
-    claim_idempotency: PreparedStatement,
+    claim_dedupe: PreparedStatement,
+    retake_dedupe: PreparedStatement,
     insert_message: PreparedStatement,
     insert_inbox: PreparedStatement,
     touch_latest: PreparedStatement,
@@ -199,6 +201,7 @@ impl ScyllaStore {
             remove_member: p(format!("DELETE FROM {ks}.members WHERE conversation = ? AND user_id = ? IF EXISTS")).await?,
             remove_user_conversation: p(format!("DELETE FROM {ks}.user_conversations WHERE user_id = ? AND conversation = ?")).await?,
             select_members: p(format!("SELECT user_id FROM {ks}.members WHERE conversation = ?")).await?,
+            members_page: p(format!("SELECT user_id FROM {ks}.members WHERE conversation = ? AND user_id > ? LIMIT ?")).await?,
             select_member: p(format!("SELECT user_id FROM {ks}.members WHERE conversation = ? AND user_id = ?")).await?,
             select_user_conversations: p(format!("SELECT conversation FROM {ks}.user_conversations WHERE user_id = ?")).await?,
             select_clients: p(format!("SELECT client_id, user_id, device, last_seen_ms FROM {ks}.clients WHERE user_id = ?")).await?,
@@ -207,18 +210,19 @@ impl ScyllaStore {
             delete_client: p(format!("DELETE FROM {ks}.clients WHERE user_id = ? AND client_id = ?")).await?,
             touch_client: p(format!("UPDATE {ks}.clients SET last_seen_ms = ? WHERE user_id = ? AND client_id = ?")).await?,
             scan_clients: p(format!("SELECT client_id, user_id, device, last_seen_ms FROM {ks}.clients")).await?,
-            claim_idempotency: p(format!("INSERT INTO {ks}.idempotency (sender_client, client_msg_id, id) VALUES (?, ?, ?) IF NOT EXISTS")).await?,
+            claim_dedupe: p(format!("INSERT INTO {ks}.dedupe (scope, conversation, client_msg_id, id, expires_ms) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?")).await?,
+            retake_dedupe: p(format!("UPDATE {ks}.dedupe USING TTL ? SET id = ?, expires_ms = ? WHERE scope = ? AND conversation = ? AND client_msg_id = ? IF expires_ms = ?")).await?,
             insert_message: p(format!("INSERT INTO {ks}.messages (conversation, bucket, id, sender, sender_client, body) VALUES (?, ?, ?, ?, ?, ?)")).await?,
-            insert_inbox: p(format!("INSERT INTO {ks}.inbox (client_id, id, conversation) VALUES (?, ?, ?)")).await?,
+            insert_inbox: p(format!("INSERT INTO {ks}.device_inbox (user_id, client_id, id, conversation) VALUES (?, ?, ?, ?)")).await?,
             touch_latest: p(format!("UPDATE {ks}.conversations USING TIMESTAMP ? SET latest_id = ? WHERE id = ?")).await?,
             select_latest: p(format!("SELECT created_ms, latest_id FROM {ks}.conversations WHERE id = ?")).await?,
             select_message: p(format!("SELECT id, sender, sender_client, body FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND id = ?")).await?,
             history_page: p(format!("SELECT id, sender, sender_client, body FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND id < ? AND id > ? ORDER BY id DESC LIMIT ?")).await?,
             since_page: p(format!("SELECT id, sender, sender_client, body FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND id > ? ORDER BY id ASC LIMIT ?")).await?,
-            select_inbox: p(format!("SELECT id, conversation FROM {ks}.inbox WHERE client_id = ? AND id > ? LIMIT ?")).await?,
-            select_inbox_ids: p(format!("SELECT id FROM {ks}.inbox WHERE client_id = ? AND id IN ?")).await?,
-            delete_inbox_row: p(format!("DELETE FROM {ks}.inbox WHERE client_id = ? AND id = ?")).await?,
-            delete_inbox: p(format!("DELETE FROM {ks}.inbox WHERE client_id = ?")).await?,
+            select_inbox: p(format!("SELECT id, conversation FROM {ks}.device_inbox WHERE user_id = ? AND client_id = ? AND id > ? LIMIT ?")).await?,
+            select_inbox_ids: p(format!("SELECT id FROM {ks}.device_inbox WHERE user_id = ? AND client_id = ? AND id IN ?")).await?,
+            delete_inbox_row: p(format!("DELETE FROM {ks}.device_inbox WHERE user_id = ? AND client_id = ? AND id = ?")).await?,
+            delete_inbox: p(format!("DELETE FROM {ks}.device_inbox WHERE user_id = ? AND client_id = ?")).await?,
             write_read: p(format!("INSERT INTO {ks}.reads (user_id, conversation, message_id) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
             select_reads: p(format!("SELECT conversation, message_id FROM {ks}.reads WHERE user_id = ? AND conversation IN ?")).await?,
         };
@@ -331,10 +335,11 @@ impl ScyllaStore {
             CqlValue::BigInt(i(m.id)),
             CqlValue::BigInt(i(m.conversation)),
         ]);
-        for &client in &msg.inbox {
+        for d in &msg.inbox {
             batch.append_statement(self.st.insert_inbox.clone());
             values.push(vec![
-                CqlValue::BigInt(i(client)),
+                CqlValue::BigInt(i(d.user)),
+                CqlValue::BigInt(i(d.client)),
                 CqlValue::BigInt(i(m.id)),
                 CqlValue::BigInt(i(m.conversation)),
             ]);
@@ -486,6 +491,26 @@ impl Store for ScyllaStore {
         Ok(rows.into_iter().map(|(m,)| u(m)).collect())
     }
 
+    async fn members_page(
+        &self,
+        conv: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        // User ids are stored bit for bit in a signed column: ids below 2^63
+        // (every id Tiercast issues) page in order.
+        if after >= i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> = self
+            .rows(
+                &self.st.members_page,
+                (i(conv), i(after), limit.min(i32::MAX as usize) as i32),
+            )
+            .await?;
+        Ok(rows.into_iter().map(|(m,)| u(m)).collect())
+    }
+
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
         let rows: Vec<(i64,)> = self
             .rows(&self.st.select_member, (i(conv), i(user)))
@@ -511,7 +536,8 @@ impl Store for ScyllaStore {
         if let Registered::Evicted(oldest) = outcome {
             self.exec(&self.st.delete_client, (i(client.user), i(oldest)))
                 .await?;
-            self.exec(&self.st.delete_inbox, (i(oldest),)).await?;
+            self.exec(&self.st.delete_inbox, (i(client.user), i(oldest)))
+                .await?;
         }
         self.exec(
             &self.st.upsert_client,
@@ -532,7 +558,7 @@ impl Store for ScyllaStore {
         Ok(rows.into_iter().map(to_client).collect())
     }
 
-    async fn client_ids_of(&self, users: &[u64]) -> Result<Vec<u64>, StoreError> {
+    async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         let per_user = futures::stream::iter(users.iter().copied())
             .map(|user| self.clients_of(user))
             .buffered(32)
@@ -541,7 +567,10 @@ impl Store for ScyllaStore {
         Ok(per_user
             .into_iter()
             .flatten()
-            .map(|c| c.client_id)
+            .map(|c| Device {
+                user: c.user,
+                client: c.client_id,
+            })
             .collect())
     }
 
@@ -588,7 +617,8 @@ impl Store for ScyllaStore {
         for c in &stale {
             self.exec(&self.st.delete_client, (i(c.user), i(c.client_id)))
                 .await?;
-            self.exec(&self.st.delete_inbox, (i(c.client_id),)).await?;
+            self.exec(&self.st.delete_inbox, (i(c.user), i(c.client_id)))
+                .await?;
         }
         Ok(stale)
     }
@@ -629,18 +659,55 @@ impl Store for ScyllaStore {
 
     async fn insert_message(&self, msg: &NewMessage) -> Result<Persisted, StoreError> {
         let m = &msg.message;
-        if msg.client_msg_id != 0 {
+        if let Some(d) = &msg.dedupe {
+            let expires = d.now_ms.saturating_add(d.ttl_ms);
+            // The row outlives the engine's expiry by a little; it is the
+            // `expires_ms` column that decides.
+            let ttl = (d.ttl_ms.div_ceil(1000) + 1).min(i32::MAX as u64) as i32;
             let (applied, row) = self
                 .lwt(
-                    &self.st.claim_idempotency,
-                    (i(m.sender_client), i(msg.client_msg_id), i(m.id)),
+                    &self.st.claim_dedupe,
+                    (
+                        d.scope.as_str(),
+                        i(m.conversation),
+                        i(d.client_msg_id),
+                        i(m.id),
+                        i(expires),
+                        ttl,
+                    ),
                 )
                 .await?;
-            if !applied {
-                let earlier = row
-                    .and_then(|(r, names)| column(&r, &names, "id"))
+            let bigint = |row: &Option<(Row, Vec<String>)>, name: &str| {
+                row.as_ref()
+                    .and_then(|(r, names)| column(r, names, name))
                     .and_then(|v| v.as_bigint())
                     .map(u)
+            };
+            let mut applied = applied;
+            if !applied
+                && let Some(old_expires) = bigint(&row, "expires_ms")
+                && old_expires <= d.now_ms
+            {
+                // Expired but not yet cleaned up: take the key over, unless
+                // another retry took it first.
+                let (retaken, _) = self
+                    .lwt(
+                        &self.st.retake_dedupe,
+                        (
+                            ttl,
+                            i(m.id),
+                            i(expires),
+                            d.scope.as_str(),
+                            i(m.conversation),
+                            i(d.client_msg_id),
+                            i(old_expires),
+                        ),
+                    )
+                    .await?;
+                applied = retaken;
+            }
+            if !applied {
+                let earlier = bigint(&row, "id")
                     .ok_or_else(|| StoreError::Corrupt("idempotency row without an id".into()))?;
                 // The first attempt may have died between the claim and the
                 // batch: finish it under the first id.
@@ -715,9 +782,14 @@ impl Store for ScyllaStore {
         Ok(out)
     }
 
+    async fn expire_dedupe(&self, _now_ms: u64, _limit: usize) -> Result<usize, StoreError> {
+        // Rows carry a TTL: ScyllaDB removes them by itself.
+        Ok(0)
+    }
+
     async fn inbox(
         &self,
-        client: u64,
+        device: Device,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
@@ -727,7 +799,12 @@ impl Store for ScyllaStore {
         let rows: Vec<(i64, i64)> = self
             .rows(
                 &self.st.select_inbox,
-                (i(client), i(after), limit.min(i32::MAX as usize) as i32),
+                (
+                    i(device.user),
+                    i(device.client),
+                    i(after),
+                    limit.min(i32::MAX as usize) as i32,
+                ),
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -739,16 +816,17 @@ impl Store for ScyllaStore {
         Ok(out)
     }
 
-    async fn ack(&self, client: u64, ids: &[u64]) -> Result<u32, StoreError> {
+    async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError> {
+        let (user, client) = (i(device.user), i(device.client));
         if ids.is_empty() {
             return Ok(0);
         }
         let wanted: Vec<i64> = ids.iter().map(|&id| i(id)).collect();
         let pending: Vec<(i64,)> = self
-            .rows(&self.st.select_inbox_ids, (i(client), wanted))
+            .rows(&self.st.select_inbox_ids, (user, client, wanted))
             .await?;
         for (id,) in &pending {
-            self.exec(&self.st.delete_inbox_row, (i(client), *id))
+            self.exec(&self.st.delete_inbox_row, (user, client, *id))
                 .await?;
         }
         Ok(pending.len() as u32)

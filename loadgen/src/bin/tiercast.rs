@@ -523,41 +523,56 @@ fn parse_sets(sets: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 
 const DEV_SECRET_FILE: &str = "dev-secret";
 
-/// The configuration of a node, with a development secret (created once in
-/// the data directory) when none is configured.
-fn load_config(a: &NodeArgs, create_secret: bool) -> anyhow::Result<Config> {
+/// Writes a file only its owner can read (a secret, a device id).
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(contents)
+}
+
+/// The configuration of a node. Only `tiercast dev` (`dev_secret`) falls
+/// back to a development secret, created once in the data directory,
+/// readable by its owner only; every other command needs a configured
+/// secret and says so in one line.
+fn load_config(a: &NodeArgs, dev_secret: bool) -> anyhow::Result<Config> {
     let mut overrides = parse_sets(&a.set)?;
     let vars: Vec<(String, String)> = std::env::vars().collect();
-    // Peek at the data directory and secret before validation.
-    let probe = |overrides: &[(String, String)]| {
-        let mut o = overrides.to_vec();
-        o.push(("node.token_secret".into(), "x".repeat(16)));
-        Config::load(a.config.as_deref(), vars.clone(), &o)
-    };
-    let peek = probe(&overrides).map_err(|e| usage(e.to_string()))?;
-    let configured = Config::load(a.config.as_deref(), vars.clone(), &overrides).is_ok();
-    if !configured {
-        let path = peek.node.data_dir.join(DEV_SECRET_FILE);
-        let secret = match std::fs::read_to_string(&path) {
-            Ok(s) => s.trim().to_owned(),
-            Err(_) if create_secret => {
-                std::fs::create_dir_all(&peek.node.data_dir)
-                    .with_context(|| format!("creating {}", peek.node.data_dir.display()))?;
-                let s: String = (0..40)
-                    .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-                    .collect();
-                std::fs::write(&path, &s).with_context(|| format!("writing {}", path.display()))?;
-                s
-            }
-            Err(_) => {
-                return Err(usage(format!(
-                    "no token secret: set node.token_secret, or run `tiercast dev` first so that {} exists",
-                    path.display()
-                )));
-            }
-        };
-        overrides.push(("node.token_secret".into(), secret));
+    let loaded = Config::load(a.config.as_deref(), vars.clone(), &overrides);
+    let secret_missing = matches!(
+        &loaded,
+        Err(tiercast_edge::ConfigError::Invalid(e)) if e.setting == "node.token_secret"
+    );
+    if !(dev_secret && secret_missing) {
+        return loaded.map_err(|e| usage(e.to_string()));
     }
+    // Peek at the data directory with a stand-in secret.
+    let mut probe = overrides.clone();
+    probe.push((
+        "node.token_secret".into(),
+        "x".repeat(tiercast_engine::auth::MIN_SECRET_BYTES),
+    ));
+    let peek = Config::load(a.config.as_deref(), vars.clone(), &probe)
+        .map_err(|e| usage(e.to_string()))?;
+    let path = peek.node.data_dir.join(DEV_SECRET_FILE);
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().to_owned(),
+        Err(_) => {
+            std::fs::create_dir_all(&peek.node.data_dir)
+                .with_context(|| format!("creating {}", peek.node.data_dir.display()))?;
+            let s: String = (0..48)
+                .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                .collect();
+            write_private(&path, s.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            s
+        }
+    };
+    overrides.push(("node.token_secret".into(), secret));
     Config::load(a.config.as_deref(), vars, &overrides).map_err(|e| usage(e.to_string()))
 }
 
@@ -646,8 +661,14 @@ async fn shutdown_signal() {
 
 fn token(a: TokenArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(&a.node, false)?;
-    let keys = TokenKeys::new(cfg.node.token_secret.as_bytes());
+    let keys = cfg.token_keys();
     let now = now_unix();
+    if a.ttl == 0 || a.ttl > cfg.auth.max_token_lifetime_s {
+        return Err(usage(format!(
+            "--ttl must be 1..={} (auth.max_token_lifetime_s)",
+            cfg.auth.max_token_lifetime_s
+        )));
+    }
     let t = match (a.publisher, a.user) {
         (true, _) => keys.mint_publisher("cli", now, a.ttl),
         (false, Some(0)) => return Err(usage("--user must be non-zero")),
@@ -658,10 +679,26 @@ fn token(a: TokenArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A default device id per (user, role), so `listen` and `send` are two
-/// devices of the user and a repeated run is the same device.
-fn default_client_id(user: u64, role: u64) -> u64 {
-    user.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ role | 1
+/// Where the CLI keeps the device id the edge issued to (user, role), so
+/// `listen` and `send` are two devices of the user and a repeated run is
+/// the same device.
+fn device_id_file(data_dir: &Path, user: u64, role: u64) -> std::path::PathBuf {
+    let name = if role == 1 { "listen" } else { "send" };
+    data_dir
+        .join("devices")
+        .join(format!("user-{user}-{name}.id"))
+}
+
+fn read_device_id(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Keeps an issued device id (owner-only: it is the user's device).
+fn write_device_id(path: &Path, id: u64) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_private(path, id.to_string().as_bytes())
 }
 
 async fn connect(
@@ -689,11 +726,12 @@ async fn connect(
             ));
         }
     };
-    let client_id = match (a.client_id, user) {
-        (Some(0), _) => return Err(usage("--client-id must be non-zero")),
-        (Some(c), _) => c,
-        (None, Some(u)) => default_client_id(u, role),
-        (None, None) => return Err(usage("--client-id is required with --token")),
+    // The device id: given, kept from an earlier run, or issued now (0).
+    let kept = user.map(|u| device_id_file(&a.data_dir, u, role));
+    let client_id = match a.client_id {
+        Some(0) => return Err(usage("--client-id must be non-zero")),
+        Some(c) => c,
+        None => kept.as_deref().and_then(read_device_id).unwrap_or(0),
     };
     let ca =
         a.ca.clone()
@@ -702,9 +740,27 @@ async fn connect(
     let mut cfg = ClientConfig::new(a.addr, pem, token, client_id);
     cfg.server_name = a.server_name.clone();
     cfg.device = format!("cli-{}", if role == 1 { "listen" } else { "send" });
-    Client::connect(cfg)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    let connected = match Client::connect(cfg.clone()).await {
+        // A kept id the edge no longer knows (the device expired): a new
+        // device.
+        Err(e)
+            if a.client_id.is_none()
+                && client_id != 0
+                && e.code() == Some(tiercast_schemas::wire::ErrorCode::UnknownDevice) =>
+        {
+            cfg.client_id = 0;
+            Client::connect(cfg).await
+        }
+        other => other,
+    };
+    let (client, rx) = connected.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = device_id_file(&a.data_dir, client.user_id, role);
+    if a.client_id.is_none()
+        && let Err(e) = write_device_id(&path, client.client_id)
+    {
+        eprintln!("note: cannot keep the device id in {}: {e}", path.display());
+    }
+    Ok((client, rx))
 }
 
 fn read_ca(path: &Path) -> anyhow::Result<String> {

@@ -8,7 +8,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 27;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 18] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 20] = [
   ErrorCode::Unspecified,
   ErrorCode::MalformedFrame,
   ErrorCode::FrameTooLarge,
@@ -19,6 +19,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 18] = [
   ErrorCode::SlowConsumer,
   ErrorCode::Draining,
   ErrorCode::UnsupportedVersion,
+  ErrorCode::UnknownDevice,
+  ErrorCode::ConnectionReplaced,
   ErrorCode::Forbidden,
   ErrorCode::UnknownConversation,
   ErrorCode::BodyTooLarge,
@@ -44,6 +46,8 @@ impl ErrorCode {
   pub const SlowConsumer: Self = Self(7);
   pub const Draining: Self = Self(8);
   pub const UnsupportedVersion: Self = Self(9);
+  pub const UnknownDevice: Self = Self(10);
+  pub const ConnectionReplaced: Self = Self(11);
   pub const Forbidden: Self = Self(20);
   pub const UnknownConversation: Self = Self(21);
   pub const BodyTooLarge: Self = Self(22);
@@ -66,6 +70,8 @@ impl ErrorCode {
     Self::SlowConsumer,
     Self::Draining,
     Self::UnsupportedVersion,
+    Self::UnknownDevice,
+    Self::ConnectionReplaced,
     Self::Forbidden,
     Self::UnknownConversation,
     Self::BodyTooLarge,
@@ -88,6 +94,8 @@ impl ErrorCode {
       Self::SlowConsumer => Some("SlowConsumer"),
       Self::Draining => Some("Draining"),
       Self::UnsupportedVersion => Some("UnsupportedVersion"),
+      Self::UnknownDevice => Some("UnknownDevice"),
+      Self::ConnectionReplaced => Some("ConnectionReplaced"),
       Self::Forbidden => Some("Forbidden"),
       Self::UnknownConversation => Some("UnknownConversation"),
       Self::BodyTooLarge => Some("BodyTooLarge"),
