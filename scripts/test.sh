@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: everything CI runs, on a fresh machine.
 #   scripts/test.sh
-# Installs what the tests need (redis-server, flatc), checks the generated
-# code, formatting and lints, then runs every test. Tests that need a Redis
+# Installs what the tests need (redis-server, flatc, cargo-fuzz), checks the
+# generated code, formatting and lints, runs every test, then runs each
+# fuzz target briefly (10 s each; scripts/fuzz.sh SECONDS for longer runs). Tests that need a Redis
 # Cluster start one each with scripts/redis-cluster.sh on free loopback
 # ports and stop it when they end.
 set -euo pipefail
@@ -23,3 +24,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== fuzz targets, 10 s each (nightly; docs/security.md has the long runs)"
+scripts/fuzz.sh 10

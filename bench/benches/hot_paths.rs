@@ -116,6 +116,7 @@ fn local_fanout(c: &mut Criterion) {
             LocalConn {
                 conn_id: user,
                 client_id: user + 1,
+                since_ms: 0,
                 tx,
                 coalesced: Arc::default(),
                 handle: (),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tiercast_schemas::MAX_FRAME_BYTES;
-use tiercast_schemas::framing::read_frame;
+use tiercast_schemas::framing::{FrameError, read_frame};
 use tiercast_schemas::wire::{
     ClientBody, ClientFrame, Cursor, ErrorCode, Message, ServerBody, ServerFrame, SyncEntry,
 };
@@ -68,6 +68,12 @@ pub enum ClientError {
     /// connection).
     #[error("refused: {code}: {message}")]
     Refused { code: ErrorCode, message: String },
+    /// `rate_limited`: the request may be made again after `retry_after`.
+    #[error("rate limited (retry after {retry_after:?}): {message}")]
+    RateLimited {
+        retry_after: Duration,
+        message: String,
+    },
     /// The connection is closed (by the edge with `code`, or lost).
     #[error("connection closed: {code}: {reason}")]
     Closed { code: ErrorCode, reason: String },
@@ -82,6 +88,7 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Self::Refused { code, .. } | Self::Closed { code, .. } => Some(*code),
+            Self::RateLimited { .. } => Some(ErrorCode::RateLimited),
             _ => None,
         }
     }
@@ -141,6 +148,8 @@ pub struct Client {
     pending: Pending,
     next_request: Arc<AtomicU64>,
     timeout: Duration,
+    /// Why this side closed the connection (a bad frame from the edge).
+    fault: Fault,
     pub user_id: u64,
     pub client_id: u64,
     pub max_body_bytes: u32,
@@ -243,7 +252,7 @@ impl Client {
                 ..
             })) => (user_id, client_id, max_body_bytes),
             Ok(Some(ServerFrame {
-                body: ServerBody::Error { code, message },
+                body: ServerBody::Error { code, message, .. },
                 ..
             })) => return Err(ClientError::Refused { code, message }),
             Ok(other) => {
@@ -252,18 +261,28 @@ impl Client {
                     None => ClientError::Protocol(format!("expected Welcome, got {other:?}")),
                 });
             }
-            Err(e) => {
+            Err((code, why)) => {
                 return Err(match conn.close_reason() {
                     Some(e) => closed(&e),
-                    None => e,
+                    None => {
+                        let message = format!("the edge sent a bad frame ({}): {why}", code.name());
+                        conn.close(quinn::VarInt::from(code as u16), b"bad frame");
+                        ClientError::Protocol(message)
+                    }
                 });
             }
         };
 
         let pending: Pending = Arc::default();
+        let fault: Fault = Arc::default();
         let (tx, rx) = mpsc::channel(cfg.delivery_buffer);
-        tokio::spawn(read_answers(recv, pending.clone()));
-        tokio::spawn(read_deliveries(conn.clone(), tx));
+        tokio::spawn(read_answers(
+            recv,
+            pending.clone(),
+            conn.clone(),
+            fault.clone(),
+        ));
+        tokio::spawn(read_deliveries(conn.clone(), tx, fault.clone()));
         Ok((
             Self {
                 conn,
@@ -272,6 +291,7 @@ impl Client {
                 pending,
                 next_request: Arc::new(AtomicU64::new(1)),
                 timeout: cfg.request_timeout,
+                fault,
                 user_id,
                 client_id,
                 max_body_bytes,
@@ -292,7 +312,15 @@ impl Client {
             return Err(self.close_error());
         }
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(ServerBody::Error { code, message })) => {
+            Ok(Ok(ServerBody::Error {
+                code: ErrorCode::RateLimited,
+                message,
+                retry_after_ms,
+            })) => Err(ClientError::RateLimited {
+                retry_after: Duration::from_millis(u64::from(retry_after_ms)),
+                message,
+            }),
+            Ok(Ok(ServerBody::Error { code, message, .. })) => {
                 Err(ClientError::Refused { code, message })
             }
             Ok(Ok(body)) => Ok(body),
@@ -305,6 +333,9 @@ impl Client {
     }
 
     fn close_error(&self) -> ClientError {
+        if let Some(e) = self.fault.lock().expect("fault lock").clone() {
+            return e;
+        }
         match self.conn.close_reason() {
             Some(e) => closed(&e),
             None => ClientError::Closed {
@@ -450,8 +481,15 @@ impl Client {
     }
 
     /// Resolves when the connection is closed, with why.
+    /// Why the connection ended: the edge's close code, or the fault this
+    /// side found (a malformed or oversized frame from the edge).
     pub async fn closed(&self) -> ClientError {
-        closed(&self.conn.closed().await)
+        let e = self.conn.closed().await;
+        self.fault
+            .lock()
+            .expect("fault lock")
+            .clone()
+            .unwrap_or_else(|| closed(&e))
     }
 
     pub fn close(&self) {
@@ -472,24 +510,57 @@ fn unexpected(want: &str, got: &ServerBody) -> ClientError {
     ClientError::Protocol(format!("expected {want}, got {got:?}"))
 }
 
+/// Why this side closed a connection, for [`Client::closed`].
+type Fault = Arc<std::sync::Mutex<Option<ClientError>>>;
+
+/// The next frame from the edge: `Ok(None)` when the stream or connection
+/// ends, an error for a frame that is malformed or too large.
 async fn read_server_frame(
     recv: &mut quinn::RecvStream,
-) -> Result<Option<ServerFrame>, ClientError> {
+) -> Result<Option<ServerFrame>, (ErrorCode, String)> {
     match read_frame(recv, MAX_FRAME_BYTES).await {
         Ok(Some(bytes)) => ServerFrame::decode(&bytes, MAX_FRAME_BYTES)
             .map(Some)
-            .map_err(|e| ClientError::Protocol(e.to_string())),
-        Ok(None) => Ok(None),
-        Err(e) => Err(ClientError::Protocol(e.to_string())),
+            .map_err(|e| (ErrorCode::MalformedFrame, e.to_string())),
+        Ok(None) | Err(FrameError::Io(_)) => Ok(None),
+        Err(e @ FrameError::TooLarge { .. }) => Err((ErrorCode::FrameTooLarge, e.to_string())),
+        Err(e) => Err((ErrorCode::MalformedFrame, e.to_string())),
     }
+}
+
+/// A bad frame from the edge: close the connection with the code, so the
+/// app hears of it (`Client::closed`, the deliveries channel ends) instead
+/// of a reader stopping in silence.
+fn fault(conn: &quinn::Connection, fault: &Fault, (code, why): (ErrorCode, String)) {
+    let message = format!("the edge sent a bad frame ({}): {why}", code.name());
+    tracing::warn!(%message, "closing the connection");
+    fault
+        .lock()
+        .expect("fault lock")
+        .get_or_insert(ClientError::Protocol(message.clone()));
+    let reason = &message.as_bytes()[..message.len().min(200)];
+    conn.close(quinn::VarInt::from(code as u16), reason);
 }
 
 /// Matches answers on the control stream to waiting requests. An Error with
 /// request id 0 is connection-level: the edge closes next.
-async fn read_answers(mut recv: quinn::RecvStream, pending: Pending) {
-    while let Ok(Some(frame)) = read_server_frame(&mut recv).await {
+async fn read_answers(
+    mut recv: quinn::RecvStream,
+    pending: Pending,
+    conn: quinn::Connection,
+    faulted: Fault,
+) {
+    loop {
+        let frame = match read_server_frame(&mut recv).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                fault(&conn, &faulted, e);
+                break;
+            }
+        };
         if frame.request_id == 0 {
-            if let ServerBody::Error { code, message } = &frame.body {
+            if let ServerBody::Error { code, message, .. } = &frame.body {
                 tracing::debug!(%code, %message, "edge is closing the connection");
             }
             continue;
@@ -506,11 +577,19 @@ async fn read_answers(mut recv: quinn::RecvStream, pending: Pending) {
     pending.lock().expect("pending lock").clear();
 }
 
-async fn read_deliveries(conn: quinn::Connection, tx: mpsc::Sender<Delivery>) {
+async fn read_deliveries(conn: quinn::Connection, tx: mpsc::Sender<Delivery>, faulted: Fault) {
     let Ok(mut stream) = conn.accept_uni().await else {
         return;
     };
-    while let Ok(Some(frame)) = read_server_frame(&mut stream).await {
+    loop {
+        let frame = match read_server_frame(&mut stream).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                fault(&conn, &faulted, e);
+                return;
+            }
+        };
         let d = match frame.body {
             ServerBody::Message(m) => Delivery::Message(m),
             ServerBody::Notify {

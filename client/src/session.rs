@@ -166,6 +166,7 @@ fn is_retryable(e: &ClientError) -> bool {
     match e {
         ClientError::Connect(_) | ClientError::Closed { .. } | ClientError::Timeout(_) => true,
         ClientError::Refused { code, .. } => *code == ErrorCode::Unavailable,
+        ClientError::RateLimited { .. } => true,
         ClientError::Protocol(_) => false,
     }
 }
@@ -322,7 +323,14 @@ impl Session {
                     return Ok(ok);
                 }
                 Err(e) if is_retryable(&e) && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Rate limited: as long as the edge says (bounded by the
+                    // deadline); otherwise a short pause before the retry.
+                    let pause = match &e {
+                        ClientError::RateLimited { retry_after, .. } => *retry_after,
+                        _ => Duration::from_millis(20),
+                    };
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
                 }
                 Err(e) => return Err(e),
             }

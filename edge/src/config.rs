@@ -81,6 +81,18 @@ pub struct EdgeConfig {
     /// How long a shutdown waits for devices to leave before closing the
     /// rest.
     pub drain_deadline_ms: u64,
+    /// Handshakes in progress at once; past this, new ones are refused
+    /// (the client backs off and retries). A handshake costs ~0.5 ms of CPU
+    /// and a few KiB: 2,048 in flight is a second of both cores of a small
+    /// edge, and bounded memory under a flood.
+    pub max_handshakes_in_flight: usize,
+    /// Above this many new connections a second, a client must prove its
+    /// address first (a QUIC Retry: one extra round trip) before the edge
+    /// spends any crypto or state on it: a spoofed-source flood then costs
+    /// one stateless packet each. 0: always.
+    pub retry_above_per_s: u32,
+    /// Request rate limits per connection and per user.
+    pub rates: crate::limits::Rates,
 }
 
 impl Default for EdgeConfig {
@@ -97,6 +109,9 @@ impl Default for EdgeConfig {
             idle_timeout_ms: 30_000,
             drain_spread_ms: 5_000,
             drain_deadline_ms: 10_000,
+            max_handshakes_in_flight: 2_048,
+            retry_above_per_s: 2_000,
+            rates: crate::limits::Rates::default(),
         }
     }
 }
@@ -151,6 +166,13 @@ impl EdgeConfig {
                 "must be at most 600000",
             ));
         }
+        if !(1..=1_000_000).contains(&self.max_handshakes_in_flight) {
+            return Err(InvalidSetting::new(
+                "edge.max_handshakes_in_flight",
+                "must be 1..=1000000",
+            ));
+        }
+        self.rates.validate()?;
         Ok(())
     }
 }
@@ -408,7 +430,7 @@ fn set(doc: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError>
             .get_mut(part)
             .and_then(|v| v.as_table_mut())
             .ok_or_else(|| {
-                bad("unknown section (node, engine, engine.tiers, edge, backplane, backplane.redis, scylla, auth, auth.verify_keys)")
+                bad("unknown section (node, engine, engine.tiers, edge, edge.rates.KIND, backplane, backplane.redis, scylla, auth, auth.verify_keys, http)")
             })?;
     }
     let parsed = format!("v = {value}")

@@ -6,6 +6,7 @@
 //! - [`session`]: one connection: Hello, requests, the delivery stream.
 //! - [`sessions`]: local connections by user, and local fan-out.
 //! - [`conversations`]: which conversations local users are in (tiers 2/3).
+//! - [`limits`]: request rate limits per connection and per user.
 //! - [`tls`]: certificates and the rustls configuration (ALPN `tiercast/1`).
 //! - [`config`]: the process configuration (file, environment, flags).
 //! - [`node`]: a whole single node (store, backplane, engine, HTTP, edge).
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod conversations;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod server;

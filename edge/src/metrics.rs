@@ -22,6 +22,9 @@ pub struct EdgeMetrics {
     pub drained: Counter,
     pub syncs: Counter,
     pub reads: Counter,
+    pub handshakes_in_flight: Gauge,
+    pub handshakes_refused: Counter,
+    pub retries_sent: Counter,
 }
 
 impl EdgeMetrics {
@@ -37,6 +40,21 @@ impl EdgeMetrics {
             "handshakes",
             "Connections that completed Hello",
             m.handshakes.clone(),
+        );
+        r.register(
+            "handshakes_in_flight",
+            "QUIC handshakes in progress",
+            m.handshakes_in_flight.clone(),
+        );
+        r.register(
+            "handshakes_refused",
+            "Connection attempts refused: too many handshakes in flight, or the edge full",
+            m.handshakes_refused.clone(),
+        );
+        r.register(
+            "retries_sent",
+            "QUIC Retry packets sent (address validation above the handshake rate)",
+            m.retries_sent.clone(),
         );
         r.register(
             "deliveries",

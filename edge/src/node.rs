@@ -131,9 +131,16 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
     ));
     // One control stream per connection (a reconnect opens a new
     // connection); clients open no unidirectional streams.
-    t.max_concurrent_bidi_streams(2u32.into());
+    t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
+    // What a client may have in flight towards the edge: two of the largest
+    // frames on its one stream, and nothing more on the connection (quinn's
+    // defaults, 1.25 MB per stream and an unbounded connection window, let
+    // one client park megabytes in the edge's memory).
+    let window = u32::try_from(2 * (cfg.max_frame_bytes + 4)).expect("frame limit is small");
+    t.stream_receive_window(window.into());
+    t.receive_window(window.into());
     t
 }
 
@@ -396,6 +403,13 @@ impl Node {
     /// The node's metrics in Prometheus text format (what `/metrics` serves).
     pub fn metrics(&self) -> String {
         tiercast_engine::metrics::render(&self.registry)
+    }
+
+    /// A handle that renders the metrics, for a task that outlives a borrow
+    /// of the node.
+    pub fn metrics_source(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let registry = self.registry.clone();
+        move || tiercast_engine::metrics::render(&registry)
     }
 
     /// `n` nodes in this process sharing one store (in `cfg.node.data_dir`),

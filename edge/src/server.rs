@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// Tier-3 bodies by (conversation, id); loads are single-flight.
     pull_cache: moka::future::Cache<(u64, u64), Message>,
     next_conn: AtomicU64,
+    /// Request buckets per user (each connection has its own as well).
+    pub user_limits: crate::limits::UserLimits,
 }
 
 impl Shared {
@@ -196,6 +198,7 @@ impl Edge {
                 .await?;
         }
         let stripes = || (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        let user_limits = crate::limits::UserLimits::new(&cfg.rates);
         Ok(Self {
             shared: Arc::new(Shared {
                 engine,
@@ -214,6 +217,7 @@ impl Edge {
                     .time_to_live(PULL_CACHE_TTL)
                     .build(),
                 next_conn: AtomicU64::new(1),
+                user_limits,
             }),
             inbound,
         })
@@ -227,6 +231,12 @@ impl Edge {
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let toucher = tokio::spawn(touch_devices(shared.clone()));
         let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
+        let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes_in_flight));
+        // New connections per second before addresses must be validated.
+        let unvalidated = (shared.cfg.retry_above_per_s > 0).then(|| {
+            let per_s = std::num::NonZeroU32::new(shared.cfg.retry_above_per_s).expect(">0");
+            governor::RateLimiter::direct(governor::Quota::per_second(per_s))
+        });
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -234,15 +244,28 @@ impl Edge {
                 _ = &mut shutdown => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    // Above the rate, a client proves its address first: a
+                    // stateless Retry, no crypto and no state spent on it.
+                    let over_rate = unvalidated.as_ref().is_none_or(|l| l.check().is_err());
+                    if over_rate && !incoming.remote_address_validated() {
+                        shared.metrics.retries_sent.inc();
+                        if incoming.retry().is_err() {
+                            shared.metrics.handshakes_refused.inc();
+                        }
+                        continue;
+                    }
+                    // A handshake flood holds handshake slots, never the
+                    // connection slots of established devices.
+                    let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                        shared.metrics.handshakes_refused.inc();
                         shared.metrics.error(ErrorCode::Unavailable);
                         incoming.refuse();
                         continue;
                     };
                     let shared = shared.clone();
+                    let permits = permits.clone();
                     conns.spawn(async move {
-                        crate::session::serve(shared, incoming).await;
-                        drop(permit);
+                        crate::session::serve(shared, incoming, handshake, permits).await;
                     });
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -342,6 +365,7 @@ async fn heartbeat(shared: Arc<Shared>) {
         {
             tracing::warn!(error = %e, "liveness heartbeat failed");
         }
+        shared.user_limits.shrink();
         let failed: Vec<u64> = shared
             .route_retry
             .lock()
@@ -417,6 +441,30 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 .encode(),
                 origin_client,
             ),
+            Payload::DeviceConnected {
+                user,
+                client_id,
+                since_ms,
+                edge,
+                conn_id,
+            } => {
+                // One live connection per device across edges: the newer
+                // wins, wherever it is.
+                let older = shared.sessions.older_than(
+                    user,
+                    client_id,
+                    (since_ms, edge, conn_id),
+                    shared.edge_id(),
+                );
+                for conn in older {
+                    shared.metrics.error(ErrorCode::ConnectionReplaced);
+                    conn.close(
+                        quinn::VarInt::from(ErrorCode::ConnectionReplaced as u16),
+                        b"a newer connection of this device took over",
+                    );
+                }
+                continue;
+            }
             Payload::Membership {
                 user,
                 conversation,

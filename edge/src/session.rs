@@ -15,10 +15,12 @@ use tiercast_engine::auth::AuthError;
 use tiercast_engine::backplane::user_channel;
 use tiercast_engine::store::Device;
 use tiercast_engine::{EngineError, Outgoing, Sender};
+use tiercast_schemas::envelope::{Envelope, Payload};
 use tiercast_schemas::framing::{FrameError, read_frame};
 use tiercast_schemas::wire::{ClientBody, ClientFrame, ErrorCode, ServerBody, ServerFrame};
 use tokio::sync::mpsc;
 
+use crate::limits::{ConnLimits, Kind};
 use crate::server::Shared;
 use crate::sessions::{Coalesced, LocalConn};
 
@@ -58,13 +60,34 @@ impl Peer {
     }
 }
 
-pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    permits: Arc<tokio::sync::Semaphore>,
+) {
+    shared.metrics.handshakes_in_flight.inc();
+    let connecting =
+        tokio::time::timeout(Duration::from_millis(shared.cfg.hello_timeout_ms), incoming).await;
+    shared.metrics.handshakes_in_flight.dec();
+    drop(handshake);
+    let conn = match connecting {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
             return;
         }
+        Err(_) => {
+            tracing::debug!("handshake not done in time");
+            return;
+        }
+    };
+    // A connection slot only once the handshake is done.
+    let Ok(_slot) = permits.try_acquire_owned() else {
+        shared.metrics.handshakes_refused.inc();
+        shared.metrics.error(ErrorCode::Unavailable);
+        close(&conn, ErrorCode::Unavailable, "edge full; try another edge");
+        return;
     };
     let (mut send, mut recv) = match tokio::time::timeout(
         Duration::from_millis(shared.cfg.hello_timeout_ms),
@@ -273,12 +296,47 @@ async fn attach(
     coalesced: Arc<Coalesced>,
     conn: quinn::Connection,
 ) -> Result<(), String> {
+    let since_ms = tiercast_engine::snowflake::now_unix_ms();
+    subscribe(shared, peer, conn_id, since_ms, tx, coalesced, conn).await?;
+    // Across edges: any older connection of this device elsewhere closes.
+    let announcement = Envelope {
+        origin_node: shared.edge_id(),
+        payload: Payload::DeviceConnected {
+            user: peer.user,
+            client_id: peer.client_id,
+            since_ms,
+            edge: shared.edge_id(),
+            conn_id,
+        },
+    }
+    .encode();
+    if let Err(e) = shared
+        .engine
+        .backplane()
+        .publish(&user_channel(peer.user), announcement)
+        .await
+    {
+        tracing::warn!(user = peer.user, error = %e, "device connection not announced to other edges");
+    }
+    Ok(())
+}
+
+async fn subscribe(
+    shared: &Shared,
+    peer: &Peer,
+    conn_id: u64,
+    since_ms: u64,
+    tx: mpsc::Sender<Bytes>,
+    coalesced: Arc<Coalesced>,
+    conn: quinn::Connection,
+) -> Result<(), String> {
     let _guard = shared.subscription_lock(peer.user).lock().await;
     let (first, replaced) = shared.sessions.insert_replacing(
         peer.user,
         LocalConn {
             conn_id,
             client_id: peer.client_id,
+            since_ms,
             tx,
             coalesced,
             handle: conn,
@@ -528,6 +586,7 @@ async fn request_loop(
     recv: &mut quinn::RecvStream,
     peer: &Peer,
 ) -> End {
+    let limits = ConnLimits::new(&shared.cfg.rates);
     loop {
         let frame = match next_request(shared, recv).await {
             Ok(Some(f)) => f,
@@ -535,18 +594,44 @@ async fn request_loop(
             Err(end) => return end,
         };
         let id = frame.request_id;
-        let reply = match handle(shared, peer, frame.body).await {
-            Ok(body) => ServerFrame::new(id, body),
-            Err(Reply::Fatal(end)) => return end,
-            Err(Reply::Refused(code, msg)) => {
-                shared.metrics.error(code);
-                ServerFrame::error(id, code, msg)
+        let reply = match limit(shared, &limits, peer, &frame.body) {
+            Err(wait) => {
+                shared.metrics.error(ErrorCode::RateLimited);
+                let ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+                ServerFrame::rate_limited(id, ms, format!("too many requests; retry after {ms} ms"))
             }
+            Ok(()) => match handle(shared, peer, frame.body).await {
+                Ok(body) => ServerFrame::new(id, body),
+                Err(Reply::Fatal(end)) => return end,
+                Err(Reply::Refused(code, msg)) => {
+                    shared.metrics.error(code);
+                    ServerFrame::error(id, code, msg)
+                }
+            },
         };
         if send.write_all(&reply.encode()).await.is_err() {
             return End::Gone;
         }
     }
+}
+
+/// Charges a request to the connection's and the user's bucket of its kind.
+fn limit(
+    shared: &Shared,
+    limits: &ConnLimits,
+    peer: &Peer,
+    body: &ClientBody,
+) -> Result<(), Duration> {
+    let kind = match body {
+        ClientBody::Send { .. } => Kind::Send,
+        ClientBody::Fetch { .. } => Kind::Fetch,
+        ClientBody::Sync { .. } => Kind::Sync,
+        ClientBody::Read { .. } => Kind::Read,
+        ClientBody::Hello { .. } | ClientBody::Ack { .. } | ClientBody::Ping { .. } => {
+            return Ok(());
+        }
+    };
+    limits.check(&shared.user_limits, peer.user, kind)
 }
 
 enum Reply {

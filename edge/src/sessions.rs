@@ -44,6 +44,9 @@ impl Coalesced {
 pub struct LocalConn<C> {
     pub conn_id: u64,
     pub client_id: u64,
+    /// When it connected (Unix ms): across edges, the newer connection of
+    /// a device wins.
+    pub since_ms: u64,
     /// The connection's bounded outbound queue of encoded frames.
     pub tx: mpsc::Sender<Bytes>,
     pub coalesced: Arc<Coalesced>,
@@ -117,6 +120,27 @@ impl<C: Clone> Sessions<C> {
             users.remove(&user);
         }
         removed && !users.contains_key(&user)
+    }
+
+    /// A connection of `user`'s device `client_id` ordered `newer` =
+    /// (since_ms, edge, conn_id) was announced: this edge's (`edge`)
+    /// connections of the device that are older, for the caller to close
+    /// (their own teardown takes them out of the table).
+    pub fn older_than(
+        &self,
+        user: u64,
+        client_id: u64,
+        newer: (u64, u16, u64),
+        edge: u16,
+    ) -> Vec<C> {
+        let users = self.users.lock().expect("sessions lock");
+        users
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.client_id == client_id && (c.since_ms, edge, c.conn_id) < newer)
+            .map(|c| c.handle.clone())
+            .collect()
     }
 
     pub fn connections(&self) -> usize {
@@ -203,6 +227,7 @@ mod tests {
             LocalConn {
                 conn_id,
                 client_id,
+                since_ms: conn_id,
                 tx,
                 coalesced: Arc::default(),
                 handle: conn_id,
@@ -239,6 +264,23 @@ mod tests {
         // The replaced connection's own removal later changes nothing.
         assert!(!s.remove(7, 1));
         assert_eq!(s.connections(), 2);
+    }
+
+    #[test]
+    fn a_newer_connection_elsewhere_finds_the_older_ones_here() {
+        let s = Sessions::new();
+        // Local conn 1 of device 10 connected at "1" (since_ms = conn id in
+        // these tests), conn 2 of device 11.
+        let (a, _ra) = conn(1, 10, 4);
+        let (b, _rb) = conn(2, 11, 4);
+        s.insert(7, a);
+        s.insert(7, b);
+        // An older announcement finds nothing; nor does our own.
+        assert!(s.older_than(7, 10, (0, 9, 5), 3).is_empty());
+        assert!(s.older_than(7, 10, (1, 3, 1), 3).is_empty());
+        // A newer one on edge 9 finds conn 1; device 11 is not touched.
+        assert_eq!(s.older_than(7, 10, (5, 9, 1), 3), vec![1]);
+        assert!(s.older_than(8, 10, (5, 9, 1), 3).is_empty());
     }
 
     #[test]

@@ -266,7 +266,7 @@ async fn a_removed_member_gets_nothing_on_any_edge_or_tier() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_live_connection_per_device_the_newer_wins() {
+async fn one_live_connection_per_device_the_newer_wins_across_edges() {
     let fleet = Fleet::start(RedisCluster::up(0), 2, &[]).await;
     create(&fleet, 1, &[1, 2], None).await;
     let (first, _rx1) = Client::connect(connect(&fleet, 0, 1, 0).await)
@@ -283,7 +283,17 @@ async fn one_live_connection_per_device_the_newer_wins() {
         .unwrap();
     let sent = peer.send(1, 1, Bytes::from_static(b"hi")).await.unwrap();
     assert_eq!(next_message(&mut rx2).await.id, sent.message_id);
-    drop(second);
+    // The same device on another edge: the one on edge 0 is closed too.
+    let (third, mut rx3) = Client::connect(connect(&fleet, 1, 1, id).await)
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(WAIT, second.closed()).await.unwrap();
+    assert_eq!(why.code(), Some(ErrorCode::ConnectionReplaced), "{why}");
+    let sent = peer.send(1, 2, Bytes::from_static(b"again")).await.unwrap();
+    // (after "hi", still pending in the device's inbox: never acked)
+    let got = common::messages_until(&mut rx3, sent.message_id).await;
+    assert!(got.len() <= 2, "{got:?}");
+    drop(third);
     fleet.shutdown().await;
 }
 

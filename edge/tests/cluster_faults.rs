@@ -278,6 +278,7 @@ fn fleet_redis_config(fleet: &Fleet) -> tiercast_engine::backplane::redis::Redis
         nodes: fleet.redis.nodes.clone(),
         cluster: true,
         topology_check_ms: 1_000,
+        ..Default::default()
     }
 }
 

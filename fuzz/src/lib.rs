@@ -155,6 +155,7 @@ pub fn server_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ServerBody::Error {
                 code: ErrorCode::RateLimited,
                 message: "slow down".into(),
+                retry_after_ms: 250,
             },
         ),
         (
@@ -282,6 +283,16 @@ pub fn envelope_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 user: 42,
                 conversation: 7,
                 joined: true,
+            },
+        ),
+        (
+            "device-connected",
+            Payload::DeviceConnected {
+                user: 42,
+                client_id: 9,
+                since_ms: 1_700_000_000_000,
+                edge: 3,
+                conn_id: 11,
             },
         ),
     ];

@@ -113,6 +113,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoRun> {
             ("node.http_listen".into(), "127.0.0.1:0".into()),
             ("node.data_dir".into(), dir.path().display().to_string()),
             ("node.token_secret".into(), secret),
+            // The demo's senders are bots (one message per 5 ms each by
+            // default), above the per-device send limit meant for people.
+            ("edge.rates.send.per_s".into(), "100000".into()),
+            ("edge.rates.send.burst".into(), "100000".into()),
         ],
     )?;
     let node = Node::start(cfg).await?;

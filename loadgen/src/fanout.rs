@@ -206,7 +206,7 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
             ("node.data_dir".into(), dir.path().display().to_string()),
             (
                 "node.token_secret".into(),
-                "fanout-bench-secret-0123456789".into(),
+                "fanout-bench-secret-0123456789abcdef".into(),
             ),
             ("edge.listen".into(), "127.0.0.1:0".into()),
             ("node.http_listen".into(), "127.0.0.1:0".into()),

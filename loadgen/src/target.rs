@@ -243,6 +243,14 @@ fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Re
             "node.http_listen=127.0.0.1:0".into(),
             "edge.listen=127.0.0.1:0".into(),
             "edge.max_connections=200000".into(),
+            // Loadgen's devices are bots sending at the scenario's rate:
+            // the per-device request limits would cap the load it measures.
+            "edge.rates.send.per_s=1000000".into(),
+            "edge.rates.send.burst=1000000".into(),
+            "edge.rates.fetch.per_s=1000000".into(),
+            "edge.rates.fetch.burst=1000000".into(),
+            "edge.rates.sync.per_s=1000000".into(),
+            "edge.rates.sync.burst=1000000".into(),
         ];
         if !redis.is_empty() {
             let nodes: Vec<String> = redis.iter().map(|n| format!("\"{n}\"")).collect();

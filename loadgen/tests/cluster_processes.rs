@@ -113,6 +113,8 @@ fn common_args(redis: &Redis, dir: &std::path::Path) -> Vec<String> {
     [
         format!("node.token_secret={SECRET}"),
         format!("auth.internal_secret={INTERNAL_SECRET}"),
+        "edge.rates.send.per_s=100000".into(),
+        "edge.rates.send.burst=100000".into(),
         format!("node.data_dir={}", dir.display()),
         "node.http_listen=127.0.0.1:0".into(),
         "edge.listen=127.0.0.1:0".into(),

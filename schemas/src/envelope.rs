@@ -56,6 +56,15 @@ pub enum Payload {
         conversation: u64,
         joined: bool,
     },
+    /// A connection of `user`'s device `client_id` began on `edge` at
+    /// `since_ms`: older connections of the device elsewhere close.
+    DeviceConnected {
+        user: u64,
+        client_id: u64,
+        since_ms: u64,
+        edge: u16,
+        conn_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +144,25 @@ impl Envelope {
                 );
                 (fb::Payload::Membership, o.as_union_value())
             }
+            Payload::DeviceConnected {
+                user,
+                client_id,
+                since_ms,
+                edge,
+                conn_id,
+            } => {
+                let o = fb::DeviceConnected::create(
+                    &mut fbb,
+                    &fb::DeviceConnectedArgs {
+                        user: *user,
+                        client_id: *client_id,
+                        since_ms: *since_ms,
+                        edge: *edge,
+                        conn_id: *conn_id,
+                    },
+                );
+                (fb::Payload::DeviceConnected, o.as_union_value())
+            }
         };
         let root = fb::Envelope::create(
             &mut fbb,
@@ -195,6 +223,18 @@ impl Envelope {
                     joined: m.joined(),
                 }
             }
+            fb::Payload::DeviceConnected => {
+                let d = e
+                    .payload_as_device_connected()
+                    .ok_or(DecodeError::Missing("device_connected"))?;
+                Payload::DeviceConnected {
+                    user: d.user(),
+                    client_id: d.client_id(),
+                    since_ms: d.since_ms(),
+                    edge: d.edge(),
+                    conn_id: d.conn_id(),
+                }
+            }
             other => return Err(DecodeError::UnknownType(other.0)),
         };
         Ok(Self {
@@ -243,6 +283,15 @@ mod tests {
                     user: u,
                     conversation: c,
                     joined,
+                }
+            }),
+            (any::<[u64; 4]>(), any::<u16>()).prop_map(|([u, c, s, n], edge)| {
+                Payload::DeviceConnected {
+                    user: u,
+                    client_id: c,
+                    since_ms: s,
+                    edge,
+                    conn_id: n,
                 }
             }),
         ]

@@ -197,6 +197,8 @@ pub enum ServerBody {
     Error {
         code: ErrorCode,
         message: String,
+        /// `rate_limited`: when to ask again (0: not said).
+        retry_after_ms: u32,
     },
     SendOk {
         conversation: u64,
@@ -528,6 +530,19 @@ impl ServerFrame {
             ServerBody::Error {
                 code,
                 message: message.into(),
+                retry_after_ms: 0,
+            },
+        )
+    }
+
+    /// A `rate_limited` answer: ask again after `retry_after_ms`.
+    pub fn rate_limited(request_id: u64, retry_after_ms: u32, message: impl Into<String>) -> Self {
+        Self::new(
+            request_id,
+            ServerBody::Error {
+                code: ErrorCode::RateLimited,
+                message: message.into(),
+                retry_after_ms,
             },
         )
     }
@@ -560,13 +575,18 @@ impl ServerFrame {
                 );
                 (fb::Body::Welcome, o.as_union_value())
             }
-            ServerBody::Error { code, message } => {
+            ServerBody::Error {
+                code,
+                message,
+                retry_after_ms,
+            } => {
                 let message = fbb.create_string(message);
                 let o = fb::Error::create(
                     &mut fbb,
                     &fb::ErrorArgs {
                         code: fb::ErrorCode(*code as u16),
                         message: Some(message),
+                        retry_after_ms: *retry_after_ms,
                     },
                 );
                 (fb::Body::Error, o.as_union_value())
@@ -724,6 +744,7 @@ impl ServerFrame {
                 ServerBody::Error {
                     code: ErrorCode::from_u16(e.code().0),
                     message: e.message().unwrap_or_default().to_owned(),
+                    retry_after_ms: e.retry_after_ms(),
                 }
             }
             fb::Body::SendOk => {
@@ -901,8 +922,16 @@ mod tests {
                     max_body_bytes: 4096,
                 }
             }),
-            (proptest::sample::select(ErrorCode::ALL.to_vec()), ".{0,64}")
-                .prop_map(|(code, message)| ServerBody::Error { code, message }),
+            (
+                proptest::sample::select(ErrorCode::ALL.to_vec()),
+                ".{0,64}",
+                any::<u32>()
+            )
+                .prop_map(|(code, message, retry_after_ms)| ServerBody::Error {
+                    code,
+                    message,
+                    retry_after_ms
+                }),
             (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(c, m, d)| {
                 ServerBody::SendOk {
                     conversation: c,

@@ -238,6 +238,11 @@ impl Fleet {
                 ("backplane.redis.nodes".into(), nodes_list.clone()),
                 ("backplane.redis.topology_check_ms".into(), "200".into()),
             ];
+            overrides.extend(
+                super::UNLIMITED
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
             overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             let cfg = Config::load(None, [], &overrides).expect("valid config");
             nodes.push(

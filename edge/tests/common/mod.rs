@@ -25,6 +25,19 @@ pub fn logs() {
     }
 }
 
+/// Request rates no test reaches unless it means to (tests that are about
+/// limits set their own): the other tests send as fast as they can.
+pub const UNLIMITED: [(&str, &str); 8] = [
+    ("edge.rates.send.per_s", "1000000"),
+    ("edge.rates.send.burst", "1000000"),
+    ("edge.rates.fetch.per_s", "1000000"),
+    ("edge.rates.fetch.burst", "1000000"),
+    ("edge.rates.sync.per_s", "1000000"),
+    ("edge.rates.sync.burst", "1000000"),
+    ("edge.rates.read.per_s", "1000000"),
+    ("edge.rates.read.burst", "1000000"),
+];
+
 pub struct TestNode {
     pub node: Node,
     pub dir: tempfile::TempDir,
@@ -37,6 +50,11 @@ pub fn config(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
         ("node.data_dir".into(), dir.display().to_string()),
         ("node.token_secret".into(), SECRET.into()),
     ];
+    overrides.extend(
+        UNLIMITED
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::load(None, [], &overrides).expect("test config is valid")
 }

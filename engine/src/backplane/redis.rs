@@ -41,6 +41,15 @@ pub struct RedisConfig {
     /// migrations. One CLUSTER SLOTS per subscriber per period: 1 s keeps the
     /// live path's gap after a failover short at negligible cost.
     pub topology_check_ms: u64,
+    /// ACL user (Redis 6+); unset: `default`.
+    pub username: Option<String>,
+    /// Password (`requirepass` or the ACL user's).
+    pub password: Option<String>,
+    /// Connect over TLS (Redis `tls-port`).
+    pub tls: bool,
+    /// PEM file of the CA(s) that sign the servers' certificates; unset:
+    /// the system's roots.
+    pub tls_ca_path: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -49,6 +58,10 @@ impl Default for RedisConfig {
             nodes: vec!["127.0.0.1:6379".into()],
             cluster: true,
             topology_check_ms: 1_000,
+            username: None,
+            password: None,
+            tls: false,
+            tls_ca_path: None,
         }
     }
 }
@@ -64,7 +77,45 @@ impl RedisConfig {
         if !(100..=60_000).contains(&self.topology_check_ms) {
             return Err("topology_check_ms must be 100..=60000".into());
         }
+        if self.username.is_some() && self.password.is_none() {
+            return Err("username needs a password".into());
+        }
+        if self.tls_ca_path.is_some() && !self.tls {
+            return Err("tls_ca_path is set but tls is off".into());
+        }
+        if self.tls {
+            self.tls_connector()?;
+        }
         Ok(())
+    }
+
+    /// The rustls client configuration for `tls = true`.
+    fn tls_connector(&self) -> Result<fred::types::config::TlsConnector, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let Some(path) = &self.tls_ca_path else {
+            return fred::types::config::TlsConnector::default_rustls()
+                .map_err(|e| format!("system CA roots: {e}"));
+        };
+        let pem =
+            std::fs::read(path).map_err(|e| format!("tls_ca_path {}: {e}", path.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("tls_ca_path {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("tls_ca_path {}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("tls_ca_path {}: no certificate", path.display()));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(config.into())
     }
 
     fn builder(&self) -> Result<Builder, BackplaneError> {
@@ -80,9 +131,21 @@ impl RedisConfig {
             let (h, p) = hosts.into_iter().next().expect("validated non-empty");
             ServerConfig::new_centralized(h, p)
         };
+        let tls = if self.tls {
+            Some(
+                self.tls_connector()
+                    .map_err(BackplaneError::Unavailable)?
+                    .into(),
+            )
+        } else {
+            None
+        };
         let config = Config {
             version: RespVersion::RESP3,
             server,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            tls,
             ..Config::default()
         };
         let mut b = Builder::from_config(config);

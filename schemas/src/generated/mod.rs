@@ -16,6 +16,8 @@ pub mod tiercast {
     pub use self::read_marker_generated::*;
     mod membership_generated;
     pub use self::membership_generated::*;
+    mod device_connected_generated;
+    pub use self::device_connected_generated::*;
     mod envelope_generated;
     pub use self::envelope_generated::*;
   } // backplane

@@ -120,6 +120,21 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn payload_as_device_connected(&self) -> Option<DeviceConnected<'a>> {
+    if self.payload_type() == Payload::DeviceConnected {
+      self.payload().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeviceConnected::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -135,6 +150,7 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Payload::Notify => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Notify>>("Payload::Notify", pos),
           Payload::ReadMarker => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadMarker>>("Payload::ReadMarker", pos),
           Payload::Membership => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Membership>>("Payload::Membership", pos),
+          Payload::DeviceConnected => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeviceConnected>>("Payload::DeviceConnected", pos),
           _ => Ok(()),
         }
      })?
@@ -219,6 +235,13 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Payload::Membership => {
           if let Some(x) = self.payload_as_membership() {
+            ds.field("payload", &x)
+          } else {
+            ds.field("payload", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Payload::DeviceConnected => {
+          if let Some(x) = self.payload_as_device_connected() {
             ds.field("payload", &x)
           } else {
             ds.field("payload", &"InvalidFlatbuffer: Union discriminant does not match value.")

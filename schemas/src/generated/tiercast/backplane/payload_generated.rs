@@ -5,15 +5,16 @@ use super::*;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_PAYLOAD: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_PAYLOAD: u8 = 4;
+pub const ENUM_MAX_PAYLOAD: u8 = 5;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_PAYLOAD: [Payload; 5] = [
+pub const ENUM_VALUES_PAYLOAD: [Payload; 6] = [
   Payload::NONE,
   Payload::Deliver,
   Payload::Notify,
   Payload::ReadMarker,
   Payload::Membership,
+  Payload::DeviceConnected,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -26,15 +27,17 @@ impl Payload {
   pub const Notify: Self = Self(2);
   pub const ReadMarker: Self = Self(3);
   pub const Membership: Self = Self(4);
+  pub const DeviceConnected: Self = Self(5);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_MAX: u8 = 5;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Deliver,
     Self::Notify,
     Self::ReadMarker,
     Self::Membership,
+    Self::DeviceConnected,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -44,6 +47,7 @@ impl Payload {
       Self::Notify => Some("Notify"),
       Self::ReadMarker => Some("ReadMarker"),
       Self::Membership => Some("Membership"),
+      Self::DeviceConnected => Some("DeviceConnected"),
       _ => None,
     }
   }
