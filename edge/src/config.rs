@@ -23,6 +23,11 @@ pub struct NodeConfig {
     /// (`http://host:port`) instead of an embedded one: how several edge
     /// processes share one store without ScyllaDB.
     pub store_url: Option<String>,
+    /// The CA certificate(s) (PEM) that sign the engine service's HTTPS
+    /// certificate, for an `https://` `store_url`. A plain `http://` one is
+    /// accepted only to a loopback address: the store API carries every
+    /// message.
+    pub store_ca_path: Option<PathBuf>,
     /// The store this process opens itself (when `store_url` is unset):
     /// `embedded` (redb in `data_dir`) or `scylla` (the `[scylla]` cluster).
     pub store: StoreKind,
@@ -45,6 +50,7 @@ impl Default for NodeConfig {
             http_listen: "127.0.0.1:7480".parse().expect("literal address"),
             token_secret: String::new(),
             store_url: None,
+            store_ca_path: None,
             store: StoreKind::Embedded,
         }
     }
@@ -379,6 +385,10 @@ impl Config {
                 ),
             ));
         }
+        if let Some(url) = &self.node.store_url {
+            check_store_url(url, self.node.store_ca_path.is_some())
+                .map_err(|e| InvalidSetting::new("node.store_url", e))?;
+        }
         if self.node.store_url.is_some() && self.auth.internal_secret.is_empty() {
             return Err(InvalidSetting::new(
                 "auth.internal_secret",
@@ -400,6 +410,30 @@ impl Config {
                 .map_err(|e| InvalidSetting::new("backplane.redis", e))?;
         }
         Ok(())
+    }
+}
+
+/// `https://host:port`, or `http://` to a loopback address only.
+fn check_store_url(url: &str, have_ca: bool) -> Result<(), String> {
+    let (scheme, rest) = url.split_once("://").ok_or("must be http(s)://host:port")?;
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = host
+        .rsplit_once(':')
+        .map_or(host, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    match scheme {
+        "https" if have_ca => Ok(()),
+        "https" => Err("an https store_url needs node.store_ca_path (the CA of the engine service's certificate)".into()),
+        "http" => {
+            let loopback = host == "localhost"
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err("plain http only to a loopback address; use https (http.tls_cert_path on the engine service, node.store_ca_path here)".into())
+            }
+        }
+        _ => Err("must be http(s)://host:port".into()),
     }
 }
 
@@ -540,5 +574,24 @@ mod tests {
         assert!(e.to_string().contains("node.token_secret"), "{e}");
         let e = load(&[], &[("edge.cert_path", "/x.pem")]).unwrap_err();
         assert!(e.to_string().contains("edge.cert_path"), "{e}");
+        // The store API: plain HTTP only on loopback, HTTPS with a CA.
+        let internal = ("auth.internal_secret", "internal-secret-0123456789abcdefgh");
+        for (url, ca, ok) in [
+            ("http://127.0.0.1:7480", None, true),
+            ("http://localhost:7480", None, true),
+            ("http://[::1]:7480", None, true),
+            ("http://10.0.0.5:7480", None, false),
+            ("https://engine.internal:7480", None, false),
+            ("https://engine.internal:7480", Some("/etc/ca.pem"), true),
+            ("ftp://x", None, false),
+        ] {
+            let mut o = vec![("node.store_url", url), internal];
+            if let Some(ca) = ca {
+                o.push(("node.store_ca_path", ca));
+            }
+            assert_eq!(load(&[], &o).is_ok(), ok, "{url} {ca:?}");
+        }
+        let e = load(&[], &[("node.store_url", "http://127.0.0.1:1")]).unwrap_err();
+        assert!(e.to_string().contains("auth.internal_secret"), "{e}");
     }
 }

@@ -201,7 +201,11 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
         let keys = cfg
             .internal_keys()
             .expect("validated: auth.internal_secret is set with node.store_url");
-        return Ok(Arc::new(RemoteStore::new(url, keys)));
+        let ca = match &cfg.node.store_ca_path {
+            Some(p) => Some(std::fs::read(p).map_err(|e| data_dir_error(p, e))?),
+            None => None,
+        };
+        return Ok(Arc::new(RemoteStore::with_ca(url, keys, ca.as_deref())?));
     }
     if cfg.node.store == StoreKind::Scylla {
         return Ok(Arc::new(ScyllaStore::connect(&cfg.scylla).await?));

@@ -348,3 +348,42 @@ async fn a_pull_before_the_message_exists_does_not_blind_the_edge() {
     assert_eq!(reads(), before);
     t.node.shutdown().await;
 }
+
+/// A session whose token expires on an open connection reconnects with a
+/// fresh one from its token source, and keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_renews_its_token_when_the_edge_ends_it() {
+    let t = common::start(&[]).await;
+    t.chat(1, &[1, 2]).await;
+    let mut cfg = t.session_config(2, 20).await;
+    let keys = t.node.keys.clone();
+    let minted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = minted.clone();
+    // Short-lived tokens: each lives 2 s.
+    cfg.token = std::sync::Arc::new(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        keys.mint_user(2, tiercast_engine::auth::now_unix(), 2)
+    });
+    let device = common::Device::start(cfg);
+    device
+        .wait_until("a reconnect after the token expired", WAIT, |l| {
+            l.connects >= 2
+                && l.disconnects
+                    .iter()
+                    .any(|e| e.code() == Some(ErrorCode::TokenExpired))
+        })
+        .await;
+    assert!(device.log.lock().unwrap().stopped.is_none());
+    assert!(minted.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    let (sender, _s) = t.device(1, 10).await;
+    let sent = sender
+        .send(1, 1, Bytes::from_static(b"after"))
+        .await
+        .unwrap();
+    device
+        .wait_until("the message", WAIT, |l| {
+            l.messages.iter().any(|m| m.id == sent.message_id)
+        })
+        .await;
+    t.node.shutdown().await;
+}

@@ -55,6 +55,11 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Members listed in a conversation view (the first page).
     pub member_page: usize,
+    /// Serve HTTPS with this PEM certificate chain and key (both or
+    /// neither): what edges reach `/internal/store` over when it crosses a
+    /// network.
+    pub tls_cert_path: Option<std::path::PathBuf>,
+    pub tls_key_path: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpLimits {
@@ -66,6 +71,8 @@ impl Default for HttpLimits {
             max_connections: 10_000,
             max_body_bytes: 1024 * 1024,
             member_page: 100,
+            tls_cert_path: None,
+            tls_key_path: None,
         }
     }
 }
@@ -97,7 +104,43 @@ impl HttpLimits {
         if !(1..=1000).contains(&self.member_page) {
             return Err(InvalidSetting::new("http.member_page", "must be 1..=1000"));
         }
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return Err(InvalidSetting::new(
+                "http.tls_cert_path",
+                "set both http.tls_cert_path and http.tls_key_path, or neither",
+            ));
+        }
+        self.tls_acceptor()
+            .map_err(|e| InvalidSetting::new("http.tls_cert_path", e))?;
         Ok(())
+    }
+
+    /// The TLS acceptor for `tls_cert_path`/`tls_key_path`, if set.
+    pub fn tls_acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(cert), Some(key)) = (&self.tls_cert_path, &self.tls_key_path) else {
+            return Ok(None);
+        };
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no certificate", cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+            .map_err(|e| format!("{}: {e}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
     }
 }
 
@@ -424,6 +467,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let limits = state.limits.clone();
+    let tls = limits.tls_acceptor().map_err(std::io::Error::other)?;
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
     let request_timeout = Duration::from_millis(limits.request_timeout_ms);
     let app = router(state).layer(tower_http::timeout::TimeoutLayer::with_status_code(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -457,11 +502,31 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        match &tls {
+            None => {
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                // The TLS handshake within the header timeout too: a client
+                // that stalls in it holds nothing for long.
+                let (acceptor, http, watcher) =
+                    (acceptor.clone(), http.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let conn = watcher.watch(http.serve_connection(TokioIo::new(stream), svc));
+                    let _ = conn.await;
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())

@@ -76,3 +76,81 @@ async fn remote_store_conforms() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// The store API over HTTPS: an edge that trusts the engine service's CA
+/// passes the conformance rules; one that does not, or that speaks plain
+/// HTTP to it, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_store_conforms_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("api.crt"), dir.path().join("api.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("t.redb")).unwrap());
+    let mut registry = Registry::default();
+    let metrics = EngineMetrics::register(&mut registry);
+    let engine = Engine::new(
+        EngineConfig::default(),
+        store,
+        Arc::new(LocalBackplane::new()),
+        Arc::new(LocalRoutes::default()),
+        metrics,
+        None,
+    )
+    .unwrap();
+    let internal = TokenKeys::with_keys(
+        "internal",
+        b"remote-store-internal-secret-0123456789",
+        &[],
+        3600,
+    );
+    let limits = http::HttpLimits {
+        tls_cert_path: Some(cert),
+        tls_key_path: Some(key),
+        ..Default::default()
+    };
+    limits.validate().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(
+        listener,
+        HttpState {
+            engine: Arc::new(engine),
+            keys: TokenKeys::new(b"remote-store-test-secret-0123456789"),
+            internal: Some(internal.clone()),
+            registry: Arc::new(registry),
+            limits,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let pem = ck.cert.pem();
+    let remote = RemoteStore::with_ca(
+        &format!("https://{addr}"),
+        internal.clone(),
+        Some(pem.as_bytes()),
+    )
+    .unwrap();
+    conformance::run_all(&remote).await;
+
+    use tiercast_engine::store::Store;
+    // Not trusting the certificate: refused by TLS.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let untrusting = RemoteStore::with_ca(
+        &format!("https://{addr}"),
+        internal.clone(),
+        Some(other.cert.pem().as_bytes()),
+    )
+    .unwrap();
+    assert!(untrusting.conversation(1).await.is_err());
+    // Plain HTTP to the TLS port: no answer.
+    let plain = RemoteStore::new(&format!("http://{addr}"), internal);
+    assert!(plain.conversation(1).await.is_err());
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

@@ -313,14 +313,34 @@ impl RemoteStore {
     /// `keys` (the internal credential's) sign the short-lived internal
     /// token of each call.
     pub fn new(base: &str, keys: crate::auth::TokenKeys) -> Self {
-        Self {
+        Self::with_ca(base, keys, None).expect("a client without a CA builds")
+    }
+
+    /// Like [`Self::new`]; an `https://` base is verified against the CA
+    /// certificates in `ca_pem` (only those: no system roots).
+    pub fn with_ca(
+        base: &str,
+        keys: crate::auth::TokenKeys,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, StoreError> {
+        let mut b = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .tls_built_in_root_certs(false);
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| StoreError::Backend(format!("store CA: {e}")))?;
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+            b = b.https_only(true);
+        }
+        Ok(Self {
             url: format!("{}/internal/store", base.trim_end_matches('/')),
             keys,
-            http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(10))
+            http: b
                 .build()
-                .expect("plain HTTP client builds"),
-        }
+                .map_err(|e| StoreError::Backend(format!("HTTP client: {e}")))?,
+        })
     }
 
     async fn call<T: serde::de::DeserializeOwned>(&self, call: Call) -> Result<T, StoreError> {
