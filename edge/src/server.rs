@@ -60,6 +60,11 @@ pub(crate) struct Shared {
     route_locks: Vec<tokio::sync::Mutex<()>>,
     /// Tier-3 bodies by (conversation, id); loads are single-flight.
     pull_cache: moka::future::Cache<(u64, u64), Message>,
+    /// The newest id this edge has fanned out per conversation (tiers 2
+    /// and 3): a device learns of a tier-3 id from a Notify that passed
+    /// here first, so a pull above it is for a message that does not exist
+    /// (yet), answered without a store read.
+    newest_seen: moka::sync::Cache<u64, u64>,
     next_conn: AtomicU64,
     /// Request buckets per user (each connection has its own as well).
     pub user_limits: crate::limits::UserLimits,
@@ -130,6 +135,13 @@ impl Shared {
         }
     }
 
+    /// Remembers the newest id fanned out in a conversation.
+    fn saw(&self, conv: u64, id: u64) {
+        self.newest_seen
+            .entry(conv)
+            .and_upsert_with(|old| old.map_or(id, |o| o.into_value().max(id)));
+    }
+
     /// A tier-3 body for a member, read from the store at most once per
     /// edge however many devices ask at once. A miss is not cached (ids are
     /// predictable: a cached miss for the next id would hide that message
@@ -141,6 +153,16 @@ impl Shared {
             tiercast_engine::snowflake::now_unix_ms() + PULL_FUTURE_SLACK_MS,
         );
         if id >= horizon {
+            return Ok(None);
+        }
+        // Above the newest id fanned out here: not a message (yet). (An
+        // edge that has fanned out nothing in the conversation since it
+        // started asks the store.)
+        if self
+            .newest_seen
+            .get(&conv)
+            .is_some_and(|newest| id > newest)
+        {
             return Ok(None);
         }
         let engine = self.engine.clone();
@@ -217,6 +239,11 @@ impl Edge {
                     .time_to_live(PULL_CACHE_TTL)
                     .build(),
                 next_conn: AtomicU64::new(1),
+                newest_seen: moka::sync::Cache::builder()
+                    .max_capacity(PULL_CACHE_ENTRIES)
+                    .time_to_idle(PULL_CACHE_TTL)
+                    .build(),
+
                 user_limits,
             }),
             inbound,
@@ -398,9 +425,16 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
         } else if parse_node_channel(&msg.channel).is_some() {
             match &envelope.payload {
                 Payload::Deliver { message, .. } => {
+                    shared.saw(message.conversation, message.id);
                     shared.conversations.users(message.conversation)
                 }
-                Payload::Notify { conversation, .. } => shared.conversations.users(*conversation),
+                Payload::Notify {
+                    conversation,
+                    message_id,
+                } => {
+                    shared.saw(*conversation, *message_id);
+                    shared.conversations.users(*conversation)
+                }
                 _ => Vec::new(),
             }
         } else {

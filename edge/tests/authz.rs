@@ -346,6 +346,27 @@ async fn a_pull_before_the_message_exists_does_not_blind_the_edge() {
     );
     assert_eq!(reader.pull(3, future).await.unwrap(), None);
     assert_eq!(reads(), before);
+    // Once a message has been fanned out here, the ids above it are
+    // answered without a store read too (the next predictable ones).
+    let (sender, _s) = t.device(1, 10).await;
+    let sent = sender.send(3, 1, Bytes::from_static(b"n")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reader.pull(3, sent.message_id).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never pulled");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before = reads();
+    for next in sent.message_id + 1..sent.message_id + 50 {
+        assert_eq!(reader.pull(3, next).await.unwrap(), None);
+    }
+    assert_eq!(reads(), before, "no store read for ids above the newest");
+    // ... and the next real message is pulled as soon as it exists.
+    let later = sender.send(3, 2, Bytes::from_static(b"m")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reader.pull(3, later.message_id).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "blinded");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     t.node.shutdown().await;
 }
 

@@ -116,6 +116,9 @@ pub struct RunReport {
     pub timeline: Vec<TimelinePoint>,
     pub text: String,
     pub lost: u64,
+    /// Sends refused or failed (every code): a run with any is not clean,
+    /// whatever its lost count says.
+    pub send_errors: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -335,14 +338,23 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                     match r {
                         Ok(r) if r.status().is_success() => {
                             let v: serde_json::Value = r.json().await.unwrap_or_default();
-                            if let Some(id) = v["id"].as_str().and_then(|s| s.parse().ok()) {
-                                sent.lock().expect("sent").push(Sent {
+                            match v["id"].as_str().and_then(|s| s.parse().ok()) {
+                                Some(id) => sent.lock().expect("sent").push(Sent {
                                     id,
                                     conversation,
                                     scheduled_us,
                                     sender_client: 0,
                                     warm,
-                                });
+                                }),
+                                // A 2xx without a message id: the send is
+                                // not known to have happened.
+                                None => {
+                                    *errors
+                                        .lock()
+                                        .expect("errors")
+                                        .entry((tier, "bad_answer".into()))
+                                        .or_default() += 1
+                                }
                             }
                         }
                         Ok(r) => {
@@ -452,7 +464,9 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     let mut reconnect_us = Vec::new();
     let mut connect_us = Vec::new();
     let mut errors: HashMap<String, u64> = HashMap::new();
-    for ((tier, code), n) in send_errors.lock().expect("errors").iter() {
+    let send_errors_map = send_errors.lock().expect("errors").clone();
+    let send_errors: u64 = send_errors_map.values().sum();
+    for ((tier, code), n) in send_errors_map.iter() {
         *figures
             .entry(*tier)
             .or_default()
@@ -586,6 +600,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     obj.insert("machine".into(), machine());
     obj.insert("tiers".into(), serde_json::Value::Object(tiers_json));
     obj.insert("errors".into(), serde_json::to_value(&errors)?);
+    obj.insert("send_errors".into(), json!(send_errors));
     obj.insert("connect".into(), connect);
     obj.insert("servers".into(), servers);
     obj.insert("loadgen".into(), json!({"cpu_s": loadgen_cpu, "sockets": opts.sockets, "pulls": pulls.load(Ordering::Relaxed)}));
@@ -610,6 +625,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     histograms.push(("all".into(), all_hist));
     Ok(RunReport {
         lost: total.lost,
+        send_errors,
         json: report,
         histograms,
         timeline,

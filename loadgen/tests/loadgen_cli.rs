@@ -168,3 +168,27 @@ fn bad_flags_and_files_are_one_line_errors() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--self-hosted"));
 }
+
+/// A run whose sends are all refused (the servers' body limit below the
+/// scenario's payload, through the environment the self-hosted servers
+/// inherit) is not "lost 0, success": it reports the failed sends by code
+/// and exits 1.
+#[test]
+fn refused_sends_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = tiercast()
+        .args(["loadgen", "run", "--self-hosted", "--quiet", "--scenario"])
+        .arg(repo().join("loadgen/tests/scenarios/smoke.toml"))
+        .arg("--json")
+        .arg(&json)
+        .env("TIERCAST_ENGINE__MAX_BODY_BYTES", "8")
+        .output()
+        .expect("tiercast runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("sends failed"), "{stderr}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["send_errors"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["errors"]["body_too_large"].as_u64().unwrap() > 0, "{v}");
+}

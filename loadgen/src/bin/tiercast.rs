@@ -1,6 +1,7 @@
 //! `tiercast`: run a node, chat by hand, mint tokens, run the demo.
 //!
-//! Exit codes: 0 success; 1 failure (the demo: a message was lost);
+//! Exit codes: 0 success; 1 failure (the demo: a message was lost; loadgen:
+//! a delivery lost or a send failed);
 //! 64 a bad configuration or flag (checked before anything binds).
 
 use std::io::Write;
@@ -443,7 +444,13 @@ async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("drawing {}", path.display()))?;
     }
-    Ok(if report.lost == 0 {
+    if report.send_errors > 0 {
+        eprintln!(
+            "tiercast loadgen: {} sends failed (by code in the report's errors)",
+            report.send_errors
+        );
+    }
+    Ok(if report.lost == 0 && report.send_errors == 0 {
         ExitCode::SUCCESS
     } else {
         eprintln!("tiercast loadgen: {} deliveries lost", report.lost);
@@ -793,10 +800,13 @@ async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
                     m.id
                 );
                 let _ = std::io::stdout().flush();
-                client
-                    .ack(&[m.id])
-                    .await
-                    .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                // Tier-1 messages wait in this device's inbox until acked;
+                // tier 2 and 3 keep none, so their ids are not pending.
+                match client.ack(&[m.id]).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some(tiercast_schemas::wire::ErrorCode::NotPending) => {}
+                    Err(e) => return Err(anyhow::anyhow!("ack: {e}")),
+                }
             }
             Some(other) => println!("{other:?}"),
             None => {
