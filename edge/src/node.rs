@@ -216,36 +216,46 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
 }
 
 async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartError> {
-    let (backplane, routes, lease, redis): (Arc<dyn Backplane>, Arc<dyn Routes>, _, _) =
-        match cfg.backplane.kind {
-            BackplaneKind::Local => (
-                Arc::new(LocalBackplane::new()),
+    let mut registry = Registry::default();
+    let (backplane, routes, lease, redis): (Arc<dyn Backplane>, Arc<dyn Routes>, _, _) = match cfg
+        .backplane
+        .kind
+    {
+        BackplaneKind::Local => {
+            let local = LocalBackplane::new();
+            registry.register(
+                    "tiercast_backplane_local_dropped",
+                    "Payloads the in-process backplane dropped (a subscriber's queue full); devices catch up from the store",
+                    local.dropped_counter(),
+                );
+            (
+                Arc::new(local),
                 Arc::new(LocalRoutes::default()),
                 None,
                 None,
-            ),
-            BackplaneKind::Redis => {
-                let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
-                // The node-id lease and the read-marker streams each get a
-                // client (connections) of their own: every send depends on
-                // the lease, and stream commands meet ASK redirections while
-                // a slot migrates, which once left a shared client's
-                // connections answering the wrong commands (all renewals
-                // and publishes hung for 30 s while Redis was healthy).
-                let lease_client = redis::connect(&cfg.backplane.redis).await?;
-                let lease = NodeLease::acquire(&lease_client, LEASE_TTL).await?;
-                cfg.engine.node_id = lease.node;
-                let routes = RedisRoutes::new(bp.client().clone());
-                let reads_client = redis::connect(&cfg.backplane.redis).await?;
-                (
-                    Arc::new(bp),
-                    Arc::new(routes),
-                    Some(lease),
-                    Some(reads_client),
-                )
-            }
-        };
-    let mut registry = Registry::default();
+            )
+        }
+        BackplaneKind::Redis => {
+            let bp = RedisBackplane::connect(cfg.backplane.redis.clone()).await?;
+            // The node-id lease and the read-marker streams each get a
+            // client (connections) of their own: every send depends on
+            // the lease, and stream commands meet ASK redirections while
+            // a slot migrates, which once left a shared client's
+            // connections answering the wrong commands (all renewals
+            // and publishes hung for 30 s while Redis was healthy).
+            let lease_client = redis::connect(&cfg.backplane.redis).await?;
+            let lease = NodeLease::acquire(&lease_client, LEASE_TTL).await?;
+            cfg.engine.node_id = lease.node;
+            let routes = RedisRoutes::new(bp.client().clone());
+            let reads_client = redis::connect(&cfg.backplane.redis).await?;
+            (
+                Arc::new(bp),
+                Arc::new(routes),
+                Some(lease),
+                Some(reads_client),
+            )
+        }
+    };
     let engine_metrics = EngineMetrics::register(&mut registry);
     let read_metrics = ReadMetrics::register(&mut registry);
     let engine = Engine::new(

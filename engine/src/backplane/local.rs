@@ -19,7 +19,9 @@ type Subscribers = Vec<(u64, mpsc::Sender<Inbound>)>;
 #[derive(Default)]
 struct Shared {
     next_id: AtomicU64,
-    dropped: AtomicU64,
+    /// Exported as `tiercast_backplane_local_dropped_total` (see
+    /// [`LocalBackplane::dropped_counter`]).
+    dropped: prometheus_client::metrics::counter::Counter,
     channels: Mutex<HashMap<Arc<str>, Subscribers>>,
 }
 
@@ -41,7 +43,12 @@ impl LocalBackplane {
 
     /// Payloads dropped because a subscriber's queue was full.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.get()
+    }
+
+    /// The drop counter, to register in a metrics registry.
+    pub fn dropped_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.shared.dropped.clone()
     }
 }
 
@@ -56,7 +63,13 @@ impl Backplane for LocalBackplane {
                     payload: payload.clone(),
                 };
                 if tx.try_send(inbound).is_err() {
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    // Stored already: the devices concerned catch up from
+                    // their inbox or cursor. Logged at the first drop and
+                    // every 1,000th, so a storm does not flood the log.
+                    let n = self.shared.dropped.inc() + 1;
+                    if n == 1 || n.is_multiple_of(1_000) {
+                        tracing::warn!(%channel, dropped = n, "in-process backplane: a subscriber's queue is full; payload dropped");
+                    }
                 }
             }
         }
