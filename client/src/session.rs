@@ -124,6 +124,8 @@ pub struct SessionStats {
     pub duplicates: AtomicU64,
     pub syncs: AtomicU64,
     pub acked: AtomicU64,
+    /// Resume syncs that failed and were tried again.
+    pub resume_retries: AtomicU64,
 }
 
 /// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
@@ -637,22 +639,56 @@ async fn flush_acks(inner: &Inner, client: &Client) {
 }
 
 /// After (re)connecting: list the user's conversations, then sync every
-/// cursor from a little before it, page by page.
+/// cursor from a little before it, page by page. A failed sync (the store
+/// unavailable, rate limited) is retried with backoff for as long as the
+/// connection lives, from the cursors taken at the first attempt: live
+/// traffic meanwhile moves the cursors on, and a retry from those would
+/// leave the gap before them unfilled.
 async fn resume(inner: Arc<Inner>, client: Client, events: mpsc::Sender<Event>) {
-    if let Err(e) = resume_inner(&inner, &client, &events).await {
-        tracing::debug!(error = %e, "resume sync failed; the next connect retries");
+    let mut pinned = Pinned::default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match resume_inner(&inner, &client, &events, &mut pinned).await {
+            Ok(()) => return,
+            Err(e) => {
+                let wait = match &e {
+                    ClientError::RateLimited { retry_after, .. } => (*retry_after).max(backoff),
+                    _ => backoff,
+                };
+                tracing::debug!(error = %e, ?wait, "resume sync failed; retrying");
+                inner.stats.resume_retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
+}
+
+/// What a resume's retries start from: the listing and the cursors as they
+/// were at its first attempt.
+#[derive(Default)]
+struct Pinned {
+    listing: Option<Vec<SyncEntry>>,
+    cursors: Option<HashMap<u64, u64>>,
 }
 
 async fn resume_inner(
     inner: &Inner,
     client: &Client,
     events: &mpsc::Sender<Event>,
+    pinned: &mut Pinned,
 ) -> Result<(), ClientError> {
     let cfg = &inner.cfg;
     let window = inner.window_ids();
-    let listing = client.sync(&[], cfg.sync_limit).await?;
-    inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+    let listing = match &pinned.listing {
+        Some(l) => l.clone(),
+        None => {
+            let l = client.sync(&[], cfg.sync_limit).await?;
+            inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            pinned.listing = Some(l.clone());
+            l
+        }
+    };
     let mut markers = Vec::new();
     let mut cursors = Vec::new();
     {
@@ -666,12 +702,20 @@ async fn resume_inner(
             _ => None,
         };
         st.listed = true;
+        // The cursors as they were when this resume began (see `resume`).
+        let snapshot = pinned
+            .cursors
+            .get_or_insert_with(|| st.cursors.clone())
+            .clone();
         for e in &listing {
             st.tiers.insert(e.conversation, e.tier);
             if e.read_id > st.read.get(&e.conversation).copied().unwrap_or(0) {
                 markers.push((e.conversation, e.read_id));
             }
-            let cursor = match (st.cursors.get(&e.conversation), since) {
+            let current = snapshot
+                .get(&e.conversation)
+                .or(st.cursors.get(&e.conversation));
+            let cursor = match (current, since) {
                 (Some(&c), _) => c.saturating_sub(window),
                 (None, Some(from)) => from,
                 (None, None) => {

@@ -597,3 +597,54 @@ async fn a_message_both_live_and_in_the_inbox_goes_out_once() {
     );
     assert_eq!(metric(&node, "tiercast_edge_seam_duplicates_total"), 1);
 }
+
+/// A resume Sync that fails (here: rate limited, one sync per connection
+/// per second) is retried while the connection lives, from the cursor the
+/// resume began with, so messages sent while the device was away (tier 2:
+/// no inbox) are filled in even though live traffic moved the cursor on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_resume_sync_is_retried_and_the_gap_filled() {
+    let node = common::start(&[
+        ("edge.rates.sync.per_s", "1"),
+        ("edge.rates.sync.burst", "1"),
+    ])
+    .await;
+    pinned(&node, 2, &[1, 2], Tier::Sharded).await;
+    let d = Device::start(node.session_config(2, 20).await);
+    d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
+    let stats = d.session.stats();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.syncs.load(Ordering::Relaxed) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "first listing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Away and back, while messages keep coming: those of the gap reach the
+    // device only through its resume Sync.
+    d.session.reconnect();
+    let mut sent = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while d.log.lock().unwrap().connects < 2 || sent.len() < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+        let ok = node
+            .node
+            .engine
+            .send(Outgoing::system(2, Bytes::from(format!("m{}", sent.len()))))
+            .await
+            .unwrap();
+        sent.insert(ok.message_id);
+    }
+    d.wait_until(
+        "every message, the gap included",
+        Duration::from_secs(30),
+        |l| {
+            let got = l.ids(2);
+            sent.iter().all(|id| got.contains(id))
+        },
+    )
+    .await;
+    assert!(
+        stats.resume_retries.load(Ordering::Relaxed) >= 1,
+        "the resume sync was refused at least once"
+    );
+    node.node.shutdown().await;
+}
