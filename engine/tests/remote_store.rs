@@ -12,10 +12,29 @@ use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::metrics::EngineMetrics;
 use tiercast_engine::store::{EmbeddedStore, RemoteStore, conformance};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_store_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("t.redb")).unwrap());
+const TOKEN_SECRET: &[u8] = b"remote-store-test-secret-0123456789";
+
+fn internal_keys() -> TokenKeys {
+    TokenKeys::with_keys(
+        "internal",
+        b"remote-store-internal-secret-0123456789",
+        &[],
+        3600,
+    )
+}
+
+/// An engine on an embedded store in `dir`, serving the HTTP API (and
+/// `/internal/store` with [`internal_keys`]) on a loopback port with
+/// `limits`; returns its address, the stop signal and the server task.
+async fn serve_engine(
+    dir: &std::path::Path,
+    limits: http::HttpLimits,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let store = Arc::new(EmbeddedStore::open(&dir.join("t.redb")).unwrap());
     let mut registry = Registry::default();
     let metrics = EngineMetrics::register(&mut registry);
     let engine = Engine::new(
@@ -27,13 +46,6 @@ async fn remote_store_conforms() {
         None,
     )
     .unwrap();
-    let keys = TokenKeys::new(b"remote-store-test-secret-0123456789");
-    let internal = TokenKeys::with_keys(
-        "internal",
-        b"remote-store-internal-secret-0123456789",
-        &[],
-        3600,
-    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -41,15 +53,24 @@ async fn remote_store_conforms() {
         listener,
         HttpState {
             engine: Arc::new(engine),
-            keys: keys.clone(),
-            internal: Some(internal.clone()),
+            keys: TokenKeys::new(TOKEN_SECRET),
+            internal: Some(internal_keys()),
             registry: Arc::new(registry),
-            limits: Default::default(),
+            limits,
         },
         async {
             let _ = stopped.await;
         },
     ));
+    (addr, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let keys = TokenKeys::new(TOKEN_SECRET);
+    let internal = internal_keys();
 
     let remote = RemoteStore::new(&format!("http://{addr}"), internal);
     conformance::run_all(&remote).await;
@@ -88,46 +109,14 @@ async fn remote_store_conforms_over_tls() {
     let (cert, key) = (dir.path().join("api.crt"), dir.path().join("api.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("t.redb")).unwrap());
-    let mut registry = Registry::default();
-    let metrics = EngineMetrics::register(&mut registry);
-    let engine = Engine::new(
-        EngineConfig::default(),
-        store,
-        Arc::new(LocalBackplane::new()),
-        Arc::new(LocalRoutes::default()),
-        metrics,
-        None,
-    )
-    .unwrap();
-    let internal = TokenKeys::with_keys(
-        "internal",
-        b"remote-store-internal-secret-0123456789",
-        &[],
-        3600,
-    );
+    let internal = internal_keys();
     let limits = http::HttpLimits {
         tls_cert_path: Some(cert),
         tls_key_path: Some(key),
         ..Default::default()
     };
     limits.validate().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(
-        listener,
-        HttpState {
-            engine: Arc::new(engine),
-            keys: TokenKeys::new(b"remote-store-test-secret-0123456789"),
-            internal: Some(internal.clone()),
-            registry: Arc::new(registry),
-            limits,
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop, server) = serve_engine(dir.path(), limits).await;
     let pem = ck.cert.pem();
     let remote = RemoteStore::with_ca(
         &format!("https://{addr}"),
