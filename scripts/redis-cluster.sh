@@ -2,7 +2,7 @@
 # A Redis Cluster on loopback for development and tests.
 #
 #   scripts/redis-cluster.sh install
-#       install redis-server (Debian's, 7.x) if it is missing
+#       install redis-server (Debian's, 7.x) and libfaketime if missing
 #   scripts/redis-cluster.sh up [--masters N] [--replicas R] [--dir DIR]
 #       start N masters (default 3), each with R replicas (default 0), on
 #       free loopback ports in DIR (default: a new temporary folder), create
@@ -17,16 +17,23 @@ set -euo pipefail
 
 die() { echo "redis-cluster.sh: $*" >&2; exit 1; }
 
+# libfaketime: the clock-skew test runs an edge with its wall clock moved.
+FAKETIME_LIB=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+
 install() {
-  if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
-    return
+  local want=()
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    want+=(redis-server)
   fi
-  echo "installing redis-server" >&2
-  if [[ $(id -u) -ne 0 ]]; then die "redis-server is missing and this is not root: apt-get install redis-server"; fi
+  [[ -e $FAKETIME_LIB ]] || want+=(libfaketime)
+  [[ ${#want[@]} -eq 0 ]] && return
+  echo "installing ${want[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then die "${want[*]} missing and this is not root: apt-get install ${want[*]}"; fi
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want[@]}" >&2
   # The package starts a system instance on 6379; the tests never use it.
   command -v redis-server >/dev/null || die "redis-server did not install"
+  [[ -e $FAKETIME_LIB ]] || die "libfaketime did not install ($FAKETIME_LIB)"
 }
 
 # A port p such that p and p+10000 (the cluster bus) are both free. Both

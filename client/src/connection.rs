@@ -153,6 +153,11 @@ pub struct Client {
     pub user_id: u64,
     pub client_id: u64,
     pub max_body_bytes: u32,
+    /// The edge's wall clock minus this device's, from Welcome's
+    /// `server_time_ms` (off by the one-way delay): what a device that
+    /// computes ids from a time (a resume from the last disconnect) adds
+    /// to its own clock, so that its resume does not depend on its clock.
+    pub clock_offset_ms: i64,
 }
 
 fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
@@ -240,17 +245,18 @@ impl Client {
         let first = tokio::time::timeout(cfg.request_timeout, read_server_frame(&mut recv))
             .await
             .map_err(|_| ClientError::Timeout(cfg.request_timeout))?;
-        let (user_id, client_id, max_body_bytes) = match first {
+        let (user_id, client_id, max_body_bytes, server_time_ms) = match first {
             Ok(Some(ServerFrame {
                 body:
                     ServerBody::Welcome {
                         user_id,
                         client_id,
                         max_body_bytes,
+                        server_time_ms,
                         ..
                     },
                 ..
-            })) => (user_id, client_id, max_body_bytes),
+            })) => (user_id, client_id, max_body_bytes, server_time_ms),
             Ok(Some(ServerFrame {
                 body: ServerBody::Error { code, message, .. },
                 ..
@@ -295,6 +301,7 @@ impl Client {
                 user_id,
                 client_id,
                 max_body_bytes,
+                clock_offset_ms: server_time_ms as i64 - unix_ms() as i64,
             },
             rx,
         ))
@@ -624,4 +631,10 @@ async fn read_deliveries(conn: quinn::Connection, tx: mpsc::Sender<Delivery>, fa
             return;
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

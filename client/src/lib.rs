@@ -16,9 +16,12 @@
 //! - [`connection`]: connect, Hello, requests and the delivery stream.
 //! - [`session`]: a device that reconnects (backoff with full jitter),
 //!   resumes (inbox, cursor sync) and deduplicates by itself.
+//! - [`reorder`]: the reorder window that presents each conversation in id
+//!   order when several engine nodes publish to it.
 //! - [`tls`]: trusting an edge's certificate.
 
 pub mod connection;
+pub mod reorder;
 pub mod session;
 pub mod tls;
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tiercast_schemas::ids::{NODE_BITS, SEQ_BITS, min_id_at};
@@ -23,6 +23,7 @@ use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::connection::{Client, ClientConfig, ClientError, Delivery, SendOk};
+use crate::reorder::Reorder;
 
 /// Gives the token for the next (re)connect: a long-lived device refreshes
 /// its token here.
@@ -59,6 +60,10 @@ pub struct SessionConfig {
     /// Also report each dropped duplicate as [`Event::Duplicate`] (load
     /// generators count them per conversation).
     pub report_duplicates: bool,
+    /// How long a live message is held to put it in id order when several
+    /// engine nodes publish to its conversation (see [`crate::reorder`]);
+    /// with one engine node nothing is held. Zero: never hold.
+    pub reorder_window: Duration,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -88,6 +93,7 @@ impl SessionConfig {
             endpoint: None,
             event_buffer: 65_536,
             report_duplicates: false,
+            reorder_window: Duration::from_millis(20),
         }
     }
 }
@@ -126,6 +132,12 @@ pub struct SessionStats {
     pub acked: AtomicU64,
     /// Resume syncs that failed and were tried again.
     pub resume_retries: AtomicU64,
+    /// Live messages held by the reorder window, of those put back in id
+    /// order, and messages released after a larger id (later than the
+    /// window: seen out of order).
+    pub held: AtomicU64,
+    pub reordered: AtomicU64,
+    pub late: AtomicU64,
 }
 
 /// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
@@ -219,6 +231,7 @@ struct Inner {
     /// The device id in use: the configured one, or the one issued on the
     /// first connect.
     client_id: AtomicU64,
+    reorder: Mutex<Reorder>,
 }
 
 /// A self-healing device session. Drop or [`Session::close`] ends it.
@@ -252,6 +265,7 @@ impl Session {
     pub fn start(cfg: SessionConfig) -> (Self, Events) {
         assert!(!cfg.edges.is_empty(), "a session needs at least one edge");
         let cfg_client_id = cfg.client_id;
+        let reorder = Mutex::new(Reorder::new(cfg.reorder_window));
         let (tx, events) = mpsc::channel(cfg.event_buffer);
         let inner = Arc::new(Inner {
             cfg,
@@ -262,6 +276,7 @@ impl Session {
             stats: Arc::default(),
             acks: Mutex::new(Vec::new()),
             client_id: AtomicU64::new(cfg_client_id),
+            reorder,
         });
         let task = tokio::spawn(supervise(inner.clone(), tx));
         (Self { inner, task }, events)
@@ -381,6 +396,17 @@ impl Session {
 }
 
 impl Inner {
+    /// Runs `f` on the reorder window and copies its counts to the stats.
+    fn reorder<T>(&self, f: impl FnOnce(&mut Reorder) -> T) -> T {
+        let mut r = self.reorder.lock().expect("reorder lock");
+        let out = f(&mut r);
+        let s = r.stats;
+        self.stats.held.store(s.held, Ordering::Relaxed);
+        self.stats.reordered.store(s.reordered, Ordering::Relaxed);
+        self.stats.late.store(s.late, Ordering::Relaxed);
+        out
+    }
+
     fn window_ids(&self) -> u64 {
         (self.cfg.resync_window.as_millis() as u64) << (NODE_BITS + SEQ_BITS)
     }
@@ -472,7 +498,9 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
         }
         let ended = serve_connection(&inner, &client, deliveries, &events).await;
         inner.current.send_replace(None);
-        inner.state.lock().expect("state lock").disconnected_at_ms = Some(now_unix_ms());
+        // In the edge's time: a device's own clock may be off by hours.
+        let edge_now = now_unix_ms().saturating_add_signed(client.clock_offset_ms);
+        inner.state.lock().expect("state lock").disconnected_at_ms = Some(edge_now);
         match ended {
             Ended::Closed => return,
             Ended::Drain(after) => {
@@ -515,7 +543,8 @@ async fn serve_connection(
         tokio::select! {
             d = deliveries.recv() => match d {
                 Some(Delivery::Message(m)) => {
-                    if !deliver(inner, m, events).await {
+                    let ready = inner.reorder(|r| r.push(m, Instant::now()));
+                    if !deliver_all(inner, ready, events).await {
                         break Ended::Closed;
                     }
                 }
@@ -553,6 +582,12 @@ async fn serve_connection(
                     break Ended::Lost(why);
                 }
             },
+            () = hold_until(inner.reorder(|r| r.next_due())) => {
+                let ready = inner.reorder(|r| r.due(Instant::now()));
+                if !deliver_all(inner, ready, events).await {
+                    break Ended::Closed;
+                }
+            }
             _ = ack_tick.tick() => flush_acks(inner, client).await,
             () = inner.close.notified() => {
                 flush_acks(inner, client).await;
@@ -562,7 +597,29 @@ async fn serve_connection(
         }
     };
     resync.abort();
+    // Whatever the window still holds goes out now (in order).
+    let held = inner.reorder(Reorder::flush);
+    if !deliver_all(inner, held, events).await {
+        return Ended::Closed;
+    }
     ended
+}
+
+/// Sleeps until `at`; never, for None.
+async fn hold_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn deliver_all(inner: &Inner, ms: Vec<Message>, events: &mpsc::Sender<Event>) -> bool {
+    for m in ms {
+        if !deliver(inner, m, events).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Hands a message to the app once; queues its ack (tier 1 only: tiers 2
@@ -627,11 +684,6 @@ async fn flush_acks(inner: &Inner, client: &Client) {
             Ok(n) => {
                 inner.stats.acked.fetch_add(u64::from(n), Ordering::Relaxed);
             }
-            // Acked before (a duplicate's second ack): nothing to do.
-            Err(ClientError::Refused {
-                code: ErrorCode::NotPending,
-                ..
-            }) => {}
             // Unacked entries come again on the next connect.
             Err(e) => tracing::debug!(error = %e, "ack failed"),
         }

@@ -18,6 +18,7 @@ pub struct EdgeMetrics {
     pub pull_requests: Counter,
     pub pull_store_reads: Counter,
     pub coalesced_notifications: Counter,
+    pub stale_read_markers: Counter,
     pub seam_duplicates: Counter,
     pub drained: Counter,
     pub syncs: Counter,
@@ -91,6 +92,11 @@ impl EdgeMetrics {
             "coalesced_notifications",
             "Tier-3 notifications set aside for a full queue (one per conversation is sent later)",
             m.coalesced_notifications.clone(),
+        );
+        r.register(
+            "stale_read_markers",
+            "Read markers not sent because a newer one was sent from here already (a marker never moves back)",
+            m.stale_read_markers.clone(),
         );
         r.register(
             "seam_duplicates",

@@ -246,6 +246,11 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
             let lease_client = redis::connect(&cfg.backplane.redis).await?;
             let lease = NodeLease::acquire(&lease_client, LEASE_TTL).await?;
             cfg.engine.node_id = lease.node;
+            registry.register(
+                "tiercast_clock_skew_ms",
+                "This node's wall clock minus the Redis server's, measured at each node-id lease renewal; ids stop beyond engine.max_clock_skew_ms",
+                lease.gate().skew_gauge(),
+            );
             let routes = RedisRoutes::new(bp.client().clone());
             let reads_client = redis::connect(&cfg.backplane.redis).await?;
             (

@@ -42,6 +42,11 @@ const PULL_CACHE_TTL: Duration = Duration::from_secs(120);
 /// edges that is tolerated.
 const PULL_FUTURE_SLACK_MS: u64 = 2_000;
 
+/// How long an idle (user, conversation) read marker is remembered to keep
+/// markers from moving back. Two Reads' publishes cross within
+/// milliseconds; an hour is far beyond that.
+const READ_HIGH_TTI: Duration = Duration::from_secs(3_600);
+
 /// State shared by the edge's tasks.
 pub(crate) struct Shared {
     pub engine: Arc<Engine>,
@@ -65,6 +70,10 @@ pub(crate) struct Shared {
     /// here first, so a pull above it is for a message that does not exist
     /// (yet), answered without a store read.
     newest_seen: moka::sync::Cache<u64, u64>,
+    /// The largest read marker sent from here per (user, conversation): a
+    /// marker never moves back on the wire, even when two Reads' publishes
+    /// cross (the engine also drops a Read below the stored marker).
+    read_high: moka::sync::Cache<(u64, u64), u64>,
     next_conn: AtomicU64,
     /// Request buckets per user (each connection has its own as well).
     pub user_limits: crate::limits::UserLimits,
@@ -243,7 +252,10 @@ impl Edge {
                     .max_capacity(PULL_CACHE_ENTRIES)
                     .time_to_idle(PULL_CACHE_TTL)
                     .build(),
-
+                read_high: moka::sync::Cache::builder()
+                    .max_capacity(PULL_CACHE_ENTRIES)
+                    .time_to_idle(READ_HIGH_TTI)
+                    .build(),
                 user_limits,
             }),
             inbound,
@@ -463,18 +475,28 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 conversation,
                 message_id,
                 origin_client,
-            } => (
-                ServerFrame::new(
-                    0,
-                    ServerBody::ReadMarker {
-                        user,
-                        conversation,
-                        message_id,
-                    },
+            } => {
+                // One task runs this loop: the check and the update do not
+                // race.
+                let key = (user, conversation);
+                if shared.read_high.get(&key).is_some_and(|h| h >= message_id) {
+                    shared.metrics.stale_read_markers.inc();
+                    continue;
+                }
+                shared.read_high.insert(key, message_id);
+                (
+                    ServerFrame::new(
+                        0,
+                        ServerBody::ReadMarker {
+                            user,
+                            conversation,
+                            message_id,
+                        },
+                    )
+                    .encode(),
+                    origin_client,
                 )
-                .encode(),
-                origin_client,
-            ),
+            }
             Payload::DeviceConnected {
                 user,
                 client_id,

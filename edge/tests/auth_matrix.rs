@@ -266,11 +266,7 @@ async fn every_frame_kind_for_members_non_members_and_removed_members() {
             assert!(entries[0].messages.is_empty() && entries[0].latest_id == 0);
         }
         // Acking someone else's pending message removes nothing.
-        assert_eq!(
-            c.ack(&[sent.message_id]).await.unwrap_err().code(),
-            Some(ErrorCode::NotPending),
-            "{who} ack"
-        );
+        assert_eq!(c.ack(&[sent.message_id]).await.unwrap(), 0, "{who} ack");
         // Its listing names none of the conversations.
         let listing = c.sync(&[], 10).await.unwrap();
         assert!(

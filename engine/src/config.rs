@@ -17,6 +17,13 @@ pub struct EngineConfig {
     pub evict_oldest_device: bool,
     /// How long a backward clock step is waited out before sends fail.
     pub max_clock_backstep_ms: u64,
+    /// Cluster: the largest skew of this node's wall clock against the
+    /// Redis servers' (measured at every lease renewal) at which it issues
+    /// ids; beyond it sends fail with `unavailable` until the clock is
+    /// fixed. It must stay below the SDK's resync window (3 s), which is
+    /// what makes a resume independent of the nodes' clocks; 0 turns the
+    /// check off.
+    pub max_clock_skew_ms: u64,
     /// Largest page a Fetch or an inbox drain returns.
     pub max_page: usize,
     /// Tier thresholds (members) and their hysteresis.
@@ -57,6 +64,7 @@ impl Default for EngineConfig {
             max_devices: 3,
             evict_oldest_device: false,
             max_clock_backstep_ms: 100,
+            max_clock_skew_ms: 1_000,
             max_page: 200,
             tiers: crate::planner::Thresholds::default(),
             node_channels: 8,
@@ -108,6 +116,12 @@ impl EngineConfig {
             return Err(InvalidSetting::new(
                 "engine.max_clock_backstep_ms",
                 "must be at most 10000",
+            ));
+        }
+        if self.max_clock_skew_ms > 2_000 {
+            return Err(InvalidSetting::new(
+                "engine.max_clock_skew_ms",
+                "must be at most 2000 (below the SDK's 3 s resync window)",
             ));
         }
         if !(1..=1000).contains(&self.max_page) {

@@ -15,7 +15,8 @@ use crate::config::EngineConfig;
 use crate::metrics::{CodeLabel, EngineMetrics, TierLabel};
 use crate::planner;
 use crate::reads::{LocalReadQueue, ReadQueue};
-use crate::snowflake::{IdError, IdGenerator, now_unix_ms};
+use crate::sequencer::Sequencer;
+use crate::snowflake::{IdError, IdGenerator, IdPoll, now_unix_ms};
 use crate::store::{
     ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Store,
     StoreError,
@@ -40,12 +41,6 @@ pub enum EngineError {
     Clock(#[from] IdError),
     #[error("storage unavailable: {0}")]
     Store(StoreError),
-    #[error("{unknown} of {asked} acked ids were not pending for this device ({removed} removed)")]
-    NotPending {
-        unknown: usize,
-        asked: usize,
-        removed: u32,
-    },
     #[error("{0}")]
     Unavailable(String),
     #[error("device {0} is not one of this user's devices")]
@@ -72,7 +67,6 @@ impl EngineError {
             Self::TooManyDevices { .. } => ErrorCode::TooManyDevices,
             Self::Invalid(_) | Self::ConversationExists(_) => ErrorCode::InvalidRequest,
             Self::Clock(_) | Self::Store(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
-            Self::NotPending { .. } => ErrorCode::NotPending,
             Self::UnknownDevice(_) => ErrorCode::UnknownDevice,
         }
     }
@@ -153,6 +147,52 @@ pub struct Engine {
     /// Read markers' write-behind queue; an in-process one unless a
     /// deployment sets another before the first Read.
     reads: OnceLock<Arc<dyn ReadQueue>>,
+    /// Publish order per conversation.
+    sequencer: Sequencer<PublishJob>,
+}
+
+/// A stored message waiting for its turn to be published.
+struct PublishJob {
+    tier: Tier,
+    message: Message,
+    except_client: u64,
+    members: Vec<u64>,
+    /// Told once the message is published (or its publish failed).
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// An id in flight in its conversation's sequencer. Completed with the
+/// send's outcome; one dropped uncompleted (a panic in the store path)
+/// completes as "nothing to publish" so that the sends behind it go on.
+struct Ticket {
+    engine: Arc<Engine>,
+    conversation: u64,
+    id: u64,
+    armed: bool,
+}
+
+impl Ticket {
+    fn complete(&mut self, job: Option<PublishJob>) -> Option<Vec<PublishJob>> {
+        self.armed = false;
+        self.engine
+            .sequencer
+            .complete(self.conversation, self.id, job)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let conversation = self.conversation;
+        if let Some(run) = self.complete(None)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let engine = self.engine.clone();
+            rt.spawn(async move { engine.publish_in_order(conversation, run).await });
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -186,6 +226,7 @@ impl Engine {
             Duration::from_millis(cfg.max_clock_backstep_ms),
         )?;
         if let Some(gate) = lease {
+            gate.set_max_skew(cfg.max_clock_skew_ms);
             ids = ids.with_lease(gate);
         }
         Ok(Self {
@@ -196,6 +237,7 @@ impl Engine {
             routes,
             metrics,
             reads: OnceLock::new(),
+            sequencer: Sequencer::default(),
         })
     }
 
@@ -234,7 +276,14 @@ impl Engine {
     /// The write path. The message (and its inbox rows) is stored before
     /// anything is published; once stored, a failed publish is logged and
     /// counted but not an error: devices catch up from their inbox.
-    pub async fn send(&self, out: Outgoing) -> Result<SendReceipt, EngineError> {
+    ///
+    /// Order: the id is issued through the conversation's sequencer, the
+    /// store runs concurrently with other sends, and publishing follows id
+    /// order within the conversation (see [`crate::sequencer`]). The
+    /// returned future may be dropped at any point (a publisher hung up):
+    /// from the id on, the work runs in a task of its own, so a dropped
+    /// send neither loses a stored message nor stalls the conversation.
+    pub async fn send(self: &Arc<Self>, out: Outgoing) -> Result<SendReceipt, EngineError> {
         let result = self.send_inner(out).await;
         if let Err(e) = &result {
             self.metrics
@@ -247,14 +296,14 @@ impl Engine {
         result
     }
 
-    async fn send_inner(&self, out: Outgoing) -> Result<SendReceipt, EngineError> {
+    async fn send_inner(self: &Arc<Self>, out: Outgoing) -> Result<SendReceipt, EngineError> {
         if out.body.len() > self.cfg.max_body_bytes {
             return Err(EngineError::BodyTooLarge {
                 len: out.body.len(),
                 max: self.cfg.max_body_bytes,
             });
         }
-        let (sender, sender_client) = out.from.ids();
+        let (sender, _) = out.from.ids();
         // Membership first: to a non-member an unknown conversation and a
         // forbidden one answer the same.
         if sender != 0 && !self.store.is_member(out.conversation, sender).await? {
@@ -269,7 +318,99 @@ impl Engine {
             .await?
             .ok_or(EngineError::UnknownConversation(out.conversation))?;
         let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
-        let id = self.ids.next_id().await?;
+        let id = self.issue_id(out.conversation).await?;
+        let ticket = Ticket {
+            engine: self.clone(),
+            conversation: out.conversation,
+            id,
+            armed: true,
+        };
+        let engine = self.clone();
+        tokio::spawn(async move { engine.persist_and_publish(ticket, tier, out).await })
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("send failed: {e}")))?
+    }
+
+    /// Issues the next id through the conversation's sequencer, waiting
+    /// out (outside its lock) a clock that is slightly behind.
+    async fn issue_id(&self, conversation: u64) -> Result<u64, EngineError> {
+        enum Attempt {
+            Wait(Duration),
+            Fail(IdError),
+        }
+        let mut waited = Duration::ZERO;
+        loop {
+            let attempt = self.sequencer.enter(conversation, || {
+                match self.ids.poll_id(now_unix_ms(), &mut waited) {
+                    Ok(IdPoll::Ready(id)) => Ok(id),
+                    Ok(IdPoll::Wait(d)) => Err(Attempt::Wait(d)),
+                    Err(e) => Err(Attempt::Fail(e)),
+                }
+            });
+            match attempt {
+                Ok(id) => return Ok(id),
+                Err(Attempt::Wait(d)) => tokio::time::sleep(d).await,
+                Err(Attempt::Fail(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Stores the message with id `ticket.id`, then publishes it in its
+    /// conversation's id order (this task publishes the ready run when it
+    /// finds nobody else doing so) and returns once it is published.
+    async fn persist_and_publish(
+        self: Arc<Self>,
+        mut ticket: Ticket,
+        tier: Tier,
+        out: Outgoing,
+    ) -> Result<SendReceipt, EngineError> {
+        let id = ticket.id;
+        let (job, published, receipt) = match self.persist(id, tier, out).await {
+            Ok((Persisted::Stored, record, members)) => {
+                self.metrics.messages_stored.inc();
+                let (done, published) = tokio::sync::oneshot::channel();
+                let job = PublishJob {
+                    tier,
+                    except_client: record.message.sender_client,
+                    message: record.message,
+                    members,
+                    done,
+                };
+                let receipt = SendReceipt {
+                    message_id: id,
+                    duplicate: false,
+                };
+                (Some(job), Some(published), Ok(receipt))
+            }
+            Ok((Persisted::Duplicate(earlier), _, _)) => {
+                self.metrics.duplicate_sends.inc();
+                let receipt = SendReceipt {
+                    message_id: earlier,
+                    duplicate: true,
+                };
+                (None, None, Ok(receipt))
+            }
+            Err(e) => (None, None, Err(e)),
+        };
+        if let Some(run) = ticket.complete(job) {
+            self.publish_in_order(ticket.conversation, run).await;
+        }
+        if let Some(published) = published {
+            // Published by this task or by the conversation's publisher.
+            let _ = published.await;
+        }
+        receipt
+    }
+
+    /// The store step of a send: the members to publish to (tier 1), the
+    /// inbox rows, the deduplication key, and the insert.
+    async fn persist(
+        &self,
+        id: u64,
+        tier: Tier,
+        out: Outgoing,
+    ) -> Result<(Persisted, NewMessage, Vec<u64>), EngineError> {
+        let (sender, sender_client) = out.from.ids();
         // Tier 1 keeps a pending row per device; tiers 2 and 3 never read
         // their (large) member list on the write path.
         let members = match tier {
@@ -303,24 +444,24 @@ impl Engine {
             dedupe,
             inbox,
         };
-        match self.store.insert_message(&record).await? {
-            Persisted::Duplicate(earlier) => {
-                self.metrics.duplicate_sends.inc();
-                return Ok(SendReceipt {
-                    message_id: earlier,
-                    duplicate: true,
-                });
+        let persisted = self.store.insert_message(&record).await?;
+        Ok((persisted, record, members))
+    }
+
+    /// Publishes runs of one conversation's finished sends, oldest first,
+    /// until the sequencer has none ready.
+    async fn publish_in_order(&self, conversation: u64, mut run: Vec<PublishJob>) {
+        loop {
+            for job in run {
+                self.publish(job.tier, job.message, job.except_client, &job.members)
+                    .await;
+                let _ = job.done.send(());
             }
-            Persisted::Stored => {
-                self.metrics.messages_stored.inc();
+            match self.sequencer.next(conversation) {
+                Some(more) => run = more,
+                None => return,
             }
         }
-        self.publish(tier, record.message, sender_client, &members)
-            .await;
-        Ok(SendReceipt {
-            message_id: id,
-            duplicate: false,
-        })
     }
 
     /// Publishes a stored message by its tier: tier 1 on every member's
@@ -613,9 +754,11 @@ impl Engine {
         Ok(page)
     }
 
-    /// Removes acked ids from a device's inbox. Ids that were not pending
-    /// (never delivered to this device, or acked before) are refused with
-    /// `not_pending` after the others are removed.
+    /// Removes acked ids from a device's inbox; returns how many were
+    /// pending. An id that was not pending for this device (a tier-2 or
+    /// tier-3 message, which keep no inbox; one acked before; another
+    /// device's or user's) removes nothing and is not an error, so a
+    /// client may ack every message it shows, whatever its tier.
     pub async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, EngineError> {
         if ids.len() > self.cfg.max_page * 8 {
             return Err(EngineError::Invalid(format!(
@@ -626,15 +769,7 @@ impl Engine {
         let mut unique = ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
-        let removed = self.store.ack(device, &unique).await?;
-        if (removed as usize) < unique.len() {
-            return Err(EngineError::NotPending {
-                unknown: unique.len() - removed as usize,
-                asked: unique.len(),
-                removed,
-            });
-        }
-        Ok(removed)
+        Ok(self.store.ack(device, &unique).await?)
     }
 
     /// Refreshes the last-seen time of connected devices `(user, client)`.
@@ -704,6 +839,14 @@ impl Engine {
             )));
         }
         self.check_member(conversation, user).await?;
+        // A marker never moves back: one at or below the stored maximum is
+        // accepted and changes nothing (a device marking from an older
+        // page, or a retry). The stored marker trails the queue by its
+        // flush interval; edges drop the rest of what crosses on the wire.
+        let stored = self.store.read_marks(user, &[conversation]).await?;
+        if stored.first().is_some_and(|&(_, id)| id >= message_id) {
+            return Ok(());
+        }
         self.read_queue()
             .push(ReadMark {
                 user,

@@ -200,7 +200,6 @@ impl From<EngineError> for ApiError {
             EngineError::ConversationExists(_) => StatusCode::CONFLICT,
             EngineError::TooManyDevices { .. }
             | EngineError::Invalid(_)
-            | EngineError::NotPending { .. }
             | EngineError::UnknownDevice(_) => StatusCode::BAD_REQUEST,
             EngineError::Clock(_) | EngineError::Store(_) | EngineError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -14,6 +14,10 @@
 //! expired while the process was stalled) is taken back atomically if nobody
 //! else has it; a key holding another token stops this process's ids for
 //! good.
+//!
+//! Every renewal also reads the Redis server's clock (`TIME`, inside the
+//! script) and records this process's skew against it in the gate; ids stop
+//! while the skew is beyond `engine.max_clock_skew_ms` (see [`LeaseGate`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +30,15 @@ use tokio::task::JoinHandle;
 use crate::backplane::BackplaneError;
 use crate::snowflake::{LeaseGate, MAX_NODE};
 
-/// 1: renewed; 2: the key was gone and is ours again; 0: someone else's.
-const RENEW: &str = "local v = redis.call('get', KEYS[1]) \
-                     if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end \
-                     if not v then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end \
-                     return 0";
+/// `{status, seconds, microseconds}`: status 1: renewed; 2: the key was
+/// gone and is ours again; 0: someone else's. The time is the Redis
+/// server's (`TIME`), the common clock each node's skew is measured against.
+const RENEW: &str = "local t = redis.call('time') \
+                     local s = 0 \
+                     local v = redis.call('get', KEYS[1]) \
+                     if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) s = 1 \
+                     elseif not v then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) s = 2 end \
+                     return {s, tonumber(t[1]), tonumber(t[2])}";
 const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
                        return redis.call('del', KEYS[1]) else return 0 end";
 
@@ -90,6 +98,10 @@ impl NodeLease {
             if won.is_some() {
                 let gate = Arc::new(LeaseGate::closed());
                 gate.open_until(sent + good_for(ttl));
+                match measure_skew(client, node).await {
+                    Ok(skew) => gate.record_skew(skew),
+                    Err(error) => tracing::warn!(%error, "clock skew not measured"),
+                }
                 let stats = Arc::new(LeaseStats::default());
                 let renewer = tokio::spawn(renew(
                     client.clone(),
@@ -144,6 +156,36 @@ impl Drop for NodeLease {
     }
 }
 
+/// Local wall clock minus the Redis server's, from a command sent at local
+/// wall time `sent_ms` and answered at `received_ms` that read the server's
+/// time as `(seconds, microseconds)`: the server read it somewhere in
+/// between, so the midpoint is the estimate (off by at most half the round
+/// trip).
+fn skew_ms(sent_ms: u64, received_ms: u64, server: (i64, i64)) -> i64 {
+    let server_ms = server.0 * 1000 + server.1 / 1000;
+    let mid = (sent_ms + received_ms) / 2;
+    mid as i64 - server_ms
+}
+
+/// Measures this process's clock skew against the Redis server holding
+/// the lease key (a `TIME` by itself on that shard).
+async fn measure_skew(client: &Client, node: u16) -> Result<i64, String> {
+    let sent_ms = crate::snowflake::now_unix_ms();
+    let t: Vec<i64> = client
+        .eval(
+            "local t = redis.call('time') return {tonumber(t[1]), tonumber(t[2])}",
+            key(node),
+            Vec::<String>::new(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let received_ms = crate::snowflake::now_unix_ms();
+    match t[..] {
+        [s, us] => Ok(skew_ms(sent_ms, received_ms, (s, us))),
+        _ => Err(format!("TIME answered {t:?}")),
+    }
+}
+
 /// How long after a successful renewal was sent ids may still be issued:
 /// two thirds of the TTL, a third short of the earliest expiry.
 fn good_for(ttl: Duration) -> Duration {
@@ -169,15 +211,26 @@ async fn renew(
     loop {
         tokio::time::sleep_until(next).await;
         let sent = Instant::now();
+        let sent_ms = crate::snowflake::now_unix_ms();
         let call =
-            client.eval::<i64, _, _, _>(RENEW, key(node), vec![token.clone(), ttl_ms.clone()]);
+            client.eval::<Vec<i64>, _, _, _>(RENEW, key(node), vec![token.clone(), ttl_ms.clone()]);
         let outcome = match tokio::time::timeout(attempt_timeout, call).await {
-            Ok(Ok(n)) => Ok(n),
+            Ok(Ok(v)) => match v[..] {
+                [n, s, us] => {
+                    let received_ms = crate::snowflake::now_unix_ms();
+                    Ok((n, skew_ms(sent_ms, received_ms, (s, us))))
+                }
+                _ => Err(format!("renewal answered {v:?}")),
+            },
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {attempt_timeout:?}")),
         };
         match outcome {
-            Ok(n @ (1 | 2)) => {
+            Ok((n @ (1 | 2), skew)) => {
+                gate.record_skew(skew);
+                if let Err(e) = gate.check_skew() {
+                    tracing::error!(node, error = %e, "clock skew beyond the limit; no ids until it is back within");
+                }
                 gate.open_until(sent + good_for(ttl));
                 if n == 2 {
                     stats.reclaimed.fetch_add(1, Ordering::Relaxed);
@@ -203,5 +256,19 @@ async fn renew(
                 retry = (retry * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skew_ms;
+
+    #[test]
+    fn skew_is_the_midpoint_against_the_server_clock() {
+        // Sent at 1000, answered at 1010: the server read 1005 on a clock
+        // 5 s behind ours, 4 s ahead of it.
+        assert_eq!(skew_ms(1_000_000, 1_000_010, (995, 5_000)), 5_000);
+        assert_eq!(skew_ms(1_000_000, 1_000_010, (1004, 5_000)), -4_000);
+        assert_eq!(skew_ms(1_000_000, 1_000_000, (1000, 999)), 0);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`store`]: the `Store` trait, its embedded backend and the conformance
 //!   rules every backend passes.
 //! - [`planner`]: which fan-out tier a conversation gets (pure).
+//! - [`sequencer`]: per-conversation publish order (pure).
 //! - [`backplane`]: the `Backplane` and `Routes` traits, in-process and
 //!   Redis (Cluster, sharded pub/sub) backends.
 //! - [`lease`]: node-id leases through Redis.
@@ -29,6 +30,7 @@ pub mod lease;
 pub mod metrics;
 pub mod planner;
 pub mod reads;
+pub mod sequencer;
 pub mod snowflake;
 pub mod store;
 

@@ -9,6 +9,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::gauge::Gauge;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use tiercast_schemas::ids::{EPOCH_MS, NODE_BITS, SEQ_BITS, min_id_at};
@@ -32,6 +34,11 @@ pub enum IdError {
     /// another node's.
     #[error("node-id lease lost")]
     LeaseLost,
+    /// This node's wall clock is off the cluster's common clock by more
+    /// than `engine.max_clock_skew_ms`: its ids would sort wrongly against
+    /// other nodes' (fix the node's time sync).
+    #[error("clock is {skew_ms} ms off the cluster clock (limit {max_ms} ms)")]
+    ClockSkew { skew_ms: i64, max_ms: u64 },
 }
 
 /// The parts of an id.
@@ -115,12 +122,25 @@ pub fn now_unix_ms() -> u64 {
 /// that every id checks. Ids stop at the deadline even if the renewer is
 /// stuck (a hung command, a starved runtime), not only when it reports a
 /// failure.
+///
+/// The gate also holds this node's clock skew: the renewer measures the
+/// wall clock against the Redis server's (`TIME` inside the renewal
+/// script), and ids stop while the skew exceeds the bound. Ids of two
+/// nodes are compared by their time part, and a device resumes from a
+/// little before its cursor (the SDK's resync window, 3 s): a node whose
+/// clock is further behind than that issues ids that land before cursors
+/// other nodes' ids have already moved, and a resume would skip them.
 #[derive(Debug)]
 pub struct LeaseGate {
     base: Instant,
     /// Nanoseconds after `base` (a deadline at or before `base` is 0, and 0
     /// is closed: no elapsed time is below it).
     until_ns: AtomicU64,
+    /// Local wall clock minus the common clock, at the last measurement
+    /// (exported as `tiercast_clock_skew_ms`).
+    skew_ms: Gauge,
+    /// The largest |skew| ids are issued at; 0: not checked.
+    max_skew_ms: AtomicU64,
 }
 
 impl Default for LeaseGate {
@@ -134,7 +154,38 @@ impl LeaseGate {
         Self {
             base: Instant::now(),
             until_ns: AtomicU64::new(0),
+            skew_ms: Gauge::default(),
+            max_skew_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Records a measured skew (local wall clock minus the common clock).
+    pub fn record_skew(&self, skew_ms: i64) {
+        self.skew_ms.set(skew_ms);
+    }
+
+    pub fn skew_ms(&self) -> i64 {
+        self.skew_ms.get()
+    }
+
+    /// The skew as a metric (to register).
+    pub fn skew_gauge(&self) -> Gauge {
+        self.skew_ms.clone()
+    }
+
+    /// Ids stop while |skew| exceeds `max_ms` (0: never).
+    pub fn set_max_skew(&self, max_ms: u64) {
+        self.max_skew_ms.store(max_ms, Ordering::Release);
+    }
+
+    /// `Err` with the skew when it is beyond the bound.
+    pub fn check_skew(&self) -> Result<(), IdError> {
+        let max_ms = self.max_skew_ms.load(Ordering::Acquire);
+        let skew_ms = self.skew_ms();
+        if max_ms > 0 && skew_ms.unsigned_abs() > max_ms {
+            return Err(IdError::ClockSkew { skew_ms, max_ms });
+        }
+        Ok(())
     }
 
     /// Ids may be issued until `at` (later calls move it either way: a
@@ -186,6 +237,19 @@ impl IdGenerator {
         self.state.lock().expect("snowflake lock").node()
     }
 
+    /// One attempt at an id at wall time `now`, without waiting: the id,
+    /// or how long to wait before the next attempt (the clock is behind by
+    /// less than `max_backstep` in all, counted in `waited`, or this
+    /// millisecond's sequence is used up). Callers that must issue an id
+    /// under a lock of their own use this and wait outside it.
+    pub fn poll_id(&self, now: u64, waited: &mut Duration) -> Result<IdPoll, IdError> {
+        match self.step(now, waited) {
+            Step::Id(id) => Ok(IdPoll::Ready(id)),
+            Step::Wait(d) => Ok(IdPoll::Wait(d)),
+            Step::Fail(e) => Err(e),
+        }
+    }
+
     /// The next id. Waits (asynchronously) when the clock is behind, up to
     /// `max_backstep`, or when this millisecond's sequence is used up.
     pub async fn next_id(&self) -> Result<u64, IdError> {
@@ -218,10 +282,13 @@ impl IdGenerator {
 
     /// One decision of the policy: an id, a wait, or a refusal.
     fn step(&self, now: u64, waited: &mut Duration) -> Step {
-        if let Some(gate) = &self.lease
-            && !gate.is_open()
-        {
-            return Step::Fail(IdError::LeaseLost);
+        if let Some(gate) = &self.lease {
+            if !gate.is_open() {
+                return Step::Fail(IdError::LeaseLost);
+            }
+            if let Err(e) = gate.check_skew() {
+                return Step::Fail(e);
+            }
         }
         let result = self.state.lock().expect("snowflake lock").next_at(now);
         match result {
@@ -239,6 +306,13 @@ impl IdGenerator {
             Err(e) => Step::Fail(e),
         }
     }
+}
+
+/// What [`IdGenerator::poll_id`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdPoll {
+    Ready(u64),
+    Wait(Duration),
 }
 
 enum Step {

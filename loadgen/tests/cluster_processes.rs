@@ -65,9 +65,29 @@ struct Proc {
     lines: mpsc::Receiver<String>,
 }
 
+/// libfaketime (installed by `scripts/redis-cluster.sh install`).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
 impl Proc {
     fn spawn(args: &[String]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tiercast"))
+        Self::spawn_skewed(args, None)
+    }
+
+    /// With `skew` (libfaketime's offset syntax, e.g. "-5s") the process's
+    /// wall clock is moved by that much; its monotonic clock is not.
+    fn spawn_skewed(args: &[String], skew: Option<&str>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiercast"));
+        if let Some(offset) = skew {
+            assert!(
+                std::path::Path::new(FAKETIME_LIB).exists(),
+                "{FAKETIME_LIB} is missing: scripts/redis-cluster.sh install"
+            );
+            cmd.env("LD_PRELOAD", FAKETIME_LIB)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_NO_CACHE", "1");
+        }
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -131,6 +151,8 @@ fn common_args(redis: &Redis, dir: &std::path::Path) -> Vec<String> {
 struct Deployment {
     api: String,
     edges: Vec<(Proc, std::net::SocketAddr, String)>,
+    /// Each edge's HTTP address (its `/metrics`).
+    edge_http: Vec<String>,
     _engine: Proc,
     _tmp: tempfile::TempDir,
     _redis: Redis,
@@ -138,19 +160,28 @@ struct Deployment {
 
 impl Deployment {
     fn start(edges: usize) -> Self {
+        Self::start_skewed(&vec![None; edges])
+    }
+
+    /// One edge per entry of `skews`, each with its wall clock moved by it.
+    fn start_skewed(skews: &[Option<&str>]) -> Self {
         let redis = Redis::up();
         let tmp = tempfile::tempdir().unwrap();
         let mut args = vec!["engine".to_string()];
         args.extend(common_args(&redis, &tmp.path().join("engine")));
         let engine = Proc::spawn(&args);
         let api = engine.wait_for("HTTP API:");
-        let edges = (0..edges)
-            .map(|i| {
+        let mut edge_http = Vec::new();
+        let edges = skews
+            .iter()
+            .enumerate()
+            .map(|(i, skew)| {
                 let mut args = vec!["edge".to_string()];
                 args.extend(common_args(&redis, &tmp.path().join(format!("edge{i}"))));
                 args.extend(["--set".into(), format!("node.store_url={api}")]);
-                let p = Proc::spawn(&args);
+                let p = Proc::spawn_skewed(&args, *skew);
                 let quic = p.wait_for("QUIC edge:").parse().unwrap();
+                edge_http.push(p.wait_for("HTTP API:"));
                 let cert = std::fs::read_to_string(p.wait_for("certificate:")).unwrap();
                 (p, quic, cert)
             })
@@ -158,6 +189,7 @@ impl Deployment {
         Self {
             api,
             edges,
+            edge_http,
             _engine: engine,
             _tmp: tmp,
             _redis: redis,
@@ -396,4 +428,81 @@ async fn killing_an_edge_process_loses_no_message() {
         connects >= 18,
         "the six devices of the killed edge reconnected"
     );
+}
+
+/// A metric's value (one sample, signed) from a process's `/metrics`.
+async fn metric_i64(http_base: &str, name: &str) -> i64 {
+    let text = reqwest::get(format!("{http_base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is exported"))
+}
+
+/// One edge's wall clock is 5 s behind (libfaketime on the process). Its
+/// ids would sort 5 s early against the other nodes' and a resume (which
+/// syncs from 3 s before the cursor) would skip them; instead the edge
+/// measures its skew against the Redis servers' clock and issues no ids
+/// (sends answer `unavailable`) while it still delivers. The other edge,
+/// on time, serves sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_clock_is_off_issues_no_ids() {
+    let deployment = Deployment::start_skewed(&[None, Some("-5s")]);
+    let (api, edges) = (&deployment.api, &deployment.edges);
+    let on_time = metric_i64(&deployment.edge_http[0], "tiercast_clock_skew_ms").await;
+    let behind = metric_i64(&deployment.edge_http[1], "tiercast_clock_skew_ms").await;
+    assert!(on_time.abs() < 500, "edge 0 is on time: {on_time} ms");
+    assert!(
+        (-5_500..=-4_500).contains(&behind),
+        "edge 1 measured its clock 5 s behind: {behind} ms"
+    );
+
+    let keys = tiercast_engine::auth::TokenKeys::new(SECRET.as_bytes());
+    let now = tiercast_engine::auth::now_unix();
+    let publisher = keys.mint_publisher("test", now, 600);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{api}/v1/conversations"))
+        .bearer_auth(&publisher)
+        .json(&json!({"id": 1, "members": [1, 2]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let device = |edge: usize, user: u64| {
+        let (_, quic, cert) = &edges[edge];
+        ClientConfig::new(*quic, cert.clone(), keys.mint_user(user, now, 600), 0)
+    };
+    let (alice, _alice_rx) = Client::connect(device(0, 1)).await.unwrap();
+    let (bob, mut bob_rx) = Client::connect(device(1, 2)).await.unwrap();
+
+    let refused = bob
+        .send(1, 1, Bytes::from_static(b"from the skewed edge"))
+        .await
+        .expect_err("the skewed edge issues no id");
+    assert_eq!(
+        refused.code(),
+        Some(tiercast_schemas::wire::ErrorCode::Unavailable),
+        "refused as unavailable: {refused}"
+    );
+    assert!(refused.to_string().contains("cluster clock"), "{refused}");
+    let sent = alice
+        .send(1, 1, Bytes::from_static(b"from the edge on time"))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(Delivery::Message(m)) = bob_rx.recv().await {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the skewed edge still delivers");
+    assert_eq!(got.id, sent.message_id);
 }

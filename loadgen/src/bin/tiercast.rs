@@ -785,6 +785,7 @@ async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
         "listening as user {} (device {}); Ctrl-C to stop",
         client.user_id, client.client_id
     );
+    let mut last_notified: std::collections::HashMap<u64, u64> = Default::default();
     loop {
         let d = tokio::select! {
             d = rx.recv() => d,
@@ -792,21 +793,43 @@ async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
         };
         match d {
             Some(Delivery::Message(m)) => {
-                println!(
-                    "[conversation {}] user {}: {}  (id {})",
-                    m.conversation,
-                    m.sender,
-                    String::from_utf8_lossy(&m.body),
-                    m.id
-                );
-                let _ = std::io::stdout().flush();
+                print_message(&m);
                 // Tier-1 messages wait in this device's inbox until acked;
-                // tier 2 and 3 keep none, so their ids are not pending.
-                match client.ack(&[m.id]).await {
-                    Ok(_) => {}
-                    Err(e) if e.code() == Some(tiercast_schemas::wire::ErrorCode::NotPending) => {}
-                    Err(e) => return Err(anyhow::anyhow!("ack: {e}")),
+                // acking a tier-2 or tier-3 id removes nothing, and is fine.
+                client
+                    .ack(&[m.id])
+                    .await
+                    .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+            }
+            Some(Delivery::Notify {
+                conversation,
+                message_id,
+            }) => {
+                // Tier 3: the notification names the newest message (it
+                // may stand for several); show those not shown yet.
+                let shown = *last_notified.get(&conversation).unwrap_or(&0);
+                if message_id <= shown {
+                    continue;
                 }
+                let mut new = if shown == 0 {
+                    client
+                        .pull(conversation, message_id)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("pull: {e}"))?
+                        .into_iter()
+                        .collect()
+                } else {
+                    let (page, _) = client
+                        .fetch(conversation, message_id + 1, 100)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("fetch: {e}"))?;
+                    page.into_iter()
+                        .filter(|m| m.id > shown)
+                        .collect::<Vec<_>>()
+                };
+                new.sort_by_key(|m| m.id);
+                new.iter().for_each(print_message);
+                last_notified.insert(conversation, message_id);
             }
             Some(other) => println!("{other:?}"),
             None => {
@@ -817,6 +840,17 @@ async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
     }
     client.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_message(m: &tiercast_schemas::wire::Message) {
+    println!(
+        "[conversation {}] user {}: {}  (id {})",
+        m.conversation,
+        m.sender,
+        String::from_utf8_lossy(&m.body),
+        m.id
+    );
+    let _ = std::io::stdout().flush();
 }
 
 async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
