@@ -89,7 +89,7 @@ impl SessionConfig {
             sync_limit: 200,
             resync_window: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(4),
             endpoint: None,
             event_buffer: 65_536,
             report_duplicates: false,
@@ -198,6 +198,8 @@ struct State {
     /// on the next connect sync from there.
     disconnected_at_ms: Option<u64>,
     listed: bool,
+    /// The cursors a resume started from, until it completes.
+    resume_from: Option<HashMap<u64, u64>>,
 }
 
 /// Ids to keep per conversation before pruning.
@@ -516,7 +518,11 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
                     return;
                 }
                 failures = 1;
-                edge += 1;
+                // Another edge, chosen at random: the devices of an edge
+                // that died spread over the others instead of all moving
+                // to the next one in their lists.
+                let others = cfg.edges.len().saturating_sub(1).max(1);
+                edge += 1 + rand::random_range(0..others);
                 delay = full_jitter(cfg.backoff_base, cfg.backoff_cap, failures);
             }
         }
@@ -537,7 +543,23 @@ async fn serve_connection(
     mut deliveries: crate::connection::Deliveries,
     events: &mpsc::Sender<Event>,
 ) -> Ended {
-    let resync = tokio::spawn(resume(inner.clone(), client.clone(), events.clone()));
+    // The cursors as the last connection left them, taken before this
+    // connection's first live message: live traffic on the new edge moves
+    // the cursors on at once, and a resume from those would skip what
+    // came between the old connection's end and the new one's start. If
+    // the last resume did not finish (its connection ended too), this one
+    // starts from where that one did.
+    let cursors = {
+        let mut st = inner.state.lock().expect("state lock");
+        let now = st.cursors.clone();
+        st.resume_from.get_or_insert(now).clone()
+    };
+    let resync = tokio::spawn(resume(
+        inner.clone(),
+        client.clone(),
+        events.clone(),
+        cursors,
+    ));
     let mut ack_tick = tokio::time::interval(Duration::from_millis(25));
     let ended = loop {
         tokio::select! {
@@ -691,17 +713,29 @@ async fn flush_acks(inner: &Inner, client: &Client) {
 }
 
 /// After (re)connecting: list the user's conversations, then sync every
-/// cursor from a little before it, page by page. A failed sync (the store
-/// unavailable, rate limited) is retried with backoff for as long as the
-/// connection lives, from the cursors taken at the first attempt: live
-/// traffic meanwhile moves the cursors on, and a retry from those would
-/// leave the gap before them unfilled.
-async fn resume(inner: Arc<Inner>, client: Client, events: mpsc::Sender<Event>) {
-    let mut pinned = Pinned::default();
+/// cursor from a little before it, page by page. The cursors are those the
+/// previous connection ended with (taken before any live message of this
+/// one). A failed sync (the store unavailable, rate limited) is retried
+/// with backoff for as long as the connection lives, from those same
+/// cursors: live traffic meanwhile moves the cursors on, and a retry from
+/// those would leave the gap before them unfilled.
+async fn resume(
+    inner: Arc<Inner>,
+    client: Client,
+    events: mpsc::Sender<Event>,
+    cursors: HashMap<u64, u64>,
+) {
+    let mut pinned = Pinned {
+        listing: None,
+        cursors: Some(cursors),
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         match resume_inner(&inner, &client, &events, &mut pinned).await {
-            Ok(()) => return,
+            Ok(()) => {
+                inner.state.lock().expect("state lock").resume_from = None;
+                return;
+            }
             Err(e) => {
                 let wait = match &e {
                     ClientError::RateLimited { retry_after, .. } => (*retry_after).max(backoff),

@@ -23,7 +23,9 @@ fn outgoing(conversation: u64, body: &str) -> Outgoing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_while_redis_is_unreachable_is_stored_and_reaches_every_device() {
-    let fleet = Fleet::start(RedisCluster::up(0), 2, &[]).await;
+    // Publishes are not retried here: the sends return once the publish
+    // fails, and the devices catch up on their next connect.
+    let fleet = Fleet::start(RedisCluster::up(0), 2, &[("engine.publish_retry_ms", "0")]).await;
     let engine = fleet.nodes[0].engine.clone();
     engine
         .create_conversation(Some(1), "chat".into(), &[1, 2])
@@ -107,6 +109,100 @@ async fn a_send_while_redis_is_unreachable_is_stored_and_reaches_every_device() 
 }
 
 /// Both futures at once (the sends time out concurrently).
+/// A process that stored a send and died before publishing it (an edge
+/// SIGKILLed between the two) leaves the message in the store, with its
+/// deduplication record, and published to nobody. The state is made here
+/// exactly as such a death leaves it (the store rows, written directly);
+/// the sender retries (same client_msg_id) through an engine, is answered
+/// from the deduplication record, and the message is published then: the
+/// devices, still connected, get it live without reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_publishes_what_the_first_attempt_could_not() {
+    let fleet = Fleet::start(RedisCluster::up(0), 2, &[]).await;
+    let engine = fleet.nodes[0].engine.clone();
+    engine
+        .create_conversation(Some(1), "chat".into(), &[1, 2])
+        .await
+        .unwrap();
+    engine
+        .create_conversation(Some(2), "group".into(), &[1, 2])
+        .await
+        .unwrap();
+    engine.pin_tier(2, Some(Tier::Sharded)).await.unwrap();
+    let alice = Device::start(fleet.session_config(&[0, 1], 1, 10).await);
+    let bob = Device::start(fleet.session_config(&[1, 0], 2, 20).await);
+    for d in [&alice, &bob] {
+        d.wait_until("connected", WAIT, |l| l.connects >= 1).await;
+    }
+    let out = |conversation: u64| Outgoing {
+        conversation,
+        from: tiercast_engine::Sender::Publisher {
+            subject: "backend".into(),
+            as_user: 0,
+        },
+        client_msg_id: 40 + conversation,
+        body: Bytes::from(format!("to {conversation}")),
+    };
+    // The first attempts: stored (tier-1 inbox rows too), never published.
+    let ids: Vec<u64> = (0..2).map(|i| now_id() + i).collect();
+    let devices = fleet.store.devices_of(&[1, 2]).await.unwrap();
+    for (i, conv) in [1u64, 2].into_iter().enumerate() {
+        let o = out(conv);
+        let record = tiercast_engine::store::NewMessage {
+            message: tiercast_schemas::wire::Message {
+                id: ids[i],
+                conversation: conv,
+                sender: 0,
+                sender_client: 0,
+                body: o.body,
+            },
+            dedupe: Some(tiercast_engine::store::Dedupe {
+                scope: tiercast_engine::store::Dedupe::publisher_scope("backend"),
+                client_msg_id: o.client_msg_id,
+                now_ms: tiercast_engine::snowflake::now_unix_ms(),
+                ttl_ms: 60_000,
+            }),
+            inbox: if conv == 1 {
+                devices.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        fleet.store.insert_message(&record).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for d in [&alice, &bob] {
+        let log = d.log.lock().unwrap();
+        assert!(
+            !log.ids(1).contains(&ids[0]) && !log.ids(2).contains(&ids[1]),
+            "nothing was published"
+        );
+    }
+    for (i, conv) in [1u64, 2].into_iter().enumerate() {
+        let again = engine.send(out(conv)).await.unwrap();
+        assert_eq!((again.message_id, again.duplicate), (ids[i], true));
+    }
+    for d in [&alice, &bob] {
+        d.wait_until("the retried messages, live", WAIT, |l| {
+            l.ids(1).contains(&ids[0]) && l.ids(2).contains(&ids[1])
+        })
+        .await;
+        assert_eq!(d.log.lock().unwrap().connects, 1, "without a reconnect");
+    }
+    assert_eq!(
+        common::metric(
+            &fleet.nodes[0].metrics(),
+            "tiercast_engine_republished_total"
+        ),
+        2
+    );
+}
+
+/// An id no engine of the fleet issues (node 1023, the current ms).
+fn now_id() -> u64 {
+    tiercast_engine::snowflake::compose(tiercast_engine::snowflake::now_unix_ms(), 1023, 0)
+}
+
 async fn futures_join<T>(fs: [impl std::future::Future<Output = T>; 2]) -> Vec<T> {
     let [a, b] = fs;
     let (a, b) = tokio::join!(a, b);

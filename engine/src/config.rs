@@ -36,6 +36,11 @@ pub struct EngineConfig {
     pub device_ttl_ms: u64,
     /// How often the device reaper looks for such devices.
     pub device_sweep_ms: u64,
+    /// How long a failed publish of a stored message is retried (with
+    /// backoff) before devices are left to catch up on their next connect.
+    /// Covers a Redis failover (a shard without a master for a few
+    /// seconds); the conversation's later messages wait behind it.
+    pub publish_retry_ms: u64,
     /// Cursors one Sync may carry.
     pub max_sync_cursors: usize,
     /// Cluster: read markers a stopped flusher left pending this long are
@@ -70,6 +75,7 @@ impl Default for EngineConfig {
             node_channels: 8,
             device_ttl_ms: 30 * 24 * 3_600_000,
             device_sweep_ms: 60_000,
+            publish_retry_ms: 10_000,
             max_sync_cursors: 256,
             read_claim_idle_ms: 30_000,
             dedupe_ttl_ms: 24 * 3_600_000,
@@ -122,6 +128,12 @@ impl EngineConfig {
             return Err(InvalidSetting::new(
                 "engine.max_clock_skew_ms",
                 "must be at most 2000 (below the SDK's 3 s resync window)",
+            ));
+        }
+        if self.publish_retry_ms > 60_000 {
+            return Err(InvalidSetting::new(
+                "engine.publish_retry_ms",
+                "must be at most 60000",
             ));
         }
         if !(1..=1000).contains(&self.max_page) {

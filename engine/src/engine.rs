@@ -382,13 +382,41 @@ impl Engine {
                 };
                 (Some(job), Some(published), Ok(receipt))
             }
-            Ok((Persisted::Duplicate(earlier), _, _)) => {
+            Ok((Persisted::Duplicate(earlier), record, members)) => {
                 self.metrics.duplicate_sends.inc();
                 let receipt = SendReceipt {
                     message_id: earlier,
                     duplicate: true,
                 };
-                (None, None, Ok(receipt))
+                // A retry: the first attempt stored the message but its
+                // sender never heard back, and it may have died before
+                // publishing (an edge killed between the two). Publish the
+                // stored message again: devices that had it drop the copy
+                // by id; devices that did not would otherwise not see it
+                // until they reconnect.
+                match self
+                    .store
+                    .message(record.message.conversation, earlier)
+                    .await
+                {
+                    Ok(Some(message)) => {
+                        self.metrics.republished.inc();
+                        let (done, published) = tokio::sync::oneshot::channel();
+                        let job = PublishJob {
+                            tier,
+                            except_client: message.sender_client,
+                            message,
+                            members,
+                            done,
+                        };
+                        (Some(job), Some(published), Ok(receipt))
+                    }
+                    Ok(None) => (None, None, Ok(receipt)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, id = earlier, "retried message not re-published");
+                        (None, None, Ok(receipt))
+                    }
+                }
             }
             Err(e) => (None, None, Err(e)),
         };
@@ -501,13 +529,14 @@ impl Engine {
             },
         };
         let label = TierLabel { tier: tier as u8 };
+        let retry_for = Duration::from_millis(self.cfg.publish_retry_ms);
         // Publishes go out concurrently (the Redis client pipelines them on
         // its connections) instead of one round trip after another.
         let results = futures::stream::iter(channels)
             .map(|channel| {
                 let payload = payload.clone();
                 async move {
-                    let r = self.backplane.publish(&channel, payload).await;
+                    let r = self.publish_retrying(&channel, payload, retry_for).await;
                     (channel, r)
                 }
             })
@@ -526,6 +555,33 @@ impl Engine {
                 Err(e) => {
                     self.metrics.publish_failures.inc();
                     tracing::warn!(%channel, error = %e, "publish failed; devices catch up from the store");
+                }
+            }
+        }
+    }
+
+    /// One publish, tried again with backoff (50 ms doubling to 1 s) while
+    /// it fails, for at most `retry_for`: a Redis failover leaves a shard's
+    /// slots without a master for a few seconds, and a message published
+    /// then would reach nobody live. The conversation's later messages
+    /// wait behind it (they are published in id order).
+    async fn publish_retrying(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        retry_for: Duration,
+    ) -> Result<(), crate::backplane::BackplaneError> {
+        let deadline = tokio::time::Instant::now() + retry_for;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.backplane.publish(channel, payload.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + backoff > deadline => return Err(e),
+                Err(e) => {
+                    self.metrics.publish_retries.inc();
+                    tracing::debug!(%channel, error = %e, ?backoff, "publish failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }

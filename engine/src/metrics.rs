@@ -25,6 +25,8 @@ pub struct EngineMetrics {
     pub publishes: Family<TierLabel, Counter>,
     pub publish_bytes: Family<TierLabel, Counter>,
     pub publish_failures: Counter,
+    pub publish_retries: Counter,
+    pub republished: Counter,
 }
 
 impl EngineMetrics {
@@ -60,6 +62,16 @@ impl EngineMetrics {
             "publish_failures",
             "Publishes that failed after the message was stored",
             m.publish_failures.clone(),
+        );
+        r.register(
+            "publish_retries",
+            "Publishes tried again after a failure (a Redis failover, a moved slot), within engine.publish_retry_ms",
+            m.publish_retries.clone(),
+        );
+        r.register(
+            "republished",
+            "Messages published again because their sender retried (the first attempt may have stored the message and died before publishing it)",
+            m.republished.clone(),
         );
         m
     }

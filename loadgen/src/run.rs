@@ -55,6 +55,8 @@ struct DeviceLog {
     /// When the last connection was lost (for reconnect times).
     lost_at_us: Option<u64>,
     reconnect_us: Vec<u64>,
+    /// When each connect completed (us since the run's base).
+    connected_at_us: Vec<u64>,
     errors: HashMap<String, u64>,
     /// Index into the target's edges of the current connection.
     edge: Option<usize>,
@@ -147,7 +149,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
 
 async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Result<RunReport> {
     let base = Instant::now();
-    let loadgen_cpu0 = cpu_seconds(std::process::id());
     let http = reqwest::Client::new();
     let now = tiercast_engine::auth::now_unix();
     let publisher = target.keys.mint_publisher("loadgen", now, 24 * 3600);
@@ -224,7 +225,10 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     }
     let connect_elapsed = connect_start.elapsed();
     let rss1 = target.edge_rss();
+    // Server and loadgen CPU over the same window: from here (everyone
+    // connected) to the end of the settle.
     let server_cpu0 = target.server_cpu();
+    let loadgen_cpu0 = cpu_seconds(std::process::id());
     let connected = progress.connected.load(Ordering::Relaxed);
 
     // The open-loop send schedule.
@@ -252,6 +256,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     let client_msg = Arc::new(AtomicU64::new(1));
     let mut storm_done = s.reconnect_storm.is_none();
     let mut storm_report = None;
+    let mut fault_done = s.edge_fault.is_none();
+    let mut fault_report: Option<(Vec<usize>, u64)> = None;
     loop {
         let gap = match s.rate.kind {
             RateKind::Constant => 1.0 / s.rate.messages_per_s,
@@ -279,6 +285,20 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 sessions[i].1.reconnect();
             }
             storm_report = Some((on_edge.len(), now_us(base)));
+        }
+        if !fault_done
+            && let Some(fault) = &s.edge_fault
+            && t >= fault.at_s
+        {
+            fault_done = true;
+            let on_edge: Vec<usize> = meta
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.log.lock().expect("log").edge == Some(fault.edge))
+                .map(|(i, _)| i)
+                .collect();
+            target.signal_edge(fault.edge, fault.signal.name())?;
+            fault_report = Some((on_edge, now_us(base)));
         }
         let at = send_start + Duration::from_secs_f64(t);
         tokio::time::sleep_until(at.into()).await;
@@ -572,6 +592,34 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let fault = match (&s.edge_fault, fault_report) {
+        (Some(f), Some((on_edge, at_us))) => {
+            // How long the devices of the signalled edge took to be
+            // connected again (to another edge), from the signal.
+            let n = on_edge.len();
+            let mut back: Vec<u64> = on_edge
+                .iter()
+                .filter_map(|&i| {
+                    let l = meta[i].log.lock().expect("log");
+                    l.connected_at_us
+                        .iter()
+                        .find(|&&t| t >= at_us)
+                        .map(|&t| t - at_us)
+                })
+                .collect();
+            json!({
+                "signal": f.signal.name(),
+                "edge": f.edge,
+                "at_s": f.at_s,
+                "devices_on_edge": n,
+                "devices_back": back.len(),
+                "back_p50_ms": q(&mut back, 0.5) as f64 / 1e3,
+                "back_p99_ms": q(&mut back, 0.99) as f64 / 1e3,
+                "back_max_ms": q(&mut back, 1.0) as f64 / 1e3,
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
     let storm = storm_report.map(|(n, _)| {
         json!({
             "devices_dropped": n,
@@ -608,6 +656,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         "reconnect_storm".into(),
         storm.unwrap_or(serde_json::Value::Null),
     );
+    obj.insert("edge_fault".into(), fault);
     obj.insert("timeline".into(), serde_json::to_value(&timeline)?);
     obj.insert(
         "run_seconds".into(),
@@ -761,6 +810,7 @@ async fn consume(
                     l.connected_after_us = Some(at);
                     progress.connected.fetch_add(1, Ordering::Relaxed);
                 }
+                l.connected_at_us.push(at);
                 if let Some(lost) = l.lost_at_us.take() {
                     l.reconnect_us.push(at - lost);
                 }
@@ -994,6 +1044,21 @@ fn render(
             st["reconnect_p50_ms"],
             st["reconnect_p99_ms"],
             st["reconnect_max_ms"]
+        );
+    }
+    if !report["edge_fault"].is_null() {
+        let f = &report["edge_fault"];
+        let _ = writeln!(
+            out,
+            "edge fault: SIG{} to edge {} at {} s; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
+            f["signal"].as_str().unwrap_or("?"),
+            f["edge"],
+            f["at_s"],
+            f["devices_on_edge"],
+            f["devices_back"],
+            f["back_p50_ms"],
+            f["back_p99_ms"],
+            f["back_max_ms"]
         );
     }
     if let Some(e) = report["errors"].as_object()

@@ -34,6 +34,9 @@ pub struct Scenario {
     pub conversations: Vec<Group>,
     #[serde(default)]
     pub reconnect_storm: Option<Storm>,
+    /// An edge process is signalled mid-run (self-hosted targets only).
+    #[serde(default)]
+    pub edge_fault: Option<EdgeFault>,
 }
 
 fn one() -> u64 {
@@ -111,6 +114,35 @@ pub struct Storm {
     /// Which edge (index into the edges) loses its devices.
     #[serde(default)]
     pub edge: usize,
+}
+
+/// One edge process gets a signal mid-run and is not restarted: `kill`
+/// (SIGKILL: no drain, its devices notice by their idle timeout) or `term`
+/// (SIGTERM: it drains its devices to the other edges and exits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeFault {
+    /// Seconds after sending starts (warm-up included).
+    pub at_s: f64,
+    #[serde(default)]
+    pub edge: usize,
+    pub signal: FaultSignal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultSignal {
+    Kill,
+    Term,
+}
+
+impl FaultSignal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "KILL",
+            Self::Term => "TERM",
+        }
+    }
 }
 
 impl Scenario {

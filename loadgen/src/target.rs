@@ -76,6 +76,19 @@ impl ServerProc {
         self.child.id()
     }
 
+    /// Sends `signal` (a `kill -s` name) to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let ok = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()
+            .context("running kill")?
+            .success();
+        if !ok {
+            bail!("kill -s {signal} {} failed", self.pid());
+        }
+        Ok(())
+    }
+
     /// SIGTERM (the edge drains), then SIGKILL after 10 s.
     fn stop(&mut self) {
         let _ = Command::new("kill")
@@ -188,6 +201,21 @@ impl Target {
     }
 
     /// Server CPU seconds so far (all processes), if self-hosted.
+    /// Signals edge `edge` (self-hosted targets only).
+    pub fn signal_edge(&self, edge: usize, signal: &str) -> anyhow::Result<()> {
+        let role = if self.servers.len() == 1 {
+            "edge 0 (single node)".to_owned()
+        } else {
+            format!("edge {edge}")
+        };
+        match self.servers.iter().find(|p| p.role == role) {
+            Some(p) => p.signal(signal),
+            None => {
+                bail!("edge {edge}: not a process loadgen started (edge_fault needs --self-hosted)")
+            }
+        }
+    }
+
     pub fn server_cpu(&self) -> Option<f64> {
         if self.servers.is_empty() {
             return None;
