@@ -112,7 +112,8 @@ pub enum Event {
     ReadMarker { conversation: u64, message_id: u64 },
     /// The connection ended; the session reconnects.
     Disconnected { error: ClientError },
-    /// A message that was dropped as already seen (only with
+    /// A message that was dropped as already seen, or a tier-3
+    /// notification not newer than the last one (only with
     /// [`SessionConfig::report_duplicates`]).
     Duplicate { conversation: u64, message_id: u64 },
     /// The session gave up (a refused token, too many devices): it will not
@@ -138,6 +139,9 @@ pub struct SessionStats {
     pub held: AtomicU64,
     pub reordered: AtomicU64,
     pub late: AtomicU64,
+    /// Tier-3 notifications dropped: their id was not newer than the
+    /// conversation's cursor (a repeat, or older than one already shown).
+    pub notifies_dropped: AtomicU64,
 }
 
 /// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
@@ -578,7 +582,16 @@ async fn serve_connection(
                         *c = (*c).max(message_id);
                         newer
                     };
-                    if newer && events.send(Event::Notify { conversation, message_id }).await.is_err() {
+                    if !newer {
+                        // Already known (or older than what is): dropped,
+                        // and counted like a dropped duplicate message.
+                        inner.stats.notifies_dropped.fetch_add(1, Ordering::Relaxed);
+                        if inner.cfg.report_duplicates
+                            && events.send(Event::Duplicate { conversation, message_id }).await.is_err()
+                        {
+                            break Ended::Closed;
+                        }
+                    } else if events.send(Event::Notify { conversation, message_id }).await.is_err() {
                         break Ended::Closed;
                     }
                 }

@@ -128,6 +128,17 @@ impl LocalConversations {
     pub fn conversations(&self) -> usize {
         self.inner.lock().expect("index lock").by_conv.len()
     }
+
+    /// Every conversation with a local member.
+    pub fn all(&self) -> Vec<u64> {
+        self.inner
+            .lock()
+            .expect("index lock")
+            .by_conv
+            .keys()
+            .copied()
+            .collect()
+    }
 }
 
 #[cfg(test)]

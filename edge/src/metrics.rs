@@ -19,6 +19,8 @@ pub struct EdgeMetrics {
     pub pull_store_reads: Counter,
     pub coalesced_notifications: Counter,
     pub stale_read_markers: Counter,
+    pub gap_repairs: Counter,
+    pub gap_repair_frames: Counter,
     pub seam_duplicates: Counter,
     pub drained: Counter,
     pub syncs: Counter,
@@ -92,6 +94,16 @@ impl EdgeMetrics {
             "coalesced_notifications",
             "Tier-3 notifications set aside for a full queue (one per conversation is sent later)",
             m.coalesced_notifications.clone(),
+        );
+        r.register(
+            "gap_repairs",
+            "Gap repairs after the backplane subscriptions were interrupted (inbox re-drain, tier-2 resync, tier-3 latest id)",
+            m.gap_repairs.clone(),
+        );
+        r.register(
+            "gap_repair_frames",
+            "Frames sent by gap repairs (devices drop those they had by id)",
+            m.gap_repair_frames.clone(),
         );
         r.register(
             "stale_read_markers",

@@ -14,7 +14,8 @@ use tiercast_engine::auth::TokenKeys;
 use tiercast_engine::backplane::{
     Inbound, Subscriber, node_channel, parse_node_channel, parse_user_channel,
 };
-use tiercast_schemas::envelope::{Envelope, Payload};
+use tiercast_engine::store::Device;
+use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{ErrorCode, Message, ServerBody, ServerFrame};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -269,6 +270,7 @@ impl Edge {
         let fanout = tokio::spawn(fan_out_loop(shared.clone(), inbound));
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let toucher = tokio::spawn(touch_devices(shared.clone()));
+        let repairer = tokio::spawn(repair_gaps(shared.clone()));
         let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes_in_flight));
         // New connections per second before addresses must be validated.
@@ -354,6 +356,7 @@ impl Edge {
         fanout.abort();
         heartbeat.abort();
         toucher.abort();
+        repairer.abort();
         endpoint.wait_idle().await;
     }
 }
@@ -368,6 +371,123 @@ pub(crate) fn notify_frame(conversation: u64, message_id: u64) -> bytes::Bytes {
         },
     )
     .encode()
+}
+
+/// How far before the newest id seen here a tier-2 gap repair reads (ids
+/// of several engine nodes interleave by their clock skew, bounded below
+/// this by `engine.max_clock_skew_ms`).
+const REPAIR_WINDOW_MS: u64 = 3_000;
+
+/// Messages read per conversation by one gap repair (the rest reach the
+/// devices on their next connect or sync).
+const REPAIR_MAX_PER_CONVERSATION: usize = 1_000;
+
+/// Repairs the gap each time the backplane subscriptions were interrupted
+/// and are whole again (a Redis failover, a reconnect, a moved slot):
+/// payloads published meanwhile never reached this edge, and the devices
+/// connected here, which stay connected, would not look for them. So the
+/// edge looks for them: each connected device's pending inbox again
+/// (tier 1), each hosted conversation's messages since a little before the
+/// newest id fanned out here (tier 2), and each tier-3 conversation's
+/// latest id. Devices drop what they already had by id.
+async fn repair_gaps(shared: Arc<Shared>) {
+    let mut interruptions = shared.subscriber.interruptions();
+    while interruptions.changed().await.is_ok() {
+        let started = std::time::Instant::now();
+        let repaired = repair(&shared).await;
+        shared.metrics.gap_repairs.inc();
+        shared.metrics.gap_repair_frames.inc_by(repaired);
+        tracing::info!(
+            frames = repaired,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "backplane subscriptions were interrupted; gap repaired from the store"
+        );
+    }
+}
+
+async fn repair(shared: &Shared) -> u64 {
+    let engine = &shared.engine;
+    let mut frames = 0u64;
+    for (user, client) in shared.sessions.devices() {
+        match engine.pending(Device { user, client }, 0).await {
+            Ok(page) => {
+                for m in page {
+                    let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
+                    frames += u64::from(shared.sessions.send_to(user, client, &frame));
+                }
+            }
+            Err(e) => tracing::warn!(user, error = %e, "gap repair: inbox not read"),
+        }
+    }
+    let window = tiercast_engine::snowflake::min_id_at(
+        tiercast_engine::snowflake::EPOCH_MS + REPAIR_WINDOW_MS,
+    );
+    for conv in shared.conversations.all() {
+        let tier = match engine.store().conversation(conv).await {
+            Ok(Some(c)) => c.tier,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(conv, error = %e, "gap repair: conversation not read");
+                continue;
+            }
+        };
+        let newest = shared.newest_seen.get(&conv).unwrap_or(0);
+        if tier == Tier::IdOnly as u8 {
+            let latest = engine
+                .store()
+                .history(
+                    conv,
+                    tiercast_engine::store::Page {
+                        before: 0,
+                        after: 0,
+                        limit: 1,
+                    },
+                )
+                .await;
+            if let Ok(Some(m)) = latest.map(|p| p.into_iter().next())
+                && m.id > newest
+            {
+                shared.saw(conv, m.id);
+                let frame = notify_frame(conv, m.id);
+                for u in shared.conversations.users(conv) {
+                    frames += shared
+                        .sessions
+                        .fan_out(u, 0, &frame, Some((conv, m.id)))
+                        .enqueued as u64;
+                }
+            }
+            continue;
+        }
+        if tier != Tier::Sharded as u8 {
+            continue;
+        }
+        let mut after = newest.saturating_sub(window);
+        let mut read = 0;
+        while read < REPAIR_MAX_PER_CONVERSATION {
+            let page = match engine.store().since(conv, after, 200).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(conv, error = %e, "gap repair: messages not read");
+                    break;
+                }
+            };
+            let Some(last) = page.last().map(|m| m.id) else {
+                break;
+            };
+            read += page.len();
+            after = last;
+            let users = shared.conversations.users(conv);
+            for m in page {
+                shared.saw(conv, m.id);
+                let except = m.sender_client;
+                let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
+                for &u in &users {
+                    frames += shared.sessions.fan_out(u, except, &frame, None).enqueued as u64;
+                }
+            }
+        }
+    }
+    frames
 }
 
 /// Refreshes the last-seen time of the devices connected here four times

@@ -178,6 +178,19 @@ impl<C: Clone> Sessions<C> {
             .collect()
     }
 
+    /// Hands `frame` to the local connection of device `client_id` of
+    /// `user`, if it is here and its queue has room (a full queue skips
+    /// it: the device's next connect catches it up). True if enqueued.
+    pub fn send_to(&self, user: u64, client_id: u64, frame: &Bytes) -> bool {
+        let users = self.users.lock().expect("sessions lock");
+        users
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.client_id == client_id)
+            .any(|c| c.tx.try_send(frame.clone()).is_ok())
+    }
+
     /// Hands `frame` (encoded once, shared) to every local connection of
     /// `user` except the device `except_client`. Never waits: a full queue
     /// marks its connection as a slow consumer, unless the frame is a

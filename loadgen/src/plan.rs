@@ -87,8 +87,54 @@ pub struct Calibration {
     pub machine_cpus: u64,
 }
 
+/// A run whose median delivery took longer than this was not keeping up:
+/// its queues were growing, so its CPU per delivery is not a steady-state
+/// cost.
+const OVERLOADED_P50_US: u64 = 1_000_000;
+
 impl Calibration {
+    /// Why a run cannot calibrate a plan, if it cannot: it lost
+    /// deliveries, had failed sends or devices that never connected, or was
+    /// overloaded. Figures from such a run describe a machine that fell
+    /// behind, not what a delivery costs.
+    pub fn refusal(v: &Value) -> Option<String> {
+        let lost = v["lost"].as_u64().unwrap_or(0);
+        if lost > 0 {
+            return Some(format!(
+                "the calibration run lost {lost} deliveries; plan from a run with lost 0"
+            ));
+        }
+        let send_errors = v["send_errors"].as_u64().unwrap_or(0);
+        if send_errors > 0 {
+            return Some(format!(
+                "the calibration run had {send_errors} failed sends ({}); plan from a run without",
+                v["errors"]
+            ));
+        }
+        let (connected, wanted) = (
+            v["connect"]["connected"].as_u64().unwrap_or(0),
+            v["connect"]["connections"].as_u64().unwrap_or(0),
+        );
+        if connected < wanted {
+            return Some(format!(
+                "the calibration run connected {connected} of {wanted} devices; plan from a run where all connected"
+            ));
+        }
+        let p50 = v["p50_us"].as_u64().unwrap_or(0);
+        if p50 > OVERLOADED_P50_US {
+            return Some(format!(
+                "the calibration run was overloaded (median delivery {:.0} ms, above {} ms): lower its rate or give it more cores",
+                p50 as f64 / 1e3,
+                OVERLOADED_P50_US / 1_000
+            ));
+        }
+        None
+    }
+
     pub fn from_run(v: &Value) -> Result<Self, String> {
+        if let Some(why) = Self::refusal(v) {
+            return Err(why);
+        }
         let need = |p: &str, x: Option<f64>| {
             x.ok_or_else(|| {
                 format!("the calibration run has no `{p}` (run loadgen with --self-hosted so server CPU and memory are measured)")
@@ -424,6 +470,29 @@ mod tests {
             connections_held: 10_000,
             machine_cpus: 2,
         }
+    }
+
+    #[test]
+    fn a_run_that_lost_failed_or_overloaded_is_refused_with_the_reason() {
+        let ok = serde_json::json!({
+            "scenario": {"name": "r"}, "lost": 0, "send_errors": 0, "p50_us": 5_000,
+            "connect": {"connected": 10, "connections": 10},
+            "servers": {"cpu_us_per_delivery": 20.0, "rss_per_connection_bytes": 30_000},
+            "machine": {"cpus": 2},
+        });
+        assert!(Calibration::from_run(&ok).is_ok());
+        let with = |k: &str, v: Value| {
+            let mut r = ok.clone();
+            match k.split_once('.') {
+                Some((a, b)) => r[a][b] = v,
+                None => r[k] = v,
+            }
+            Calibration::from_run(&r).unwrap_err()
+        };
+        assert!(with("lost", 3.into()).contains("lost 3 deliveries"));
+        assert!(with("send_errors", 2.into()).contains("2 failed sends"));
+        assert!(with("connect.connected", 9.into()).contains("connected 9 of 10"));
+        assert!(with("p50_us", 1_500_000.into()).contains("overloaded (median delivery 1500 ms"));
     }
 
     #[test]

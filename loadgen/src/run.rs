@@ -92,6 +92,13 @@ pub struct TierFigures {
     pub deliveries_per_s: f64,
     /// Refused or failed sends by code.
     pub errors: std::collections::BTreeMap<String, u64>,
+    /// Tier 3 only: "delivered" counts devices notified (a notification
+    /// covers earlier ids); `pulled` counts the bodies devices pulled
+    /// (the scenario's `pull_fraction` of notifications).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notified: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled: Option<u64>,
 }
 
 fn quantiles(h: &Histogram<u64>, f: &mut TierFigures) {
@@ -536,6 +543,10 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     }
     quantiles(&all_hist, &mut total);
     total.deliveries_per_s = all_hist.len() as f64 / measured_s;
+    if let Some(f) = figures.get_mut(&3) {
+        f.notified = Some(f.deliveries);
+        f.pulled = Some(pulls.load(Ordering::Relaxed));
+    }
 
     let mut timeline: Vec<TimelinePoint> = per_second
         .into_iter()
@@ -836,8 +847,21 @@ async fn consume(
                 l.arrivals.entry(m.id).or_insert(at);
                 progress.delivered(scheduled_of(&m.body).map(|s| at.saturating_sub(s)));
             }
-            Event::Duplicate { conversation, .. } => {
-                *l.duplicates.entry(conversation).or_default() += 1;
+            Event::Duplicate {
+                conversation,
+                message_id,
+            } => {
+                // A tier-3 notification the SDK dropped is out of order when
+                // it is older than the newest one shown, else a repeat.
+                let newest_notified = l
+                    .notifies
+                    .get(&conversation)
+                    .and_then(|n| n.iter().map(|(id, _)| *id).max());
+                if newest_notified.is_some_and(|n| message_id < n) {
+                    *l.out_of_order.entry(conversation).or_default() += 1;
+                } else {
+                    *l.duplicates.entry(conversation).or_default() += 1;
+                }
             }
             Event::Notify {
                 conversation,
@@ -998,6 +1022,14 @@ fn render(
         row(&t.to_string(), &figures[t], &mut out);
     }
     row("all", total, &mut out);
+    if let Some(f) = figures.get(&3)
+        && let (Some(notified), Some(pulled)) = (f.notified, f.pulled)
+    {
+        let _ = writeln!(
+            out,
+            "tier 3: delivered = devices notified ({notified}); bodies pulled {pulled}"
+        );
+    }
     for t in tier_keys {
         if !figures[t].errors.is_empty() {
             let list: Vec<String> = figures[t]

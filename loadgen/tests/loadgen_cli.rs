@@ -113,6 +113,23 @@ fn a_short_scenario_reports_every_delivery_and_plans_a_fleet() {
     for k in ["edge_count", "redis_shards", "db_nodes"] {
         assert!(tf[k].as_u64().unwrap() >= 1, "{k}: {tf}");
     }
+
+    // The same run, as if it had lost deliveries: no plan, one line why.
+    let mut bad = v.clone();
+    bad["lost"] = 7.into();
+    let bad_json = dir.path().join("lossy.json");
+    std::fs::write(&bad_json, bad.to_string()).unwrap();
+    let out = tiercast()
+        .args(["loadgen", "plan", "--workload"])
+        .arg(repo().join("loadgen/workloads/10m-mixed.toml"))
+        .arg("--calibration")
+        .arg(&bad_json)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lost 7 deliveries"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 #[test]

@@ -82,6 +82,17 @@ pub trait Backplane: Send + Sync + 'static {
 pub trait Subscriber: Send + Sync + 'static {
     async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError>;
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError>;
+    /// Counts the times the subscriptions were interrupted and are whole
+    /// again (a reconnect, a failover, a slot that moved): payloads
+    /// published in between may have been missed, and the subscriber's
+    /// owner repairs the gap from the store. A backend whose subscriptions
+    /// cannot be interrupted never changes it.
+    fn interruptions(&self) -> tokio::sync::watch::Receiver<u64> {
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        // Kept open (never changes) for as long as the process lives.
+        std::mem::forget(tx);
+        rx
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! runs a watchdog that re-reads the cluster's slot map every
 //! `topology_check_ms` and resubscribes every tracked channel when the owner
 //! of any slot changed. Payloads published in between are lost to the live
-//! path only: the messages are stored, and devices catch up.
+//! path only: the messages are stored, and each reconnect or resubscribe is
+//! counted in [`Subscriber::interruptions`], on which the edge repairs the
+//! gap from the store for the devices connected to it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -270,14 +272,32 @@ impl Backplane for RedisBackplane {
                 }
             }
         });
+        let (interrupted, interruptions) = tokio::sync::watch::channel(0u64);
+        let interrupted = Arc::new(interrupted);
+        // fred resubscribes by itself after a reconnect; count it once the
+        // client is connected again.
+        let mut reconnects = sub.reconnect_rx();
+        let on_reconnect = interrupted.clone();
+        tokio::spawn(async move {
+            while reconnects.recv().await.is_ok() {
+                on_reconnect.send_modify(|n| *n += 1);
+            }
+        });
         if self.cfg.cluster {
             tokio::spawn(topology_watchdog(
                 sub.clone(),
                 Duration::from_millis(self.cfg.topology_check_ms),
                 self.resubscriptions.clone(),
+                interrupted.clone(),
             ));
         }
-        Ok((Arc::new(RedisSubscriber { client: sub }), rx))
+        Ok((
+            Arc::new(RedisSubscriber {
+                client: sub,
+                interruptions,
+            }),
+            rx,
+        ))
     }
 }
 
@@ -295,7 +315,12 @@ fn slot_owners(client: &SubscriberClient) -> BTreeMap<(u16, u16), String> {
         .unwrap_or_default()
 }
 
-async fn topology_watchdog(client: SubscriberClient, every: Duration, resubs: Arc<AtomicU64>) {
+async fn topology_watchdog(
+    client: SubscriberClient,
+    every: Duration,
+    resubs: Arc<AtomicU64>,
+    interrupted: Arc<tokio::sync::watch::Sender<u64>>,
+) {
     let mut known = slot_owners(&client);
     // After a change, one more resubscribe on the next tick: a change seen
     // mid-way (a slot migration's owners switch one node at a time) can
@@ -329,6 +354,7 @@ async fn topology_watchdog(client: SubscriberClient, every: Duration, resubs: Ar
                     known = now;
                     settle = changed;
                     resubs.fetch_add(1, Ordering::Relaxed);
+                    interrupted.send_modify(|n| *n += 1);
                 }
                 Err(e) => tracing::warn!(error = %e, "resubscribe failed; retrying"),
             }
@@ -338,10 +364,15 @@ async fn topology_watchdog(client: SubscriberClient, every: Duration, resubs: Ar
 
 struct RedisSubscriber {
     client: SubscriberClient,
+    interruptions: tokio::sync::watch::Receiver<u64>,
 }
 
 #[async_trait]
 impl Subscriber for RedisSubscriber {
+    fn interruptions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.interruptions.clone()
+    }
+
     async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError> {
         self.client.ssubscribe(channel).await.map_err(err)
     }

@@ -17,6 +17,7 @@ pub async fn run_all(store: &dyn Store) {
     conversations_and_members(store).await;
     device_registry(store).await;
     messages_history_and_paging(store).await;
+    history_across_days(store).await;
     inbox_and_acks(store).await;
     idempotent_insert(store).await;
     since_pages_forward(store).await;
@@ -87,6 +88,74 @@ pub async fn seed_history(store: &dyn Store, conv_id: u64, n: u64) -> Vec<u64> {
         ids.push(id);
     }
     ids
+}
+
+/// Messages spread over several days, with empty days between them (a
+/// backend that buckets by day, as the ScyllaDB one does, must walk the
+/// buckets both ways and skip the empty ones): history pages backwards,
+/// `since` pages forwards and `message` finds each, across the gaps.
+async fn history_across_days(store: &dyn Store) {
+    const DAY: u64 = 86_400_000;
+    let t0 = tiercast_schemas::ids::EPOCH_MS + 400 * DAY + 3_600_000;
+    let mut c = conv(9070);
+    c.created_ms = t0 - DAY;
+    store.create_conversation(&c).await.unwrap();
+    // Days 0, 1, 4 and 9 after t0 (2, 3 and 5-8 are empty), three each.
+    let mut ids = Vec::new();
+    for day in [0u64, 1, 4, 9] {
+        for k in 0..3u64 {
+            let id = crate::snowflake::compose(t0 + day * DAY + k * 60_000, 3, k as u16);
+            let m = NewMessage {
+                message: message(9070, id, 7, &format!("d{day}k{k}")),
+                dedupe: None,
+                inbox: vec![],
+            };
+            assert_eq!(store.insert_message(&m).await.unwrap(), Persisted::Stored);
+            ids.push(id);
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    let mut seen = Vec::new();
+    let mut before = 0;
+    for _ in 0..100 {
+        let page = store
+            .history(
+                9070,
+                Page {
+                    before,
+                    after: 0,
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        before = last.id;
+        seen.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(seen, newest_first, "history walks every day, newest first");
+    let mut forward = Vec::new();
+    let mut after = 0;
+    for _ in 0..100 {
+        let page = store.since(9070, after, 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        forward.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(forward, ids, "since walks every day, oldest first");
+    let from_day_3 = store.since(9070, ids[5], 100).await.unwrap();
+    assert_eq!(
+        from_day_3.iter().map(|m| m.id).collect::<Vec<_>>(),
+        ids[6..].to_vec(),
+        "since from the last message of day 1 skips the empty days"
+    );
+    for &id in &ids {
+        assert_eq!(
+            store.message(9070, id).await.unwrap().map(|m| m.id),
+            Some(id)
+        );
+    }
 }
 
 async fn conversations_and_members(store: &dyn Store) {
