@@ -365,9 +365,23 @@ impl Node {
         let (identity, cert_path) = match (&cfg.edge.cert_path, &cfg.edge.key_path) {
             (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, None),
             _ => {
-                let id = Identity::self_signed(&cfg.edge.dev_cert_names)?;
+                // The development certificate and its key live in the data
+                // directory: a node restarted on it keeps the certificate
+                // its clients were given.
                 let path = data_dir.join("dev-cert.pem");
-                std::fs::write(&path, &id.chain_pem).map_err(|e| data_dir_error(&path, e))?;
+                let key_path = data_dir.join("dev-key.pem");
+                let id = match Identity::from_pem_files(&path, &key_path) {
+                    Ok(id) => id,
+                    Err(_) => {
+                        let (id, key_pem) =
+                            Identity::self_signed_with_key(&cfg.edge.dev_cert_names)?;
+                        write_private(&key_path, key_pem.as_bytes())
+                            .map_err(|e| data_dir_error(&key_path, e))?;
+                        std::fs::write(&path, &id.chain_pem)
+                            .map_err(|e| data_dir_error(&path, e))?;
+                        id
+                    }
+                };
                 (id, Some(path))
             }
         };
@@ -453,4 +467,14 @@ impl Node {
     pub fn node_id(&self) -> u16 {
         self.engine.node_id()
     }
+}
+
+/// Writes a file only its owner can read (a private key).
+fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(contents)
 }

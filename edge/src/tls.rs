@@ -36,13 +36,24 @@ impl Identity {
     /// A self-signed certificate for `names` (development only: clients must
     /// be given the certificate to trust it).
     pub fn self_signed(names: &[String]) -> Result<Self, TlsError> {
+        Ok(Self::self_signed_with_key(names)?.0)
+    }
+
+    /// [`Self::self_signed`], with the key as PEM (to keep it beside the
+    /// certificate, so that a restarted development node keeps the
+    /// certificate its clients trust).
+    pub fn self_signed_with_key(names: &[String]) -> Result<(Self, String), TlsError> {
         let ck = rcgen::generate_simple_self_signed(names.to_vec())
             .map_err(|e| TlsError::Generate(e.to_string()))?;
-        Ok(Self {
-            chain: vec![ck.cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der())),
-            chain_pem: ck.cert.pem(),
-        })
+        let key_pem = ck.signing_key.serialize_pem();
+        Ok((
+            Self {
+                chain: vec![ck.cert.der().clone()],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der())),
+                chain_pem: ck.cert.pem(),
+            },
+            key_pem,
+        ))
     }
 
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {

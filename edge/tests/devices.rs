@@ -157,6 +157,7 @@ async fn read_markers_reach_the_other_devices_and_survive_a_restart() {
     // Restart the node on the same data directory.
     drop((phone, laptop, friend, outsider));
     let TestNode { node: running, dir } = node;
+    let cert = running.cert_pem.clone();
     running.shutdown().await;
     let node = TestNode {
         node: tiercast_edge::Node::start(common::config(dir.path(), &[]))
@@ -164,6 +165,11 @@ async fn read_markers_reach_the_other_devices_and_survive_a_restart() {
             .unwrap(),
         dir,
     };
+    assert_eq!(
+        node.node.cert_pem, cert,
+        "a restarted development node keeps its certificate (and key)"
+    );
+    assert!(node.dir.path().join("dev-key.pem").exists());
     let (tablet, _t) = node.device(1, 11).await;
     let entries = tablet
         .sync(

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub target: TargetSpec,
     /// Client UDP sockets the devices are spread over.
     pub sockets: usize,
+    /// Each device's SDK reorder window.
+    pub reorder_window: Duration,
     pub progress: bool,
 }
 
@@ -198,6 +200,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         );
         cfg.endpoint = Some(sockets[i as usize % sockets.len()].clone());
         cfg.report_duplicates = true;
+        cfg.reorder_window = opts.reorder_window;
         cfg.device = format!("loadgen-{client_id}");
         let (session, events) = Session::start(cfg);
         let log = Arc::new(Mutex::new(DeviceLog::default()));
@@ -265,6 +268,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     let mut storm_report = None;
     let mut fault_done = s.edge_fault.is_none();
     let mut fault_report: Option<(Vec<usize>, u64)> = None;
+    let mut restart_task = None;
     loop {
         let gap = match s.rate.kind {
             RateKind::Constant => 1.0 / s.rate.messages_per_s,
@@ -298,13 +302,23 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             && t >= fault.at_s
         {
             fault_done = true;
+            // A rolling restart moves every device at some point.
+            let restart = fault.signal == crate::scenario::FaultSignal::Restart;
             let on_edge: Vec<usize> = meta
                 .iter()
                 .enumerate()
-                .filter(|(_, m)| m.log.lock().expect("log").edge == Some(fault.edge))
+                .filter(|(_, m)| restart || m.log.lock().expect("log").edge == Some(fault.edge))
                 .map(|(i, _)| i)
                 .collect();
-            target.signal_edge(fault.edge, fault.signal.name())?;
+            if fault.signal == crate::scenario::FaultSignal::Restart {
+                let restart = target.rolling_restart()?;
+                restart_task = Some(tokio::task::spawn_blocking(move || {
+                    let r = restart.run();
+                    (r, std::time::Instant::now())
+                }));
+            } else {
+                target.signal_edge(fault.edge, fault.signal.name())?;
+            }
             fault_report = Some((on_edge, now_us(base)));
         }
         let at = send_start + Duration::from_secs_f64(t);
@@ -407,6 +421,16 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     for h in in_flight {
         let _ = h.await;
     }
+    // A rolling restart still going when the sends end is waited for (its
+    // restarts are part of the run).
+    let restart_done_us = match restart_task {
+        Some(t) => {
+            let (result, done) = t.await.context("rolling restart")?;
+            result.context("rolling restart")?;
+            Some(now_us(base).saturating_sub(done.elapsed().as_micros() as u64))
+        }
+        None => None,
+    };
     let sends_done_us = now_us(base);
 
     // Settle: until every device has everything (checked exactly), or the
@@ -622,6 +646,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 "signal": f.signal.name(),
                 "edge": f.edge,
                 "at_s": f.at_s,
+                "restart_s": restart_done_us.map(|d| d.saturating_sub(at_us) as f64 / 1e6),
                 "devices_on_edge": n,
                 "devices_back": back.len(),
                 "back_p50_ms": q(&mut back, 0.5) as f64 / 1e3,
@@ -668,6 +693,20 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         storm.unwrap_or(serde_json::Value::Null),
     );
     obj.insert("edge_fault".into(), fault);
+    // The SDK's reorder window, summed over the devices: live messages
+    // held (ids of a second engine node seen in their conversation), of
+    // those put back in id order, and released after a larger id.
+    let (mut held, mut reordered, mut late) = (0u64, 0u64, 0u64);
+    for (_, session) in sessions.iter() {
+        let st = session.stats();
+        held += st.held.load(Ordering::Relaxed);
+        reordered += st.reordered.load(Ordering::Relaxed);
+        late += st.late.load(Ordering::Relaxed);
+    }
+    obj.insert(
+        "reorder".into(),
+        json!({"held": held, "reordered": reordered, "late": late}),
+    );
     obj.insert("timeline".into(), serde_json::to_value(&timeline)?);
     obj.insert(
         "run_seconds".into(),
@@ -1078,14 +1117,26 @@ fn render(
             st["reconnect_max_ms"]
         );
     }
-    if !report["edge_fault"].is_null() {
-        let f = &report["edge_fault"];
+    let ro = &report["reorder"];
+    if ro["held"].as_u64().unwrap_or(0) > 0 {
         let _ = writeln!(
             out,
-            "edge fault: SIG{} to edge {} at {} s; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
-            f["signal"].as_str().unwrap_or("?"),
-            f["edge"],
-            f["at_s"],
+            "reorder window: {} live messages held, {} put back in id order, {} later than the window",
+            ro["held"], ro["reordered"], ro["late"]
+        );
+    }
+    if !report["edge_fault"].is_null() {
+        let f = &report["edge_fault"];
+        let what = match f["signal"].as_str().unwrap_or("?") {
+            "rolling restart" => format!(
+                "rolling restart of every edge from {} s (done {} s later)",
+                f["at_s"], f["restart_s"]
+            ),
+            sig => format!("SIG{sig} to edge {} at {} s", f["edge"], f["at_s"]),
+        };
+        let _ = writeln!(
+            out,
+            "edge fault: {what}; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
             f["devices_on_edge"],
             f["devices_back"],
             f["back_p50_ms"],

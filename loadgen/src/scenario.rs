@@ -116,9 +116,11 @@ pub struct Storm {
     pub edge: usize,
 }
 
-/// One edge process gets a signal mid-run and is not restarted: `kill`
-/// (SIGKILL: no drain, its devices notice by their idle timeout) or `term`
-/// (SIGTERM: it drains its devices to the other edges and exits).
+/// An edge fault mid-run: `kill` (SIGKILL to edge `edge`: no drain, its
+/// devices notice by their idle timeout; not restarted), `term` (SIGTERM:
+/// it drains its devices to the other edges and exits; not restarted), or
+/// `restart` (a rolling restart: every edge in turn drains, exits and comes
+/// back on its address before the next one goes; `edge` is ignored).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeFault {
@@ -134,6 +136,7 @@ pub struct EdgeFault {
 pub enum FaultSignal {
     Kill,
     Term,
+    Restart,
 }
 
 impl FaultSignal {
@@ -141,6 +144,7 @@ impl FaultSignal {
         match self {
             Self::Kill => "KILL",
             Self::Term => "TERM",
+            Self::Restart => "rolling restart",
         }
     }
 }

@@ -9,23 +9,31 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tiercast_engine::auth::TokenKeys;
 
-/// A server process loadgen started.
+/// A server process loadgen started (and may restart).
 #[derive(Debug)]
 pub struct ServerProc {
     pub role: String,
+    args: Vec<String>,
+    cpus: Option<String>,
+    running: Mutex<Running>,
+    /// CPU seconds of earlier processes of this server (before restarts).
+    retired_cpu_s: Mutex<f64>,
+}
+
+#[derive(Debug)]
+struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
 }
 
-impl ServerProc {
-    /// Starts `tiercast ARGS`, pinned to `cpus` (a `taskset` list) if given.
-    fn spawn(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
+impl Running {
+    fn start(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the tiercast executable")?;
         let mut cmd = match cpus {
             Some(list) => {
@@ -50,20 +58,30 @@ impl ServerProc {
                 }
             }
         });
+        Ok(Self { child, lines })
+    }
+}
+
+impl ServerProc {
+    /// Starts `tiercast ARGS`, pinned to `cpus` (a `taskset` list) if given.
+    fn spawn(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
         Ok(Self {
             role: role.to_owned(),
-            child,
-            lines,
+            args: args.to_vec(),
+            cpus: cpus.map(str::to_owned),
+            running: Mutex::new(Running::start(role, args, cpus)?),
+            retired_cpu_s: Mutex::new(0.0),
         })
     }
 
     /// The value after `label` on the first line that has it (readiness:
     /// the process prints its addresses once they are bound).
     fn wait_for(&self, label: &str) -> anyhow::Result<String> {
+        let running = self.running.lock().expect("server lock");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self.lines.recv_timeout(left).map_err(|_| {
+            let line = running.lines.recv_timeout(left).map_err(|_| {
                 anyhow::anyhow!("the {} did not print `{label}` in 30 s", self.role)
             })?;
             if let Some(v) = line.trim().strip_prefix(label) {
@@ -73,7 +91,13 @@ impl ServerProc {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.running.lock().expect("server lock").child.id()
+    }
+
+    /// CPU seconds of this server so far, its earlier processes included.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let retired = *self.retired_cpu_s.lock().expect("cpu lock");
+        cpu_seconds(self.pid()).map(|c| c + retired)
     }
 
     /// Sends `signal` (a `kill -s` name) to the process.
@@ -89,26 +113,97 @@ impl ServerProc {
         Ok(())
     }
 
-    /// SIGTERM (the edge drains), then SIGKILL after 10 s.
-    fn stop(&mut self) {
+    /// SIGTERM, then waits (up to `within`) for the process to end,
+    /// keeping its CPU time; SIGKILL if it does not.
+    fn terminate(&self, within: Duration) {
+        let mut running = self.running.lock().expect("server lock");
+        let pid = running.child.id();
         let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + within;
+        let mut last_cpu = cpu_seconds(pid);
         while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            // A process that has exited but is not yet reaped still shows
+            // its CPU time in /proc; read it before reaping.
+            if let Some(c) = cpu_seconds(pid) {
+                last_cpu = Some(c);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if exited(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited(pid) {
+            let _ = running.child.kill();
+        }
+        let _ = running.child.wait();
+        *self.retired_cpu_s.lock().expect("cpu lock") += last_cpu.unwrap_or(0.0);
+    }
+
+    /// A graceful restart: SIGTERM (an edge drains its devices to the
+    /// others), wait for the exit, start again with the same arguments
+    /// except `listen` (the QUIC address it had, so that its devices find
+    /// it again), and wait until it is serving.
+    pub fn restart(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        self.terminate(Duration::from_secs(30));
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| {
+                if a.starts_with("edge.listen=") {
+                    format!("edge.listen={listen}")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        *self.running.lock().expect("server lock") =
+            Running::start(&self.role, &args, self.cpus.as_deref())?;
+        self.wait_for("QUIC edge:")?;
+        Ok(())
+    }
+
+    /// SIGTERM (the edge drains), then SIGKILL after 10 s.
+    fn stop(&self) {
+        self.terminate(Duration::from_secs(10));
+    }
+}
+
+/// The edges of a target, to restart one after another (on a thread of
+/// its own while load runs).
+pub struct RollingRestart {
+    edges: Vec<Arc<ServerProc>>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl RollingRestart {
+    pub fn run(&self) -> anyhow::Result<()> {
+        for (e, addr) in self.edges.iter().zip(&self.addrs) {
+            e.restart(*addr)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether process `pid` has exited (a zombie or gone).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X"),
+        Err(_) => true,
     }
 }
 
 impl Drop for ServerProc {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        let alive = matches!(
+            self.running.lock().map(|mut r| r.child.try_wait()),
+            Ok(Ok(None))
+        );
+        if alive {
             self.stop();
         }
     }
@@ -173,7 +268,7 @@ pub struct Target {
     pub api: String,
     pub keys: TokenKeys,
     pub trusted_pem: String,
-    pub servers: Vec<ServerProc>,
+    pub servers: Vec<Arc<ServerProc>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -200,7 +295,6 @@ impl Target {
         }
     }
 
-    /// Server CPU seconds so far (all processes), if self-hosted.
     /// Signals edge `edge` (self-hosted targets only).
     pub fn signal_edge(&self, edge: usize, signal: &str) -> anyhow::Result<()> {
         let role = if self.servers.len() == 1 {
@@ -216,16 +310,37 @@ impl Target {
         }
     }
 
+    /// Server CPU seconds so far (all processes, restarted ones included),
+    /// if self-hosted.
     pub fn server_cpu(&self) -> Option<f64> {
         if self.servers.is_empty() {
             return None;
         }
-        self.servers.iter().map(|s| cpu_seconds(s.pid())).sum()
+        self.servers.iter().map(|s| s.cpu_seconds()).sum()
+    }
+
+    /// Restarts every edge in turn (self-hosted, on a Redis Cluster): each
+    /// drains, exits and comes back on its address before the next goes.
+    /// Returns when the last is serving again.
+    pub fn rolling_restart(&self) -> anyhow::Result<RollingRestart> {
+        let edges: Vec<Arc<ServerProc>> = self
+            .servers
+            .iter()
+            .filter(|s| s.role.starts_with("edge ") && !s.role.contains("single"))
+            .cloned()
+            .collect();
+        if edges.len() < 2 {
+            bail!("a rolling restart needs --self-hosted --edges 2 or more on a Redis Cluster");
+        }
+        Ok(RollingRestart {
+            edges,
+            addrs: self.edges.clone(),
+        })
     }
 
     /// Resident memory of the edge processes, if self-hosted.
     pub fn edge_rss(&self) -> Option<u64> {
-        let edges: Vec<&ServerProc> = self
+        let edges: Vec<&Arc<ServerProc>> = self
             .servers
             .iter()
             .filter(|s| s.role.starts_with("edge"))
@@ -245,7 +360,7 @@ impl Target {
 
     /// Stops self-hosted servers (SIGTERM, drain).
     pub fn shutdown(&mut self) {
-        for s in &mut self.servers {
+        for s in &self.servers {
             s.stop();
         }
     }
@@ -300,13 +415,13 @@ fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Re
         addrs.push(p.wait_for("QUIC edge:")?.parse()?);
         api = p.wait_for("HTTP API:")?;
         pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
-        servers.push(p);
+        servers.push(Arc::new(p));
     } else {
         let mut args = vec!["engine".to_owned()];
         args.extend(common("engine"));
         let engine = ServerProc::spawn("engine", &args, cpus)?;
         api = engine.wait_for("HTTP API:")?;
-        servers.push(engine);
+        servers.push(Arc::new(engine));
         for i in 0..edges {
             let mut args = vec!["edge".to_owned()];
             args.extend(common(&format!("edge{i}")));
@@ -314,7 +429,7 @@ fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Re
             let p = ServerProc::spawn(&format!("edge {i}"), &args, cpus)?;
             addrs.push(p.wait_for("QUIC edge:")?.parse()?);
             pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
-            servers.push(p);
+            servers.push(Arc::new(p));
         }
     }
     Ok(Target {

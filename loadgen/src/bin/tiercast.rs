@@ -111,6 +111,10 @@ struct LoadgenRunArgs {
     /// Client UDP sockets to spread the devices over.
     #[arg(long, default_value_t = 8)]
     sockets: usize,
+    /// The SDK's reorder window per device, in ms (its default: 20; 0 never
+    /// holds a message).
+    #[arg(long, default_value_t = 20)]
+    reorder_window_ms: u64,
     /// Pin the self-hosted servers to these CPUs (taskset list, e.g. 0).
     #[arg(long)]
     server_cpus: Option<String>,
@@ -423,6 +427,7 @@ async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         scenario: scenario.clone(),
         target,
         sockets: a.sockets,
+        reorder_window: std::time::Duration::from_millis(a.reorder_window_ms),
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     })
     .await?;
