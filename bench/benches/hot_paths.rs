@@ -4,6 +4,9 @@
 //! - `frame`: encoding a delivery frame, and decoding one with the
 //!   FlatBuffers verifier (what the edge does to every client frame);
 //! - `planner`: choosing a tier;
+//! - `sequencer`: what per-conversation publish order adds to a send (an
+//!   id issued under the sequencer's lock, then completed), with one
+//!   conversation and with sends spread over 10,000;
 //! - `local_fanout`: the edge handing one encoded frame to 10,000 local
 //!   connection queues (`Sessions::fan_out`, one user per connection, as a
 //!   tier-2/3 node-channel payload is fanned out).
@@ -145,5 +148,37 @@ fn local_fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, snowflake, frame, planner, local_fanout);
+fn sequencer(c: &mut Criterion) {
+    use tiercast_engine::sequencer::Sequencer;
+    let mut g = c.benchmark_group("sequencer");
+    g.throughput(Throughput::Elements(1));
+    for (name, convs) in [("one conversation", 1u64), ("10,000 conversations", 10_000)] {
+        let seq = Sequencer::<u64>::default();
+        let mut sf = Snowflake::try_new(9).unwrap();
+        let mut ms = now_unix_ms();
+        let mut n = 0u64;
+        g.bench_function(format!("enter + complete, {name}"), |b| {
+            b.iter(|| {
+                n += 1;
+                let conv = n % convs;
+                let id = seq
+                    .enter::<()>(conv, || {
+                        Ok(sf.next_at(ms).unwrap_or_else(|_| {
+                            ms += 1;
+                            sf.next_at(ms).unwrap()
+                        }))
+                    })
+                    .unwrap();
+                let run = seq
+                    .complete(conv, id, Some(id))
+                    .expect("the head publishes");
+                black_box(run);
+                black_box(seq.next(conv));
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, snowflake, frame, planner, sequencer, local_fanout);
 criterion_main!(benches);
