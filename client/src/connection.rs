@@ -16,8 +16,8 @@ use tiercast_schemas::wire::{
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-/// The protocol version this SDK speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this SDK speaks (defined once, in the schemas).
+pub use tiercast_schemas::PROTOCOL_VERSION;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {

@@ -7,7 +7,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-pub const ALPN: &[u8] = b"tiercast/1";
+pub use tiercast_schemas::ALPN;
 
 /// The quinn client crypto that trusts exactly the certificates in
 /// `trusted_pem`.

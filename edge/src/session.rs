@@ -24,8 +24,8 @@ use crate::limits::{ConnLimits, Kind};
 use crate::server::Shared;
 use crate::sessions::{Coalesced, LocalConn};
 
-/// The protocol version this edge speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this edge speaks (defined once, in the schemas).
+pub use tiercast_schemas::PROTOCOL_VERSION;
 
 /// Why a connection ends.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-pub const ALPN: &[u8] = b"tiercast/1";
+pub use tiercast_schemas::ALPN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -19,6 +19,7 @@ use tiercast_engine::auth::TokenKeys;
 #[derive(Debug)]
 pub struct ServerProc {
     pub role: String,
+    exe: std::path::PathBuf,
     args: Vec<String>,
     cpus: Option<String>,
     running: Mutex<Running>,
@@ -33,8 +34,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("finding the tiercast executable")?;
+    fn start(
+        exe: &std::path::Path,
+        role: &str,
+        args: &[String],
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = match cpus {
             Some(list) => {
                 let mut c = Command::new("taskset");
@@ -63,29 +68,37 @@ impl Running {
 }
 
 impl ServerProc {
-    /// Starts `tiercast ARGS`, pinned to `cpus` (a `taskset` list) if given.
-    fn spawn(role: &str, args: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
+    /// Starts `EXE ARGS`, pinned to `cpus` (a `taskset` list) if given.
+    fn spawn(
+        exe: &std::path::Path,
+        role: &str,
+        args: &[String],
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             role: role.to_owned(),
+            exe: exe.to_owned(),
             args: args.to_vec(),
             cpus: cpus.map(str::to_owned),
-            running: Mutex::new(Running::start(role, args, cpus)?),
+            running: Mutex::new(Running::start(exe, role, args, cpus)?),
             retired_cpu_s: Mutex::new(0.0),
         })
     }
 
-    /// The value after `label` on the first line that has it (readiness:
-    /// the process prints its addresses once they are bound).
-    fn wait_for(&self, label: &str) -> anyhow::Result<String> {
+    /// What the process reports once it is serving: its `--ready-json`
+    /// line (the banner around it is for people).
+    fn wait_ready(&self) -> anyhow::Result<Ready> {
         let running = self.running.lock().expect("server lock");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = running.lines.recv_timeout(left).map_err(|_| {
-                anyhow::anyhow!("the {} did not print `{label}` in 30 s", self.role)
+                anyhow::anyhow!("the {} did not report ready within 30 s", self.role)
             })?;
-            if let Some(v) = line.trim().strip_prefix(label) {
-                return Ok(v.split_whitespace().next().unwrap_or("").to_owned());
+            if line.starts_with("{\"ready\"") {
+                let r: ReadyLine = serde_json::from_str(&line)
+                    .with_context(|| format!("the {}'s ready line: {line}", self.role))?;
+                return Ok(r.ready);
             }
         }
     }
@@ -159,8 +172,8 @@ impl ServerProc {
             })
             .collect();
         *self.running.lock().expect("server lock") =
-            Running::start(&self.role, &args, self.cpus.as_deref())?;
-        self.wait_for("QUIC edge:")?;
+            Running::start(&self.exe, &self.role, &args, self.cpus.as_deref())?;
+        self.wait_ready()?;
         Ok(())
     }
 
@@ -251,6 +264,8 @@ pub enum TargetSpec {
         redis: Vec<String>,
         /// Pin the servers to these CPUs (`taskset` list, e.g. "0").
         cpus: Option<String>,
+        /// The server binary (`tiercast`); None: this executable.
+        server_bin: Option<std::path::PathBuf>,
     },
     External {
         edges: Vec<SocketAddr>,
@@ -289,8 +304,17 @@ impl Target {
                 servers: Vec::new(),
                 _dir: None,
             }),
-            TargetSpec::SelfHosted { edges, redis, cpus } => {
-                self_hosted(*edges, redis, cpus.as_deref())
+            TargetSpec::SelfHosted {
+                edges,
+                redis,
+                cpus,
+                server_bin,
+            } => {
+                let exe = match server_bin {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe().context("finding the tiercast executable")?,
+                };
+                self_hosted(&exe, *edges, redis, cpus.as_deref())
             }
         }
     }
@@ -366,7 +390,28 @@ impl Target {
     }
 }
 
-fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Result<Target> {
+/// What a server reports once serving (its `--ready-json` line).
+#[derive(Debug, serde::Deserialize)]
+pub struct Ready {
+    pub role: String,
+    pub quic: Option<SocketAddr>,
+    /// `http://host:port`.
+    pub http: String,
+    pub node_id: u16,
+    pub certificate: Option<std::path::PathBuf>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReadyLine {
+    ready: Ready,
+}
+
+fn self_hosted(
+    exe: &std::path::Path,
+    edges: usize,
+    redis: &[String],
+    cpus: Option<&str>,
+) -> anyhow::Result<Target> {
     if edges == 0 {
         bail!("--edges must be at least 1");
     }
@@ -408,27 +453,41 @@ fn self_hosted(edges: usize, redis: &[String], cpus: Option<&str>) -> anyhow::Re
     let mut addrs = Vec::new();
     let mut pems = Vec::new();
     let api;
+    // An edge's QUIC address and certificate, from its ready line.
+    let edge_of = |r: &Ready| -> anyhow::Result<(SocketAddr, String)> {
+        let quic = r.quic.context("the edge reported no QUIC address")?;
+        let cert = r
+            .certificate
+            .as_ref()
+            .context("the edge reported no certificate")?;
+        let pem =
+            std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
+        Ok((quic, pem))
+    };
     if redis.is_empty() {
-        let mut args = vec!["edge".to_owned()];
+        let mut args = vec!["edge".to_owned(), "--ready-json".to_owned()];
         args.extend(common("node"));
-        let p = ServerProc::spawn("edge 0 (single node)", &args, cpus)?;
-        addrs.push(p.wait_for("QUIC edge:")?.parse()?);
-        api = p.wait_for("HTTP API:")?;
-        pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
+        let p = ServerProc::spawn(exe, "edge 0 (single node)", &args, cpus)?;
+        let ready = p.wait_ready()?;
+        let (quic, pem) = edge_of(&ready)?;
+        addrs.push(quic);
+        pems.push(pem);
+        api = ready.http;
         servers.push(Arc::new(p));
     } else {
-        let mut args = vec!["engine".to_owned()];
+        let mut args = vec!["engine".to_owned(), "--ready-json".to_owned()];
         args.extend(common("engine"));
-        let engine = ServerProc::spawn("engine", &args, cpus)?;
-        api = engine.wait_for("HTTP API:")?;
+        let engine = ServerProc::spawn(exe, "engine", &args, cpus)?;
+        api = engine.wait_ready()?.http;
         servers.push(Arc::new(engine));
         for i in 0..edges {
-            let mut args = vec!["edge".to_owned()];
+            let mut args = vec!["edge".to_owned(), "--ready-json".to_owned()];
             args.extend(common(&format!("edge{i}")));
             args.extend(["--set".to_owned(), format!("node.store_url={api}")]);
-            let p = ServerProc::spawn(&format!("edge {i}"), &args, cpus)?;
-            addrs.push(p.wait_for("QUIC edge:")?.parse()?);
-            pems.push(std::fs::read_to_string(p.wait_for("certificate:")?)?);
+            let p = ServerProc::spawn(exe, &format!("edge {i}"), &args, cpus)?;
+            let (quic, pem) = edge_of(&p.wait_ready()?)?;
+            addrs.push(quic);
+            pems.push(pem);
             servers.push(Arc::new(p));
         }
     }

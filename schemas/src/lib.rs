@@ -23,3 +23,10 @@ pub mod wire;
 pub mod generated;
 
 pub use framing::{DecodeError, FrameError, MAX_FRAME_BYTES};
+
+/// The client protocol version (`Hello.protocol_version`); an edge refuses
+/// any other with `unsupported_version`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The TLS ALPN protocol id of the client protocol over QUIC.
+pub const ALPN: &[u8] = b"tiercast/1";

@@ -118,6 +118,9 @@ struct LoadgenRunArgs {
     /// Pin the self-hosted servers to these CPUs (taskset list, e.g. 0).
     #[arg(long)]
     server_cpus: Option<String>,
+    /// The server binary --self-hosted starts (default: this `tiercast`).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
     /// Pin loadgen itself to these CPUs (e.g. 1), so servers and load do
     /// not share cores.
     #[arg(long)]
@@ -207,6 +210,28 @@ struct NodeArgs {
     /// Override a setting: `--set edge.listen=127.0.0.1:7443` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
+    /// Also print one JSON line once serving, for programs that start the
+    /// server: `{"ready":{"role":..,"quic":..,"http":..,"node_id":..,"certificate":..}}`.
+    #[arg(long)]
+    ready_json: bool,
+}
+
+/// The `--ready-json` line.
+fn print_ready(
+    role: &str,
+    quic: Option<std::net::SocketAddr>,
+    http: std::net::SocketAddr,
+    node_id: u16,
+    certificate: Option<&Path>,
+) {
+    let line = serde_json::json!({"ready": {
+        "role": role,
+        "quic": quic.map(|a| a.to_string()),
+        "http": format!("http://{http}"),
+        "node_id": node_id,
+        "certificate": certificate.map(|p| p.display().to_string()),
+    }});
+    println!("{line}");
 }
 
 #[derive(Args)]
@@ -380,6 +405,7 @@ async fn loadgen_run(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             edges: a.edges,
             redis: a.redis,
             cpus: a.server_cpus.clone(),
+            server_bin: a.server_bin.clone(),
         }
     } else {
         let (Some(api), Some(secret), Some(ca)) = (a.api, a.secret, a.ca) else {
@@ -608,6 +634,15 @@ async fn dev(a: NodeArgs) -> anyhow::Result<ExitCode> {
         node.keys.mint_publisher("dev", now, 24 * 3600)
     );
     println!("more tokens: tiercast token --user ID   (Ctrl-C stops the node)");
+    if a.ready_json {
+        print_ready(
+            "dev",
+            Some(node.quic_addr),
+            node.http_addr,
+            node.node_id(),
+            node.cert_path.as_deref(),
+        );
+    }
     let _ = std::io::stdout().flush();
     shutdown_signal().await;
     eprintln!("tiercast dev: shutting down");
@@ -625,6 +660,9 @@ async fn engine_cmd(a: NodeArgs) -> anyhow::Result<ExitCode> {
         "  edges use:    --set node.store_url=http://{}",
         svc.http_addr
     );
+    if a.ready_json {
+        print_ready("engine", None, svc.http_addr, svc.engine.node_id(), None);
+    }
     let _ = std::io::stdout().flush();
     shutdown_signal().await;
     eprintln!("tiercast engine: shutting down");
@@ -646,6 +684,15 @@ async fn edge_cmd(a: NodeArgs) -> anyhow::Result<ExitCode> {
         println!(
             "  certificate:  {} (self-signed; clients pass --ca)",
             p.display()
+        );
+    }
+    if a.ready_json {
+        print_ready(
+            "edge",
+            Some(node.quic_addr),
+            node.http_addr,
+            node.node_id(),
+            node.cert_path.as_deref(),
         );
     }
     let _ = std::io::stdout().flush();
