@@ -206,6 +206,15 @@ struct State {
     resume_from: Option<HashMap<u64, u64>>,
 }
 
+/// Moves a per-conversation high-water mark (a cursor, a read marker) to
+/// `id` if that is newer; true if it moved.
+fn advance(marks: &mut HashMap<u64, u64>, conversation: u64, id: u64) -> bool {
+    let mark = marks.entry(conversation).or_insert(0);
+    let newer = id > *mark;
+    *mark = (*mark).max(id);
+    newer
+}
+
 /// Ids to keep per conversation before pruning.
 const SEEN_PRUNE_AT: usize = 4_096;
 
@@ -216,10 +225,10 @@ impl State {
         if !seen.insert(m.id) {
             return false;
         }
-        let c = self.cursors.entry(m.conversation).or_insert(0);
-        *c = (*c).max(m.id);
+        advance(&mut self.cursors, m.conversation, m.id);
         if seen.len() > SEEN_PRUNE_AT {
-            let keep_from = c.saturating_sub(window_ids.saturating_mul(2));
+            let cursor = self.cursors[&m.conversation];
+            let keep_from = cursor.saturating_sub(window_ids.saturating_mul(2));
             *seen = seen.split_off(&keep_from);
         }
         true
@@ -575,13 +584,11 @@ async fn serve_connection(
                     }
                 }
                 Some(Delivery::Notify { conversation, message_id }) => {
-                    let newer = {
-                        let mut st = inner.state.lock().expect("state lock");
-                        let c = st.cursors.entry(conversation).or_insert(0);
-                        let newer = message_id > *c;
-                        *c = (*c).max(message_id);
-                        newer
-                    };
+                    let newer = advance(
+                        &mut inner.state.lock().expect("state lock").cursors,
+                        conversation,
+                        message_id,
+                    );
                     if !newer {
                         // Already known (or older than what is): dropped,
                         // and counted like a dropped duplicate message.
@@ -692,13 +699,11 @@ async fn read_marker(
     message_id: u64,
     events: &mpsc::Sender<Event>,
 ) -> bool {
-    let newer = {
-        let mut st = inner.state.lock().expect("state lock");
-        let r = st.read.entry(conversation).or_insert(0);
-        let newer = message_id > *r;
-        *r = (*r).max(message_id);
-        newer
-    };
+    let newer = advance(
+        &mut inner.state.lock().expect("state lock").read,
+        conversation,
+        message_id,
+    );
     !newer
         || events
             .send(Event::ReadMarker {
@@ -855,13 +860,11 @@ async fn resume_inner(
                 .tiers
                 .insert(conversation, tier);
             if tier == 3 {
-                let newer = {
-                    let mut st = inner.state.lock().expect("state lock");
-                    let c = st.cursors.entry(conversation).or_insert(0);
-                    let newer = latest_id > *c;
-                    *c = (*c).max(latest_id);
-                    newer
-                };
+                let newer = advance(
+                    &mut inner.state.lock().expect("state lock").cursors,
+                    conversation,
+                    latest_id,
+                );
                 if newer {
                     let _ = events
                         .send(Event::Notify {
@@ -909,6 +912,17 @@ mod tests {
             .map(|_| full_jitter(base, cap, 6).as_millis())
             .collect();
         assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn marks_only_move_forward() {
+        let mut marks = HashMap::new();
+        assert!(advance(&mut marks, 1, 5));
+        assert!(!advance(&mut marks, 1, 5), "the same id is not newer");
+        assert!(!advance(&mut marks, 1, 3), "an older one neither");
+        assert_eq!(marks[&1], 5);
+        assert!(advance(&mut marks, 1, 9));
+        assert!(advance(&mut marks, 2, 1), "per conversation");
     }
 
     #[test]
