@@ -3,8 +3,11 @@
 //! a chat and a tier-3 broadcast reach devices on both edges. Readiness is
 //! each process printing its addresses; every wait is bounded.
 
+mod common;
+
+use common::Redis;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -16,48 +19,6 @@ use tiercast_client::{Client, ClientConfig, Delivery};
 const SECRET: &str = "cluster-process-test-secret-0123456789";
 const INTERNAL_SECRET: &str = "cluster-process-internal-secret-0123456789";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct Redis {
-    dir: String,
-    nodes: String,
-}
-
-impl Redis {
-    fn up() -> Self {
-        let out = Command::new(repo().join("scripts/redis-cluster.sh"))
-            .arg("up")
-            .output()
-            .expect("redis-cluster.sh runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .unwrap()
-                .to_owned()
-        };
-        Self {
-            dir: get("TIERCAST_REDIS_DIR="),
-            nodes: get("TIERCAST_REDIS_NODES="),
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/redis-cluster.sh"))
-            .args(["down", "--dir", &self.dir])
-            .output();
-    }
-}
 
 /// A `tiercast` process whose stdout lines arrive on a channel.
 struct Proc {

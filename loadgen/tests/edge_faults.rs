@@ -8,52 +8,13 @@
 //! a send whose edge died on the next edge), and every device of the dead
 //! edge is back on another one.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{Redis, repo};
+
 use std::process::Command;
 
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct Redis {
-    dir: String,
-    nodes: String,
-}
-
-impl Redis {
-    fn up() -> Self {
-        let out = Command::new(repo().join("scripts/redis-cluster.sh"))
-            .arg("up")
-            .output()
-            .expect("redis-cluster.sh runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .unwrap()
-                .to_owned()
-        };
-        Self {
-            dir: get("TIERCAST_REDIS_DIR="),
-            nodes: get("TIERCAST_REDIS_NODES="),
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/redis-cluster.sh"))
-            .args(["down", "--dir", &self.dir])
-            .output();
-    }
-}
 
 /// One fleet at a time: two at once on a small machine measure the
 /// machine, not the fault.

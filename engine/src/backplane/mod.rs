@@ -87,11 +87,11 @@ pub trait Subscriber: Send + Sync + 'static {
     /// published in between may have been missed, and the subscriber's
     /// owner repairs the gap from the store. A backend whose subscriptions
     /// cannot be interrupted never changes it.
+    ///
+    /// The default has no sender: waiting on it ends at once, and a repair
+    /// loop on it ends with it.
     fn interruptions(&self) -> tokio::sync::watch::Receiver<u64> {
-        let (tx, rx) = tokio::sync::watch::channel(0);
-        // Kept open (never changes) for as long as the process lives.
-        std::mem::forget(tx);
-        rx
+        tokio::sync::watch::channel(0).1
     }
 }
 
