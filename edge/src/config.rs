@@ -268,6 +268,19 @@ impl Config {
         vars: impl IntoIterator<Item = (String, String)>,
         overrides: &[(String, String)],
     ) -> Result<Self, ConfigError> {
+        let cfg = Self::merged(file, vars, overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The settings merged as [`Config::load`] merges them, not yet
+    /// validated: for a caller that fills in a setting (the development
+    /// node's secret) before it calls [`Config::validate`].
+    pub fn merged(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
         let mut doc = toml::Table::try_from(Config::default()).expect("defaults serialize");
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -301,7 +314,6 @@ impl Config {
                 path: "(merged settings)".into(),
                 reason: e.message().to_owned(),
             })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 

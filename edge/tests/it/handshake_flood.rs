@@ -1,0 +1,178 @@
+//! A handshake flood: thousands of real QUIC Initial packets (made by
+//! quinn-proto, each a new connection attempt) from many source ports,
+//! never completed. The edge's handshake state stays bounded (a cap on
+//! handshakes in flight; above a rate, a stateless Retry first), and a
+//! device connected before the flood is served throughout.
+//!
+//! The figures (printed, and written to `$TIERCAST_FIGURES_DIR` when set)
+//! go to docs/security.md; the test asserts bounds, never times.
+
+use tiercast_testkit as common;
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{WAIT, start};
+
+const INITIALS: usize = 4_000;
+const SOURCES: usize = 64;
+
+/// `INITIALS` first datagrams of new client connections to `edge`.
+fn initials(edge: std::net::SocketAddr, pem: &str) -> Vec<Vec<u8>> {
+    let crypto = tiercast_client::tls::client_crypto(pem).unwrap();
+    let mut ep = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    let now = Instant::now();
+    let mut out = Vec::with_capacity(INITIALS);
+    for _ in 0..INITIALS {
+        let cfg = quinn_proto::ClientConfig::new(crypto.clone());
+        let (_, mut conn) = ep.connect(now, cfg, edge, "localhost").unwrap();
+        let mut buf = Vec::with_capacity(1500);
+        let t = conn.poll_transmit(now, 1, &mut buf).expect("an Initial");
+        buf.truncate(t.size);
+        out.push(buf);
+    }
+    out
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn flood(name: &str, settings: &[(&str, &str)], cap: u64) -> serde_json::Value {
+    let t = start(settings).await;
+    t.chat(1, &[1, 2]).await;
+    let (a, _ra) = t.device(1, 10).await;
+    let (_b, mut rb) = t.device(2, 20).await;
+    let packets = initials(t.node.quic_addr, &t.node.cert_pem);
+    let rss_before = rss_bytes();
+    let metrics = |name: &str| common::metric(&t.node.metrics(), name);
+
+    // Sample the edge while the flood runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let (max_in_flight, max_rss) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sampler = {
+        let (done, mif, mrss) = (done.clone(), max_in_flight.clone(), max_rss.clone());
+        let registry_text = t.node.metrics_source();
+        tokio::spawn(async move {
+            while !done.load(Ordering::Acquire) {
+                let m = common::metric(&registry_text(), "tiercast_edge_handshakes_in_flight ");
+                mif.fetch_max(m, Ordering::Relaxed);
+                mrss.fetch_max(rss_bytes(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let target = t.node.quic_addr;
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let sockets: Vec<UdpSocket> = (0..SOURCES)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for (i, p) in packets.iter().enumerate() {
+            let _ = sockets[i % SOURCES].send_to(p, target);
+        }
+        started.elapsed()
+    });
+    // The device is served while the flood runs: pings and a message.
+    let mut rtts = Vec::new();
+    while !sender.is_finished() || rtts.len() < 20 {
+        let t0 = Instant::now();
+        a.ping(rtts.len() as u64)
+            .await
+            .expect("served during the flood");
+        rtts.push(t0.elapsed());
+    }
+    let flood_time = sender.join().unwrap();
+    let sent = a
+        .send(1, 1, Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(common::next_message(&mut rb).await.id, sent.message_id);
+    // Every flooded handshake gives up (hello_timeout_ms) and its state goes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metrics("tiercast_edge_handshakes_in_flight ") > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handshakes never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, Ordering::Release);
+    sampler.await.unwrap();
+    rtts.sort();
+    let figures = serde_json::json!({
+        "scenario": name,
+        "initials_sent": INITIALS,
+        "source_ports": SOURCES,
+        "flood_seconds": flood_time.as_secs_f64(),
+        "retries_sent": metrics("tiercast_edge_retries_sent_total"),
+        "handshakes_refused": metrics("tiercast_edge_handshakes_refused_total"),
+        "max_handshakes_in_flight": max_in_flight.load(Ordering::Relaxed),
+        "handshake_cap": cap,
+        "rss_before_bytes": rss_before,
+        "rss_max_bytes": max_rss.load(Ordering::Relaxed),
+        "rss_growth_bytes": max_rss.load(Ordering::Relaxed).saturating_sub(rss_before),
+        "pings_during_flood": rtts.len(),
+        "ping_p50_us": rtts[rtts.len() / 2].as_micros() as u64,
+        "ping_max_us": rtts.last().unwrap().as_micros() as u64,
+    });
+    println!("handshake flood: {figures}");
+    if let Some(dir) = std::env::var_os("TIERCAST_FIGURES_DIR") {
+        let path = std::path::Path::new(&dir).join(format!("handshake-flood-{name}.json"));
+        std::fs::write(path, serde_json::to_string_pretty(&figures).unwrap()).unwrap();
+    }
+    assert!(
+        figures["max_handshakes_in_flight"].as_u64().unwrap() <= cap,
+        "{figures}"
+    );
+    assert!(
+        figures["rss_growth_bytes"].as_u64().unwrap() < 256 << 20,
+        "{figures}"
+    );
+    t.node.shutdown().await;
+    figures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_keeps_memory_bounded_and_devices_served() {
+    // Above 100 new connections a second, addresses must be validated: the
+    // flood is answered with stateless Retry packets.
+    let retry = flood(
+        "retry",
+        &[
+            ("edge.retry_above_per_s", "100"),
+            ("edge.max_handshakes_in_flight", "256"),
+            ("edge.hello_timeout_ms", "1000"),
+        ],
+        256,
+    )
+    .await;
+    assert!(retry["retries_sent"].as_u64().unwrap() > 0, "{retry}");
+    // Retry off: the cap on handshakes in flight refuses the rest.
+    let capped = flood(
+        "cap",
+        &[
+            ("edge.retry_above_per_s", "1000000"),
+            ("edge.max_handshakes_in_flight", "256"),
+            ("edge.hello_timeout_ms", "1000"),
+        ],
+        256,
+    )
+    .await;
+    assert!(
+        capped["handshakes_refused"].as_u64().unwrap() > 0,
+        "{capped}"
+    );
+}

@@ -1,0 +1,104 @@
+//! Tier 1 over real QUIC on loopback: every device of every member gets each
+//! message exactly once (the sending device excepted), and it is in history.
+
+use tiercast_testkit as common;
+
+use bytes::Bytes;
+use common::{messages_until, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_two_devices_each_get_every_message_exactly_once() {
+    let t = start(&[]).await;
+    t.chat(100, &[1, 2]).await;
+    let (a1, mut a1_rx) = t.device(1, 11).await;
+    let (_a2, mut a2_rx) = t.device(1, 12).await;
+    let (b1, mut b1_rx) = t.device(2, 21).await;
+    let (_b2, mut b2_rx) = t.device(2, 22).await;
+
+    let sent = a1
+        .send(100, 1, Bytes::from_static(b"hello from a1"))
+        .await
+        .unwrap();
+    assert!(!sent.duplicate);
+    // A fence from another device: once a device has the fence, whatever it
+    // was going to get of the first message it has (one edge, one order).
+    let fence = b1.send(100, 1, Bytes::from_static(b"fence")).await.unwrap();
+
+    for (name, rx) in [("a2", &mut a2_rx), ("b2", &mut b2_rx)] {
+        let got = messages_until(rx, fence.message_id).await;
+        let ids: Vec<u64> = got.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![sent.message_id, fence.message_id], "{name}");
+        assert_eq!(got[0].body, Bytes::from_static(b"hello from a1"));
+        assert_eq!((got[0].sender, got[0].sender_client), (1, 11));
+    }
+    // b1 sent the fence: it gets only a1's message.
+    let got = messages_until(&mut b1_rx, sent.message_id).await;
+    assert_eq!(got.len(), 1);
+    // a1 sent the first: it gets only the fence.
+    let got = messages_until(&mut a1_rx, fence.message_id).await;
+    assert_eq!(
+        got.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![fence.message_id]
+    );
+
+    let (history, more) = b1.fetch(100, 0, 10).await.unwrap();
+    assert!(!more);
+    assert_eq!(
+        history.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![fence.message_id, sent.message_id],
+        "newest first"
+    );
+    t.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_is_stored_once() {
+    let t = start(&[]).await;
+    t.chat(7, &[1, 2]).await;
+    let (a, _a_rx) = t.device(1, 11).await;
+    let first = a.send(7, 99, Bytes::from_static(b"once")).await.unwrap();
+    let again = a.send(7, 99, Bytes::from_static(b"once")).await.unwrap();
+    assert_eq!(again.message_id, first.message_id);
+    assert!(again.duplicate);
+    assert_eq!(a.fetch(7, 0, 10).await.unwrap().0.len(), 1);
+    t.node.shutdown().await;
+}
+
+/// A device that was offline finds what it missed in its inbox when it
+/// connects, and an ack empties the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_drains_its_inbox_on_connect() {
+    let t = start(&[]).await;
+    t.chat(8, &[1, 2]).await;
+    // Register b's device once so it has an inbox, then go offline.
+    let (b, _) = t.device(2, 21).await;
+    b.close();
+    let (a, _a_rx) = t.device(1, 11).await;
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        ids.push(
+            a.send(8, i + 1, Bytes::from(format!("m{i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    let (b, mut b_rx) = t.device(2, 21).await;
+    let got = messages_until(&mut b_rx, ids[4]).await;
+    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    assert_eq!(b.ack(&ids).await.unwrap(), 5);
+    assert_eq!(
+        b.ack(&ids).await.unwrap(),
+        0,
+        "acked once: a second ack removes nothing and is no error"
+    );
+    assert!(
+        t.node
+            .engine
+            .pending(common::dev(21), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    t.node.shutdown().await;
+}

@@ -1,0 +1,248 @@
+//! `tiercast loadgen run` and `tiercast loadgen plan`: scenarios against a
+//! deployment (or servers started here), and fleet sizes from a run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::{usage, write_file, write_json};
+
+#[derive(Args)]
+pub struct LoadgenArgs {
+    #[command(subcommand)]
+    command: LoadgenCommand,
+}
+
+#[derive(Subcommand)]
+enum LoadgenCommand {
+    /// Run a scenario (loadgen/scenarios/*.toml) against a deployment given
+    /// by address, or one started here (--self-hosted), and report per tier.
+    Run(Box<LoadgenRunArgs>),
+    /// Size a fleet for a workload from a run's measured figures.
+    Plan(LoadgenPlanArgs),
+}
+
+#[derive(Args)]
+struct LoadgenRunArgs {
+    /// The scenario file.
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Start the servers here on loopback: a single node, or with --redis an
+    /// engine service and --edges edges over that Redis Cluster.
+    #[arg(long)]
+    self_hosted: bool,
+    /// Edges to start (--self-hosted; more than 1 needs --redis).
+    #[arg(long, default_value_t = 1)]
+    edges: usize,
+    /// Redis Cluster seeds for --self-hosted (scripts/redis-cluster.sh up
+    /// prints them).
+    #[arg(long, env = "TIERCAST_REDIS_NODES", value_delimiter = ',')]
+    redis: Vec<String>,
+    /// A deployment's edge QUIC address (repeatable), without --self-hosted.
+    #[arg(long = "edge")]
+    edge_addrs: Vec<SocketAddr>,
+    /// The deployment's engine HTTP API, e.g. http://10.0.0.5:7480.
+    #[arg(long)]
+    api: Option<String>,
+    /// The deployment's token secret (loadgen mints device and publisher
+    /// tokens).
+    #[arg(long, env = "TIERCAST_NODE__TOKEN_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// PEM certificates to trust for the edges.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Override the scenario's measured duration, seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Override the scenario's send rate, messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Override the scenario's user count.
+    #[arg(long)]
+    users: Option<u64>,
+    /// Client UDP sockets to spread the devices over.
+    #[arg(long, default_value_t = 8)]
+    sockets: usize,
+    /// The SDK's reorder window per device, in ms (its default: 20; 0 never
+    /// holds a message).
+    #[arg(long, default_value_t = 20)]
+    reorder_window_ms: u64,
+    /// Pin the self-hosted servers to these CPUs (taskset list, e.g. 0).
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// The server binary --self-hosted starts (default: this `tiercast`).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Pin loadgen itself to these CPUs (e.g. 1), so servers and load do
+    /// not share cores.
+    #[arg(long)]
+    loadgen_cpus: Option<String>,
+    /// Write the report as JSON (docs/loadgen.md has the schema).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write HdrHistogram percentile distributions per tier.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Draw latency percentiles and throughput over time as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct LoadgenPlanArgs {
+    /// The workload to size (loadgen/workloads/*.toml).
+    #[arg(long)]
+    workload: PathBuf,
+    /// The JSON a self-hosted `loadgen run --json` wrote.
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Write the sizes as terraform.tfvars.json for terraform/.
+    #[arg(long)]
+    tfvars: Option<PathBuf>,
+    /// Write the whole plan as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub async fn run(a: LoadgenArgs) -> anyhow::Result<ExitCode> {
+    match a.command {
+        LoadgenCommand::Run(a) => run_scenario(*a).await,
+        LoadgenCommand::Plan(a) => plan(a),
+    }
+}
+
+async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::scenario::Scenario;
+    use tiercast_loadgen::target::TargetSpec;
+    let mut scenario = Scenario::load(&a.scenario).map_err(usage)?;
+    if let Some(d) = a.duration {
+        scenario.duration_s = d;
+    }
+    if let Some(r) = a.rate {
+        scenario.rate.messages_per_s = r;
+    }
+    if let Some(u) = a.users {
+        scenario.users = u;
+    }
+    scenario.validate().map_err(usage)?;
+    let target = if a.self_hosted {
+        if !a.edge_addrs.is_empty() || a.api.is_some() {
+            return Err(usage(
+                "--self-hosted starts its own servers: drop --edge and --api",
+            ));
+        }
+        TargetSpec::SelfHosted {
+            edges: a.edges,
+            redis: a.redis,
+            cpus: a.server_cpus.clone(),
+            server_bin: a.server_bin.clone(),
+        }
+    } else {
+        let (Some(api), Some(secret), Some(ca)) = (a.api, a.secret, a.ca) else {
+            return Err(usage(
+                "give --self-hosted, or a deployment: --edge ADDR (repeatable) --api URL --secret S --ca FILE",
+            ));
+        };
+        if a.edge_addrs.is_empty() {
+            return Err(usage("at least one --edge ADDR is needed"));
+        }
+        let ca_pem = std::fs::read_to_string(&ca)
+            .map_err(|e| usage(format!("--ca {}: {e}", ca.display())))?;
+        TargetSpec::External {
+            edges: a.edge_addrs,
+            api,
+            secret,
+            ca_pem,
+        }
+    };
+    if let Some(cpus) = &a.loadgen_cpus {
+        tiercast_loadgen::target::pin_self(cpus).map_err(|e| usage(e.to_string()))?;
+    }
+    if let TargetSpec::SelfHosted { edges, redis, .. } = &target
+        && *edges > 1
+        && redis.is_empty()
+    {
+        return Err(usage(
+            "--edges above 1 needs --redis (start a cluster with scripts/redis-cluster.sh up)",
+        ));
+    }
+    if a.sockets == 0 {
+        return Err(usage("--sockets must be at least 1"));
+    }
+    eprintln!(
+        "tiercast loadgen: scenario {} ({}), {} devices, {} msg/s {:?} for {} s after {} s warm-up",
+        scenario.name,
+        scenario.description,
+        scenario.devices(),
+        scenario.rate.messages_per_s,
+        scenario.rate.kind,
+        scenario.duration_s,
+        scenario.warmup_s
+    );
+    let report = tiercast_loadgen::run::run(tiercast_loadgen::run::RunOptions {
+        scenario: scenario.clone(),
+        target,
+        sockets: a.sockets,
+        reorder_window: std::time::Duration::from_millis(a.reorder_window_ms),
+        progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
+    .await?;
+    print!("{}", report.text);
+    if let Some(path) = &a.json {
+        write_json(path, &report.json)?;
+    }
+    if let Some(path) = &a.hgrm {
+        write_file(path, tiercast_loadgen::hgrm::render(&report.histograms))?;
+    }
+    if let Some(path) = &a.plot {
+        tiercast_loadgen::plot::draw(
+            path,
+            &format!("tiercast loadgen: {}", scenario.name),
+            &report.timeline,
+            &report.histograms,
+        )
+        .with_context(|| format!("drawing {}", path.display()))?;
+    }
+    if report.send_errors > 0 {
+        eprintln!(
+            "tiercast loadgen: {} sends failed (by code in the report's errors)",
+            report.send_errors
+        );
+    }
+    Ok(if report.lost == 0 && report.send_errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("tiercast loadgen: {} deliveries lost", report.lost);
+        ExitCode::FAILURE
+    })
+}
+
+fn plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::plan;
+    let workload = plan::Workload::load(&a.workload).map_err(usage)?;
+    let text = std::fs::read_to_string(&a.calibration)
+        .map_err(|e| usage(format!("--calibration {}: {e}", a.calibration.display())))?;
+    let run: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        usage(format!(
+            "--calibration {}: not JSON: {e}",
+            a.calibration.display()
+        ))
+    })?;
+    let cal = plan::Calibration::from_run(&run).map_err(usage)?;
+    let p = plan::plan(&workload, &cal);
+    print!("{}", plan::render(&workload, &cal, &p));
+    if let Some(path) = &a.tfvars {
+        write_json(path, &plan::tfvars(&workload, &p))?;
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({"workload": workload, "calibration": cal, "plan": p});
+        write_json(path, &v)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,207 @@
+//! `tiercast loadgen run` against a node it starts itself, and `tiercast
+//! loadgen plan` on the run's JSON: the reports come out and their counts
+//! are consistent (lost = 0, deliveries = expected, tiers add up to the
+//! total).
+
+use std::process::Command;
+
+use serde_json::Value;
+use tiercast_testkit::repo;
+
+fn tiercast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tiercast"))
+}
+
+#[test]
+fn a_short_scenario_reports_every_delivery_and_plans_a_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let hgrm = dir.path().join("run.hgrm");
+    let plot = dir.path().join("run.svg");
+    let out = tiercast()
+        .args(["loadgen", "run", "--self-hosted", "--quiet", "--scenario"])
+        .arg(repo().join("tests/scenarios/smoke.toml"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--hgrm")
+        .arg(&hgrm)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .expect("tiercast runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "expected_deliveries",
+        "deliveries",
+        "lost",
+        "duplicates",
+        "p50_us",
+        "p99_us",
+        "p999_us",
+        "max_us",
+    ] {
+        assert!(v[key].is_u64(), "total `{key}` missing: {v}");
+    }
+    assert_eq!(v["lost"], 0);
+    assert!(v["messages_sent"].as_u64().unwrap() > 0);
+    assert_eq!(v["deliveries"], v["expected_deliveries"]);
+    let tiers = v["tiers"].as_object().unwrap();
+    assert_eq!(
+        tiers.keys().cloned().collect::<Vec<_>>(),
+        vec!["1", "2", "3"],
+        "every tier was exercised"
+    );
+    let sum = |k: &str| tiers.values().map(|t| t[k].as_u64().unwrap()).sum::<u64>();
+    for k in [
+        "messages_sent",
+        "expected_deliveries",
+        "deliveries",
+        "lost",
+        "duplicates",
+    ] {
+        assert_eq!(sum(k), v[k].as_u64().unwrap(), "tiers add up for {k}");
+    }
+    for t in tiers.values() {
+        assert!(t["errors"].is_object(), "errors by code per tier: {t}");
+        assert!(t["p50_us"].as_u64().unwrap() <= t["p99_us"].as_u64().unwrap());
+        assert!(t["p99_us"].as_u64().unwrap() <= t["max_us"].as_u64().unwrap());
+    }
+    assert_eq!(v["connect"]["connected"], 80);
+    assert_eq!(v["scenario"]["name"], "smoke");
+    assert!(v["servers"]["cpu_s"].as_f64().unwrap() > 0.0);
+    assert!(v["servers"]["rss_per_connection_bytes"].is_u64());
+    assert!(v["machine"]["cpus"].as_u64().unwrap() >= 1);
+    assert!(!v["timeline"].as_array().unwrap().is_empty());
+    let h = std::fs::read_to_string(&hgrm).unwrap();
+    assert!(h.contains("# tier 1") && h.contains("# tier 3") && h.contains("Total count"));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("latency by percentile"));
+
+    // The run calibrates a plan.
+    let tfvars = dir.path().join("terraform.tfvars.json");
+    let out = tiercast()
+        .args(["loadgen", "plan", "--workload"])
+        .arg(repo().join("loadgen/workloads/10m-mixed.toml"))
+        .arg("--calibration")
+        .arg(&json)
+        .arg("--tfvars")
+        .arg(&tfvars)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("answer:") && text.contains("assumed"),
+        "{text}"
+    );
+    let tf: Value = serde_json::from_str(&std::fs::read_to_string(&tfvars).unwrap()).unwrap();
+    for k in ["edge_count", "redis_shards", "db_nodes"] {
+        assert!(tf[k].as_u64().unwrap() >= 1, "{k}: {tf}");
+    }
+
+    // The same run, as if it had lost deliveries: no plan, one line why.
+    let mut bad = v.clone();
+    bad["lost"] = 7.into();
+    let bad_json = dir.path().join("lossy.json");
+    std::fs::write(&bad_json, bad.to_string()).unwrap();
+    let out = tiercast()
+        .args(["loadgen", "plan", "--workload"])
+        .arg(repo().join("loadgen/workloads/10m-mixed.toml"))
+        .arg("--calibration")
+        .arg(&bad_json)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lost 7 deliveries"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn bad_flags_and_files_are_one_line_errors() {
+    let out = tiercast()
+        .args([
+            "loadgen",
+            "run",
+            "--scenario",
+            "/nonexistent.toml",
+            "--self-hosted",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read scenario"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let out = tiercast()
+        .args(["loadgen", "run", "--scenario"])
+        .arg(repo().join("loadgen/scenarios/mixed.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "no target");
+
+    let out = tiercast()
+        .args([
+            "loadgen",
+            "run",
+            "--self-hosted",
+            "--edges",
+            "3",
+            "--scenario",
+        ])
+        .arg(repo().join("loadgen/scenarios/mixed.toml"))
+        .env_remove("TIERCAST_REDIS_NODES")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "3 edges need Redis");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cal = dir.path().join("cal.json");
+    std::fs::write(&cal, "{\"scenario\": {\"name\": \"x\"}}").unwrap();
+    let out = tiercast()
+        .args(["loadgen", "plan", "--workload"])
+        .arg(repo().join("loadgen/workloads/10m-mixed.toml"))
+        .arg("--calibration")
+        .arg(&cal)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--self-hosted"));
+}
+
+/// A run whose sends are all refused (the servers' body limit below the
+/// scenario's payload, through the environment the self-hosted servers
+/// inherit) is not "lost 0, success": it reports the failed sends by code
+/// and exits 1.
+#[test]
+fn refused_sends_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = tiercast()
+        .args(["loadgen", "run", "--self-hosted", "--quiet", "--scenario"])
+        .arg(repo().join("tests/scenarios/smoke.toml"))
+        .arg("--json")
+        .arg(&json)
+        .env("TIERCAST_ENGINE__MAX_BODY_BYTES", "8")
+        .output()
+        .expect("tiercast runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("sends failed"), "{stderr}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["send_errors"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["errors"]["body_too_large"].as_u64().unwrap() > 0, "{v}");
+}
