@@ -69,6 +69,7 @@ impl EngineService {
             lease,
             registry,
             keys,
+            ..
         } = core(&mut cfg, store).await?;
         let (stop, stopped) = watch::channel(false);
         let (http_addr, task) = serve_http(
@@ -115,6 +116,9 @@ pub struct Node {
     pub cert_path: Option<PathBuf>,
     pub keys: TokenKeys,
     pub engine: Arc<Engine>,
+    /// The in-process backplane (a single node without Redis): its
+    /// publish counters are what each tier costs per message.
+    pub local_backplane: Option<LocalBackplane>,
     /// The node-id lease (cluster mode).
     lease: Option<NodeLease>,
     registry: Arc<Registry>,
@@ -182,6 +186,8 @@ pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, 
 /// node-id lease, the engine, the metrics registry.
 struct Core {
     engine: Arc<Engine>,
+    /// The in-process backplane, when there is no Redis.
+    local: Option<LocalBackplane>,
     lease: Option<NodeLease>,
     registry: Registry,
     keys: TokenKeys,
@@ -217,6 +223,7 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
 
 async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartError> {
     let mut registry = Registry::default();
+    let mut local_backplane = None;
     let (backplane, routes, lease, redis): (Arc<dyn Backplane>, Arc<dyn Routes>, _, _) = match cfg
         .backplane
         .kind
@@ -228,6 +235,18 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
                     "Payloads the in-process backplane dropped (a subscriber's queue full); devices catch up from the store",
                     local.dropped_counter(),
                 );
+            let (publishes, bytes) = local.published_counters();
+            registry.register(
+                "tiercast_backplane_local_publishes",
+                "Publishes on the in-process backplane (one per channel per message: what a tier costs)",
+                publishes,
+            );
+            registry.register(
+                "tiercast_backplane_local_publish_bytes",
+                "Payload bytes published on the in-process backplane",
+                bytes,
+            );
+            local_backplane = Some(local.clone());
             (
                 Arc::new(local),
                 Arc::new(LocalRoutes::default()),
@@ -294,6 +313,7 @@ async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartErro
     engine.spawn_device_reaper();
     Ok(Core {
         engine,
+        local: local_backplane,
         lease,
         registry,
         keys: cfg.token_keys(),
@@ -357,6 +377,7 @@ impl Node {
         std::fs::create_dir_all(&data_dir).map_err(|e| data_dir_error(&data_dir, e))?;
         let Core {
             engine,
+            local,
             lease,
             mut registry,
             keys,
@@ -414,6 +435,7 @@ impl Node {
             cert_path,
             keys,
             engine,
+            local_backplane: local,
             lease,
             registry,
             stop,

@@ -14,10 +14,13 @@
 pub mod demo;
 pub mod fanout;
 pub mod hgrm;
+pub mod ledger;
 pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod schedule;
+pub mod sim;
 pub mod target;
 pub mod tracker;

@@ -15,6 +15,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::report::RunReport;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
@@ -97,30 +99,27 @@ impl Calibration {
     /// deliveries, had failed sends or devices that never connected, or was
     /// overloaded. Figures from such a run describe a machine that fell
     /// behind, not what a delivery costs.
-    pub fn refusal(v: &Value) -> Option<String> {
-        let lost = v["lost"].as_u64().unwrap_or(0);
+    pub fn refusal(r: &RunReport) -> Option<String> {
+        let lost = r.total.lost;
         if lost > 0 {
             return Some(format!(
                 "the calibration run lost {lost} deliveries; plan from a run with lost 0"
             ));
         }
-        let send_errors = v["send_errors"].as_u64().unwrap_or(0);
+        let send_errors = r.send_errors;
         if send_errors > 0 {
             return Some(format!(
                 "the calibration run had {send_errors} failed sends ({}); plan from a run without",
-                v["errors"]
+                serde_json::to_string(&r.errors).unwrap_or_default()
             ));
         }
-        let (connected, wanted) = (
-            v["connect"]["connected"].as_u64().unwrap_or(0),
-            v["connect"]["connections"].as_u64().unwrap_or(0),
-        );
+        let (connected, wanted) = (r.connect.connected, r.connect.connections);
         if connected < wanted {
             return Some(format!(
                 "the calibration run connected {connected} of {wanted} devices; plan from a run where all connected"
             ));
         }
-        let p50 = v["p50_us"].as_u64().unwrap_or(0);
+        let p50 = r.total.p50_us;
         if p50 > OVERLOADED_P50_US {
             return Some(format!(
                 "the calibration run was overloaded (median delivery {:.0} ms, above {} ms): lower its rate or give it more cores",
@@ -131,8 +130,8 @@ impl Calibration {
         None
     }
 
-    pub fn from_run(v: &Value) -> Result<Self, String> {
-        if let Some(why) = Self::refusal(v) {
+    pub fn from_run(r: &RunReport) -> Result<Self, String> {
+        if let Some(why) = Self::refusal(r) {
             return Err(why);
         }
         let need = |p: &str, x: Option<f64>| {
@@ -141,17 +140,17 @@ impl Calibration {
             })
         };
         Ok(Self {
-            scenario: v["scenario"]["name"].as_str().unwrap_or("?").to_owned(),
+            scenario: r.scenario_name().to_owned(),
             cpu_us_per_delivery: need(
                 "servers.cpu_us_per_delivery",
-                v["servers"]["cpu_us_per_delivery"].as_f64(),
+                r.servers.cpu_us_per_delivery,
             )?,
             rss_per_connection_bytes: need(
                 "servers.rss_per_connection_bytes",
-                v["servers"]["rss_per_connection_bytes"].as_f64(),
+                r.servers.rss_per_connection_bytes.map(|b| b as f64),
             )?,
-            connections_held: v["connect"]["connected"].as_u64().unwrap_or(0),
-            machine_cpus: v["machine"]["cpus"].as_u64().unwrap_or(0),
+            connections_held: r.connect.connected,
+            machine_cpus: r.machine.cpus,
         })
     }
 }
@@ -474,25 +473,25 @@ mod tests {
 
     #[test]
     fn a_run_that_lost_failed_or_overloaded_is_refused_with_the_reason() {
-        let ok = serde_json::json!({
-            "scenario": {"name": "r"}, "lost": 0, "send_errors": 0, "p50_us": 5_000,
+        let ok: RunReport = serde_json::from_value(serde_json::json!({
+            "scenario": null, "lost": 0, "send_errors": 0, "p50_us": 5_000,
             "connect": {"connected": 10, "connections": 10},
             "servers": {"cpu_us_per_delivery": 20.0, "rss_per_connection_bytes": 30_000},
             "machine": {"cpus": 2},
-        });
+        }))
+        .unwrap();
         assert!(Calibration::from_run(&ok).is_ok());
-        let with = |k: &str, v: Value| {
+        let with = |change: &dyn Fn(&mut RunReport)| {
             let mut r = ok.clone();
-            match k.split_once('.') {
-                Some((a, b)) => r[a][b] = v,
-                None => r[k] = v,
-            }
+            change(&mut r);
             Calibration::from_run(&r).unwrap_err()
         };
-        assert!(with("lost", 3.into()).contains("lost 3 deliveries"));
-        assert!(with("send_errors", 2.into()).contains("2 failed sends"));
-        assert!(with("connect.connected", 9.into()).contains("connected 9 of 10"));
-        assert!(with("p50_us", 1_500_000.into()).contains("overloaded (median delivery 1500 ms"));
+        assert!(with(&|r| r.total.lost = 3).contains("lost 3 deliveries"));
+        assert!(with(&|r| r.send_errors = 2).contains("2 failed sends"));
+        assert!(with(&|r| r.connect.connected = 9).contains("connected 9 of 10"));
+        assert!(
+            with(&|r| r.total.p50_us = 1_500_000).contains("overloaded (median delivery 1500 ms")
+        );
     }
 
     #[test]

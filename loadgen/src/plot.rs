@@ -7,7 +7,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::run::TimelinePoint;
+use crate::report::TimelinePoint;
 
 const COLORS: [RGBColor; 5] = [
     RGBColor(31, 119, 180),

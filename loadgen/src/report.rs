@@ -3,8 +3,11 @@
 //! `deliveries`, `lost`, `duplicates`, `p50_us`, `p99_us`, `p999_us`,
 //! `max_us` at least.
 
-use serde::Serialize;
+use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Scenario;
 use crate::tracker::Tally;
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,5 +72,432 @@ impl Figures {
             self.p999_us,
             self.max_us
         )
+    }
+}
+
+// ---------------------------------------------------------------------
+// `tiercast loadgen run`'s report: one typed value, written as JSON by
+// `run --json` and read back by `plan` (and anything that compares runs).
+// Every section defaults when absent, so reports written by earlier builds
+// still read.
+
+/// The counts and latencies of one tier, or of the whole run. The first
+/// keys are the same as `tiercast demo --json` writes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunFigures {
+    pub messages_sent: u64,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// Deliveries of measured (post-warm-up) messages per second of the
+    /// measured window.
+    pub deliveries_per_s: f64,
+}
+
+impl RunFigures {
+    /// Fills the latency quantiles from `h` (left at 0 when it is empty).
+    pub fn set_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        self.p50_us = h.value_at_quantile(0.50);
+        self.p90_us = h.value_at_quantile(0.90);
+        self.p99_us = h.value_at_quantile(0.99);
+        self.p999_us = h.value_at_quantile(0.999);
+        self.max_us = h.max();
+    }
+}
+
+/// One tier's section of a run report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TierFigures {
+    #[serde(flatten)]
+    pub figures: RunFigures,
+    /// Refused or failed sends by code.
+    pub errors: BTreeMap<String, u64>,
+    /// Tier 3 only: "delivered" counts devices notified (a notification
+    /// covers earlier ids); `pulled` counts the bodies devices pulled
+    /// (the scenario's `pull_fraction` of notifications).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notified: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TargetInfo {
+    /// `self-hosted` or `external`.
+    pub mode: String,
+    pub edges: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Versions {
+    pub tiercast: String,
+    pub protocol: u16,
+}
+
+/// The machine loadgen ran on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Machine {
+    pub cpus: u64,
+    pub cpu_model: Option<String>,
+    pub memory_bytes: Option<u64>,
+    pub kernel: Option<String>,
+    pub os: String,
+    pub arch: String,
+}
+
+impl Machine {
+    /// This machine, from /proc where there is one.
+    pub fn this() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                let l = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+                l.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map(|kb| kb * 1024);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .ok();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        });
+        Self {
+            cpus: cpus as u64,
+            cpu_model,
+            memory_bytes,
+            kernel,
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+        }
+    }
+}
+
+/// How the devices connected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConnectFigures {
+    pub connections: u64,
+    pub connected: u64,
+    pub failed: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub rate_per_s: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerProcess {
+    pub role: String,
+    pub pid: u32,
+}
+
+/// The servers' CPU and memory (self-hosted only; null otherwise).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerFigures {
+    pub processes: Vec<ServerProcess>,
+    /// CPU seconds from everyone connected to the end of the settle.
+    pub cpu_s: Option<f64>,
+    pub cpu_us_per_delivery: Option<f64>,
+    pub cpu_ms_per_message: Option<f64>,
+    pub edge_rss_bytes_before_connect: Option<u64>,
+    pub edge_rss_bytes_connected: Option<u64>,
+    pub rss_per_connection_bytes: Option<u64>,
+    pub rss_bytes_end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadgenFigures {
+    /// Loadgen's own CPU over the servers' window.
+    pub cpu_s: Option<f64>,
+    pub sockets: usize,
+    /// Tier-3 bodies pulled.
+    pub pulls: u64,
+}
+
+/// A reconnect storm: the devices of one edge told to reconnect at once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StormFigures {
+    pub devices_dropped: usize,
+    pub reconnect_p50_ms: f64,
+    pub reconnect_p99_ms: f64,
+    pub reconnect_max_ms: f64,
+    pub reconnects: usize,
+}
+
+/// An edge signalled mid-run, and how its devices came back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FaultFigures {
+    /// `kill`, `term` or `rolling restart`.
+    pub signal: String,
+    pub edge: usize,
+    pub at_s: f64,
+    /// A rolling restart: seconds from its start to the last edge back.
+    pub restart_s: Option<f64>,
+    pub devices_on_edge: usize,
+    pub devices_back: usize,
+    pub back_p50_ms: f64,
+    pub back_p99_ms: f64,
+    pub back_max_ms: f64,
+}
+
+/// The SDK's reorder window, summed over the devices: live messages held
+/// (ids of a second engine node seen in their conversation), of those put
+/// back in id order, and released after a larger id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReorderFigures {
+    pub held: u64,
+    pub reordered: u64,
+    pub late: u64,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TimelinePoint {
+    pub t_s: u64,
+    pub sends: u64,
+    pub deliveries: u64,
+    pub p99_us: u64,
+}
+
+/// What `tiercast loadgen run --json` writes (docs/loadgen.md has each
+/// key).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunReport {
+    #[serde(flatten)]
+    pub total: RunFigures,
+    /// The scenario as run (`None` when a report's scenario no longer
+    /// reads as one: the figures still do).
+    #[serde(deserialize_with = "lenient_scenario")]
+    pub scenario: Option<Scenario>,
+    pub target: TargetInfo,
+    pub versions: Versions,
+    pub machine: Machine,
+    /// By tier number ("1", "2", "3"), the tiers that carried messages.
+    pub tiers: BTreeMap<String, TierFigures>,
+    /// Failed sends and connection errors by code.
+    pub errors: BTreeMap<String, u64>,
+    /// Sends refused or failed (every code): a run with any is not clean,
+    /// whatever its lost count says.
+    pub send_errors: u64,
+    pub connect: ConnectFigures,
+    pub servers: ServerFigures,
+    pub loadgen: LoadgenFigures,
+    pub reconnect_storm: Option<StormFigures>,
+    pub edge_fault: Option<FaultFigures>,
+    pub reorder: ReorderFigures,
+    pub timeline: Vec<TimelinePoint>,
+    /// Seconds from the first send to the last.
+    pub run_seconds: f64,
+}
+
+fn lenient_scenario<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Scenario>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
+}
+
+impl RunReport {
+    pub fn scenario_name(&self) -> &str {
+        self.scenario.as_ref().map_or("?", |s| s.name.as_str())
+    }
+
+    /// Whether nothing was lost and no send failed.
+    pub fn clean(&self) -> bool {
+        self.total.lost == 0 && self.send_errors == 0
+    }
+
+    /// The report for people.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let devices = self.scenario.as_ref().map_or(0, Scenario::devices);
+        let _ = writeln!(
+            out,
+            "scenario {} on {} ({devices} devices)",
+            self.scenario_name(),
+            self.target.mode,
+        );
+        let _ = writeln!(
+            out,
+            "{:<6} {:>8} {:>10} {:>10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "tier",
+            "sent",
+            "expected",
+            "delivered",
+            "lost",
+            "dups",
+            "ooo",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "deliv/s"
+        );
+        let row = |name: &str, f: &RunFigures, out: &mut String| {
+            let ms = |us: u64| us as f64 / 1e3;
+            let _ = writeln!(
+                out,
+                "{:<6} {:>8} {:>10} {:>10} {:>6} {:>6} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.0}",
+                name,
+                f.messages_sent,
+                f.expected_deliveries,
+                f.deliveries,
+                f.lost,
+                f.duplicates,
+                f.out_of_order,
+                ms(f.p50_us),
+                ms(f.p90_us),
+                ms(f.p99_us),
+                ms(f.p999_us),
+                ms(f.max_us),
+                f.deliveries_per_s
+            );
+        };
+        for (t, f) in &self.tiers {
+            row(t, &f.figures, &mut out);
+        }
+        row("all", &self.total, &mut out);
+        if let Some(f) = self.tiers.get("3")
+            && let (Some(notified), Some(pulled)) = (f.notified, f.pulled)
+        {
+            let _ = writeln!(
+                out,
+                "tier 3: delivered = devices notified ({notified}); bodies pulled {pulled}"
+            );
+        }
+        for (t, f) in &self.tiers {
+            if !f.errors.is_empty() {
+                let list: Vec<String> = f
+                    .errors
+                    .iter()
+                    .map(|(code, n)| format!("{code} {n}"))
+                    .collect();
+                let _ = writeln!(out, "tier {t} send errors: {}", list.join(", "));
+            }
+        }
+        let c = &self.connect;
+        let _ = writeln!(
+            out,
+            "connect: {}/{} in {:.1} s ({:.0}/s), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            c.connected, c.connections, c.seconds, c.rate_per_s, c.p50_ms, c.p99_ms, c.max_ms
+        );
+        let sv = &self.servers;
+        if let Some(cpu) = sv.cpu_s {
+            let rss_per_connection = sv
+                .rss_per_connection_bytes
+                .map_or_else(|| "null".to_owned(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "servers: {:.2} CPU s ({:.1} CPU us per delivery, {:.2} ms per message), edge RSS {:.1} MiB connected, {} B per connection",
+                cpu,
+                sv.cpu_us_per_delivery.unwrap_or(0.0),
+                sv.cpu_ms_per_message.unwrap_or(0.0),
+                sv.edge_rss_bytes_connected.unwrap_or(0) as f64 / 1048576.0,
+                rss_per_connection
+            );
+        }
+        if let Some(cpu) = self.loadgen.cpu_s {
+            let _ = writeln!(out, "loadgen: {cpu:.2} CPU s");
+        }
+        if let Some(st) = &self.reconnect_storm {
+            let _ = writeln!(
+                out,
+                "reconnect storm: {} devices dropped at once; back in p50 {} ms, p99 {} ms, max {} ms",
+                st.devices_dropped, st.reconnect_p50_ms, st.reconnect_p99_ms, st.reconnect_max_ms
+            );
+        }
+        let ro = &self.reorder;
+        if ro.held > 0 {
+            let _ = writeln!(
+                out,
+                "reorder window: {} live messages held, {} put back in id order, {} later than the window",
+                ro.held, ro.reordered, ro.late
+            );
+        }
+        if let Some(f) = &self.edge_fault {
+            let what = match f.signal.as_str() {
+                "rolling restart" => format!(
+                    "rolling restart of every edge from {} s (done {} s later)",
+                    f.at_s,
+                    f.restart_s
+                        .map_or_else(|| "?".to_owned(), |s| s.to_string())
+                ),
+                sig => format!("SIG{sig} to edge {} at {} s", f.edge, f.at_s),
+            };
+            let _ = writeln!(
+                out,
+                "edge fault: {what}; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
+                f.devices_on_edge, f.devices_back, f.back_p50_ms, f.back_p99_ms, f.back_max_ms
+            );
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(
+                out,
+                "errors: {}",
+                serde_json::to_string(&self.errors).unwrap_or_default()
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod run_report_tests {
+    use super::*;
+
+    /// Every run report kept in docs/runs reads back as a `RunReport`, and
+    /// writing it again keeps its figures.
+    #[test]
+    fn the_reports_in_docs_runs_read_back() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runs");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            // Only loadgen run reports (docs/runs holds other JSON too).
+            if v.get("connect").is_none() || v.get("tiers").is_none() {
+                continue;
+            }
+            let r: RunReport = serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(r.total.deliveries, v["deliveries"].as_u64().unwrap());
+            assert_eq!(r.total.lost, v["lost"].as_u64().unwrap(), "{}", p.display());
+            let again = serde_json::to_value(&r).unwrap();
+            assert_eq!(again["deliveries"], v["deliveries"]);
+            assert_eq!(again["tiers"].as_object().unwrap().len(), r.tiers.len());
+            n += 1;
+        }
+        assert!(n >= 10, "{n} run reports");
     }
 }

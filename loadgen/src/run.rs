@@ -16,19 +16,24 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use rand::Rng;
-use serde::Serialize;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tiercast_client::{ClientError, Event, Session, SessionConfig};
 
-use crate::scenario::{ConversationPlan, RateKind, Scenario, Sender, layout};
+use crate::ledger::{Audience, Receipts, Sent, histogram};
+use crate::report::{
+    ConnectFigures, FaultFigures, LoadgenFigures, Machine, RunFigures, RunReport, ServerFigures,
+    ServerProcess, StormFigures, TargetInfo, TierFigures, TimelinePoint, Versions,
+};
+use crate::scenario::{ConversationPlan, FaultSignal, Scenario, layout};
+use crate::schedule::{Schedule, SendAs, Step};
+use crate::sim::{SimDevice, stamp_of, stamped_body};
 use crate::target::{Target, TargetSpec, cpu_seconds};
 
 #[derive(Debug, Clone)]
@@ -53,7 +58,6 @@ struct DeviceLog {
     out_of_order: HashMap<u64, u64>,
     newest: HashMap<u64, u64>,
     connected_after_us: Option<u64>,
-    connects: u64,
     /// When the last connection was lost (for reconnect times).
     lost_at_us: Option<u64>,
     reconnect_us: Vec<u64>,
@@ -64,87 +68,33 @@ struct DeviceLog {
     edge: Option<usize>,
 }
 
-/// A message the run sent.
-#[derive(Debug, Clone, Copy)]
-struct Sent {
-    id: u64,
-    conversation: u64,
-    scheduled_us: u64,
-    sender_client: u64,
-    warm: bool,
-}
-
-/// Per-tier (and total) figures. The first keys are the same as `tiercast
-/// demo --json` writes.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TierFigures {
-    pub messages_sent: u64,
-    pub expected_deliveries: u64,
-    pub deliveries: u64,
-    pub lost: u64,
-    pub duplicates: u64,
-    pub out_of_order: u64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-    /// Deliveries of measured (post-warm-up) messages per second of the
-    /// measured window.
-    pub deliveries_per_s: f64,
-    /// Refused or failed sends by code.
-    pub errors: std::collections::BTreeMap<String, u64>,
-    /// Tier 3 only: "delivered" counts devices notified (a notification
-    /// covers earlier ids); `pulled` counts the bodies devices pulled
-    /// (the scenario's `pull_fraction` of notifications).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notified: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pulled: Option<u64>,
-}
-
-fn quantiles(h: &Histogram<u64>, f: &mut TierFigures) {
-    if h.is_empty() {
-        return;
+impl Receipts for MutexGuard<'_, DeviceLog> {
+    fn arrival(&self, id: u64) -> Option<u64> {
+        self.arrivals.get(&id).copied()
     }
-    f.p50_us = h.value_at_quantile(0.50);
-    f.p90_us = h.value_at_quantile(0.90);
-    f.p99_us = h.value_at_quantile(0.99);
-    f.p999_us = h.value_at_quantile(0.999);
-    f.max_us = h.max();
+
+    fn notified(&self, conversation: u64, id: u64) -> Option<u64> {
+        self.notifies
+            .get(&conversation)?
+            .iter()
+            .find(|(n, _)| *n >= id)
+            .map(|&(_, at)| at)
+    }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
-}
-
-/// The outcome of a run: the JSON report plus the histograms (for `--hgrm`)
-/// and the timeline (for `--plot`).
+/// The outcome of a run: the report, and the histograms (for `--hgrm` and
+/// `--plot`).
 #[derive(Debug)]
-pub struct RunReport {
-    pub json: serde_json::Value,
+pub struct RunOutcome {
+    pub report: RunReport,
     pub histograms: Vec<(String, Histogram<u64>)>,
-    pub timeline: Vec<TimelinePoint>,
-    pub text: String,
-    pub lost: u64,
-    /// Sends refused or failed (every code): a run with any is not clean,
-    /// whatever its lost count says.
-    pub send_errors: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TimelinePoint {
-    pub t_s: u64,
-    pub sends: u64,
-    pub deliveries: u64,
-    pub p99_us: u64,
 }
 
 fn now_us(base: Instant) -> u64 {
     base.elapsed().as_micros() as u64
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
+pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let s = opts.scenario.clone();
     let mut target = tokio::task::spawn_blocking({
         let spec = opts.target.clone();
@@ -156,52 +106,93 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     result
 }
 
-async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Result<RunReport> {
-    let base = Instant::now();
-    let http = reqwest::Client::new();
+/// A simulated device of the run: its session and its log.
+struct Device {
+    sim: SimDevice,
+    session: Session,
+    log: Arc<Mutex<DeviceLog>>,
+    started_us: u64,
+}
+
+/// The run's devices, connected.
+struct Fleet {
+    devices: Vec<Device>,
+    connected: u64,
+    connect_elapsed: Duration,
+    pulls: Arc<AtomicU64>,
+}
+
+impl Fleet {
+    fn logs(&self) -> Vec<MutexGuard<'_, DeviceLog>> {
+        self.devices
+            .iter()
+            .map(|d| d.log.lock().expect("log"))
+            .collect()
+    }
+
+    /// Devices whose current connection is to edge `edge` (all with
+    /// `None`).
+    fn on_edge(&self, edge: Option<usize>) -> Vec<usize> {
+        self.devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| edge.is_none() || d.log.lock().expect("log").edge == edge)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// Sends so far, and failed sends by (tier, code).
+#[derive(Default)]
+struct Outbox {
+    sent: Mutex<Vec<Sent>>,
+    errors: Mutex<HashMap<(u8, String), u64>>,
+}
+
+impl Outbox {
+    fn failed(&self, tier: u8, code: impl Into<String>) {
+        *self
+            .errors
+            .lock()
+            .expect("errors")
+            .entry((tier, code.into()))
+            .or_default() += 1;
+    }
+}
+
+/// Connects every device of the scenario at its connect rate, spread over
+/// the target's edges and `opts.sockets` UDP sockets.
+async fn connect(
+    s: &Scenario,
+    opts: &RunOptions,
+    target: &Target,
+    base: Instant,
+    progress: &Arc<Progress>,
+    pull_fraction: Arc<HashMap<u64, f64>>,
+) -> anyhow::Result<Fleet> {
     let now = tiercast_engine::auth::now_unix();
-    let publisher = target.keys.mint_publisher("loadgen", now, 24 * 3600);
-
-    // Conversations, with the tier each is served by.
-    let first_id = 1_000_000 + u64::from(rand::random::<u16>()) * 100_000;
-    let plans = layout(s, first_id);
-    let tiers = create_conversations(&http, &target.api, &publisher, s, &plans).await?;
-
-    // Devices: connect at the scenario's rate, spread over UDP sockets.
     let sockets: Vec<quinn::Endpoint> = (0..opts.sockets.max(1))
         .map(|_| tiercast_client::client_endpoint("127.0.0.1:0".parse().expect("literal"), 4 << 20))
         .collect::<Result<_, _>>()
         .context("binding client sockets")?;
-    let rss0 = target.edge_rss();
-    let progress = Progress::new(opts.progress, s.devices());
     let pulls = Arc::new(AtomicU64::new(0));
-    let pull_fraction: HashMap<u64, f64> = plans
-        .iter()
-        .map(|p| (p.id, s.conversations[p.group].pull_fraction))
-        .collect();
-    let pull_fraction = Arc::new(pull_fraction);
-    let mut meta: Vec<Meta> = Vec::with_capacity(s.devices() as usize);
-    let mut sessions: Vec<(u64, Session)> = Vec::with_capacity(s.devices() as usize);
+    let mut devices = Vec::with_capacity(s.devices() as usize);
     let gap = Duration::from_secs_f64(1.0 / s.connect_rate);
     let connect_start = Instant::now();
-    for i in 0..s.devices() {
-        let user = i / s.devices_per_user + 1;
-        let d = i % s.devices_per_user;
-        // A label of loadgen's own (the edge issues the real device id).
-        let client_id = user * 10 + d + 1;
-        let e = i as usize % target.edges.len();
+    for (i, sim) in SimDevice::all(s.users, s.devices_per_user).enumerate() {
+        let e = i % target.edges.len();
         let mut order = target.edges[e..].to_vec();
         order.extend_from_slice(&target.edges[..e]);
         let mut cfg = SessionConfig::new(
             order,
             target.trusted_pem.clone(),
-            target.keys.mint_user(user, now, 24 * 3600),
+            target.keys.mint_user(sim.user, now, 24 * 3600),
             0,
         );
-        cfg.endpoint = Some(sockets[i as usize % sockets.len()].clone());
+        cfg.endpoint = Some(sockets[i % sockets.len()].clone());
         cfg.report_duplicates = true;
         cfg.reorder_window = opts.reorder_window;
-        cfg.device = format!("loadgen-{client_id}");
+        cfg.device = sim.label("loadgen");
         let (session, events) = Session::start(cfg);
         let log = Arc::new(Mutex::new(DeviceLog::default()));
         tokio::spawn(consume(
@@ -216,13 +207,12 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 pulls: pulls.clone(),
             },
         ));
-        meta.push(Meta {
-            user,
-            client_id,
+        devices.push(Device {
+            sim,
+            session,
             log,
             started_us: now_us(base),
         });
-        sessions.push((client_id, session));
         // Pace the connects (open loop on the connect schedule).
         tokio::time::sleep_until((connect_start + gap * (i as u32 + 1)).into()).await;
     }
@@ -233,139 +223,138 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let connect_elapsed = connect_start.elapsed();
+    Ok(Fleet {
+        devices,
+        connected: progress.connected.load(Ordering::Relaxed),
+        connect_elapsed: connect_start.elapsed(),
+        pulls,
+    })
+}
+
+/// What happened at a storm or fault step, for the report.
+#[derive(Default)]
+struct Incidents {
+    /// Devices told to reconnect by the storm.
+    storm: Option<usize>,
+    /// The devices on the faulted edge (every device for a rolling
+    /// restart), and when.
+    fault: Option<(Vec<usize>, u64)>,
+    restart: Option<tokio::task::JoinHandle<(anyhow::Result<()>, Instant)>>,
+}
+
+/// The driver: conversations, devices, the schedule's steps at their
+/// times, the settle, then the ledger's tally into a report.
+async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Result<RunOutcome> {
+    let base = Instant::now();
+    let http = reqwest::Client::new();
+    let now = tiercast_engine::auth::now_unix();
+    let publisher = target.keys.mint_publisher("loadgen", now, 24 * 3600);
+
+    // Conversations, with the tier each is served by.
+    let first_id = 1_000_000 + u64::from(rand::random::<u16>()) * 100_000;
+    let plans = layout(s, first_id);
+    let tiers = create_conversations(&http, &target.api, &publisher, s, &plans).await?;
+
+    let rss0 = target.edge_rss();
+    let progress = Progress::new(opts.progress, s.devices());
+    let pull_fraction: HashMap<u64, f64> = plans
+        .iter()
+        .map(|p| (p.id, s.conversations[p.group].pull_fraction))
+        .collect();
+    let fleet = Arc::new(connect(s, opts, target, base, &progress, Arc::new(pull_fraction)).await?);
     let rss1 = target.edge_rss();
     // Server and loadgen CPU over the same window: from here (everyone
     // connected) to the end of the settle.
     let server_cpu0 = target.server_cpu();
     let loadgen_cpu0 = cpu_seconds(std::process::id());
-    let connected = progress.connected.load(Ordering::Relaxed);
 
     // The open-loop send schedule.
-    let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
-    let send_errors: Arc<Mutex<HashMap<(u8, String), u64>>> = Arc::default();
+    let outbox = Arc::new(Outbox::default());
     // A user's first device sends for the user.
-    let by_user: HashMap<u64, usize> = meta
+    let sender_of: HashMap<u64, usize> = fleet
+        .devices
         .iter()
         .enumerate()
-        .filter(|(_, d)| d.client_id % 10 == 1)
-        .map(|(i, d)| (d.user, i))
+        .filter(|(_, d)| d.sim.sends())
+        .map(|(i, d)| (d.sim.user, i))
         .collect();
-    let sessions = Arc::new(sessions);
-    let weights: Vec<f64> = s.conversations.iter().map(|g| g.weight).collect();
-    let pick_group =
-        rand::distr::weighted::WeightedIndex::new(&weights).context("group weights")?;
-    let by_group: Vec<Vec<&ConversationPlan>> = (0..s.conversations.len())
-        .map(|g| plans.iter().filter(|p| p.group == g).collect())
-        .collect();
-    let total_s = s.warmup_s + s.duration_s;
     let send_start = Instant::now();
     let send_start_us = now_us(base);
-    let mut t = 0.0f64;
-    let mut in_flight = Vec::new();
-    let client_msg = Arc::new(AtomicU64::new(1));
-    let mut storm_done = s.reconnect_storm.is_none();
-    let mut storm_report = None;
-    let mut fault_done = s.edge_fault.is_none();
-    let mut fault_report: Option<(Vec<usize>, u64)> = None;
-    let mut restart_task = None;
-    loop {
-        let gap = match s.rate.kind {
-            RateKind::Constant => 1.0 / s.rate.messages_per_s,
-            RateKind::Poisson => {
-                let u: f64 = rand::rng().random_range(f64::EPSILON..1.0);
-                -u.ln() / s.rate.messages_per_s
+    let mut in_flight: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut client_msg_id = 0u64;
+    let mut incidents = Incidents::default();
+    let steps = Schedule::new(s, &plans, rand::rngs::StdRng::from_rng(&mut rand::rng()))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for (t, step) in steps {
+        tokio::time::sleep_until((send_start + Duration::from_secs_f64(t)).into()).await;
+        let (conversation, from, warm) = match step {
+            Step::Storm => {
+                let edge = s.reconnect_storm.as_ref().map_or(0, |st| st.edge);
+                let on_edge = fleet.on_edge(Some(edge));
+                for &i in &on_edge {
+                    fleet.devices[i].session.reconnect();
+                }
+                incidents.storm = Some(on_edge.len());
+                continue;
             }
+            Step::Fault => {
+                let f = s
+                    .edge_fault
+                    .as_ref()
+                    .context("a fault step has its fault")?;
+                // A rolling restart moves every device at some point.
+                let on_edge = if f.signal == FaultSignal::Restart {
+                    let restart = target.rolling_restart()?;
+                    incidents.restart = Some(tokio::task::spawn_blocking(move || {
+                        let r = restart.run();
+                        (r, Instant::now())
+                    }));
+                    fleet.on_edge(None)
+                } else {
+                    let on_edge = fleet.on_edge(Some(f.edge));
+                    target.signal_edge(f.edge, f.signal.name())?;
+                    on_edge
+                };
+                incidents.fault = Some((on_edge, now_us(base)));
+                continue;
+            }
+            Step::Send {
+                conversation,
+                from,
+                warm,
+            } => (conversation, from, warm),
         };
-        t += gap;
-        if t >= total_s {
-            break;
-        }
-        if !storm_done
-            && let Some(storm) = &s.reconnect_storm
-            && t >= s.warmup_s + storm.at_s
-        {
-            storm_done = true;
-            let on_edge: Vec<usize> = meta
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| m.log.lock().expect("log").edge == Some(storm.edge))
-                .map(|(i, _)| i)
-                .collect();
-            for &i in &on_edge {
-                sessions[i].1.reconnect();
-            }
-            storm_report = Some((on_edge.len(), now_us(base)));
-        }
-        if !fault_done
-            && let Some(fault) = &s.edge_fault
-            && t >= fault.at_s
-        {
-            fault_done = true;
-            // A rolling restart moves every device at some point.
-            let restart = fault.signal == crate::scenario::FaultSignal::Restart;
-            let on_edge: Vec<usize> = meta
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| restart || m.log.lock().expect("log").edge == Some(fault.edge))
-                .map(|(i, _)| i)
-                .collect();
-            if fault.signal == crate::scenario::FaultSignal::Restart {
-                let restart = target.rolling_restart()?;
-                restart_task = Some(tokio::task::spawn_blocking(move || {
-                    let r = restart.run();
-                    (r, std::time::Instant::now())
-                }));
-            } else {
-                target.signal_edge(fault.edge, fault.signal.name())?;
-            }
-            fault_report = Some((on_edge, now_us(base)));
-        }
-        let at = send_start + Duration::from_secs_f64(t);
-        tokio::time::sleep_until(at.into()).await;
-        let mut rng = rand::rng();
-        let g = rng.sample(&pick_group);
-        let plan = by_group[g][rng.random_range(0..by_group[g].len())];
-        let warm = t < s.warmup_s;
         let scheduled_us = send_start_us + (t * 1e6) as u64;
-        let body = body(scheduled_us, s.payload_bytes);
-        progress.sends.fetch_add(1, Ordering::Relaxed);
-        let conversation = plan.id;
-        let sent = sent.clone();
-        let errors = send_errors.clone();
+        let body = stamped_body(scheduled_us, s.payload_bytes);
         let tier = tiers.get(&conversation).copied().unwrap_or(1);
-        match s.conversations[g].sender {
-            Sender::Member => {
-                let member = plan.members[rng.random_range(0..plan.members.len())];
-                let Some(&di) = by_user.get(&member) else {
+        let outbox = outbox.clone();
+        progress.sends.fetch_add(1, Ordering::Relaxed);
+        match from {
+            SendAs::Member(user) => {
+                let Some(&di) = sender_of.get(&user) else {
                     continue;
                 };
-                let sessions = sessions.clone();
-                let cmid = client_msg.fetch_add(1, Ordering::Relaxed);
+                client_msg_id += 1;
+                let cmid = client_msg_id;
+                let fleet = fleet.clone();
                 in_flight.push(tokio::spawn(async move {
-                    let (client_id, session) = &sessions[di];
+                    let session = &fleet.devices[di].session;
                     match session
                         .send(conversation, cmid, body, Duration::from_secs(30))
                         .await
                     {
-                        Ok(ok) => sent.lock().expect("sent").push(Sent {
+                        Ok(ok) => outbox.sent.lock().expect("sent").push(Sent {
                             id: ok.message_id,
                             conversation,
                             scheduled_us,
-                            sender_client: *client_id,
+                            sender: Some(di),
                             warm,
                         }),
-                        Err(e) => {
-                            *errors
-                                .lock()
-                                .expect("errors")
-                                .entry((tier, code_name(&e)))
-                                .or_default() += 1
-                        }
+                        Err(e) => outbox.failed(tier, code_name(&e)),
                     }
                 }));
             }
-            Sender::Publisher => {
+            SendAs::Publisher => {
                 let http = http.clone();
                 let url = format!("{}/v1/conversations/{conversation}/messages", target.api);
                 let token = publisher.clone();
@@ -380,50 +369,32 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                         Ok(r) if r.status().is_success() => {
                             let v: serde_json::Value = r.json().await.unwrap_or_default();
                             match v["id"].as_str().and_then(|s| s.parse().ok()) {
-                                Some(id) => sent.lock().expect("sent").push(Sent {
+                                Some(id) => outbox.sent.lock().expect("sent").push(Sent {
                                     id,
                                     conversation,
                                     scheduled_us,
-                                    sender_client: 0,
+                                    sender: None,
                                     warm,
                                 }),
                                 // A 2xx without a message id: the send is
                                 // not known to have happened.
-                                None => {
-                                    *errors
-                                        .lock()
-                                        .expect("errors")
-                                        .entry((tier, "bad_answer".into()))
-                                        .or_default() += 1
-                                }
+                                None => outbox.failed(tier, "bad_answer"),
                             }
                         }
-                        Ok(r) => {
-                            *errors
-                                .lock()
-                                .expect("errors")
-                                .entry((tier, format!("http_{}", r.status().as_u16())))
-                                .or_default() += 1
-                        }
-                        Err(_) => {
-                            *errors
-                                .lock()
-                                .expect("errors")
-                                .entry((tier, "http_unreachable".into()))
-                                .or_default() += 1
-                        }
+                        Ok(r) => outbox.failed(tier, format!("http_{}", r.status().as_u16())),
+                        Err(_) => outbox.failed(tier, "http_unreachable"),
                     }
                 }));
             }
         }
-        in_flight.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
+        in_flight.retain(|h| !h.is_finished());
     }
     for h in in_flight {
         let _ = h.await;
     }
     // A rolling restart still going when the sends end is waited for (its
     // restarts are part of the run).
-    let restart_done_us = match restart_task {
+    let restart_done_us = match incidents.restart.take() {
         Some(t) => {
             let (result, done) = t.await.context("rolling restart")?;
             result.context("rolling restart")?;
@@ -435,301 +406,256 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
 
     // Settle: until every device has everything (checked exactly), or the
     // scenario's settle time.
-    let sent = std::mem::take(&mut *sent.lock().expect("sent"));
-    let members: HashMap<u64, &[u64]> =
-        plans.iter().map(|p| (p.id, p.members.as_slice())).collect();
-    let devices_of_user: HashMap<u64, Vec<usize>> =
-        meta.iter()
-            .enumerate()
-            .fold(HashMap::new(), |mut m, (i, d)| {
-                m.entry(d.user).or_default().push(i);
-                m
-            });
+    let sent = std::mem::take(&mut *outbox.sent.lock().expect("sent"));
+    let audience = Audience::new(
+        plans.iter().map(|p| (p.id, p.members.clone())),
+        tiers,
+        fleet.devices.iter().map(|d| d.sim.user),
+    );
     let settle_deadline = Instant::now() + Duration::from_secs_f64(s.settle_s);
     loop {
-        let missing = count_missing(&sent, &members, &devices_of_user, &meta, &tiers);
+        let missing = audience.missing(&sent, &fleet.logs());
         progress.set_missing(missing);
         if missing == 0 || Instant::now() >= settle_deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let server_cpu1 = target.server_cpu();
-    let loadgen_cpu1 = cpu_seconds(std::process::id());
+    let server_cpu = target.server_cpu().zip(server_cpu0).map(|(b, a)| b - a);
+    let loadgen_cpu = cpu_seconds(std::process::id())
+        .zip(loadgen_cpu0)
+        .map(|(b, a)| b - a);
     progress.finish();
 
-    // Tally, per tier and in total.
-    let mut figures: HashMap<u8, TierFigures> = HashMap::new();
-    let mut hist: HashMap<u8, Histogram<u64>> = HashMap::new();
-    let mut all_hist = histogram();
-    let mut per_second: HashMap<u64, (u64, u64, Histogram<u64>)> = HashMap::new();
-    for m in &sent {
-        let tier = tiers.get(&m.conversation).copied().unwrap_or(1);
-        let f = figures.entry(tier).or_default();
-        f.messages_sent += 1;
-        let sec = m.scheduled_us.saturating_sub(send_start_us) / 1_000_000;
-        per_second
-            .entry(sec)
-            .or_insert_with(|| (0, 0, histogram()))
-            .0 += 1;
-        for &user in members.get(&m.conversation).copied().unwrap_or(&[]) {
-            for &di in devices_of_user.get(&user).map(Vec::as_slice).unwrap_or(&[]) {
-                let d = &meta[di];
-                if d.client_id == m.sender_client {
-                    continue;
-                }
-                f.expected_deliveries += 1;
-                let log = d.log.lock().expect("log");
-                let arrival = if tier == 3 {
-                    log.notifies
-                        .get(&m.conversation)
-                        .and_then(|v| v.iter().find(|(id, _)| *id >= m.id))
-                        .map(|&(_, at)| at)
-                        .or_else(|| log.arrivals.get(&m.id).copied())
-                } else {
-                    log.arrivals.get(&m.id).copied()
-                };
-                match arrival {
-                    Some(at) => {
-                        f.deliveries += 1;
-                        let lat = at.saturating_sub(m.scheduled_us).max(1);
-                        if !m.warm {
-                            hist.entry(tier)
-                                .or_insert_with(histogram)
-                                .saturating_record(lat);
-                            all_hist.saturating_record(lat);
-                            let asec = at.saturating_sub(send_start_us) / 1_000_000;
-                            let e = per_second
-                                .entry(asec)
-                                .or_insert_with(|| (0, 0, histogram()));
-                            e.1 += 1;
-                            e.2.saturating_record(lat);
-                        }
-                    }
-                    None => f.lost += 1,
-                }
+    let send_errors = std::mem::take(&mut *outbox.errors.lock().expect("errors"));
+    let mut report = RunReport {
+        scenario: Some(s.clone()),
+        target: TargetInfo {
+            mode: target.mode.clone(),
+            edges: target.edges.len(),
+        },
+        versions: Versions {
+            tiercast: env!("CARGO_PKG_VERSION").into(),
+            protocol: tiercast_schemas::PROTOCOL_VERSION,
+        },
+        machine: Machine::this(),
+        send_errors: send_errors.values().sum(),
+        loadgen: LoadgenFigures {
+            cpu_s: loadgen_cpu,
+            sockets: opts.sockets,
+            pulls: fleet.pulls.load(Ordering::Relaxed),
+        },
+        run_seconds: sends_done_us.saturating_sub(send_start_us) as f64 / 1e6,
+        ..RunReport::default()
+    };
+    let histograms = tally_into(
+        &mut report,
+        s,
+        &audience,
+        &sent,
+        &fleet,
+        &send_errors,
+        send_start_us,
+    );
+    let deliveries = report.total.deliveries.max(1) as f64;
+    report.servers = ServerFigures {
+        processes: target
+            .servers
+            .iter()
+            .map(|p| ServerProcess {
+                role: p.role.clone(),
+                pid: p.pid(),
+            })
+            .collect(),
+        cpu_s: server_cpu,
+        cpu_us_per_delivery: server_cpu.map(|c| c / deliveries * 1e6),
+        cpu_ms_per_message: server_cpu.map(|c| c / report.total.messages_sent.max(1) as f64 * 1e3),
+        edge_rss_bytes_before_connect: rss0,
+        edge_rss_bytes_connected: rss1,
+        rss_per_connection_bytes: match (rss0, rss1) {
+            (Some(a), Some(b)) if fleet.connected > 0 => {
+                Some(b.saturating_sub(a) / fleet.connected)
             }
+            _ => None,
+        },
+        rss_bytes_end: target.server_rss(),
+    };
+    incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
+    for d in &fleet.devices {
+        d.session.close();
+    }
+    Ok(RunOutcome { report, histograms })
+}
+
+/// The ledger's tally and the device logs' counts into `report` (tiers,
+/// total, errors, timeline, connect, reorder); returns the latency
+/// histograms per tier and overall.
+fn tally_into(
+    report: &mut RunReport,
+    s: &Scenario,
+    audience: &Audience,
+    sent: &[Sent],
+    fleet: &Fleet,
+    send_errors: &HashMap<(u8, String), u64>,
+    send_start_us: u64,
+) -> Vec<(String, Histogram<u64>)> {
+    let tally = audience.tally(sent, &fleet.logs(), send_start_us);
+    let measured_s = s.duration_s.max(1e-9);
+    for (tier, c) in &tally.tiers {
+        let f = report.tiers.entry(tier.to_string()).or_default();
+        f.figures.messages_sent = c.messages;
+        f.figures.expected_deliveries = c.expected;
+        f.figures.deliveries = c.delivered;
+        f.figures.lost = c.lost;
+        if let Some(h) = tally.latency.get(tier) {
+            f.figures.set_latency(h);
+            f.figures.deliveries_per_s = h.len() as f64 / measured_s;
         }
     }
-    // Duplicates and out-of-order receipts, by the conversation's tier.
-    let mut reconnect_us = Vec::new();
-    let mut connect_us = Vec::new();
-    let mut errors: HashMap<String, u64> = HashMap::new();
-    let send_errors_map = send_errors.lock().expect("errors").clone();
-    let send_errors: u64 = send_errors_map.values().sum();
-    for ((tier, code), n) in send_errors_map.iter() {
-        *figures
-            .entry(*tier)
+    for ((tier, code), n) in send_errors {
+        *report
+            .tiers
+            .entry(tier.to_string())
             .or_default()
             .errors
             .entry(code.clone())
             .or_default() += n;
-        *errors.entry(code.clone()).or_default() += n;
+        *report.errors.entry(code.clone()).or_default() += n;
     }
-    for d in &meta {
-        let log = d.log.lock().expect("log");
+    let mut connect_us = Vec::new();
+    for (d, log) in fleet.devices.iter().zip(fleet.logs()) {
         for (conv, n) in &log.duplicates {
-            figures
-                .entry(tiers.get(conv).copied().unwrap_or(1))
-                .or_default()
-                .duplicates += n;
+            let tier = audience.tier(*conv).to_string();
+            report.tiers.entry(tier).or_default().figures.duplicates += n;
         }
         for (conv, n) in &log.out_of_order {
-            figures
-                .entry(tiers.get(conv).copied().unwrap_or(1))
-                .or_default()
-                .out_of_order += n;
+            let tier = audience.tier(*conv).to_string();
+            report.tiers.entry(tier).or_default().figures.out_of_order += n;
         }
         if let Some(c) = log.connected_after_us {
             connect_us.push(c.saturating_sub(d.started_us));
         }
-        reconnect_us.extend(log.reconnect_us.iter().copied());
         for (k, v) in &log.errors {
-            *errors.entry(k.clone()).or_default() += v;
+            *report.errors.entry(k.clone()).or_default() += v;
         }
+        let st = d.session.stats();
+        report.reorder.held += st.held.load(Ordering::Relaxed);
+        report.reorder.reordered += st.reordered.load(Ordering::Relaxed);
+        report.reorder.late += st.late.load(Ordering::Relaxed);
     }
-    let measured_s = s.duration_s.max(1e-9);
-    let mut total = TierFigures::default();
-    for (tier, f) in figures.iter_mut() {
-        if let Some(h) = hist.get(tier) {
-            quantiles(h, f);
-            f.deliveries_per_s = h.len() as f64 / measured_s;
-        }
+    if let Some(f) = report.tiers.get_mut("3") {
+        f.notified = Some(f.figures.deliveries);
+        f.pulled = Some(report.loadgen.pulls);
+    }
+    report.total = total(report.tiers.values(), &tally.all, measured_s);
+    report.timeline = tally
+        .seconds
+        .iter()
+        .map(|(&sec, second)| TimelinePoint {
+            t_s: sec,
+            sends: second.sends,
+            deliveries: second.deliveries,
+            p99_us: if second.latency.is_empty() {
+                0
+            } else {
+                second.latency.value_at_quantile(0.99)
+            },
+        })
+        .collect();
+    report.connect = ConnectFigures {
+        connections: s.devices(),
+        connected: fleet.connected,
+        failed: s.devices() - fleet.connected.min(s.devices()),
+        p50_ms: quantile(&mut connect_us, 0.5) as f64 / 1e3,
+        p99_ms: quantile(&mut connect_us, 0.99) as f64 / 1e3,
+        max_ms: quantile(&mut connect_us, 1.0) as f64 / 1e3,
+        rate_per_s: fleet.connected as f64 / fleet.connect_elapsed.as_secs_f64(),
+        seconds: fleet.connect_elapsed.as_secs_f64(),
+    };
+    let mut histograms: Vec<(String, Histogram<u64>)> = tally
+        .latency
+        .into_iter()
+        .map(|(t, h)| (format!("tier {t}"), h))
+        .collect();
+    histograms.push(("all".into(), tally.all));
+    histograms
+}
+
+/// The storm's and the fault's figures into `report`.
+fn incidents_into(
+    report: &mut RunReport,
+    s: &Scenario,
+    fleet: &Fleet,
+    incidents: Incidents,
+    restart_done_us: Option<u64>,
+) {
+    let logs = fleet.logs();
+    if let (Some(f), Some((on_edge, at_us))) = (&s.edge_fault, incidents.fault) {
+        // How long the devices of the signalled edge took to be connected
+        // again (to another edge), from the signal.
+        let mut back: Vec<u64> = on_edge
+            .iter()
+            .filter_map(|&i| {
+                logs[i]
+                    .connected_at_us
+                    .iter()
+                    .find(|&&t| t >= at_us)
+                    .map(|&t| t - at_us)
+            })
+            .collect();
+        report.edge_fault = Some(FaultFigures {
+            signal: f.signal.name().into(),
+            edge: f.edge,
+            at_s: f.at_s,
+            restart_s: restart_done_us.map(|d| d.saturating_sub(at_us) as f64 / 1e6),
+            devices_on_edge: on_edge.len(),
+            devices_back: back.len(),
+            back_p50_ms: quantile(&mut back, 0.5) as f64 / 1e3,
+            back_p99_ms: quantile(&mut back, 0.99) as f64 / 1e3,
+            back_max_ms: quantile(&mut back, 1.0) as f64 / 1e3,
+        });
+    }
+    let mut reconnect_us: Vec<u64> = logs
+        .iter()
+        .flat_map(|l| l.reconnect_us.iter().copied())
+        .collect();
+    report.reconnect_storm = incidents.storm.map(|n| StormFigures {
+        devices_dropped: n,
+        reconnect_p50_ms: quantile(&mut reconnect_us, 0.5) as f64 / 1e3,
+        reconnect_p99_ms: quantile(&mut reconnect_us, 0.99) as f64 / 1e3,
+        reconnect_max_ms: quantile(&mut reconnect_us, 1.0) as f64 / 1e3,
+        reconnects: reconnect_us.len(),
+    });
+}
+
+/// The whole run's figures: the tiers' counts added, latency from `all`.
+fn total<'a>(
+    tiers: impl Iterator<Item = &'a TierFigures>,
+    all: &Histogram<u64>,
+    measured_s: f64,
+) -> RunFigures {
+    let mut total = RunFigures::default();
+    for t in tiers {
+        let f = &t.figures;
         total.messages_sent += f.messages_sent;
         total.expected_deliveries += f.expected_deliveries;
         total.deliveries += f.deliveries;
         total.lost += f.lost;
         total.duplicates += f.duplicates;
         total.out_of_order += f.out_of_order;
-        for (code, n) in &f.errors {
-            *total.errors.entry(code.clone()).or_default() += n;
-        }
     }
-    quantiles(&all_hist, &mut total);
-    total.deliveries_per_s = all_hist.len() as f64 / measured_s;
-    if let Some(f) = figures.get_mut(&3) {
-        f.notified = Some(f.deliveries);
-        f.pulled = Some(pulls.load(Ordering::Relaxed));
-    }
+    total.set_latency(all);
+    total.deliveries_per_s = all.len() as f64 / measured_s;
+    total
+}
 
-    let mut timeline: Vec<TimelinePoint> = per_second
-        .into_iter()
-        .map(|(sec, (sends, deliveries, h))| TimelinePoint {
-            t_s: sec,
-            sends,
-            deliveries,
-            p99_us: if h.is_empty() {
-                0
-            } else {
-                h.value_at_quantile(0.99)
-            },
-        })
-        .collect();
-    timeline.sort_by_key(|p| p.t_s);
-
-    let q = |v: &mut Vec<u64>, p: f64| -> u64 {
-        if v.is_empty() {
-            return 0;
-        }
-        v.sort_unstable();
-        v[((v.len() - 1) as f64 * p).round() as usize]
-    };
-    let connect = json!({
-        "connections": s.devices(),
-        "connected": connected,
-        "failed": s.devices() - connected.min(s.devices()),
-        "p50_ms": q(&mut connect_us, 0.5) as f64 / 1e3,
-        "p99_ms": q(&mut connect_us, 0.99) as f64 / 1e3,
-        "max_ms": q(&mut connect_us, 1.0) as f64 / 1e3,
-        "rate_per_s": connected as f64 / connect_elapsed.as_secs_f64(),
-        "seconds": connect_elapsed.as_secs_f64(),
-    });
-    let deliveries_total = total.deliveries.max(1) as f64;
-    let server_cpu = match (server_cpu0, server_cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let servers = json!({
-        "processes": target.servers.iter().map(|p| json!({"role": p.role, "pid": p.pid()})).collect::<Vec<_>>(),
-        "cpu_s": server_cpu,
-        "cpu_s_per_million_deliveries": server_cpu.map(|c| c / deliveries_total * 1e6),
-        "cpu_us_per_delivery": server_cpu.map(|c| c / deliveries_total * 1e6),
-        "cpu_ms_per_message": server_cpu.map(|c| c / total.messages_sent.max(1) as f64 * 1e3),
-        "edge_rss_bytes_before_connect": rss0,
-        "edge_rss_bytes_connected": rss1,
-        "rss_per_connection_bytes": match (rss0, rss1) {
-            (Some(a), Some(b)) if connected > 0 => Some(b.saturating_sub(a) / connected),
-            _ => None,
-        },
-        "rss_bytes_end": target.server_rss(),
-    });
-    let loadgen_cpu = match (loadgen_cpu0, loadgen_cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let fault = match (&s.edge_fault, fault_report) {
-        (Some(f), Some((on_edge, at_us))) => {
-            // How long the devices of the signalled edge took to be
-            // connected again (to another edge), from the signal.
-            let n = on_edge.len();
-            let mut back: Vec<u64> = on_edge
-                .iter()
-                .filter_map(|&i| {
-                    let l = meta[i].log.lock().expect("log");
-                    l.connected_at_us
-                        .iter()
-                        .find(|&&t| t >= at_us)
-                        .map(|&t| t - at_us)
-                })
-                .collect();
-            json!({
-                "signal": f.signal.name(),
-                "edge": f.edge,
-                "at_s": f.at_s,
-                "restart_s": restart_done_us.map(|d| d.saturating_sub(at_us) as f64 / 1e6),
-                "devices_on_edge": n,
-                "devices_back": back.len(),
-                "back_p50_ms": q(&mut back, 0.5) as f64 / 1e3,
-                "back_p99_ms": q(&mut back, 0.99) as f64 / 1e3,
-                "back_max_ms": q(&mut back, 1.0) as f64 / 1e3,
-            })
-        }
-        _ => serde_json::Value::Null,
-    };
-    let storm = storm_report.map(|(n, _)| {
-        json!({
-            "devices_dropped": n,
-            "reconnect_p50_ms": q(&mut reconnect_us, 0.5) as f64 / 1e3,
-            "reconnect_p99_ms": q(&mut reconnect_us, 0.99) as f64 / 1e3,
-            "reconnect_max_ms": q(&mut reconnect_us, 1.0) as f64 / 1e3,
-            "reconnects": reconnect_us.len(),
-        })
-    });
-    let mut tiers_json = serde_json::Map::new();
-    let mut tier_keys: Vec<u8> = figures.keys().copied().collect();
-    tier_keys.sort_unstable();
-    for t in &tier_keys {
-        tiers_json.insert(t.to_string(), serde_json::to_value(&figures[t])?);
+/// The `p` quantile of `v` (sorted in place), 0 when empty.
+fn quantile(v: &mut [u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
     }
-    let mut report = serde_json::to_value(&total)?;
-    let obj = report
-        .as_object_mut()
-        .expect("struct serializes to an object");
-    obj.insert("scenario".into(), serde_json::to_value(s)?);
-    obj.insert(
-        "target".into(),
-        json!({"mode": target.mode, "edges": target.edges.len()}),
-    );
-    obj.insert("versions".into(), json!({"tiercast": env!("CARGO_PKG_VERSION"), "protocol": tiercast_client::connection::PROTOCOL_VERSION}));
-    obj.insert("machine".into(), machine());
-    obj.insert("tiers".into(), serde_json::Value::Object(tiers_json));
-    obj.insert("errors".into(), serde_json::to_value(&errors)?);
-    obj.insert("send_errors".into(), json!(send_errors));
-    obj.insert("connect".into(), connect);
-    obj.insert("servers".into(), servers);
-    obj.insert("loadgen".into(), json!({"cpu_s": loadgen_cpu, "sockets": opts.sockets, "pulls": pulls.load(Ordering::Relaxed)}));
-    obj.insert(
-        "reconnect_storm".into(),
-        storm.unwrap_or(serde_json::Value::Null),
-    );
-    obj.insert("edge_fault".into(), fault);
-    // The SDK's reorder window, summed over the devices: live messages
-    // held (ids of a second engine node seen in their conversation), of
-    // those put back in id order, and released after a larger id.
-    let (mut held, mut reordered, mut late) = (0u64, 0u64, 0u64);
-    for (_, session) in sessions.iter() {
-        let st = session.stats();
-        held += st.held.load(Ordering::Relaxed);
-        reordered += st.reordered.load(Ordering::Relaxed);
-        late += st.late.load(Ordering::Relaxed);
-    }
-    obj.insert(
-        "reorder".into(),
-        json!({"held": held, "reordered": reordered, "late": late}),
-    );
-    obj.insert("timeline".into(), serde_json::to_value(&timeline)?);
-    obj.insert(
-        "run_seconds".into(),
-        json!((sends_done_us.saturating_sub(send_start_us)) as f64 / 1e6),
-    );
-
-    for (_, session) in sessions.iter() {
-        session.close();
-    }
-    let text = render(s, target, &figures, &tier_keys, &total, &report);
-    let mut histograms: Vec<(String, Histogram<u64>)> = tier_keys
-        .iter()
-        .filter_map(|t| hist.remove(t).map(|h| (format!("tier {t}"), h)))
-        .collect();
-    histograms.push(("all".into(), all_hist));
-    Ok(RunReport {
-        lost: total.lost,
-        send_errors,
-        json: report,
-        histograms,
-        timeline,
-        text,
-    })
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn code_name(e: &ClientError) -> String {
@@ -741,20 +667,6 @@ fn code_name(e: &ClientError) -> String {
         },
         |c| c.name().to_owned(),
     )
-}
-
-/// A body that carries its scheduled time (for the live p99), padded.
-fn body(scheduled_us: u64, len: usize) -> Bytes {
-    let mut b = BytesMut::with_capacity(len);
-    b.put_slice(format!("{scheduled_us:016x}").as_bytes());
-    while b.len() < len {
-        b.put_u8(b'.');
-    }
-    b.freeze()
-}
-
-fn scheduled_of(body: &[u8]) -> Option<u64> {
-    u64::from_str_radix(std::str::from_utf8(body.get(..16)?).ok()?, 16).ok()
 }
 
 /// Users added per API call: the engine's default
@@ -854,7 +766,6 @@ async fn consume(
         let mut l = log.lock().expect("log");
         match e {
             Event::Connected { edge, .. } => {
-                l.connects += 1;
                 l.edge = edges.iter().position(|e| *e == edge);
                 if l.connected_after_us.is_none() {
                     l.connected_after_us = Some(at);
@@ -884,7 +795,7 @@ async fn consume(
                 }
                 l.newest.insert(m.conversation, newest.max(m.id));
                 l.arrivals.entry(m.id).or_insert(at);
-                progress.delivered(scheduled_of(&m.body).map(|s| at.saturating_sub(s)));
+                progress.delivered(stamp_of(&m.body).map(|s| at.saturating_sub(s)));
             }
             Event::Duplicate {
                 conversation,
@@ -927,229 +838,6 @@ async fn consume(
             Event::ReadMarker { .. } => {}
         }
     }
-}
-
-/// Deliveries still missing (exact, over every device).
-fn count_missing(
-    sent: &[Sent],
-    members: &HashMap<u64, &[u64]>,
-    devices_of_user: &HashMap<u64, Vec<usize>>,
-    meta: &[Meta],
-    tiers: &HashMap<u64, u8>,
-) -> u64 {
-    // Tier 3: a device is complete for a channel once notified of its
-    // newest message.
-    let mut newest3: HashMap<u64, u64> = HashMap::new();
-    let mut missing = 0;
-    for m in sent {
-        if tiers.get(&m.conversation) == Some(&3) {
-            let e = newest3.entry(m.conversation).or_insert(0);
-            *e = (*e).max(m.id);
-            continue;
-        }
-        for &u in members.get(&m.conversation).copied().unwrap_or(&[]) {
-            for &di in devices_of_user.get(&u).map(Vec::as_slice).unwrap_or(&[]) {
-                let d = &meta[di];
-                if d.client_id != m.sender_client
-                    && !d.log.lock().expect("log").arrivals.contains_key(&m.id)
-                {
-                    missing += 1;
-                }
-            }
-        }
-    }
-    for (conv, newest) in newest3 {
-        for &u in members.get(&conv).copied().unwrap_or(&[]) {
-            for &di in devices_of_user.get(&u).map(Vec::as_slice).unwrap_or(&[]) {
-                let log = meta[di].log.lock().expect("log");
-                let done = log
-                    .notifies
-                    .get(&conv)
-                    .is_some_and(|v| v.iter().any(|(id, _)| *id >= newest));
-                if !done {
-                    missing += 1;
-                }
-            }
-        }
-    }
-    missing
-}
-
-struct Meta {
-    user: u64,
-    client_id: u64,
-    log: Arc<Mutex<DeviceLog>>,
-    started_us: u64,
-}
-
-fn machine() -> serde_json::Value {
-    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let l = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            l.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map(|kb| kb * 1024);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .ok();
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|m| m.trim().to_owned())
-    });
-    json!({"cpus": cpus, "cpu_model": cpu_model, "memory_bytes": mem, "kernel": kernel, "os": std::env::consts::OS, "arch": std::env::consts::ARCH})
-}
-
-fn render(
-    s: &Scenario,
-    target: &Target,
-    figures: &HashMap<u8, TierFigures>,
-    tier_keys: &[u8],
-    total: &TierFigures,
-    report: &serde_json::Value,
-) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "scenario {} on {} ({} devices)",
-        s.name,
-        target.mode,
-        s.devices()
-    );
-    let _ = writeln!(
-        out,
-        "{:<6} {:>8} {:>10} {:>10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "tier",
-        "sent",
-        "expected",
-        "delivered",
-        "lost",
-        "dups",
-        "ooo",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms",
-        "deliv/s"
-    );
-    let row = |name: &str, f: &TierFigures, out: &mut String| {
-        let ms = |us: u64| us as f64 / 1e3;
-        let _ = writeln!(
-            out,
-            "{:<6} {:>8} {:>10} {:>10} {:>6} {:>6} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.0}",
-            name,
-            f.messages_sent,
-            f.expected_deliveries,
-            f.deliveries,
-            f.lost,
-            f.duplicates,
-            f.out_of_order,
-            ms(f.p50_us),
-            ms(f.p90_us),
-            ms(f.p99_us),
-            ms(f.p999_us),
-            ms(f.max_us),
-            f.deliveries_per_s
-        );
-    };
-    for t in tier_keys {
-        row(&t.to_string(), &figures[t], &mut out);
-    }
-    row("all", total, &mut out);
-    if let Some(f) = figures.get(&3)
-        && let (Some(notified), Some(pulled)) = (f.notified, f.pulled)
-    {
-        let _ = writeln!(
-            out,
-            "tier 3: delivered = devices notified ({notified}); bodies pulled {pulled}"
-        );
-    }
-    for t in tier_keys {
-        if !figures[t].errors.is_empty() {
-            let list: Vec<String> = figures[t]
-                .errors
-                .iter()
-                .map(|(code, n)| format!("{code} {n}"))
-                .collect();
-            let _ = writeln!(out, "tier {t} send errors: {}", list.join(", "));
-        }
-    }
-    let c = &report["connect"];
-    let _ = writeln!(
-        out,
-        "connect: {}/{} in {:.1} s ({:.0}/s), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        c["connected"],
-        c["connections"],
-        c["seconds"].as_f64().unwrap_or(0.0),
-        c["rate_per_s"].as_f64().unwrap_or(0.0),
-        c["p50_ms"].as_f64().unwrap_or(0.0),
-        c["p99_ms"].as_f64().unwrap_or(0.0),
-        c["max_ms"].as_f64().unwrap_or(0.0)
-    );
-    let sv = &report["servers"];
-    if let Some(cpu) = sv["cpu_s"].as_f64() {
-        let _ = writeln!(
-            out,
-            "servers: {:.2} CPU s ({:.1} CPU s per million deliveries, {:.2} ms per message), edge RSS {:.1} MiB connected, {} B per connection",
-            cpu,
-            sv["cpu_s_per_million_deliveries"].as_f64().unwrap_or(0.0),
-            sv["cpu_ms_per_message"].as_f64().unwrap_or(0.0),
-            sv["edge_rss_bytes_connected"].as_u64().unwrap_or(0) as f64 / 1048576.0,
-            sv["rss_per_connection_bytes"]
-        );
-    }
-    if let Some(cpu) = report["loadgen"]["cpu_s"].as_f64() {
-        let _ = writeln!(out, "loadgen: {cpu:.2} CPU s");
-    }
-    if !report["reconnect_storm"].is_null() {
-        let st = &report["reconnect_storm"];
-        let _ = writeln!(
-            out,
-            "reconnect storm: {} devices dropped at once; back in p50 {} ms, p99 {} ms, max {} ms",
-            st["devices_dropped"],
-            st["reconnect_p50_ms"],
-            st["reconnect_p99_ms"],
-            st["reconnect_max_ms"]
-        );
-    }
-    let ro = &report["reorder"];
-    if ro["held"].as_u64().unwrap_or(0) > 0 {
-        let _ = writeln!(
-            out,
-            "reorder window: {} live messages held, {} put back in id order, {} later than the window",
-            ro["held"], ro["reordered"], ro["late"]
-        );
-    }
-    if !report["edge_fault"].is_null() {
-        let f = &report["edge_fault"];
-        let what = match f["signal"].as_str().unwrap_or("?") {
-            "rolling restart" => format!(
-                "rolling restart of every edge from {} s (done {} s later)",
-                f["at_s"], f["restart_s"]
-            ),
-            sig => format!("SIG{sig} to edge {} at {} s", f["edge"], f["at_s"]),
-        };
-        let _ = writeln!(
-            out,
-            "edge fault: {what}; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
-            f["devices_on_edge"],
-            f["devices_back"],
-            f["back_p50_ms"],
-            f["back_p99_ms"],
-            f["back_max_ms"]
-        );
-    }
-    if let Some(e) = report["errors"].as_object()
-        && !e.is_empty()
-    {
-        let _ = writeln!(out, "errors: {}", serde_json::Value::Object(e.clone()));
-    }
-    out
 }
 
 /// Live counters and the progress bar.

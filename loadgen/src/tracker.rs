@@ -46,6 +46,20 @@ pub struct Tally {
     pub latency_us: Histogram<u64>,
 }
 
+impl Tally {
+    /// Adds `other`'s counts and latencies to these.
+    pub fn merge(&mut self, other: &Tally) {
+        self.expected += other.expected;
+        self.delivered += other.delivered;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+        self.unexpected += other.unexpected;
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("tallies share their histogram bounds");
+    }
+}
+
 /// Compares `expected[d]` (ids device `d` should get) with `logs[d]`.
 pub fn tally(expected: &[HashSet<u64>], logs: &[DeviceLog]) -> Tally {
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
@@ -55,7 +69,7 @@ pub fn tally(expected: &[HashSet<u64>], logs: &[DeviceLog]) -> Tally {
         lost: 0,
         duplicates: 0,
         unexpected: 0,
-        latency_us: Histogram::new(3).expect("valid"),
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
     };
     for (want, log) in expected.iter().zip(logs) {
         t.expected += want.len() as u64;
@@ -96,5 +110,22 @@ mod tests {
         );
         assert_eq!(t.latency_us.len(), 3);
         assert_eq!(t.latency_us.max(), 300);
+    }
+
+    #[test]
+    fn merged_tallies_add_up() {
+        let mut a = DeviceLog::default();
+        a.record(1, Duration::from_micros(100));
+        let mut b = DeviceLog::default();
+        b.record(2, Duration::from_micros(500));
+        b.record(2, Duration::from_micros(500));
+        let mut t = tally(&[HashSet::from([1, 3])], std::slice::from_ref(&a));
+        t.merge(&tally(&[HashSet::from([2])], std::slice::from_ref(&b)));
+        assert_eq!(
+            (t.expected, t.delivered, t.lost, t.duplicates, t.unexpected),
+            (3, 2, 1, 1, 0)
+        );
+        assert_eq!(t.latency_us.len(), 2);
+        assert_eq!(t.latency_us.max(), 500);
     }
 }

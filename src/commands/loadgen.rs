@@ -185,7 +185,7 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         scenario.duration_s,
         scenario.warmup_s
     );
-    let report = tiercast_loadgen::run::run(tiercast_loadgen::run::RunOptions {
+    let outcome = tiercast_loadgen::run::run(tiercast_loadgen::run::RunOptions {
         scenario: scenario.clone(),
         target,
         sockets: a.sockets,
@@ -193,19 +193,20 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     })
     .await?;
-    print!("{}", report.text);
+    let report = &outcome.report;
+    print!("{}", report.render());
     if let Some(path) = &a.json {
-        write_json(path, &report.json)?;
+        write_json(path, report)?;
     }
     if let Some(path) = &a.hgrm {
-        write_file(path, tiercast_loadgen::hgrm::render(&report.histograms))?;
+        write_file(path, tiercast_loadgen::hgrm::render(&outcome.histograms))?;
     }
     if let Some(path) = &a.plot {
         tiercast_loadgen::plot::draw(
             path,
             &format!("tiercast loadgen: {}", scenario.name),
             &report.timeline,
-            &report.histograms,
+            &outcome.histograms,
         )
         .with_context(|| format!("drawing {}", path.display()))?;
     }
@@ -215,10 +216,10 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             report.send_errors
         );
     }
-    Ok(if report.lost == 0 && report.send_errors == 0 {
+    Ok(if report.clean() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("tiercast loadgen: {} deliveries lost", report.lost);
+        eprintln!("tiercast loadgen: {} deliveries lost", report.total.lost);
         ExitCode::FAILURE
     })
 }
@@ -228,9 +229,9 @@ fn plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
     let workload = plan::Workload::load(&a.workload).map_err(usage)?;
     let text = std::fs::read_to_string(&a.calibration)
         .map_err(|e| usage(format!("--calibration {}: {e}", a.calibration.display())))?;
-    let run: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    let run: tiercast_loadgen::report::RunReport = serde_json::from_str(&text).map_err(|e| {
         usage(format!(
-            "--calibration {}: not JSON: {e}",
+            "--calibration {}: not a `loadgen run --json` report: {e}",
             a.calibration.display()
         ))
     })?;

@@ -22,6 +22,11 @@ struct Shared {
     /// Exported as `tiercast_backplane_local_dropped_total` (see
     /// [`LocalBackplane::dropped_counter`]).
     dropped: prometheus_client::metrics::counter::Counter,
+    /// Publishes and their payload bytes, as Redis counts `SPUBLISH` for
+    /// the cluster backplane (docs/fanout.md): what a tier costs per
+    /// message, counted where it is paid.
+    published: prometheus_client::metrics::counter::Counter,
+    published_bytes: prometheus_client::metrics::counter::Counter,
     channels: Mutex<HashMap<Arc<str>, Subscribers>>,
 }
 
@@ -50,11 +55,36 @@ impl LocalBackplane {
     pub fn dropped_counter(&self) -> prometheus_client::metrics::counter::Counter {
         self.shared.dropped.clone()
     }
+
+    /// Publishes so far (one per channel per call, subscribed or not).
+    pub fn published(&self) -> u64 {
+        self.shared.published.get()
+    }
+
+    /// Payload bytes published so far.
+    pub fn published_bytes(&self) -> u64 {
+        self.shared.published_bytes.get()
+    }
+
+    /// The publish and byte counters, to register in a metrics registry.
+    pub fn published_counters(
+        &self,
+    ) -> (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ) {
+        (
+            self.shared.published.clone(),
+            self.shared.published_bytes.clone(),
+        )
+    }
 }
 
 #[async_trait]
 impl Backplane for LocalBackplane {
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BackplaneError> {
+        self.shared.published.inc();
+        self.shared.published_bytes.inc_by(payload.len() as u64);
         let channels = self.shared.channels.lock().expect("backplane lock");
         if let Some((name, subs)) = channels.get_key_value(channel) {
             for (_, tx) in subs {
