@@ -23,6 +23,7 @@ use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::connection::{Client, ClientConfig, ClientError, Delivery, SendOk};
+use crate::reconnect::Reconnect;
 use crate::reorder::Reorder;
 
 /// Gives the token for the next (re)connect: a long-lived device refreshes
@@ -33,14 +34,14 @@ pub type TokenSource = Arc<dyn Fn() -> String + Send + Sync>;
 pub struct SessionConfig {
     /// Edges to connect to; after a failure the next one is tried.
     pub edges: Vec<SocketAddr>,
-    pub server_name: String,
-    pub trusted_pem: String,
-    /// The device id the edge issued to this device before (kept by the
-    /// app), or 0 for a new device: the first Welcome then carries the
-    /// issued id ([`Event::Connected`], [`Session::client_id`]), and the
-    /// session uses it for every reconnect.
-    pub client_id: u64,
-    pub device: String,
+    /// How each connection is made. Its `addr` and `token` are not used:
+    /// each connect goes to the edge [`crate::reconnect::Reconnect`]
+    /// picks, with a token from [`SessionConfig::token`]; and its
+    /// `client_id` is the device id the edge issued to this device before
+    /// (kept by the app), or 0 for a new device: the first Welcome then
+    /// carries the issued id ([`Event::Connected`], [`Session::client_id`]),
+    /// and the session uses it for every reconnect.
+    pub client: ClientConfig,
     pub token: TokenSource,
     /// Backoff: the n-th consecutive failure waits a random time in
     /// `0..=min(cap, base * 2^n)` ("full jitter").
@@ -50,9 +51,6 @@ pub struct SessionConfig {
     pub sync_limit: u32,
     /// How far before a cursor a resume syncs from.
     pub resync_window: Duration,
-    pub request_timeout: Duration,
-    /// See [`ClientConfig::idle_timeout`].
-    pub idle_timeout: Duration,
     /// Connections go through this endpoint (one UDP socket for many
     /// sessions); without one the session makes its own.
     pub endpoint: Option<quinn::Endpoint>,
@@ -70,26 +68,25 @@ impl std::fmt::Debug for SessionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionConfig")
             .field("edges", &self.edges)
-            .field("client_id", &self.client_id)
+            .field("client_id", &self.client.client_id)
             .finish_non_exhaustive()
     }
 }
 
 impl SessionConfig {
     pub fn new(edges: Vec<SocketAddr>, trusted_pem: String, token: String, client_id: u64) -> Self {
+        let first = edges
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         Self {
             edges,
-            server_name: "localhost".into(),
-            trusted_pem,
-            client_id,
-            device: "sdk".into(),
+            client: ClientConfig::new(first, trusted_pem, String::new(), client_id),
             token: Arc::new(move || token.clone()),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
             sync_limit: 200,
             resync_window: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(4),
             endpoint: None,
             event_buffer: 65_536,
             report_duplicates: false,
@@ -142,19 +139,6 @@ pub struct SessionStats {
     /// Tier-3 notifications dropped: their id was not newer than the
     /// conversation's cursor (a repeat, or older than one already shown).
     pub notifies_dropped: AtomicU64,
-}
-
-/// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
-pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
-        .min(cap);
-    let ms = ceiling.as_millis() as u64;
-    Duration::from_millis(if ms == 0 {
-        0
-    } else {
-        rand::random_range(0..=ms)
-    })
 }
 
 /// Errors after which reconnecting cannot help.
@@ -279,7 +263,7 @@ impl Session {
     /// Starts connecting in the background; the app reads the events.
     pub fn start(cfg: SessionConfig) -> (Self, Events) {
         assert!(!cfg.edges.is_empty(), "a session needs at least one edge");
-        let cfg_client_id = cfg.client_id;
+        let cfg_client_id = cfg.client.client_id;
         let reorder = Mutex::new(Reorder::new(cfg.reorder_window));
         let (tx, events) = mpsc::channel(cfg.event_buffer);
         let inner = Arc::new(Inner {
@@ -462,8 +446,8 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
         }
     };
-    let mut failures: u32 = 0;
-    let mut edge = 0usize;
+    let mut policy = Reconnect::new(cfg.edges.clone(), cfg.backoff_base, cfg.backoff_cap);
+    let mut addr = policy.edge();
     let mut delay = Duration::ZERO;
     while !inner.closing() {
         if !delay.is_zero() {
@@ -472,18 +456,11 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
                 () = inner.close.notified() => return,
             }
         }
-        let addr = cfg.edges[edge % cfg.edges.len()];
         let ccfg = ClientConfig {
             addr,
-            server_name: cfg.server_name.clone(),
-            trusted_pem: cfg.trusted_pem.clone(),
             token: (cfg.token)(),
             client_id: inner.client_id.load(Ordering::Relaxed),
-            device: cfg.device.clone(),
-            request_timeout: cfg.request_timeout,
-            delivery_buffer: 4_096,
-            stream_receive_window: None,
-            idle_timeout: cfg.idle_timeout,
+            ..cfg.client.clone()
         };
         let (client, deliveries) = match Client::connect_on(&endpoint, ccfg).await {
             Ok(c) => c,
@@ -493,13 +470,11 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "connect failed; backing off");
-                failures += 1;
-                edge += 1;
-                delay = full_jitter(cfg.backoff_base, cfg.backoff_cap, failures);
+                (addr, delay) = policy.connect_failed(&mut rand::rng());
                 continue;
             }
         };
-        failures = 0;
+        policy.connected();
         inner.stats.connects.fetch_add(1, Ordering::Relaxed);
         inner.client_id.store(client.client_id, Ordering::Relaxed);
         inner.current.send_replace(Some(client.clone()));
@@ -518,10 +493,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
         inner.state.lock().expect("state lock").disconnected_at_ms = Some(edge_now);
         match ended {
             Ended::Closed => return,
-            Ended::Drain(after) => {
-                edge += 1;
-                delay = after;
-            }
+            Ended::Drain(after) => (addr, delay) = policy.drained(after),
             Ended::Lost(error) if ends_session(&error) => {
                 let _ = events.send(Event::Stopped { error }).await;
                 return;
@@ -530,13 +502,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
                 if events.send(Event::Disconnected { error }).await.is_err() {
                     return;
                 }
-                failures = 1;
-                // Another edge, chosen at random: the devices of an edge
-                // that died spread over the others instead of all moving
-                // to the next one in their lists.
-                let others = cfg.edges.len().saturating_sub(1).max(1);
-                edge += 1 + rand::random_range(0..others);
-                delay = full_jitter(cfg.backoff_base, cfg.backoff_cap, failures);
+                (addr, delay) = policy.lost(&mut rand::rng());
             }
         }
     }
@@ -895,24 +861,6 @@ async fn resume_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn full_jitter_stays_under_the_exponential_ceiling() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(5);
-        for attempt in 0..40 {
-            let ceiling = (100u64 << attempt.min(20)).min(5_000);
-            for _ in 0..50 {
-                let d = full_jitter(base, cap, attempt).as_millis() as u64;
-                assert!(d <= ceiling, "attempt {attempt}: {d} > {ceiling}");
-            }
-        }
-        // Full jitter spreads: not every draw is the ceiling.
-        let draws: BTreeSet<u128> = (0..100)
-            .map(|_| full_jitter(base, cap, 6).as_millis())
-            .collect();
-        assert!(draws.len() > 10);
-    }
 
     #[test]
     fn marks_only_move_forward() {

@@ -432,7 +432,7 @@ async fn repair(shared: &Shared) -> u64 {
             }
         };
         let newest = shared.newest_seen.get(&conv).unwrap_or(0);
-        if tier == Tier::IdOnly as u8 {
+        if tier == Tier::IdOnly {
             let latest = engine
                 .store()
                 .history(
@@ -458,7 +458,7 @@ async fn repair(shared: &Shared) -> u64 {
             }
             continue;
         }
-        if tier != Tier::Sharded as u8 {
+        if tier != Tier::Sharded {
             continue;
         }
         let mut after = newest.saturating_sub(window);

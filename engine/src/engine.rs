@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tiercast_schemas::budget::FrameBudget;
 use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 
@@ -206,10 +207,6 @@ impl std::fmt::Debug for Engine {
 /// queue 20,000 futures at once.
 const PUBLISH_CONCURRENCY: usize = 64;
 
-/// Bytes a Message costs in a frame beyond its body (ids, vtable, vector
-/// headers), rounded up.
-const MESSAGE_OVERHEAD: usize = 96;
-
 impl Engine {
     /// An engine with node id `cfg.node_id`; in a cluster pass the gate of
     /// the node-id lease it holds, so that it stops issuing ids without it.
@@ -317,7 +314,7 @@ impl Engine {
             .conversation(out.conversation)
             .await?
             .ok_or(EngineError::UnknownConversation(out.conversation))?;
-        let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
+        let tier = conv.tier;
         let id = self.issue_id(out.conversation).await?;
         let ticket = Ticket {
             engine: self.clone(),
@@ -647,11 +644,15 @@ impl Engine {
             .conversation(conversation)
             .await?
             .ok_or(EngineError::UnknownConversation(conversation))?;
-        let current = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
-        let pinned = conv.pinned_tier.and_then(Tier::from_u8);
-        let next = planner::plan(current, conv.member_count, pinned, &self.cfg.tiers);
+        let current = conv.tier;
+        let next = planner::plan(
+            current,
+            conv.member_count,
+            conv.pinned_tier,
+            &self.cfg.tiers,
+        );
         if next != current {
-            self.store.set_tier(conversation, next as u8).await?;
+            self.store.set_tier(conversation, next).await?;
             tracing::info!(
                 conversation,
                 from = current as u8,
@@ -670,9 +671,7 @@ impl Engine {
         conversation: u64,
         tier: Option<Tier>,
     ) -> Result<Tier, EngineError> {
-        self.store
-            .set_pinned_tier(conversation, tier.map(|t| t as u8))
-            .await?;
+        self.store.set_pinned_tier(conversation, tier).await?;
         self.replan(conversation).await
     }
 
@@ -754,12 +753,8 @@ impl Engine {
             .await?;
         let mut more = page.len() > limit;
         page.truncate(limit);
-        more |= fit_to_frame(&mut page, self.page_budget());
+        more |= fit_to_frame(&mut page);
         Ok((page, more))
-    }
-
-    fn page_budget(&self) -> usize {
-        tiercast_schemas::MAX_FRAME_BYTES - 128
     }
 
     /// A device connecting. `client_id` 0: a new device, issued a random,
@@ -806,7 +801,7 @@ impl Engine {
     /// fit one frame.
     pub async fn pending(&self, device: Device, after: u64) -> Result<Vec<Message>, EngineError> {
         let mut page = self.store.inbox(device, after, self.cfg.max_page).await?;
-        fit_to_frame(&mut page, self.page_budget());
+        fit_to_frame(&mut page);
         Ok(page)
     }
 
@@ -969,7 +964,7 @@ impl Engine {
             .into_iter()
             .collect();
         let limit = (limit as usize).clamp(1, self.cfg.max_page);
-        let mut budget = self.page_budget().saturating_sub(cursors.len() * 64);
+        let mut budget = FrameBudget::sync(cursors.len());
         let mut out = Vec::with_capacity(cursors.len());
         for c in cursors {
             let mut entry = SyncEntry {
@@ -977,58 +972,55 @@ impl Engine {
                 tier: 0,
                 messages: Vec::new(),
                 latest_id: 0,
-                read_id: reads.get(&c.conversation).copied().unwrap_or(0),
+                read_id: 0,
                 more: false,
             };
-            let conv = match self.store.conversation(c.conversation).await? {
-                Some(conv) if listing || self.store.is_member(c.conversation, user).await? => conv,
-                _ => {
-                    entry.read_id = 0;
-                    out.push(entry);
-                    continue;
-                }
+            // What the store says: the conversation, whether the user may
+            // see it, its newest id.
+            let conv = self.store.conversation(c.conversation).await?;
+            let visible = match &conv {
+                Some(_) if listing => true,
+                Some(_) => self.store.is_member(c.conversation, user).await?,
+                None => false,
             };
-            entry.tier = conv.tier;
-            entry.latest_id = self
-                .store
-                .history(
-                    c.conversation,
-                    Page {
-                        before: 0,
-                        after: 0,
-                        limit: 1,
-                    },
-                )
-                .await?
-                .first()
-                .map_or(0, |m| m.id);
-            let tier = Tier::from_u8(conv.tier).unwrap_or(Tier::Direct);
-            if !listing && tier != Tier::IdOnly && entry.latest_id > c.last_id {
-                if budget < MESSAGE_OVERHEAD * 2 {
-                    // Out of frame: the device syncs this one again.
-                    entry.more = true;
-                } else {
+            let tier = conv.as_ref().map_or(Tier::Direct, |c| c.tier);
+            if visible {
+                entry.tier = tier.into();
+                entry.read_id = reads.get(&c.conversation).copied().unwrap_or(0);
+                entry.latest_id = self.latest_id(c.conversation).await?;
+            }
+            match plan_entry(listing, visible, tier, entry.latest_id, c.last_id, &budget) {
+                EntryPlan::Refused | EntryPlan::Summary => {}
+                EntryPlan::OutOfFrame => entry.more = true,
+                EntryPlan::Page => {
                     let mut page = self.store.since(c.conversation, c.last_id, limit).await?;
                     let last = page.last().map_or(0, |m| m.id);
-                    entry.more = fit_to_frame(&mut page, budget) || last < entry.latest_id;
-                    if page
-                        .first()
-                        .is_some_and(|m| m.body.len() + MESSAGE_OVERHEAD > budget)
-                    {
-                        page.clear();
-                        entry.more = true;
-                    }
-                    budget = budget.saturating_sub(
-                        page.iter()
-                            .map(|m| m.body.len() + MESSAGE_OVERHEAD)
-                            .sum::<usize>(),
-                    );
+                    let n = budget.take(page.iter().map(|m| m.body.len()));
+                    entry.more = n < page.len() || last < entry.latest_id;
+                    page.truncate(n);
                     entry.messages = page;
                 }
             }
             out.push(entry);
         }
         Ok(out)
+    }
+
+    /// The newest message id of a conversation (0 without messages).
+    async fn latest_id(&self, conversation: u64) -> Result<u64, EngineError> {
+        Ok(self
+            .store
+            .history(
+                conversation,
+                Page {
+                    before: 0,
+                    after: 0,
+                    limit: 1,
+                },
+            )
+            .await?
+            .first()
+            .map_or(0, |m| m.id))
     }
 
     pub async fn create_conversation(
@@ -1053,7 +1045,7 @@ impl Engine {
             name,
             created_ms: now_unix_ms(),
             pinned_tier: None,
-            tier: Tier::Direct as u8,
+            tier: Tier::Direct,
             member_count: 0,
         };
         self.store.create_conversation(&conv).await?;
@@ -1124,19 +1116,50 @@ fn issue_device_id() -> u64 {
     }
 }
 
-/// Drops messages from the end of `page` until the rest fits in `budget`
-/// bytes of frame; returns whether any were dropped. The first message is
-/// always kept (a body is far below the frame limit).
-fn fit_to_frame(page: &mut Vec<Message>, budget: usize) -> bool {
-    let mut used = 0;
-    for (i, m) in page.iter().enumerate() {
-        used += m.body.len() + MESSAGE_OVERHEAD;
-        if used > budget && i > 0 {
-            page.truncate(i);
-            return true;
-        }
+/// Drops messages from the end of `page` until the rest fits in one frame
+/// ([`FrameBudget::page`]); returns whether any were dropped. The first
+/// message is always kept (a body is far below the frame limit).
+fn fit_to_frame(page: &mut Vec<Message>) -> bool {
+    let n = FrameBudget::page().fit_page(page.iter().map(|m| m.body.len()));
+    let dropped = n < page.len();
+    page.truncate(n);
+    dropped
+}
+
+/// What a Sync entry carries, decided from what the store said about its
+/// conversation (pure: the reads are the caller's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryPlan {
+    /// No such conversation, or the user is not a member: an empty entry
+    /// that tells nothing (read id 0), the same whichever it is.
+    Refused,
+    /// Tier and latest id only: a listing (no cursors), a tier-3 channel
+    /// (devices pull), or nothing newer than the cursor.
+    Summary,
+    /// Newer messages, but the frame is full: the device syncs this
+    /// conversation again (`more`).
+    OutOfFrame,
+    /// Read the messages after the cursor and fit them to the frame.
+    Page,
+}
+
+fn plan_entry(
+    listing: bool,
+    visible: bool,
+    tier: Tier,
+    latest_id: u64,
+    cursor: u64,
+    budget: &FrameBudget,
+) -> EntryPlan {
+    if !visible {
+        EntryPlan::Refused
+    } else if listing || tier == Tier::IdOnly || latest_id <= cursor {
+        EntryPlan::Summary
+    } else if !budget.can_start_page() {
+        EntryPlan::OutOfFrame
+    } else {
+        EntryPlan::Page
     }
-    false
 }
 
 #[cfg(test)]
@@ -1155,14 +1178,50 @@ mod tests {
 
     #[test]
     fn pages_are_cut_to_the_frame() {
-        let mut page: Vec<_> = (0..10).map(|i| msg(i, 1000)).collect();
-        assert!(fit_to_frame(&mut page, 3 * 1096));
-        assert_eq!(page.len(), 3);
+        let mut page: Vec<_> = (0..100).map(|i| msg(i, 1000)).collect();
+        assert!(fit_to_frame(&mut page));
+        assert_eq!(
+            page.len(),
+            FrameBudget::page().left() / FrameBudget::cost(1000)
+        );
         let mut small: Vec<_> = (0..3).map(|i| msg(i, 10)).collect();
-        assert!(!fit_to_frame(&mut small, 10_000));
+        assert!(!fit_to_frame(&mut small));
         assert_eq!(small.len(), 3);
-        let mut big = vec![msg(0, 5000)];
-        assert!(!fit_to_frame(&mut big, 100));
+        let mut big = vec![msg(0, 100_000)];
+        assert!(!fit_to_frame(&mut big));
         assert_eq!(big.len(), 1);
+    }
+
+    #[test]
+    fn a_sync_entry_reads_a_page_only_when_it_has_news_and_room() {
+        let room = FrameBudget::sync(1);
+        let full = FrameBudget::sync(100_000);
+        let plan = |listing, visible, tier, latest, cursor, b: &FrameBudget| {
+            plan_entry(listing, visible, tier, latest, cursor, b)
+        };
+        assert_eq!(
+            plan(false, false, Tier::Direct, 9, 1, &room),
+            EntryPlan::Refused
+        );
+        assert_eq!(
+            plan(true, true, Tier::Direct, 9, 0, &room),
+            EntryPlan::Summary
+        );
+        assert_eq!(
+            plan(false, true, Tier::IdOnly, 9, 1, &room),
+            EntryPlan::Summary
+        );
+        assert_eq!(
+            plan(false, true, Tier::Sharded, 9, 9, &room),
+            EntryPlan::Summary
+        );
+        assert_eq!(
+            plan(false, true, Tier::Sharded, 9, 1, &room),
+            EntryPlan::Page
+        );
+        assert_eq!(
+            plan(false, true, Tier::Direct, 9, 1, &full),
+            EntryPlan::OutOfFrame
+        );
     }
 }

@@ -617,8 +617,8 @@ async fn view(state: &HttpState, id: u64) -> ApiResult<ConversationView> {
         members,
         member_count: conv.member_count,
         members_more: more,
-        tier: conv.tier,
-        pinned_tier: conv.pinned_tier,
+        tier: conv.tier.into(),
+        pinned_tier: conv.pinned_tier.map(u8::from),
         created_ms: conv.created_ms,
     })
 }

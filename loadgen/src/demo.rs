@@ -226,7 +226,6 @@ impl DemoReport {
 
 pub struct DemoRun {
     pub report: DemoReport,
-    pub options: DemoOptions,
 }
 
 /// Runs the demo against a node started here on loopback.
@@ -266,10 +265,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoRun> {
         Err(e) => Err(e),
     };
     node.shutdown().await;
-    Ok(DemoRun {
-        report: report?,
-        options: opts,
-    })
+    Ok(DemoRun { report: report? })
 }
 
 /// The conversations of one tier, and who sends into them.
@@ -433,7 +429,7 @@ impl<'a> Demo<'a> {
             self.settle(expected_so_far).await;
             let mut planned = Vec::new();
             for &c in &phase.conversations {
-                planned.push(self.node.engine.conversation(c).await?.tier);
+                planned.push(u8::from(self.node.engine.conversation(c).await?.tier));
             }
             results.push((
                 phase,

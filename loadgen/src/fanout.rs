@@ -291,8 +291,8 @@ pub async fn run(opts: FanoutOptions, mut progress: impl FnMut(&str)) -> anyhow:
 
         for (mode, pin) in [("planner", None), ("forced tier 1", Some(Tier::Direct))] {
             let tier = match pin {
-                Some(t) => engine.pin_tier(conv, Some(t)).await? as u8,
-                None => planned,
+                Some(t) => u8::from(engine.pin_tier(conv, Some(t)).await?),
+                None => u8::from(planned),
             };
             let before = read_counters(&masters, &nodes).await?;
             receipts.start_round(tiercast_engine::snowflake::min_id_at(

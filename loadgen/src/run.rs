@@ -192,7 +192,7 @@ async fn connect(
         cfg.endpoint = Some(sockets[i % sockets.len()].clone());
         cfg.report_duplicates = true;
         cfg.reorder_window = opts.reorder_window;
-        cfg.device = sim.label("loadgen");
+        cfg.client.device = sim.label("loadgen");
         let (session, events) = Session::start(cfg);
         let log = Arc::new(Mutex::new(DeviceLog::default()));
         tokio::spawn(consume(

@@ -21,6 +21,21 @@ pub enum Tier {
     IdOnly = 3,
 }
 
+impl From<Tier> for u8 {
+    fn from(t: Tier) -> u8 {
+        t as u8
+    }
+}
+
+impl TryFrom<u8> for Tier {
+    /// The number that is not a tier.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Self::from_u8(v).ok_or(v)
+    }
+}
+
 impl Tier {
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {

@@ -12,7 +12,9 @@
 //!   [`wire::ServerFrame`]) and the error-code table ([`wire::ErrorCode`]).
 //! - [`envelope`]: backplane envelopes ([`envelope::Envelope`]).
 //! - [`ids`]: the layout of Snowflake message ids (time order).
+//! - [`budget`]: how many messages a reply fits in one frame.
 
+pub mod budget;
 pub mod envelope;
 pub mod framing;
 pub mod ids;

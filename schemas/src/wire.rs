@@ -550,7 +550,7 @@ impl ServerFrame {
     /// Encodes the frame with its length prefix, ready to write.
     pub fn encode(&self) -> Bytes {
         let mut fbb = FlatBufferBuilder::with_capacity(match &self.body {
-            ServerBody::Message(m) => m.body.len() + 96,
+            ServerBody::Message(m) => m.body.len() + crate::budget::MESSAGE_OVERHEAD,
             _ => 128,
         });
         let (ty, off) = match &self.body {

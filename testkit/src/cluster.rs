@@ -349,7 +349,7 @@ impl Fleet {
         );
         // Every edge of a fleet has its own self-signed certificate: trust
         // them all.
-        cfg.trusted_pem = self
+        cfg.client.trusted_pem = self
             .nodes
             .iter()
             .map(|n| n.cert_pem.clone())

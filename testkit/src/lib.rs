@@ -320,7 +320,7 @@ impl TestNode {
             self.token(user),
             client_id,
         );
-        cfg.device = format!("test-{client_id}");
+        cfg.client.device = format!("test-{client_id}");
         cfg.backoff_base = Duration::from_millis(20);
         cfg.backoff_cap = Duration::from_millis(500);
         cfg

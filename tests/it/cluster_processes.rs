@@ -261,7 +261,7 @@ async fn killing_an_edge_process_loses_no_message() {
             cfg.backoff_base = Duration::from_millis(50);
             cfg.backoff_cap = Duration::from_millis(1_000);
             // Notice the killed edge within 3 s.
-            cfg.idle_timeout = Duration::from_secs(3);
+            cfg.client.idle_timeout = Duration::from_secs(3);
             let (session, events) = tiercast_client::Session::start(cfg);
             devices.push((session, collect(events)));
         }

@@ -192,7 +192,10 @@ async fn every_credential_kind_on_every_door() {
         t.node.engine.conversation(1).await.unwrap(),
         t.node.engine.store().members(1).await.unwrap(),
     );
-    assert_eq!((conv.tier, members), (1, vec![1, 2]));
+    assert_eq!(
+        (conv.tier, members),
+        (tiercast_schemas::envelope::Tier::Direct, vec![1, 2])
+    );
     assert!(
         t.node
             .engine

@@ -49,7 +49,7 @@ async fn concurrent_sends_arrive_in_id_order_in_every_tier() {
     t.chat(3, &[1, 2, 3]).await;
     assert_eq!(
         t.node.engine.conversation(2).await.unwrap().tier,
-        2,
+        tiercast_schemas::envelope::Tier::Sharded,
         "conversation 2 is in tier 2"
     );
     let mut devices = Vec::new();

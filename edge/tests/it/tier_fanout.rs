@@ -91,7 +91,7 @@ async fn three_edges_serve_every_tier_exactly_once() {
             .create_conversation(Some(id), format!("c{id}"), members)
             .await
             .unwrap();
-        assert_eq!(c.tier, tier as u8, "conversation {id}");
+        assert_eq!(c.tier, tier, "conversation {id}");
     }
 
     // One device per user, users spread evenly over the edges.
@@ -231,10 +231,7 @@ async fn a_tier_change_loses_nothing() {
         .await
         .unwrap();
     engine.add_members(9, &[4, 5, 6]).await.unwrap();
-    assert_eq!(
-        engine.conversation(9).await.unwrap().tier,
-        Tier::Sharded as u8
-    );
+    assert_eq!(engine.conversation(9).await.unwrap().tier, Tier::Sharded);
     // A new member gets live traffic once its edge has processed the
     // membership announcement. That travels on the user's channel, another
     // shard than the conversation's node channels, so a message sent right

@@ -6,6 +6,7 @@
 //! shipped in the library so every backend runs the same rules.
 
 use bytes::Bytes;
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 
 use super::{
@@ -46,7 +47,7 @@ fn conv(id: u64) -> Conversation {
         name: format!("c{id}"),
         created_ms: 1,
         pinned_tier: None,
-        tier: 1,
+        tier: Tier::Direct,
         member_count: 0,
     }
 }
@@ -211,10 +212,10 @@ async fn conversations_and_members(store: &dyn Store) {
     assert_eq!(store.conversations_of(10).await.unwrap(), vec![1, 3]);
     assert_eq!(store.conversations_of(11).await.unwrap(), Vec::<u64>::new());
 
-    store.set_pinned_tier(3, Some(2)).await.unwrap();
+    store.set_pinned_tier(3, Some(Tier::Sharded)).await.unwrap();
     assert_eq!(
         store.conversation(3).await.unwrap().unwrap().pinned_tier,
-        Some(2)
+        Some(Tier::Sharded)
     );
     assert!(matches!(
         store.set_pinned_tier(99, None).await,

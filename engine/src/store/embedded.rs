@@ -21,6 +21,7 @@ use bytes::Bytes;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
@@ -60,10 +61,62 @@ const LAZY_GROUPS: u32 = 64;
 
 /// A write job's answer, called once the group's commit is known.
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// What applying a job to the group's transaction left.
+struct Applied {
+    /// Answers the job once the commit is known.
+    answer: Completion,
+    /// The transaction may be damaged (a backend error mid-write): the
+    /// group aborts, and every job of it answers the error.
+    damaged: bool,
+}
+
 /// A write job: applies itself to the group's transaction (or answers the
-/// error that kept one from being begun). The flag says the transaction may
-/// be damaged (a backend error mid-write): the group aborts.
-type Job = Box<dyn FnOnce(Result<&WriteTransaction, &StoreError>) -> (Completion, bool) + Send>;
+/// error that kept one from being begun).
+type Job = Box<dyn FnOnce(Result<&WriteTransaction, &StoreError>) -> Applied + Send>;
+
+/// When a group commit fsyncs. Pure: the writer thread asks it once per
+/// group.
+#[derive(Debug, Default)]
+struct CommitPolicy {
+    /// Groups of only lazy writes committed without an fsync since the
+    /// last durable commit.
+    lazy_in_a_row: u32,
+}
+
+impl CommitPolicy {
+    /// Whether the group about to commit fsyncs: when any of its writes
+    /// asks (`asked`), and at least every [`LAZY_GROUPS`]-th group anyway
+    /// (redb reuses freed pages only after a durable commit).
+    fn durable(&mut self, asked: bool) -> bool {
+        let durable = asked || self.lazy_in_a_row + 1 >= LAZY_GROUPS;
+        self.lazy_in_a_row = if durable { 0 } else { self.lazy_in_a_row + 1 };
+        durable
+    }
+
+    /// Whether lazy commits since the last durable one are owed an fsync
+    /// (at shutdown).
+    fn owes_fsync(&self) -> bool {
+        self.lazy_in_a_row > 0
+    }
+}
+
+/// The group a commit takes: `first` and whatever `next` has waiting, at
+/// most `max`, with whether any of them must be durable.
+fn gather<T>(
+    first: (T, bool),
+    mut next: impl FnMut() -> Option<(T, bool)>,
+    max: usize,
+) -> (Vec<T>, bool) {
+    let (job, mut durable) = first;
+    let mut group = vec![job];
+    while group.len() < max {
+        let Some((job, d)) = next() else { break };
+        group.push(job);
+        durable |= d;
+    }
+    (group, durable)
+}
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -99,6 +152,35 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// redb's errors are backend failures: `?` maps them.
+macro_rules! backend_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                backend(e)
+            }
+        }
+    )*};
+}
+backend_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Every key of a table keyed by `(k, _)`.
+fn keys_of(k: u64) -> std::ops::RangeInclusive<(u64, u64)> {
+    (k, 0)..=(k, u64::MAX)
+}
+
+/// Every key of a table keyed by `(a, b, _)`.
+fn keys_of_pair(a: u64, b: u64) -> std::ops::RangeInclusive<(u64, u64, u64)> {
+    (a, b, 0)..=(a, b, u64::MAX)
+}
+
 fn encode_message(m: &Message) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + m.body.len());
     v.extend_from_slice(&m.sender.to_le_bytes());
@@ -132,20 +214,20 @@ fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl EmbeddedStore {
     /// Opens (or creates) the database file and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(backend)?;
-        let txn = db.begin_write().map_err(backend)?;
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
         {
-            txn.open_table(CONVERSATIONS).map_err(backend)?;
-            txn.open_table(MEMBERS).map_err(backend)?;
-            txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
-            txn.open_table(CLIENTS).map_err(backend)?;
-            txn.open_table(MESSAGES).map_err(backend)?;
-            txn.open_table(INBOX).map_err(backend)?;
-            txn.open_table(DEDUPE).map_err(backend)?;
-            txn.open_table(DEDUPE_EXPIRY).map_err(backend)?;
-            txn.open_table(READS).map_err(backend)?;
+            txn.open_table(CONVERSATIONS)?;
+            txn.open_table(MEMBERS)?;
+            txn.open_table(USER_CONVERSATIONS)?;
+            txn.open_table(CLIENTS)?;
+            txn.open_table(MESSAGES)?;
+            txn.open_table(INBOX)?;
+            txn.open_table(DEDUPE)?;
+            txn.open_table(DEDUPE_EXPIRY)?;
+            txn.open_table(READS)?;
         }
-        txn.commit().map_err(backend)?;
+        txn.commit()?;
         let db = Arc::new(db);
         let (sender, jobs) = crossbeam_channel::unbounded::<(Job, bool)>();
         let writer_db = db.clone();
@@ -194,8 +276,8 @@ impl EmbeddedStore {
                 Ok(txn) => f(txn),
                 Err(e) => Err(StoreError::Backend(e.to_string())),
             };
-            let poisoned = matches!(result, Err(StoreError::Backend(_)));
-            let done: Completion = Box::new(move |commit_error| {
+            let damaged = matches!(result, Err(StoreError::Backend(_)));
+            let answer: Completion = Box::new(move |commit_error| {
                 let answer = match (result, commit_error) {
                     (Err(e), _) => Err(e),
                     (Ok(_), Some(e)) => Err(StoreError::Backend(e.to_string())),
@@ -203,7 +285,7 @@ impl EmbeddedStore {
                 };
                 let _ = tx.send(answer);
             });
-            (done, poisoned)
+            Applied { answer, damaged }
         });
         self.writer
             .jobs
@@ -213,6 +295,21 @@ impl EmbeddedStore {
             .map_err(|_| StoreError::Backend("store writer stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Backend("store writer stopped".into()))?
+    }
+
+    /// Runs `f` on `table` in a read snapshot, on the blocking pool.
+    async fn read<K, V, T>(
+        &self,
+        table: TableDefinition<'static, K, V>,
+        f: impl FnOnce(&redb::ReadOnlyTable<K, V>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        K: redb::Key + Send + 'static,
+        V: redb::Value + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(move |db| f(&db.begin_read()?.open_table(table)?))
+            .await
     }
 
     async fn run<T: Send + 'static>(
@@ -229,36 +326,17 @@ impl EmbeddedStore {
 /// The writer thread: one transaction and one fsync per group of waiting
 /// jobs. Ends when every store handle is dropped.
 fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, bool)>) {
-    let mut lazy_in_a_row = 0;
-    while let Ok((first, first_durable)) = jobs.recv() {
-        let mut group = vec![first];
-        let mut durable = first_durable;
-        while group.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok((j, d)) => {
-                    group.push(j);
-                    durable |= d;
-                }
-                Err(_) => break,
-            }
-        }
-        if !durable {
-            lazy_in_a_row += 1;
-            // Freed pages are reused only after a durable commit: do one
-            // now and then even when nothing asks for it.
-            durable = lazy_in_a_row >= LAZY_GROUPS;
-        }
-        if durable {
-            lazy_in_a_row = 0;
-        }
+    let mut policy = CommitPolicy::default();
+    while let Ok(first) = jobs.recv() {
+        let (group, asked) = gather(first, || jobs.try_recv().ok(), MAX_GROUP);
+        let durable = policy.durable(asked);
         let mut txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => {
                 let e = backend(e);
                 tracing::error!(error = %e, "cannot begin a write transaction");
                 for job in group {
-                    let (done, _) = job(Err(&e));
-                    done(None);
+                    (job(Err(&e)).answer)(None);
                 }
                 continue;
             }
@@ -266,14 +344,14 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
         if !durable && let Err(e) = txn.set_durability(Durability::None) {
             tracing::debug!(error = %e, "non-durable commit refused; committing durably");
         }
-        let mut done = Vec::with_capacity(group.len());
-        let mut poisoned = false;
+        let mut answers = Vec::with_capacity(group.len());
+        let mut damaged = false;
         for job in group {
-            let (completion, bad) = job(Ok(&txn));
-            poisoned |= bad;
-            done.push(completion);
+            let applied = job(Ok(&txn));
+            damaged |= applied.damaged;
+            answers.push(applied.answer);
         }
-        let outcome = if poisoned {
+        let outcome = if damaged {
             drop(txn);
             Err(StoreError::Backend(
                 "write group aborted after a storage error".into(),
@@ -281,12 +359,12 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
         } else {
             txn.commit().map_err(backend)
         };
-        for d in done {
-            d(outcome.as_ref().err());
+        for answer in answers {
+            answer(outcome.as_ref().err());
         }
     }
     // Shutting down: make the last lazy commits durable.
-    if lazy_in_a_row > 0
+    if policy.owes_fsync()
         && let Err(e) = db
             .begin_write()
             .map_err(backend)
@@ -298,10 +376,9 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
 
 /// Removes a device's whole pending inbox.
 fn clear_inbox(txn: &WriteTransaction, user: u64, client: u64) -> Result<(), StoreError> {
-    txn.open_table(INBOX)
-        .map_err(backend)?
-        .retain_in((user, client, 0)..=(user, client, u64::MAX), |_, _| false)
-        .map_err(backend)
+    Ok(txn
+        .open_table(INBOX)?
+        .retain_in(keys_of_pair(user, client), |_, _| false)?)
 }
 
 /// Reads, changes and writes back one conversation record.
@@ -310,13 +387,13 @@ fn update_conversation(
     id: u64,
     change: impl FnOnce(&mut Conversation),
 ) -> Result<(), StoreError> {
-    let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
-    let mut conv: Conversation = match t.get(id).map_err(backend)? {
+    let mut t = txn.open_table(CONVERSATIONS)?;
+    let mut conv: Conversation = match t.get(id)? {
         Some(v) => json(v.value())?,
         None => return Err(StoreError::NoSuchConversation(id)),
     };
     change(&mut conv);
-    t.insert(id, to_json(&conv).as_slice()).map_err(backend)?;
+    t.insert(id, to_json(&conv).as_slice())?;
     Ok(())
 }
 
@@ -325,7 +402,7 @@ fn read_message(
     conv: u64,
     id: u64,
 ) -> Result<Option<Message>, StoreError> {
-    match table.get((conv, id)).map_err(backend)? {
+    match table.get((conv, id))? {
         Some(v) => decode_message(conv, id, v.value()).map(Some),
         None => Ok(None),
     }
@@ -337,12 +414,11 @@ impl Store for EmbeddedStore {
         let conv = conv.clone();
         self.write(move |txn| {
             {
-                let mut t = txn.open_table(CONVERSATIONS).map_err(backend)?;
-                if t.get(conv.id).map_err(backend)?.is_some() {
+                let mut t = txn.open_table(CONVERSATIONS)?;
+                if t.get(conv.id)?.is_some() {
                     return Err(StoreError::ConversationExists(conv.id));
                 }
-                t.insert(conv.id, to_json(&conv).as_slice())
-                    .map_err(backend)?;
+                t.insert(conv.id, to_json(&conv).as_slice())?;
             }
             Ok(())
         })
@@ -350,23 +426,18 @@ impl Store for EmbeddedStore {
     }
 
     async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(CONVERSATIONS).map_err(backend)?;
-            t.get(id)
-                .map_err(backend)?
-                .map(|v| json(v.value()))
-                .transpose()
+        self.read(CONVERSATIONS, move |t| {
+            t.get(id)?.map(|v| json(v.value())).transpose()
         })
         .await
     }
 
-    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
+    async fn set_pinned_tier(&self, id: u64, tier: Option<Tier>) -> Result<(), StoreError> {
         self.write(move |txn| update_conversation(txn, id, |c| c.pinned_tier = tier))
             .await
     }
 
-    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError> {
+    async fn set_tier(&self, id: u64, tier: Tier) -> Result<(), StoreError> {
         self.write(move |txn| update_conversation(txn, id, |c| c.tier = tier))
             .await
     }
@@ -376,22 +447,16 @@ impl Store for EmbeddedStore {
         self.write(move |txn| {
             let mut added = Vec::new();
             {
-                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
-                if txn
-                    .open_table(CONVERSATIONS)
-                    .map_err(backend)?
-                    .get(conv)
-                    .map_err(backend)?
-                    .is_none()
-                {
+                let mut m = txn.open_table(MEMBERS)?;
+                if txn.open_table(CONVERSATIONS)?.get(conv)?.is_none() {
                     return Err(StoreError::NoSuchConversation(conv));
                 }
-                let mut u = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+                let mut u = txn.open_table(USER_CONVERSATIONS)?;
                 for user in users {
-                    if m.insert((conv, user), ()).map_err(backend)?.is_none() {
+                    if m.insert((conv, user), ())?.is_none() {
                         added.push(user);
                     }
-                    u.insert((user, conv), ()).map_err(backend)?;
+                    u.insert((user, conv), ())?;
                 }
             }
             let n = added.len() as u64;
@@ -404,10 +469,10 @@ impl Store for EmbeddedStore {
     async fn remove_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
         self.write(move |txn| {
             let was = {
-                let mut m = txn.open_table(MEMBERS).map_err(backend)?;
-                let mut u = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
-                let was = m.remove((conv, user)).map_err(backend)?.is_some();
-                u.remove((user, conv)).map_err(backend)?;
+                let mut m = txn.open_table(MEMBERS)?;
+                let mut u = txn.open_table(USER_CONVERSATIONS)?;
+                let was = m.remove((conv, user))?.is_some();
+                u.remove((user, conv))?;
                 was
             };
             if was {
@@ -421,12 +486,10 @@ impl Store for EmbeddedStore {
     }
 
     async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(MEMBERS).map_err(backend)?;
+        self.read(MEMBERS, move |t| {
             let mut out = Vec::new();
-            for row in t.range((conv, 0)..=(conv, u64::MAX)).map_err(backend)? {
-                out.push(row.map_err(backend)?.0.value().1);
+            for row in t.range(keys_of(conv))? {
+                out.push(row?.0.value().1);
             }
             Ok(out)
         })
@@ -442,16 +505,10 @@ impl Store for EmbeddedStore {
         if after == u64::MAX {
             return Ok(Vec::new());
         }
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(MEMBERS).map_err(backend)?;
+        self.read(MEMBERS, move |t| {
             let mut out = Vec::with_capacity(limit.min(1024));
-            for row in t
-                .range((conv, after + 1)..=(conv, u64::MAX))
-                .map_err(backend)?
-                .take(limit)
-            {
-                out.push(row.map_err(backend)?.0.value().1);
+            for row in t.range((conv, after + 1)..=(conv, u64::MAX))?.take(limit) {
+                out.push(row?.0.value().1);
             }
             Ok(out)
         })
@@ -459,21 +516,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn is_member(&self, conv: u64, user: u64) -> Result<bool, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(MEMBERS).map_err(backend)?;
-            Ok(t.get((conv, user)).map_err(backend)?.is_some())
-        })
-        .await
+        self.read(MEMBERS, move |t| Ok(t.get((conv, user))?.is_some()))
+            .await
     }
 
     async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(USER_CONVERSATIONS).map_err(backend)?;
+        self.read(USER_CONVERSATIONS, move |t| {
             let mut out = Vec::new();
-            for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
-                out.push(row.map_err(backend)?.0.value().1);
+            for row in t.range(keys_of(user))? {
+                out.push(row?.0.value().1);
             }
             Ok(out)
         })
@@ -489,21 +540,17 @@ impl Store for EmbeddedStore {
         let client = client.clone();
         self.write(move |txn| {
             let outcome = {
-                let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+                let mut t = txn.open_table(CLIENTS)?;
                 let mut existing: Vec<ClientRecord> = Vec::new();
-                for row in t
-                    .range((client.user, 0)..=(client.user, u64::MAX))
-                    .map_err(backend)?
-                {
-                    existing.push(json(row.map_err(backend)?.1.value())?);
+                for row in t.range(keys_of(client.user))? {
+                    existing.push(json(row?.1.value())?);
                 }
                 let outcome = super::registration(&existing, &client, max_devices, evict_oldest)?;
                 if let Registered::Evicted(oldest) = outcome {
-                    t.remove((client.user, oldest)).map_err(backend)?;
+                    t.remove((client.user, oldest))?;
                     clear_inbox(txn, client.user, oldest)?;
                 }
-                t.insert((client.user, client.client_id), to_json(&client).as_slice())
-                    .map_err(backend)?;
+                t.insert((client.user, client.client_id), to_json(&client).as_slice())?;
                 outcome
             };
             Ok(outcome)
@@ -512,12 +559,10 @@ impl Store for EmbeddedStore {
     }
 
     async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(CLIENTS).map_err(backend)?;
+        self.read(CLIENTS, move |t| {
             let mut out = Vec::new();
-            for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
-                out.push(json(row.map_err(backend)?.1.value())?);
+            for row in t.range(keys_of(user))? {
+                out.push(json(row?.1.value())?);
             }
             Ok(out)
         })
@@ -526,13 +571,11 @@ impl Store for EmbeddedStore {
 
     async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         let users = users.to_vec();
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(CLIENTS).map_err(backend)?;
+        self.read(CLIENTS, move |t| {
             let mut out = Vec::new();
             for user in users {
-                for row in t.range((user, 0)..=(user, u64::MAX)).map_err(backend)? {
-                    let client = row.map_err(backend)?.0.value().1;
+                for row in t.range(keys_of(user))? {
+                    let client = row?.0.value().1;
                     out.push(Device { user, client });
                 }
             }
@@ -544,9 +587,9 @@ impl Store for EmbeddedStore {
     async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
         let clients = clients.to_vec();
         self.write_lazy(move |txn| {
-            let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+            let mut t = txn.open_table(CLIENTS)?;
             for key in clients {
-                let rec = match t.get(key).map_err(backend)? {
+                let rec = match t.get(key)? {
                     Some(v) => json::<ClientRecord>(v.value())?,
                     None => continue,
                 };
@@ -555,7 +598,7 @@ impl Store for EmbeddedStore {
                         last_seen_ms: now_ms,
                         ..rec
                     };
-                    t.insert(key, to_json(&rec).as_slice()).map_err(backend)?;
+                    t.insert(key, to_json(&rec).as_slice())?;
                 }
             }
             Ok(())
@@ -569,10 +612,10 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<ClientRecord>, StoreError> {
         self.write(move |txn| {
-            let mut t = txn.open_table(CLIENTS).map_err(backend)?;
+            let mut t = txn.open_table(CLIENTS)?;
             let mut stale = Vec::new();
-            for row in t.iter().map_err(backend)? {
-                let rec: ClientRecord = json(row.map_err(backend)?.1.value())?;
+            for row in t.iter()? {
+                let rec: ClientRecord = json(row?.1.value())?;
                 if rec.last_seen_ms < unseen_before_ms {
                     stale.push(rec);
                     if stale.len() >= limit {
@@ -581,7 +624,7 @@ impl Store for EmbeddedStore {
                 }
             }
             for rec in &stale {
-                t.remove((rec.user, rec.client_id)).map_err(backend)?;
+                t.remove((rec.user, rec.client_id))?;
                 clear_inbox(txn, rec.user, rec.client_id)?;
             }
             Ok(stale)
@@ -592,12 +635,12 @@ impl Store for EmbeddedStore {
     async fn set_read_marks(&self, marks: &[ReadMark]) -> Result<(), StoreError> {
         let marks = marks.to_vec();
         self.write(move |txn| {
-            let mut t = txn.open_table(READS).map_err(backend)?;
+            let mut t = txn.open_table(READS)?;
             for m in marks {
                 let key = (m.user, m.conversation);
-                let current = t.get(key).map_err(backend)?.map(|v| v.value());
+                let current = t.get(key)?.map(|v| v.value());
                 if current.is_none_or(|c| c < m.message_id) {
-                    t.insert(key, m.message_id).map_err(backend)?;
+                    t.insert(key, m.message_id)?;
                 }
             }
             Ok(())
@@ -607,12 +650,10 @@ impl Store for EmbeddedStore {
 
     async fn read_marks(&self, user: u64, convs: &[u64]) -> Result<Vec<(u64, u64)>, StoreError> {
         let convs = convs.to_vec();
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(READS).map_err(backend)?;
+        self.read(READS, move |t| {
             let mut out = Vec::new();
             for conv in convs {
-                if let Some(v) = t.get((user, conv)).map_err(backend)? {
+                if let Some(v) = t.get((user, conv))? {
                     out.push((conv, v.value()));
                 }
             }
@@ -627,35 +668,28 @@ impl Store for EmbeddedStore {
             let m = &msg.message;
             {
                 if let Some(d) = &msg.dedupe {
-                    let mut idem = txn.open_table(DEDUPE).map_err(backend)?;
+                    let mut idem = txn.open_table(DEDUPE)?;
                     let key = (d.scope.as_str(), m.conversation, d.client_msg_id);
-                    if let Some(earlier) = idem.get(key).map_err(backend)? {
+                    if let Some(earlier) = idem.get(key)? {
                         let (id, expires) = earlier.value();
                         if expires > d.now_ms {
                             return Ok(Persisted::Duplicate(id));
                         }
                     }
                     let expires = d.now_ms.saturating_add(d.ttl_ms);
-                    if let Some(old) = idem.insert(key, (m.id, expires)).map_err(backend)? {
+                    if let Some(old) = idem.insert(key, (m.id, expires))? {
                         let (old_id, old_expires) = old.value();
-                        txn.open_table(DEDUPE_EXPIRY)
-                            .map_err(backend)?
-                            .remove((old_expires, old_id))
-                            .map_err(backend)?;
+                        txn.open_table(DEDUPE_EXPIRY)?
+                            .remove((old_expires, old_id))?;
                     }
-                    txn.open_table(DEDUPE_EXPIRY)
-                        .map_err(backend)?
-                        .insert((expires, m.id), key)
-                        .map_err(backend)?;
+                    txn.open_table(DEDUPE_EXPIRY)?
+                        .insert((expires, m.id), key)?;
                 }
-                let mut t = txn.open_table(MESSAGES).map_err(backend)?;
-                t.insert((m.conversation, m.id), encode_message(m).as_slice())
-                    .map_err(backend)?;
-                let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+                let mut t = txn.open_table(MESSAGES)?;
+                t.insert((m.conversation, m.id), encode_message(m).as_slice())?;
+                let mut inbox = txn.open_table(INBOX)?;
                 for d in &msg.inbox {
-                    inbox
-                        .insert((d.user, d.client, m.id), m.conversation)
-                        .map_err(backend)?;
+                    inbox.insert((d.user, d.client, m.id), m.conversation)?;
                 }
             }
             Ok(Persisted::Stored)
@@ -665,8 +699,8 @@ impl Store for EmbeddedStore {
 
     async fn message(&self, conv: u64, id: u64) -> Result<Option<Message>, StoreError> {
         self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            read_message(&txn.open_table(MESSAGES).map_err(backend)?, conv, id)
+            let txn = db.begin_read()?;
+            read_message(&txn.open_table(MESSAGES)?, conv, id)
         })
         .await
     }
@@ -675,16 +709,10 @@ impl Store for EmbeddedStore {
         if after == u64::MAX {
             return Ok(Vec::new());
         }
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(MESSAGES).map_err(backend)?;
+        self.read(MESSAGES, move |t| {
             let mut out = Vec::with_capacity(limit.min(256));
-            for row in t
-                .range((conv, after + 1)..=(conv, u64::MAX))
-                .map_err(backend)?
-                .take(limit)
-            {
-                let (k, v) = row.map_err(backend)?;
+            for row in t.range((conv, after + 1)..=(conv, u64::MAX))?.take(limit) {
+                let (k, v) = row?;
                 out.push(decode_message(conv, k.value().1, v.value())?);
             }
             Ok(out)
@@ -693,9 +721,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn history(&self, conv: u64, page: Page) -> Result<Vec<Message>, StoreError> {
-        self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(MESSAGES).map_err(backend)?;
+        self.read(MESSAGES, move |t| {
             let hi = if page.before == 0 {
                 u64::MAX
             } else {
@@ -706,12 +732,11 @@ impl Store for EmbeddedStore {
             }
             let mut out = Vec::with_capacity(page.limit.min(256));
             for row in t
-                .range((conv, page.after + 1)..=(conv, hi))
-                .map_err(backend)?
+                .range((conv, page.after + 1)..=(conv, hi))?
                 .rev()
                 .take(page.limit)
             {
-                let (k, v) = row.map_err(backend)?;
+                let (k, v) = row?;
                 out.push(decode_message(conv, k.value().1, v.value())?);
             }
             Ok(out)
@@ -721,22 +746,17 @@ impl Store for EmbeddedStore {
 
     async fn expire_dedupe(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
         self.write_lazy(move |txn| {
-            let mut by_time = txn.open_table(DEDUPE_EXPIRY).map_err(backend)?;
-            let mut idem = txn.open_table(DEDUPE).map_err(backend)?;
+            let mut by_time = txn.open_table(DEDUPE_EXPIRY)?;
+            let mut idem = txn.open_table(DEDUPE)?;
             let mut due = Vec::new();
-            for row in by_time
-                .range((0, 0)..(now_ms, 0))
-                .map_err(backend)?
-                .take(limit)
-            {
-                let (k, v) = row.map_err(backend)?;
+            for row in by_time.range((0, 0)..(now_ms, 0))?.take(limit) {
+                let (k, v) = row?;
                 let (scope, conv, cmid) = v.value();
                 due.push((k.value(), scope.to_owned(), conv, cmid));
             }
             for (k, scope, conv, cmid) in &due {
-                by_time.remove(*k).map_err(backend)?;
-                idem.remove((scope.as_str(), *conv, *cmid))
-                    .map_err(backend)?;
+                by_time.remove(*k)?;
+                idem.remove((scope.as_str(), *conv, *cmid))?;
             }
             Ok(due.len())
         })
@@ -754,16 +774,15 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.run(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let inbox = txn.open_table(INBOX).map_err(backend)?;
-            let messages = txn.open_table(MESSAGES).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let inbox = txn.open_table(INBOX)?;
+            let messages = txn.open_table(MESSAGES)?;
             let mut out = Vec::new();
             for row in inbox
-                .range((user, client, after + 1)..=(user, client, u64::MAX))
-                .map_err(backend)?
+                .range((user, client, after + 1)..=(user, client, u64::MAX))?
                 .take(limit)
             {
-                let (k, conv) = row.map_err(backend)?;
+                let (k, conv) = row?;
                 if let Some(m) = read_message(&messages, conv.value(), k.value().2)? {
                     out.push(m);
                 }
@@ -779,9 +798,9 @@ impl Store for EmbeddedStore {
         self.write_lazy(move |txn| {
             let mut removed = 0;
             {
-                let mut inbox = txn.open_table(INBOX).map_err(backend)?;
+                let mut inbox = txn.open_table(INBOX)?;
                 for id in ids {
-                    if inbox.remove((user, client, id)).map_err(backend)?.is_some() {
+                    if inbox.remove((user, client, id))?.is_some() {
                         removed += 1;
                     }
                 }
@@ -798,6 +817,37 @@ mod tests {
     use super::*;
 
     const DEV9: Device = Device { user: 2, client: 9 };
+
+    #[test]
+    fn lazy_groups_fsync_every_64th_and_a_durable_write_at_once() {
+        let mut p = CommitPolicy::default();
+        assert!(!p.owes_fsync());
+        let lazy: Vec<bool> = (0..LAZY_GROUPS * 2).map(|_| p.durable(false)).collect();
+        // The 64th and the 128th lazy group in a row fsync; no other.
+        let fsyncs: Vec<usize> = (0..lazy.len()).filter(|&i| lazy[i]).collect();
+        assert_eq!(
+            fsyncs,
+            [LAZY_GROUPS as usize - 1, 2 * LAZY_GROUPS as usize - 1]
+        );
+        assert!(!p.owes_fsync());
+        assert!(!p.durable(false));
+        assert!(p.owes_fsync());
+        // A durable write fsyncs at once and clears what was owed.
+        assert!(p.durable(true));
+        assert!(!p.owes_fsync());
+    }
+
+    #[test]
+    fn a_group_takes_what_waits_up_to_its_cap() {
+        let mut waiting = vec![(2, false), (3, true), (4, false)].into_iter();
+        let (group, durable) = gather((1, false), || waiting.next(), 10);
+        assert_eq!((group, durable), (vec![1, 2, 3, 4], true));
+        let mut waiting = vec![(2, false), (3, true)].into_iter();
+        let (group, durable) = gather((1, false), || waiting.next(), 2);
+        assert_eq!((group, durable), (vec![1, 2], false));
+        // The rest waits for the next group.
+        assert_eq!(waiting.next(), Some((3, true)));
+    }
 
     #[tokio::test]
     async fn conforms() {
@@ -897,7 +947,7 @@ mod tests {
                     name: "c".into(),
                     created_ms: 1,
                     pinned_tier: None,
-                    tier: 1,
+                    tier: Tier::Direct,
                     member_count: 0,
                 })
                 .await

@@ -17,6 +17,7 @@ pub mod remote;
 pub mod scylla;
 
 use async_trait::async_trait;
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 
 pub use self::scylla::{ScyllaConfig, ScyllaStore};
@@ -30,18 +31,53 @@ pub struct Conversation {
     pub id: u64,
     pub name: String,
     pub created_ms: u64,
-    /// A tier the operator pinned this conversation to (1..=3), if any.
-    pub pinned_tier: Option<u8>,
-    /// The tier the planner chose last (1..=3).
-    #[serde(default = "tier_one")]
-    pub tier: u8,
+    /// A tier the operator pinned this conversation to, if any.
+    #[serde(with = "tier_number::optional")]
+    pub pinned_tier: Option<Tier>,
+    /// The tier the planner chose last.
+    #[serde(default = "tier_one", with = "tier_number")]
+    pub tier: Tier,
     /// Kept with the members, so a send never counts them.
     #[serde(default)]
     pub member_count: u64,
 }
 
-fn tier_one() -> u8 {
-    1
+fn tier_one() -> Tier {
+    Tier::Direct
+}
+
+/// A tier stored as its number (1..=3), as records written before the
+/// field was typed have it; another number is a corrupt record.
+mod tier_number {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use tiercast_schemas::envelope::Tier;
+
+    pub fn serialize<S: Serializer>(t: &Tier, s: S) -> Result<S::Ok, S::Error> {
+        u8::from(*t).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Tier, D::Error> {
+        let n = u8::deserialize(d)?;
+        Tier::try_from(n)
+            .map_err(|n| serde::de::Error::custom(format!("tier {n} is not 1, 2 or 3")))
+    }
+
+    pub mod optional {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(t: &Option<Tier>, s: S) -> Result<S::Ok, S::Error> {
+            t.map(u8::from).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tier>, D::Error> {
+            Option::<u8>::deserialize(d)?
+                .map(|n| {
+                    Tier::try_from(n)
+                        .map_err(|n| serde::de::Error::custom(format!("tier {n} is not 1, 2 or 3")))
+                })
+                .transpose()
+        }
+    }
 }
 
 /// A registered device of a user.
@@ -180,8 +216,8 @@ pub struct Page {
 pub trait Store: Send + Sync + 'static {
     async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError>;
     async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError>;
-    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError>;
-    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError>;
+    async fn set_pinned_tier(&self, id: u64, tier: Option<Tier>) -> Result<(), StoreError>;
+    async fn set_tier(&self, id: u64, tier: Tier) -> Result<(), StoreError>;
 
     /// Adds members (keeping `member_count`); returns those that were not
     /// members before. Adding a member twice is a no-op.

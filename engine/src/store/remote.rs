@@ -11,6 +11,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 
 use super::{
@@ -64,11 +65,13 @@ pub enum Call {
     },
     SetPinnedTier {
         id: u64,
-        tier: Option<u8>,
+        #[serde(with = "super::tier_number::optional")]
+        tier: Option<Tier>,
     },
     SetTier {
         id: u64,
-        tier: u8,
+        #[serde(with = "super::tier_number")]
+        tier: Tier,
     },
     AddMembers {
         conv: u64,
@@ -382,10 +385,10 @@ impl Store for RemoteStore {
     async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError> {
         self.call(Call::Conversation { id }).await
     }
-    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
+    async fn set_pinned_tier(&self, id: u64, tier: Option<Tier>) -> Result<(), StoreError> {
         self.call(Call::SetPinnedTier { id, tier }).await
     }
-    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError> {
+    async fn set_tier(&self, id: u64, tier: Tier) -> Result<(), StoreError> {
         self.call(Call::SetTier { id, tier }).await
     }
     async fn add_members(&self, conv: u64, users: &[u64]) -> Result<Vec<u64>, StoreError> {

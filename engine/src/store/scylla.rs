@@ -18,8 +18,8 @@
 //!
 //! Not tested on the development machines (no ScyllaDB server can run
 //! there): the conformance suite runs against a cluster named by
-//! `TIERCAST_SCYLLA_NODES` (`cargo test -p tiercast-engine --test
-//! scylla_store`).
+//! `TIERCAST_SCYLLA_NODES` (`cargo test -p tiercast-engine --test it
+//! scylla_store -- --ignored`).
 //!
 //! Known gap: the device limit is a read-then-write, so two new devices of
 //! one user registering in the same instant can both pass it.
@@ -37,6 +37,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{Counter, CqlValue, Row};
+use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::ids::unix_ms_of;
 use tiercast_schemas::wire::Message;
 
@@ -56,6 +57,11 @@ fn bucket(id: u64) -> i32 {
 
 fn i(v: u64) -> i64 {
     v as i64
+}
+
+/// A stored tier number as a [`Tier`].
+fn tier_of(t: i8) -> Result<Tier, StoreError> {
+    Tier::try_from(t as u8).map_err(|n| StoreError::Corrupt(format!("tier {n} is not 1, 2 or 3")))
 }
 
 fn u(v: i64) -> u64 {
@@ -398,8 +404,8 @@ impl Store for ScyllaStore {
                     i(conv.id),
                     conv.name.as_str(),
                     i(conv.created_ms),
-                    conv.pinned_tier.map(|t| t as i8),
-                    conv.tier as i8,
+                    conv.pinned_tier.map(|t| u8::from(t) as i8),
+                    u8::from(conv.tier) as i8,
                 ),
             )
             .await?;
@@ -426,15 +432,18 @@ impl Store for ScyllaStore {
             id,
             name: name.unwrap_or_default(),
             created_ms: u(created.unwrap_or(0)),
-            pinned_tier: pinned.map(|t| t as u8),
-            tier: tier.map_or(1, |t| t as u8),
+            pinned_tier: pinned.map(tier_of).transpose()?,
+            tier: tier.map_or(Ok(Tier::Direct), tier_of)?,
             member_count,
         }))
     }
 
-    async fn set_pinned_tier(&self, id: u64, tier: Option<u8>) -> Result<(), StoreError> {
+    async fn set_pinned_tier(&self, id: u64, tier: Option<Tier>) -> Result<(), StoreError> {
         let (applied, _) = self
-            .lwt(&self.st.set_pinned, (tier.map(|t| t as i8), i(id)))
+            .lwt(
+                &self.st.set_pinned,
+                (tier.map(|t| u8::from(t) as i8), i(id)),
+            )
             .await?;
         if applied {
             Ok(())
@@ -443,8 +452,10 @@ impl Store for ScyllaStore {
         }
     }
 
-    async fn set_tier(&self, id: u64, tier: u8) -> Result<(), StoreError> {
-        let (applied, _) = self.lwt(&self.st.set_tier, (tier as i8, i(id))).await?;
+    async fn set_tier(&self, id: u64, tier: Tier) -> Result<(), StoreError> {
+        let (applied, _) = self
+            .lwt(&self.st.set_tier, (u8::from(tier) as i8, i(id)))
+            .await?;
         if applied {
             Ok(())
         } else {

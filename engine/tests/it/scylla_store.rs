@@ -7,7 +7,7 @@
 use tiercast_engine::store::{ScyllaConfig, ScyllaStore, conformance};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a ScyllaDB cluster: TIERCAST_SCYLLA_NODES=host:9042 cargo test -p tiercast-engine --test scylla_store -- --ignored (none can be installed on the development machines)"]
+#[ignore = "needs a ScyllaDB cluster: TIERCAST_SCYLLA_NODES=host:9042 cargo test -p tiercast-engine --test it scylla_store -- --ignored (none can be installed on the development machines)"]
 async fn scylla_store_conforms() {
     let nodes = std::env::var("TIERCAST_SCYLLA_NODES")
         .expect("TIERCAST_SCYLLA_NODES=host:9042[,host:9042...] names the cluster to test against");

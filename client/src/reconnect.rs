@@ -1,0 +1,184 @@
+//! A session's reconnect policy, pure: which edge to try next and how long
+//! to wait first, given what happened to the last attempt. Exponential
+//! backoff with full jitter over consecutive failures; a failed connect
+//! tries the next edge in the list; a drain moves on after the edge's own
+//! delay; a lost connection goes to a random *other* edge, so the devices
+//! of an edge that died spread over the rest instead of all moving to the
+//! next one in their lists. Time and chance come in as arguments: the
+//! caller sleeps, and the tests draw from a seeded generator.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::Rng;
+
+/// The `n`-th retry's delay: uniform in `0..=min(cap, base * 2^n)`.
+pub fn full_jitter(rng: &mut impl Rng, base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .min(cap);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(if ms == 0 { 0 } else { rng.random_range(0..=ms) })
+}
+
+/// Where and when to connect next.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    edges: Vec<SocketAddr>,
+    base: Duration,
+    cap: Duration,
+    /// Index (modulo the edges) of the edge to try.
+    edge: usize,
+    /// Consecutive failures since the last connection.
+    failures: u32,
+}
+
+impl Reconnect {
+    /// Panics without edges (a session needs one).
+    pub fn new(edges: Vec<SocketAddr>, base: Duration, cap: Duration) -> Self {
+        assert!(!edges.is_empty(), "a session needs at least one edge");
+        Self {
+            edges,
+            base,
+            cap,
+            edge: 0,
+            failures: 0,
+        }
+    }
+
+    /// The edge to try now.
+    pub fn edge(&self) -> SocketAddr {
+        self.edges[self.edge % self.edges.len()]
+    }
+
+    /// A connection was made: the backoff starts over.
+    pub fn connected(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A connect failed: the next edge in the list, after a backoff that
+    /// grows with each consecutive failure.
+    pub fn connect_failed(&mut self, rng: &mut impl Rng) -> (SocketAddr, Duration) {
+        self.failures = self.failures.saturating_add(1);
+        self.edge += 1;
+        let delay = full_jitter(rng, self.base, self.cap, self.failures);
+        (self.edge(), delay)
+    }
+
+    /// The edge drained this device: the next edge, after the delay the
+    /// edge chose (it spreads its devices over time).
+    pub fn drained(&mut self, after: Duration) -> (SocketAddr, Duration) {
+        self.edge += 1;
+        (self.edge(), after)
+    }
+
+    /// A connection was lost: a random other edge, after a first backoff.
+    pub fn lost(&mut self, rng: &mut impl Rng) -> (SocketAddr, Duration) {
+        self.failures = 1;
+        let others = self.edges.len().saturating_sub(1).max(1);
+        self.edge += 1 + rng.random_range(0..others);
+        let delay = full_jitter(rng, self.base, self.cap, self.failures);
+        (self.edge(), delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn edges(n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i)))
+            .collect()
+    }
+
+    #[test]
+    fn full_jitter_stays_under_the_exponential_ceiling() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0..40 {
+            let ceiling = (100u64 << attempt.min(20)).min(5_000);
+            for _ in 0..50 {
+                let d = full_jitter(&mut rng, base, cap, attempt).as_millis() as u64;
+                assert!(d <= ceiling, "attempt {attempt}: {d} > {ceiling}");
+            }
+        }
+        // Spread out, not all at the ceiling.
+        let spread: std::collections::HashSet<u128> = (0..100)
+            .map(|_| full_jitter(&mut rng, base, cap, 6).as_millis())
+            .collect();
+        assert!(spread.len() > 20);
+    }
+
+    #[test]
+    fn failed_connects_walk_the_list_with_a_growing_ceiling() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let e = edges(3);
+        let mut r = Reconnect::new(
+            e.clone(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.edge(), e[0]);
+        let mut tried = Vec::new();
+        for n in 1..=6u32 {
+            let (addr, delay) = r.connect_failed(&mut rng);
+            tried.push(addr);
+            assert!(delay <= Duration::from_millis((100u64 << n).min(5_000)));
+        }
+        assert_eq!(tried, [e[1], e[2], e[0], e[1], e[2], e[0]]);
+        // A connection resets the backoff: the next failure's ceiling is
+        // base * 2 again.
+        r.connected();
+        for _ in 0..50 {
+            let mut again = r.clone();
+            assert!(again.connect_failed(&mut rng).1 <= Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn a_drain_moves_on_after_the_edges_delay() {
+        let e = edges(2);
+        let mut r = Reconnect::new(
+            e.clone(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            r.drained(Duration::from_millis(1234)),
+            (e[1], Duration::from_millis(1234))
+        );
+        assert_eq!(r.drained(Duration::ZERO), (e[0], Duration::ZERO));
+    }
+
+    #[test]
+    fn a_lost_connection_goes_to_another_edge_spread_at_random() {
+        let e = edges(4);
+        let mut counts = [0u32; 4];
+        for seed in 0..400 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut r = Reconnect::new(
+                e.clone(),
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+            );
+            let (addr, delay) = r.lost(&mut rng);
+            assert_ne!(addr, e[0], "never the edge just lost");
+            assert!(delay <= Duration::from_millis(200));
+            counts[e.iter().position(|a| *a == addr).unwrap()] += 1;
+        }
+        // The other three edges share the devices (about 133 each).
+        assert_eq!(counts[0], 0);
+        assert!(counts[1..].iter().all(|&c| c > 90), "{counts:?}");
+        // With one edge there is no other: it is tried again.
+        let one = edges(1);
+        let mut r = Reconnect::new(
+            one.clone(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.lost(&mut StdRng::seed_from_u64(0)).0, one[0]);
+    }
+}
