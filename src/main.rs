@@ -1,7 +1,7 @@
 //! `tiercast`: run a node, chat by hand, mint tokens, run the demo, load
 //! and plan. This file parses the command line, sets up tracing and the
-//! runtime, and maps outcomes to exit codes; each command is a thin shell
-//! over the libraries in `src/commands/`.
+//! runtime, and maps outcomes to exit codes; each command (a module in
+//! `src/commands/`) is a thin shell over the workspace's libraries.
 //!
 //! Exit codes: 0 success; 1 failure (the demo: a message was lost; loadgen:
 //! a delivery lost or a send failed);
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench_fanout, demo, device, loadgen, serve, token};
+use commands::{bench_fanout, demo, device, listen, loadgen, send, serve, token};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,7 @@ enum Command {
     /// Connect as a device and print every message it receives.
     Listen(device::DeviceArgs),
     /// Connect as a device and send a message (or each line of stdin).
-    Send(device::SendArgs),
+    Send(send::SendArgs),
     /// Measure what each fan-out tier costs Redis and the store per message,
     /// with E edges on a Redis Cluster (scripts/fanout-figures.sh runs it).
     BenchFanout(bench_fanout::BenchFanoutArgs),
@@ -107,8 +107,8 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Engine(a) => serve::run(serve::Role::Engine, a).await,
         Command::Edge(a) => serve::run(serve::Role::Edge, a).await,
         Command::Token(a) => token::run(a),
-        Command::Listen(a) => device::listen(a).await,
-        Command::Send(a) => device::send(a).await,
+        Command::Listen(a) => listen::run(a).await,
+        Command::Send(a) => send::run(a).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
         Command::Loadgen(a) => loadgen::run(a).await,
     }

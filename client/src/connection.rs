@@ -27,7 +27,9 @@ pub struct ClientConfig {
     /// Certificates to trust, PEM.
     pub trusted_pem: String,
     pub token: String,
-    /// This device's id: random once per install, then kept.
+    /// This device's id as the edge issued it on an earlier connect (kept
+    /// by the app), or 0 for a new device: the edge issues one
+    /// ([`Client::client_id`]).
     pub client_id: u64,
     pub device: String,
     pub request_timeout: Duration,
@@ -637,7 +639,8 @@ async fn read_deliveries(conn: quinn::Connection, tx: mpsc::Sender<Delivery>, fa
     }
 }
 
-fn unix_ms() -> u64 {
+/// The device's wall clock, Unix milliseconds.
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

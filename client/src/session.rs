@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tiercast_schemas::ids::{NODE_BITS, SEQ_BITS, min_id_at};
+use tiercast_schemas::ids::min_id_at;
 use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -407,7 +407,7 @@ impl Inner {
     }
 
     fn window_ids(&self) -> u64 {
-        (self.cfg.resync_window.as_millis() as u64) << (NODE_BITS + SEQ_BITS)
+        min_id_at(tiercast_schemas::ids::EPOCH_MS + self.cfg.resync_window.as_millis() as u64)
     }
 
     fn closing(&self) -> bool {
@@ -489,7 +489,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
         let ended = serve_connection(&inner, &client, deliveries, &events).await;
         inner.current.send_replace(None);
         // In the edge's time: a device's own clock may be off by hours.
-        let edge_now = now_unix_ms().saturating_add_signed(client.clock_offset_ms);
+        let edge_now = crate::connection::unix_ms().saturating_add_signed(client.clock_offset_ms);
         inner.state.lock().expect("state lock").disconnected_at_ms = Some(edge_now);
         match ended {
             Ended::Closed => return,
@@ -506,12 +506,6 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
         }
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One connection's life: deliveries in, a resume sync beside them, acks

@@ -491,12 +491,16 @@ impl Node {
     }
 }
 
-/// Writes a file only its owner can read (a private key).
-fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner can read (a private key, a secret, a
+/// device id), also when it existed with wider permissions.
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    opts.open(path)?.write_all(contents)
+    let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(contents)
 }

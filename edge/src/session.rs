@@ -657,11 +657,7 @@ async fn handle(shared: &Shared, peer: &Peer, body: ClientBody) -> Result<Server
             client_msg_id,
             body,
         } => {
-            if peer
-                .convs
-                .as_ref()
-                .is_some_and(|c| !c.contains(&conversation))
-            {
+            if !tiercast_engine::auth::convs_allow(peer.convs.as_deref(), conversation) {
                 return Err(Reply::Refused(
                     ErrorCode::Forbidden,
                     format!("this token may not send to conversation {conversation} (convs claim)"),

@@ -89,8 +89,15 @@ pub struct Identity {
 
 impl Identity {
     pub fn may_send_to(&self, conv: u64) -> bool {
-        self.convs.as_ref().is_none_or(|c| c.contains(&conv))
+        convs_allow(self.convs.as_deref(), conv)
     }
+}
+
+/// Whether a token's `convs` claim (none: every conversation the user is a
+/// member of) lets it send to `conv`. Membership is checked apart, in the
+/// store.
+pub fn convs_allow(convs: Option<&[u64]>, conv: u64) -> bool {
+    convs.is_none_or(|c| c.contains(&conv))
 }
 
 /// The keys tokens are signed and verified with.

@@ -53,6 +53,7 @@ pub struct EngineConfig {
     pub dedupe_ttl_ms: u64,
     /// Users one call may add (create or add members). Larger lists go in
     /// several calls: one call is one store transaction and one HTTP body.
+    /// Default [`DEFAULT_MAX_MEMBERS_PER_CALL`].
     pub max_members_per_call: usize,
     /// Members a conversation may have. Tier 3 serves millions; the cap
     /// stops a runaway script from growing one without bound.
@@ -60,6 +61,10 @@ pub struct EngineConfig {
     /// Longest conversation name, in bytes (control characters refused).
     pub max_name_bytes: usize,
 }
+
+/// The default of `engine.max_members_per_call` (clients that add members
+/// in chunks use it when they cannot read the setting).
+pub const DEFAULT_MAX_MEMBERS_PER_CALL: usize = 1_000;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -79,7 +84,7 @@ impl Default for EngineConfig {
             max_sync_cursors: 256,
             read_claim_idle_ms: 30_000,
             dedupe_ttl_ms: 24 * 3_600_000,
-            max_members_per_call: 1_000,
+            max_members_per_call: DEFAULT_MAX_MEMBERS_PER_CALL,
             max_conversation_members: 10_000_000,
             max_name_bytes: 256,
         }

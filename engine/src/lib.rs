@@ -12,6 +12,8 @@
 //! - [`backplane`]: the `Backplane` and `Routes` traits, in-process and
 //!   Redis (Cluster, sharded pub/sub) backends.
 //! - [`lease`]: node-id leases through Redis.
+//! - [`reads`]: read markers, queued and written behind (Redis Streams in a
+//!   cluster, in process on one node).
 //! - [`auth`]: HS256 tokens (with key ids) for users, publishers and the
 //!   internal credential.
 //! - [`http`]: the publisher HTTP/JSON API, `/internal/store` and

@@ -68,8 +68,9 @@ impl Default for DemoOptions {
 /// above any simulated user.
 const OFFLINE_USERS: u64 = 1_000_000;
 
-/// The engine's default cap on members added in one call.
-const MAX_MEMBERS: u64 = 1_000;
+/// The engine's default cap on members added in one call: the demo creates
+/// each conversation in one.
+const MAX_MEMBERS: u64 = tiercast_engine::config::DEFAULT_MAX_MEMBERS_PER_CALL as u64;
 
 impl DemoOptions {
     pub fn validate(&self) -> Result<(), String> {

@@ -1,10 +1,16 @@
-//! Load generation for Tiercast, and the `tiercast` command.
+//! Load generation for Tiercast: the library the `tiercast` command runs
+//! for `demo`, `bench-fanout`, `loadgen run` and `loadgen plan`.
 //!
 //! - [`demo`]: `tiercast demo`, a single node and simulated devices in one
 //!   process, with an exact delivery report.
 //! - [`fanout`]: `tiercast bench-fanout`, Redis and store cost per message
 //!   per tier, counted by Redis.
-//! - [`tracker`]: exact delivery accounting (lost, duplicates, latency).
+//! - [`tracker`]: the demo's exact delivery accounting (lost, duplicates,
+//!   latency).
+//! - [`sim`]: simulated devices and send-time-stamped bodies, one way for
+//!   the demo and loadgen.
+//! - [`schedule`], [`ledger`]: a load run's pure send schedule, and its
+//!   pure ledger of expected against received deliveries.
 //! - [`scenario`], [`target`], [`run`]: `tiercast loadgen run`, open-loop
 //!   scenarios against a self-hosted or given deployment; [`hgrm`] and
 //!   [`plot`] write its histograms and picture.

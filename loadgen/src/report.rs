@@ -136,7 +136,9 @@ pub struct TierFigures {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TargetInfo {
-    /// `self-hosted` or `external`.
+    /// How the servers were reached: "self-hosted single node",
+    /// "self-hosted: engine + N edges on Redis Cluster", or an external
+    /// deployment.
     pub mode: String,
     pub edges: usize,
 }

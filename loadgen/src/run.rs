@@ -57,7 +57,6 @@ struct DeviceLog {
     duplicates: HashMap<u64, u64>,
     out_of_order: HashMap<u64, u64>,
     newest: HashMap<u64, u64>,
-    connected_after_us: Option<u64>,
     /// When the last connection was lost (for reconnect times).
     lost_at_us: Option<u64>,
     reconnect_us: Vec<u64>,
@@ -532,7 +531,7 @@ fn tally_into(
             let tier = audience.tier(*conv).to_string();
             report.tiers.entry(tier).or_default().figures.out_of_order += n;
         }
-        if let Some(c) = log.connected_after_us {
+        if let Some(&c) = log.connected_at_us.first() {
             connect_us.push(c.saturating_sub(d.started_us));
         }
         for (k, v) in &log.errors {
@@ -671,7 +670,7 @@ fn code_name(e: &ClientError) -> String {
 
 /// Users added per API call: the engine's default
 /// `engine.max_members_per_call`.
-const MEMBERS_PER_CALL: usize = 1_000;
+const MEMBERS_PER_CALL: usize = tiercast_engine::config::DEFAULT_MAX_MEMBERS_PER_CALL;
 
 async fn create_conversations(
     http: &reqwest::Client,
@@ -767,8 +766,7 @@ async fn consume(
         match e {
             Event::Connected { edge, .. } => {
                 l.edge = edges.iter().position(|e| *e == edge);
-                if l.connected_after_us.is_none() {
-                    l.connected_after_us = Some(at);
+                if l.connected_at_us.is_empty() {
                     progress.connected.fetch_add(1, Ordering::Relaxed);
                 }
                 l.connected_at_us.push(at);
@@ -907,8 +905,13 @@ impl Progress {
                 h.value_at_quantile(0.99)
             }
         };
+        // While settling: the deliveries still missing.
+        let missing = match self.missing.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(" | settling, {n} missing"),
+        };
         bar.set_message(format!(
-            "{:>5.1}s | conns {}/{} | sends {} | deliveries {} | p99 {:.2} ms",
+            "{:>5.1}s | conns {}/{} | sends {} | deliveries {} | p99 {:.2} ms{missing}",
             self.started.elapsed().as_secs_f64(),
             self.connected.load(Ordering::Relaxed),
             self.devices,

@@ -109,7 +109,7 @@ pub struct Group {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storm {
-    /// Seconds after sending starts.
+    /// Seconds after the warm-up ends.
     pub at_s: f64,
     /// Which edge (index into the edges) loses its devices.
     #[serde(default)]

@@ -345,7 +345,8 @@ impl Target {
 
     /// Restarts every edge in turn (self-hosted, on a Redis Cluster): each
     /// drains, exits and comes back on its address before the next goes.
-    /// Returns when the last is serving again.
+    /// The restarts happen in [`RollingRestart::run`], which returns when
+    /// the last edge is serving again.
     pub fn rolling_restart(&self) -> anyhow::Result<RollingRestart> {
         let edges: Vec<Arc<ServerProc>> = self
             .servers
@@ -390,14 +391,13 @@ impl Target {
     }
 }
 
-/// What a server reports once serving (its `--ready-json` line).
+/// What loadgen needs of a server's `--ready-json` line (it also carries
+/// `role` and `node_id`).
 #[derive(Debug, serde::Deserialize)]
 pub struct Ready {
-    pub role: String,
     pub quic: Option<SocketAddr>,
     /// `http://host:port`.
     pub http: String,
-    pub node_id: u16,
     pub certificate: Option<std::path::PathBuf>,
 }
 

@@ -1,19 +1,19 @@
-//! `tiercast listen` and `tiercast send`: a device by hand. The device id
-//! the edge issues is kept in the data directory, so `listen` and `send`
-//! are two devices of the user and a repeated run is the same device.
+//! What `tiercast listen` and `tiercast send` share: connecting as a device
+//! by hand. The device id the edge issues is kept in the data directory, so
+//! `listen` and `send` are two devices of the user and a repeated run is the
+//! same device.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use bytes::Bytes;
 use clap::Args;
-use tiercast_client::{Client, ClientConfig, Delivery};
+use tiercast_client::{Client, ClientConfig};
 use tiercast_engine::auth::{TokenKeys, now_unix};
 
-use super::serve::{DEV_SECRET_FILE, write_private};
-use crate::{shutdown_signal, usage};
+use tiercast_edge::node::write_private;
+
+use super::serve::DEV_SECRET_FILE;
+use crate::usage;
 
 #[derive(Args)]
 pub struct DeviceArgs {
@@ -39,21 +39,27 @@ pub struct DeviceArgs {
     server_name: String,
 }
 
-#[derive(Args)]
-pub struct SendArgs {
-    #[command(flatten)]
-    device: DeviceArgs,
-    #[arg(long)]
-    conversation: u64,
-    /// The message; without it, each line of stdin is sent.
-    text: Option<String>,
+/// Which of the user's two command-line devices this is.
+#[derive(Clone, Copy)]
+pub enum Role {
+    Listen,
+    Send,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Listen => "listen",
+            Role::Send => "send",
+        }
+    }
 }
 
 /// Where the CLI keeps the device id the edge issued to (user, role), so
 /// `listen` and `send` are two devices of the user and a repeated run is
 /// the same device.
-fn device_id_file(data_dir: &Path, user: u64, role: u64) -> std::path::PathBuf {
-    let name = if role == 1 { "listen" } else { "send" };
+fn device_id_file(data_dir: &Path, user: u64, role: Role) -> std::path::PathBuf {
+    let name = role.name();
     data_dir
         .join("devices")
         .join(format!("user-{user}-{name}.id"))
@@ -71,9 +77,9 @@ fn write_device_id(path: &Path, id: u64) -> std::io::Result<()> {
     write_private(path, id.to_string().as_bytes())
 }
 
-async fn connect(
+pub async fn connect(
     a: &DeviceArgs,
-    role: u64,
+    role: Role,
 ) -> anyhow::Result<(Client, tiercast_client::Deliveries)> {
     let (token, user) = match (&a.token, a.user) {
         (Some(t), _) => (t.clone(), a.user),
@@ -109,7 +115,7 @@ async fn connect(
     let pem = read_ca(&ca)?;
     let mut cfg = ClientConfig::new(a.addr, pem, token, client_id);
     cfg.server_name = a.server_name.clone();
-    cfg.device = format!("cli-{}", if role == 1 { "listen" } else { "send" });
+    cfg.device = format!("cli-{}", role.name());
     let connected = match Client::connect(cfg.clone()).await {
         // A kept id the edge no longer knows (the device expired): a new
         // device.
@@ -140,96 +146,4 @@ fn read_ca(path: &Path) -> anyhow::Result<String> {
             path.display()
         ))
     })
-}
-
-pub async fn listen(a: DeviceArgs) -> anyhow::Result<ExitCode> {
-    let (client, mut rx) = connect(&a, 1).await?;
-    eprintln!(
-        "listening as user {} (device {}); Ctrl-C to stop",
-        client.user_id, client.client_id
-    );
-    let mut last_notified: std::collections::HashMap<u64, u64> = Default::default();
-    loop {
-        let d = tokio::select! {
-            d = rx.recv() => d,
-            _ = shutdown_signal() => break,
-        };
-        match d {
-            Some(Delivery::Message(m)) => {
-                print_message(&m);
-                // Tier-1 messages wait in this device's inbox until acked;
-                // acking a tier-2 or tier-3 id removes nothing, and is fine.
-                client
-                    .ack(&[m.id])
-                    .await
-                    .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
-            }
-            Some(Delivery::Notify {
-                conversation,
-                message_id,
-            }) => {
-                // Tier 3: the notification names the newest message (it
-                // may stand for several); show those not shown yet.
-                let shown = *last_notified.get(&conversation).unwrap_or(&0);
-                if message_id <= shown {
-                    continue;
-                }
-                let mut new = if shown == 0 {
-                    client
-                        .pull(conversation, message_id)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("pull: {e}"))?
-                        .into_iter()
-                        .collect()
-                } else {
-                    let (page, _) = client
-                        .fetch(conversation, message_id + 1, 100)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("fetch: {e}"))?;
-                    page.into_iter()
-                        .filter(|m| m.id > shown)
-                        .collect::<Vec<_>>()
-                };
-                new.sort_by_key(|m| m.id);
-                new.iter().for_each(print_message);
-                last_notified.insert(conversation, message_id);
-            }
-            Some(other) => println!("{other:?}"),
-            None => {
-                let why = client.closed().await;
-                return Err(anyhow::anyhow!("disconnected: {why}"));
-            }
-        }
-    }
-    client.shutdown().await;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_message(m: &tiercast_schemas::wire::Message) {
-    println!(
-        "[conversation {}] user {}: {}  (id {})",
-        m.conversation,
-        m.sender,
-        String::from_utf8_lossy(&m.body),
-        m.id
-    );
-    let _ = std::io::stdout().flush();
-}
-
-pub async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
-    let (client, _rx) = connect(&a.device, 2).await?;
-    let base = rand::random::<u64>() >> 16;
-    let lines: Vec<String> = match a.text {
-        Some(t) => vec![t],
-        None => std::io::stdin().lines().collect::<Result<_, _>>()?,
-    };
-    for (i, line) in lines.into_iter().enumerate() {
-        let ok = client
-            .send(a.conversation, base + i as u64 + 1, Bytes::from(line))
-            .await
-            .map_err(|e| anyhow::anyhow!("send: {e}"))?;
-        println!("sent {} to conversation {}", ok.message_id, ok.conversation);
-    }
-    client.shutdown().await;
-    Ok(ExitCode::SUCCESS)
 }

@@ -3,25 +3,32 @@
 //! serves (and, with `--ready-json`, one JSON line for programs), run until
 //! Ctrl-C or SIGTERM, then drain.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use tiercast_edge::node::write_private;
 use tiercast_edge::{Config, EngineService, Node};
 use tiercast_engine::auth::now_unix;
 
 use crate::{shutdown_signal, usage};
 
+/// Where a command's settings come from.
 #[derive(Args)]
-pub struct NodeArgs {
+pub struct ConfigArgs {
     /// A TOML configuration file ([node], [engine], [edge] sections).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a setting: `--set edge.listen=127.0.0.1:7443` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub settings: ConfigArgs,
     /// Also print one JSON line once serving, for programs that start the
     /// server: `{"ready":{"role":..,"quic":..,"http":..,"node_id":..,"certificate":..}}`.
     #[arg(long)]
@@ -94,7 +101,7 @@ impl Server {
 }
 
 pub async fn run(role: Role, a: NodeArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load_config(&a, role == Role::Dev)?;
+    let cfg = load_config(&a.settings, role == Role::Dev)?;
     if role == Role::Edge && cfg.node.store_url.is_none() {
         eprintln!("tiercast edge: no node.store_url; using an embedded store of its own");
     }
@@ -147,7 +154,7 @@ pub async fn run(role: Role, a: NodeArgs) -> anyhow::Result<ExitCode> {
         }});
         println!("{line}");
     }
-    let _ = std::io::stdout().flush();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     shutdown_signal().await;
     eprintln!("tiercast {name}: shutting down");
     server.shutdown().await;
@@ -168,24 +175,12 @@ fn parse_sets(sets: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 /// reads it too).
 pub const DEV_SECRET_FILE: &str = "dev-secret";
 
-/// Writes a file only its owner can read (a secret, a device id).
-pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    #[cfg(unix)]
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    f.write_all(contents)
-}
-
 /// The configuration of a server, loaded once: file, then
 /// `TIERCAST_SECTION__KEY` variables, then `--set`. Only `tiercast dev`
 /// (`dev_secret`) falls back to a development secret, created once in the
 /// data directory, readable by its owner only; every other command needs a
 /// configured secret and says so in one line.
-pub fn load_config(a: &NodeArgs, dev_secret: bool) -> anyhow::Result<Config> {
+pub fn load_config(a: &ConfigArgs, dev_secret: bool) -> anyhow::Result<Config> {
     let overrides = parse_sets(&a.set)?;
     let mut cfg = Config::merged(a.config.as_deref(), std::env::vars(), &overrides)
         .map_err(|e| usage(e.to_string()))?;

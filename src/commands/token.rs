@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use tiercast_engine::auth::now_unix;
 
-use super::serve::{NodeArgs, load_config};
+use super::serve::{ConfigArgs, load_config};
 use crate::usage;
 
 #[derive(Args)]
@@ -21,11 +21,11 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 24 * 3600)]
     ttl: u64,
     #[command(flatten)]
-    node: NodeArgs,
+    settings: ConfigArgs,
 }
 
 pub fn run(a: TokenArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load_config(&a.node, false)?;
+    let cfg = load_config(&a.settings, false)?;
     let keys = cfg.token_keys();
     let now = now_unix();
     if a.ttl == 0 || a.ttl > cfg.auth.max_token_lifetime_s {

@@ -143,6 +143,23 @@ pub async fn enroll(store: &dyn tiercast_engine::store::Store, user: u64, client
         .expect("test device enrolled");
 }
 
+/// Tests of one binary run two at a time. A test that measures a whole
+/// deployment under load (loadgen against several server processes) must
+/// not share the machine with another deployment: it takes the
+/// [`exclusive`] turn, and every other test that starts server processes
+/// takes a [`shared`] one.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The machine to this test alone (among the tests that take turns).
+pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A turn shared with other light tests, never with an [`exclusive`] one.
+pub fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The repository's root (scripts, scenarios).
 pub fn repo() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -55,6 +55,7 @@ struct Deployment {
     _engine: Proc,
     _tmp: tempfile::TempDir,
     _redis: RedisCluster,
+    _turn: std::sync::RwLockReadGuard<'static, ()>,
 }
 
 impl Deployment {
@@ -64,6 +65,7 @@ impl Deployment {
 
     /// One edge per entry of `skews`, each with its wall clock moved by it.
     fn start_skewed(skews: &[Option<&str>]) -> Self {
+        let turn = tiercast_testkit::shared();
         let redis = RedisCluster::up(0);
         let tmp = tempfile::tempdir().unwrap();
         let mut args = vec!["engine".to_string()];
@@ -95,6 +97,7 @@ impl Deployment {
             _engine: engine,
             _tmp: tmp,
             _redis: redis,
+            _turn: turn,
         }
     }
 }

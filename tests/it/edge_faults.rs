@@ -17,13 +17,11 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// One fleet at a time: two at once on a small machine measure the
-/// machine, not the fault.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Runs the scenario against 3 self-hosted edges; returns the JSON report.
 fn run(scenario: &str) -> Value {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The machine to this fleet alone: two deployments at once on a small
+    // machine measure the machine, not the fault.
+    let _turn = common::exclusive();
     let redis = RedisCluster::up(0);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");

@@ -16,8 +16,12 @@ fn tiercast(args: &[&str]) -> Proc {
     Proc::spawn_merged(cmd)
 }
 
+// The guard is a turn between tests (held for the whole test on purpose),
+// not a lock on data the awaits could need.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_get_every_message_through_tier_changes() {
+    let _turn = tiercast_testkit::shared();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
     let dev = tiercast(&[

@@ -14,6 +14,7 @@ fn tiercast() -> Command {
 
 #[test]
 fn a_short_scenario_reports_every_delivery_and_plans_a_fleet() {
+    let _turn = tiercast_testkit::shared();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
     let hgrm = dir.path().join("run.hgrm");
@@ -188,6 +189,7 @@ fn bad_flags_and_files_are_one_line_errors() {
 /// and exits 1.
 #[test]
 fn refused_sends_fail_the_run() {
+    let _turn = tiercast_testkit::shared();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
     let out = tiercast()

@@ -3,6 +3,8 @@
 //! so that a channel lives on one shard ([`user_channel`]).
 //!
 //! - [`local`]: in-process channels, for a single node.
+//! - [`redis`]: sharded pub/sub on a Redis Cluster, and the routing table.
+//! - [`routes`]: which edges host a conversation's members.
 //!
 //! A publish is fire-and-forget by design: the message was stored first, so
 //! a lost publish costs latency (devices catch up from inbox or cursor), never

@@ -1,5 +1,6 @@
 //! The Redis backplane (fred 10, RESP3): sharded pub/sub on a Redis Cluster
-//! or a single Redis 7 server, the routing table, and the node-id lease.
+//! or a single Redis 7 server, and the routing table (the node-id lease is
+//! in `lease.rs`).
 //!
 //! Channels carry hash tags (`client+user:{42}`, `node:{7:3}`), so a publish
 //! touches one shard. One channel per SSUBSCRIBE: channels of different
@@ -17,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -193,7 +193,6 @@ pub async fn connect(cfg: &RedisConfig) -> Result<Client, BackplaneError> {
 pub struct RedisBackplane {
     cfg: RedisConfig,
     client: Client,
-    resubscriptions: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -207,22 +206,13 @@ impl std::fmt::Debug for RedisBackplane {
 impl RedisBackplane {
     pub async fn connect(cfg: RedisConfig) -> Result<Self, BackplaneError> {
         let client = connect(&cfg).await?;
-        Ok(Self {
-            cfg,
-            client,
-            resubscriptions: Arc::default(),
-        })
+        Ok(Self { cfg, client })
     }
 
     /// The command client: publishes and routes share its connections (the
     /// node-id lease and the read-marker streams connect their own).
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    /// Times a subscriber resubscribed everything after a topology change.
-    pub fn resubscriptions(&self) -> u64 {
-        self.resubscriptions.load(Ordering::Relaxed)
     }
 }
 
@@ -287,7 +277,6 @@ impl Backplane for RedisBackplane {
             tokio::spawn(topology_watchdog(
                 sub.clone(),
                 Duration::from_millis(self.cfg.topology_check_ms),
-                self.resubscriptions.clone(),
                 interrupted.clone(),
             ));
         }
@@ -318,7 +307,6 @@ fn slot_owners(client: &SubscriberClient) -> BTreeMap<(u16, u16), String> {
 async fn topology_watchdog(
     client: SubscriberClient,
     every: Duration,
-    resubs: Arc<AtomicU64>,
     interrupted: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let mut known = slot_owners(&client);
@@ -353,7 +341,6 @@ async fn topology_watchdog(
                 Ok(()) => {
                     known = now;
                     settle = changed;
-                    resubs.fetch_add(1, Ordering::Relaxed);
                     interrupted.send_modify(|n| *n += 1);
                 }
                 Err(e) => tracing::warn!(error = %e, "resubscribe failed; retrying"),

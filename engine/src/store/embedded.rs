@@ -1,4 +1,4 @@
-//! The embedded store: one redb file (docs/adr/0001-embedded-store.md says
+//! The embedded store: one redb file (docs/adr/0001-embedded-store-redb.md says
 //! why redb).
 //!
 //! Writes go through one writer thread that commits them in groups: it takes
