@@ -97,6 +97,13 @@ pub struct EdgeConfig {
     /// spends any crypto or state on it: a spoofed-source flood then costs
     /// one stateless packet each. 0: always.
     pub retry_above_per_s: u32,
+    /// QUIC ACK frequency (draft-ietf-quic-ack-frequency, which quinn
+    /// clients support): ask each device to acknowledge only every this
+    /// many ack-eliciting packets (or after its ack delay, at most 25 ms
+    /// on a short path). 0 keeps QUIC's default (every second packet). A
+    /// broadcast receiver's ACKs are most of what an edge receives; loss
+    /// recovery still runs on the ACKs that come.
+    pub ack_every: u32,
     /// Request rate limits per connection and per user.
     pub rates: crate::limits::Rates,
 }
@@ -117,6 +124,7 @@ impl Default for EdgeConfig {
             drain_deadline_ms: 10_000,
             max_handshakes_in_flight: 2_048,
             retry_above_per_s: 2_000,
+            ack_every: 0,
             rates: crate::limits::Rates::default(),
         }
     }
@@ -153,6 +161,9 @@ impl EdgeConfig {
                 "edge.hello_timeout_ms",
                 "must be 100..=60000",
             ));
+        }
+        if self.ack_every > 1_000 {
+            return Err(InvalidSetting::new("edge.ack_every", "must be 0..=1000"));
         }
         if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
             return Err(InvalidSetting::new(

@@ -145,6 +145,13 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
     let window = u32::try_from(2 * (cfg.max_frame_bytes + 4)).expect("frame limit is small");
     t.stream_receive_window(window.into());
     t.receive_window(window.into());
+    if cfg.ack_every > 0 {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        // The threshold is the packets a receiver may take without acking.
+        ack.ack_eliciting_threshold((cfg.ack_every - 1).into());
+        ack.max_ack_delay(Some(Duration::from_millis(25)));
+        t.ack_frequency_config(Some(ack));
+    }
     t
 }
 

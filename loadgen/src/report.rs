@@ -160,6 +160,13 @@ pub struct Machine {
     pub kernel: Option<String>,
     pub os: String,
     pub arch: String,
+    /// The machine's floor for a delivery, measured before the load: CPU
+    /// microseconds of the kernel sending one delivery-sized UDP datagram
+    /// to one of many loopback receivers (the cheaper of `sendto` and
+    /// `sendmmsg`; `udp_floor` has both). Per-delivery costs are also given
+    /// as multiples of it.
+    pub udp_floor_us: Option<f64>,
+    pub udp_floor: Option<tiercast_bench::udp_floor::UdpFloor>,
 }
 
 impl Machine {
@@ -189,6 +196,8 @@ impl Machine {
             kernel,
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
+            udp_floor_us: None,
+            udp_floor: None,
         }
     }
 }
@@ -222,6 +231,8 @@ pub struct ServerFigures {
     /// CPU seconds from everyone connected to the end of the settle.
     pub cpu_s: Option<f64>,
     pub cpu_us_per_delivery: Option<f64>,
+    /// `cpu_us_per_delivery` as a multiple of `machine.udp_floor_us`.
+    pub cpu_floors_per_delivery: Option<f64>,
     pub cpu_ms_per_message: Option<f64>,
     pub edge_rss_bytes_before_connect: Option<u64>,
     pub edge_rss_bytes_connected: Option<u64>,
@@ -424,6 +435,19 @@ impl RunReport {
                 sv.cpu_ms_per_message.unwrap_or(0.0),
                 sv.edge_rss_bytes_connected.unwrap_or(0) as f64 / 1048576.0,
                 rss_per_connection
+            );
+        }
+        if let (Some(us), Some(f)) = (self.machine.udp_floor_us, &self.machine.udp_floor) {
+            let _ = writeln!(
+                out,
+                "machine floor: {us:.2} us per {}-byte UDP datagram to one of {} loopback receivers (sendto {:.2}, sendmmsg {:.2}){}",
+                f.datagram_bytes,
+                f.receivers,
+                f.sendto_us,
+                f.sendmmsg_us,
+                sv.cpu_floors_per_delivery
+                    .map(|x| format!("; server CPU per delivery = {x:.1} floors"))
+                    .unwrap_or_default()
             );
         }
         if let Some(cpu) = self.loadgen.cpu_s {

@@ -35,6 +35,7 @@ use crate::scenario::{ConversationPlan, FaultSignal, Scenario, layout};
 use crate::schedule::{Schedule, SendAs, Step};
 use crate::sim::{SimDevice, stamp_of, stamped_body};
 use crate::target::{Target, TargetSpec, cpu_seconds};
+use tiercast_bench::udp_floor::UdpFloor;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -254,6 +255,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     let plans = layout(s, first_id);
     let tiers = create_conversations(&http, &target.api, &publisher, s, &plans).await?;
 
+    // The machine's floor, before any load.
+    let floor = measure_floor(s).await;
     let rss0 = target.edge_rss();
     let progress = Progress::new(opts.progress, s.devices());
     let pull_fraction: HashMap<u64, f64> = plans
@@ -437,7 +440,11 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             tiercast: env!("CARGO_PKG_VERSION").into(),
             protocol: tiercast_schemas::PROTOCOL_VERSION,
         },
-        machine: Machine::this(),
+        machine: Machine {
+            udp_floor_us: floor.as_ref().map(UdpFloor::floor_us),
+            udp_floor: floor,
+            ..Machine::this()
+        },
         send_errors: send_errors.values().sum(),
         loadgen: LoadgenFigures {
             cpu_s: loadgen_cpu,
@@ -468,6 +475,9 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             .collect(),
         cpu_s: server_cpu,
         cpu_us_per_delivery: server_cpu.map(|c| c / deliveries * 1e6),
+        cpu_floors_per_delivery: server_cpu
+            .zip(report.machine.udp_floor_us)
+            .map(|(c, floor)| c / deliveries * 1e6 / floor),
         cpu_ms_per_message: server_cpu.map(|c| c / report.total.messages_sent.max(1) as f64 * 1e3),
         edge_rss_bytes_before_connect: rss0,
         edge_rss_bytes_connected: rss1,
@@ -646,6 +656,36 @@ fn total<'a>(
     total.set_latency(all);
     total.deliveries_per_s = all.len() as f64 / measured_s;
     total
+}
+
+/// Bytes a delivery's packet carries beyond its body: QUIC short header,
+/// AEAD tag, STREAM frame, length prefix and the FlatBuffers message (a
+/// 100-byte body goes out as a datagram of about 150 bytes).
+const DELIVERY_PACKET_OVERHEAD: usize = 50;
+
+/// The machine's floor for this scenario's deliveries: one datagram of
+/// delivery size to each of up to 4,000 loopback receivers (as many as the
+/// scenario has devices), about 200,000 datagrams per method. `None` (with
+/// a warning) if it cannot be measured here.
+async fn measure_floor(s: &Scenario) -> Option<UdpFloor> {
+    let receivers = (s.devices() as usize).clamp(1, 4_000);
+    let bytes = s.payload_bytes + DELIVERY_PACKET_OVERHEAD;
+    let rounds = (200_000 / receivers).max(5);
+    match tokio::task::spawn_blocking(move || {
+        tiercast_bench::udp_floor::measure(receivers, bytes, rounds)
+    })
+    .await
+    {
+        Ok(Ok(f)) => Some(f),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the machine's UDP floor could not be measured");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the machine's UDP floor could not be measured");
+            None
+        }
+    }
 }
 
 /// The `p` quantile of `v` (sorted in place), 0 when empty.

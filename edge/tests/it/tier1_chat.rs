@@ -102,3 +102,38 @@ async fn an_offline_device_drains_its_inbox_on_connect() {
     );
     t.node.shutdown().await;
 }
+
+/// With QUIC ACK frequency asked of the devices (`edge.ack_every`), every
+/// message still arrives, in order, on every other device; and the
+/// setting's range is checked before anything binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_acks_deliver_every_message_in_order() {
+    let t = start(&[("edge.ack_every", "10")]).await;
+    t.chat(5, &[1, 2]).await;
+    let (a, _a_rx) = t.device(1, 11).await;
+    let (_b, mut b_rx) = t.device(2, 21).await;
+    let mut sent = Vec::new();
+    for i in 0..50u64 {
+        let ok = a
+            .send(5, i + 1, Bytes::from(vec![b'x'; 100]))
+            .await
+            .unwrap();
+        sent.push(ok.message_id);
+    }
+    let got = messages_until(&mut b_rx, *sent.last().unwrap()).await;
+    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
+
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiercast_edge::Config::load(
+        None,
+        [],
+        &[
+            ("edge.ack_every".into(), "5000".into()),
+            ("node.data_dir".into(), dir.path().display().to_string()),
+            ("node.token_secret".into(), common::SECRET.into()),
+        ],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("edge.ack_every"), "{e}");
+    t.node.shutdown().await;
+}
