@@ -182,6 +182,20 @@ fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
 /// ([`Client::connect_on`]); a load generator holding thousands wants big
 /// buffers so that bursts are not dropped on its side.
 pub fn client_endpoint(bind: SocketAddr, buffer: usize) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        bound_socket(bind, buffer)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A UDP socket bound to `bind`, with `buffer` bytes of kernel buffers each
+/// way (0: the system's default).
+pub(crate) fn bound_socket(
+    bind: SocketAddr,
+    buffer: usize,
+) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
         socket2::Type::DGRAM,
@@ -192,12 +206,7 @@ pub fn client_endpoint(bind: SocketAddr, buffer: usize) -> std::io::Result<quinn
         let _ = socket.set_send_buffer_size(buffer);
     }
     socket.bind(&bind.into())?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )
+    Ok(socket.into())
 }
 
 impl Client {

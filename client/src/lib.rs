@@ -21,6 +21,7 @@
 //! - [`tls`]: trusting an edge's certificate.
 
 pub mod connection;
+pub mod lossy;
 pub mod reconnect;
 pub mod reorder;
 pub mod session;

@@ -248,6 +248,10 @@ pub struct LoadgenFigures {
     pub sockets: usize,
     /// Tier-3 bodies pulled.
     pub pulls: u64,
+    /// The share of the edges' datagrams the devices dropped on purpose
+    /// (`--client-loss-pct`), and how many that was.
+    pub client_loss: f64,
+    pub datagrams_dropped: u64,
 }
 
 /// A reconnect storm: the devices of one edge told to reconnect at once.
@@ -452,6 +456,14 @@ impl RunReport {
         }
         if let Some(cpu) = self.loadgen.cpu_s {
             let _ = writeln!(out, "loadgen: {cpu:.2} CPU s");
+        }
+        if self.loadgen.client_loss > 0.0 {
+            let _ = writeln!(
+                out,
+                "injected loss: devices dropped {:.2} % of what the edges sent them ({} datagrams)",
+                self.loadgen.client_loss * 100.0,
+                self.loadgen.datagrams_dropped
+            );
         }
         if let Some(st) = &self.reconnect_storm {
             let _ = writeln!(

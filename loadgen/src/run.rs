@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub sockets: usize,
     /// Each device's SDK reorder window.
     pub reorder_window: Duration,
+    /// Share (0..1) of the datagrams the edges send that the devices'
+    /// sockets drop, to measure loss recovery on loopback.
+    pub client_loss: f64,
     pub progress: bool,
 }
 
@@ -120,6 +123,8 @@ struct Fleet {
     connected: u64,
     connect_elapsed: Duration,
     pulls: Arc<AtomicU64>,
+    /// Datagrams the devices' sockets dropped on purpose (`client_loss`).
+    dropped: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -171,8 +176,21 @@ async fn connect(
     pull_fraction: Arc<HashMap<u64, f64>>,
 ) -> anyhow::Result<Fleet> {
     let now = tiercast_engine::auth::now_unix();
+    let dropped = Arc::new(AtomicU64::new(0));
     let sockets: Vec<quinn::Endpoint> = (0..opts.sockets.max(1))
-        .map(|_| tiercast_client::client_endpoint("127.0.0.1:0".parse().expect("literal"), 4 << 20))
+        .map(|_| {
+            let bind = "127.0.0.1:0".parse().expect("literal");
+            if opts.client_loss > 0.0 {
+                tiercast_client::lossy::lossy_client_endpoint(
+                    bind,
+                    4 << 20,
+                    opts.client_loss,
+                    dropped.clone(),
+                )
+            } else {
+                tiercast_client::client_endpoint(bind, 4 << 20)
+            }
+        })
         .collect::<Result<_, _>>()
         .context("binding client sockets")?;
     let pulls = Arc::new(AtomicU64::new(0));
@@ -228,6 +246,7 @@ async fn connect(
         connected: progress.connected.load(Ordering::Relaxed),
         connect_elapsed: connect_start.elapsed(),
         pulls,
+        dropped,
     })
 }
 
@@ -450,6 +469,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             cpu_s: loadgen_cpu,
             sockets: opts.sockets,
             pulls: fleet.pulls.load(Ordering::Relaxed),
+            client_loss: opts.client_loss,
+            datagrams_dropped: fleet.dropped.load(Ordering::Relaxed),
         },
         run_seconds: sends_done_us.saturating_sub(send_start_us) as f64 / 1e6,
         ..RunReport::default()

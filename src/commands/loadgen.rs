@@ -70,6 +70,11 @@ struct LoadgenRunArgs {
     /// holds a message).
     #[arg(long, default_value_t = 20)]
     reorder_window_ms: u64,
+    /// Drop this percentage of the datagrams the edges send to the
+    /// devices (each device's socket loses them), to measure loss
+    /// recovery on loopback.
+    #[arg(long, default_value_t = 0.0)]
+    client_loss_pct: f64,
     /// Pin the self-hosted servers to these CPUs (taskset list, e.g. 0).
     #[arg(long)]
     server_cpus: Option<String>,
@@ -172,6 +177,9 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             "--edges above 1 needs --redis (start a cluster with scripts/redis-cluster.sh up)",
         ));
     }
+    if !(0.0..=50.0).contains(&a.client_loss_pct) {
+        return Err(usage("--client-loss-pct must be 0..=50"));
+    }
     if a.sockets == 0 {
         return Err(usage("--sockets must be at least 1"));
     }
@@ -190,6 +198,7 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         target,
         sockets: a.sockets,
         reorder_window: std::time::Duration::from_millis(a.reorder_window_ms),
+        client_loss: a.client_loss_pct / 100.0,
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     })
     .await?;
