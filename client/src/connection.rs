@@ -429,6 +429,30 @@ impl Client {
         }
     }
 
+    /// The messages of `conversation` with ids in `(after, newest]`, oldest
+    /// first, read as history pages newest first: what a tier-3
+    /// notification of `newest` stands for when the device has shown
+    /// everything up to `after` (notifications coalesce).
+    pub async fn pull_since(
+        &self,
+        conversation: u64,
+        after: u64,
+        newest: u64,
+    ) -> Result<Vec<Message>, ClientError> {
+        let mut got = Vec::new();
+        let mut before = newest.saturating_add(1);
+        loop {
+            let (page, more) = self.fetch(conversation, before, 100).await?;
+            let done = !more || page.is_empty() || page.iter().any(|m| m.id <= after);
+            before = page.iter().map(|m| m.id).min().unwrap_or(before);
+            got.extend(page.into_iter().filter(|m| m.id > after));
+            if done {
+                got.reverse();
+                return Ok(got);
+            }
+        }
+    }
+
     /// The body of one message by id: what a device does after a tier-3
     /// `Notify`. `None` if there is no such message.
     pub async fn pull(

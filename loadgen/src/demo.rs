@@ -25,7 +25,7 @@ use tiercast_schemas::envelope::Tier;
 use tokio::sync::{Notify, watch};
 
 use crate::report::Figures;
-use crate::sim::{SimDevice, stamp_of, stamped_body};
+use crate::sim::{SimDevice, publish, stamp_of, stamped_body};
 use crate::tracker::{DeviceLog, Tally, tally};
 
 #[derive(Debug, Clone)]
@@ -552,6 +552,7 @@ impl<'a> Demo<'a> {
             .node
             .keys
             .mint_publisher("demo", tiercast_engine::auth::now_unix(), 3600);
+        let api = format!("http://{}", self.node.http_addr);
         let mut tick = tokio::time::interval(self.opts.interval);
         let mut sent = Vec::new();
         for _ in 0..self.opts.messages {
@@ -559,23 +560,11 @@ impl<'a> Demo<'a> {
                 tick.tick().await;
                 let at = self.base.elapsed().as_micros() as u64;
                 let body = stamped_body(at, self.opts.payload);
-                let r = http
-                    .post(format!(
-                        "http://{}/v1/conversations/{conversation}/messages",
-                        self.node.http_addr
-                    ))
-                    .bearer_auth(&token)
-                    .json(&serde_json::json!({
-                        "body": String::from_utf8_lossy(&body),
-                    }))
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "publish: {}", r.status());
-                let v: serde_json::Value = r.json().await?;
-                let id = v["id"]
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .context("publish answered without an id")?;
+                let id = publish(&http, &api, &token, conversation, &body)
+                    .await
+                    .map_err(|code| {
+                        anyhow::anyhow!("publish to conversation {conversation}: {code}")
+                    })?;
                 sent.push(Sent {
                     conversation,
                     id,
@@ -658,7 +647,7 @@ async fn receive(
                     }
                     // One notification may stand for several messages (the
                     // edge coalesces them): pull every body since the last.
-                    match pull_since(&client, conversation, shown, message_id).await {
+                    match client.pull_since(conversation, shown, message_id).await {
                         Ok(new) => {
                             for m in &new {
                                 record(&mut logs, m);
@@ -677,25 +666,4 @@ async fn receive(
         }
     }
     logs
-}
-
-/// The messages of `conversation` with ids in `(after, newest]`, from
-/// history pages read newest first.
-async fn pull_since(
-    client: &Client,
-    conversation: u64,
-    after: u64,
-    newest: u64,
-) -> Result<Vec<Message>, tiercast_client::ClientError> {
-    let mut got = Vec::new();
-    let mut before = newest + 1;
-    loop {
-        let (page, more) = client.fetch(conversation, before, 100).await?;
-        let done = !more || page.is_empty() || page.iter().any(|m| m.id <= after);
-        before = page.iter().map(|m| m.id).min().unwrap_or(before);
-        got.extend(page.into_iter().filter(|m| m.id > after));
-        if done {
-            return Ok(got);
-        }
-    }
 }

@@ -33,7 +33,7 @@ use crate::report::{
 };
 use crate::scenario::{ConversationPlan, FaultSignal, Scenario, layout};
 use crate::schedule::{Schedule, SendAs, Step};
-use crate::sim::{SimDevice, stamp_of, stamped_body};
+use crate::sim::{SimDevice, publish, stamp_of, stamped_body};
 use crate::target::{Target, TargetSpec, cpu_seconds};
 use tiercast_bench::udp_floor::UdpFloor;
 
@@ -376,34 +376,17 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 }));
             }
             SendAs::Publisher => {
-                let http = http.clone();
-                let url = format!("{}/v1/conversations/{conversation}/messages", target.api);
-                let token = publisher.clone();
+                let (http, api, token) = (http.clone(), target.api.clone(), publisher.clone());
                 in_flight.push(tokio::spawn(async move {
-                    let r = http
-                        .post(url)
-                        .bearer_auth(token)
-                        .json(&json!({"body": String::from_utf8_lossy(&body)}))
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => {
-                            let v: serde_json::Value = r.json().await.unwrap_or_default();
-                            match v["id"].as_str().and_then(|s| s.parse().ok()) {
-                                Some(id) => outbox.sent.lock().expect("sent").push(Sent {
-                                    id,
-                                    conversation,
-                                    scheduled_us,
-                                    sender: None,
-                                    warm,
-                                }),
-                                // A 2xx without a message id: the send is
-                                // not known to have happened.
-                                None => outbox.failed(tier, "bad_answer"),
-                            }
-                        }
-                        Ok(r) => outbox.failed(tier, format!("http_{}", r.status().as_u16())),
-                        Err(_) => outbox.failed(tier, "http_unreachable"),
+                    match publish(&http, &api, &token, conversation, &body).await {
+                        Ok(id) => outbox.sent.lock().expect("sent").push(Sent {
+                            id,
+                            conversation,
+                            scheduled_us,
+                            sender: None,
+                            warm,
+                        }),
+                        Err(code) => outbox.failed(tier, code),
                     }
                 }));
             }

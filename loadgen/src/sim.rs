@@ -31,6 +31,35 @@ impl SimDevice {
     }
 }
 
+/// The backend publishing `body` into `conversation` over the HTTP API at
+/// `api` (`http://host:port`) with a publisher `token`; the message's id.
+/// An error is the code a failed send is counted under: `http_STATUS`,
+/// `http_unreachable`, or `bad_answer` (a 2xx without an id: the send is
+/// not known to have happened).
+pub async fn publish(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    conversation: u64,
+    body: &[u8],
+) -> Result<u64, String> {
+    let r = http
+        .post(format!("{api}/v1/conversations/{conversation}/messages"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"body": String::from_utf8_lossy(body)}))
+        .send()
+        .await
+        .map_err(|_| "http_unreachable".to_owned())?;
+    if !r.status().is_success() {
+        return Err(format!("http_{}", r.status().as_u16()));
+    }
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    v["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "bad_answer".to_owned())
+}
+
 /// Width of the send-time stamp at the start of a body.
 pub const STAMP_BYTES: usize = 16;
 

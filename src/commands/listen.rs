@@ -49,13 +49,10 @@ pub async fn run(a: DeviceArgs) -> anyhow::Result<ExitCode> {
                         .into_iter()
                         .collect()
                 } else {
-                    let (page, _) = client
-                        .fetch(conversation, message_id + 1, 100)
+                    client
+                        .pull_since(conversation, shown, message_id)
                         .await
-                        .map_err(|e| anyhow::anyhow!("fetch: {e}"))?;
-                    page.into_iter()
-                        .filter(|m| m.id > shown)
-                        .collect::<Vec<_>>()
+                        .map_err(|e| anyhow::anyhow!("fetch: {e}"))?
                 };
                 new.sort_by_key(|m| m.id);
                 new.iter().for_each(print_message);
