@@ -7,18 +7,16 @@
 //! - `sequencer`: what per-conversation publish order adds to a send (an
 //!   id issued under the sequencer's lock, then completed), with one
 //!   conversation and with sends spread over 10,000;
-//! - `local_fanout`: the edge handing one encoded frame to 10,000 local
-//!   connection queues (`Sessions::fan_out`, one user per connection, as a
-//!   tier-2/3 node-channel payload is fanned out).
+//!
+//! One frame fanned out through the edge's I/O core to 10,000 connections
+//! is `benches/core_fanout.rs`.
 //!
 //! `cargo bench -p tiercast-bench`; figures in docs/benchmarks.md.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use tiercast_edge::sessions::{LocalConn, Sessions};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tiercast_engine::planner::{Thresholds, plan};
 use tiercast_engine::snowflake::{IdGenerator, Snowflake, now_unix_ms};
 use tiercast_schemas::envelope::Tier;
@@ -97,57 +95,6 @@ fn planner(c: &mut Criterion) {
     });
 }
 
-const CONNS: u64 = 10_000;
-
-fn local_fanout(c: &mut Criterion) {
-    let mut g = c.benchmark_group("local_fanout");
-    g.throughput(Throughput::Elements(CONNS));
-    let frame = ServerFrame::new(
-        0,
-        ServerBody::Notify {
-            conversation: 1,
-            message_id: 2,
-        },
-    )
-    .encode();
-    let sessions: Sessions<()> = Sessions::new();
-    let mut receivers = Vec::new();
-    for user in 0..CONNS {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        sessions.insert(
-            user,
-            LocalConn {
-                conn_id: user,
-                client_id: user + 1,
-                since_ms: 0,
-                tx,
-                coalesced: Arc::default(),
-                handle: (),
-            },
-        );
-        receivers.push(rx);
-    }
-    g.bench_function("one frame to 10,000 connection queues", |b| {
-        b.iter_batched(
-            || {
-                // Empty the queues so every enqueue succeeds.
-                for rx in &mut receivers {
-                    while rx.try_recv().is_ok() {}
-                }
-            },
-            |()| {
-                let mut n = 0;
-                for user in 0..CONNS {
-                    n += sessions.fan_out(user, 0, &frame, Some((1, 2))).enqueued;
-                }
-                assert_eq!(n, CONNS as usize);
-            },
-            BatchSize::PerIteration,
-        );
-    });
-    g.finish();
-}
-
 fn sequencer(c: &mut Criterion) {
     use tiercast_engine::sequencer::Sequencer;
     let mut g = c.benchmark_group("sequencer");
@@ -180,5 +127,5 @@ fn sequencer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, snowflake, frame, planner, sequencer, local_fanout);
+criterion_group!(benches, snowflake, frame, planner, sequencer);
 criterion_main!(benches);

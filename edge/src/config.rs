@@ -104,6 +104,12 @@ pub struct EdgeConfig {
     /// broadcast receiver's ACKs are most of what an edge receives; loss
     /// recovery still runs on the ACKs that come.
     pub ack_every: u32,
+    /// I/O shards: each owns a UDP socket on the listen port
+    /// (`SO_REUSEPORT`), its connections' QUIC state and one loop. 0: one
+    /// per core. A client's connection stays on the shard its address
+    /// hashes to, so a client whose address changes mid-connection
+    /// reconnects (QUIC migration is not followed across shards).
+    pub shards: usize,
     /// Request rate limits per connection and per user.
     pub rates: crate::limits::Rates,
 }
@@ -125,12 +131,21 @@ impl Default for EdgeConfig {
             max_handshakes_in_flight: 2_048,
             retry_above_per_s: 2_000,
             ack_every: 0,
+            shards: 0,
             rates: crate::limits::Rates::default(),
         }
     }
 }
 
 impl EdgeConfig {
+    /// The number of I/O shards [`Self::shards`] asks for.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.cert_path.is_some() != self.key_path.is_some() {
             return Err(InvalidSetting::new(
@@ -161,6 +176,9 @@ impl EdgeConfig {
                 "edge.hello_timeout_ms",
                 "must be 100..=60000",
             ));
+        }
+        if self.shards > 256 {
+            return Err(InvalidSetting::new("edge.shards", "must be 0..=256"));
         }
         if self.ack_every > 1_000 {
             return Err(InvalidSetting::new("edge.ack_every", "must be 0..=1000"));

@@ -2,9 +2,13 @@
 //! authenticates devices, runs their requests against the embedded engine,
 //! and fans out what the backplane brings to the local devices it is for.
 //!
-//! - [`server`]: the accept loop, backplane fan-out loop and shutdown.
-//! - [`session`]: one connection: Hello, requests, the delivery stream.
-//! - [`sessions`]: local connections by user, and local fan-out.
+//! - [`server`]: the edge's tasks (backplane fan-out, heartbeat, repair)
+//!   and shutdown.
+//! - [`core`]: the I/O core: shards of connections as `quinn-proto`
+//!   state, one loop each, batched UDP, a timer wheel.
+//! - [`session`]: what a connection asks apart from I/O: Hello, attach,
+//!   requests, the inbox seam.
+//! - [`sessions`]: local connections by user and device.
 //! - [`conversations`]: which conversations local users are in (tiers 2/3).
 //! - [`limits`]: request rate limits per connection and per user.
 //! - [`tls`]: certificates and the rustls configuration (ALPN `tiercast/1`).
@@ -14,6 +18,7 @@
 
 pub mod config;
 pub mod conversations;
+pub mod core;
 pub mod limits;
 pub mod metrics;
 pub mod node;

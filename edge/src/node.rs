@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{BackplaneKind, Config, EdgeConfig, StoreKind};
+use crate::core::Listener;
 use crate::metrics::EdgeMetrics;
 use crate::server::Edge;
 use crate::tls::{self, Identity};
@@ -161,8 +162,9 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
 /// it. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
 pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
-/// Binds the QUIC endpoint of an edge.
-pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, StartError> {
+/// Binds the QUIC listener of an edge: one UDP socket per I/O shard on
+/// the listen address.
+pub fn bind_listener(cfg: &EdgeConfig, id: Identity) -> Result<Listener, StartError> {
     let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(id)?);
     server.transport_config(Arc::new(transport_config(cfg)));
     let bind_err = |e: std::io::Error| StartError::Bind {
@@ -170,23 +172,9 @@ pub fn bind_endpoint(cfg: &EdgeConfig, id: Identity) -> Result<quinn::Endpoint, 
         addr: cfg.listen,
         reason: e.to_string(),
     };
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(cfg.listen),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(bind_err)?;
-    // Best effort: a smaller buffer still works, it only drops earlier.
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
-    socket.bind(&cfg.listen.into()).map_err(bind_err)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(bind_err)
+    let sockets = crate::core::bind_sockets(cfg.listen, cfg.shard_count(), UDP_BUFFER_BYTES)
+        .map_err(bind_err)?;
+    Listener::new(sockets, server).map_err(bind_err)
 }
 
 /// What every process builds the same way: the store, the backplane and
@@ -414,12 +402,8 @@ impl Node {
             }
         };
         let cert_pem = identity.chain_pem.clone();
-        let endpoint = bind_endpoint(&cfg.edge, identity)?;
-        let quic_addr = endpoint.local_addr().map_err(|e| StartError::Bind {
-            what: "the QUIC listener",
-            addr: cfg.edge.listen,
-            reason: e.to_string(),
-        })?;
+        let listener = bind_listener(&cfg.edge, identity)?;
+        let quic_addr = listener.local_addr;
         let edge = Edge::new(engine.clone(), keys.clone(), cfg.edge.clone(), edge_metrics)
             .await
             .map_err(|e| StartError::Engine(e.to_string()))?;
@@ -433,7 +417,7 @@ impl Node {
             stopped.clone(),
         )
         .await?;
-        let edge_task = tokio::spawn(edge.run(endpoint, until_stopped(stopped)));
+        let edge_task = tokio::spawn(edge.run(listener, until_stopped(stopped)));
         tracing::info!(%quic_addr, %http_addr, node_id = engine.node_id(), "node started");
         Ok(Self {
             quic_addr,

@@ -17,8 +17,9 @@ use tiercast_engine::backplane::{
 use tiercast_engine::store::Device;
 use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{ErrorCode, Message, ServerBody, ServerFrame};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::core::{Cmd, ConnRef, Limits, Listener, Shard, Shards};
 
 use crate::config::EdgeConfig;
 use crate::conversations::LocalConversations;
@@ -53,7 +54,7 @@ pub(crate) struct Shared {
     pub engine: Arc<Engine>,
     pub keys: TokenKeys,
     pub cfg: EdgeConfig,
-    pub sessions: Sessions<quinn::Connection>,
+    pub sessions: Sessions<ConnRef>,
     pub subscriber: Arc<dyn Subscriber>,
     pub subscription_locks: Vec<tokio::sync::Mutex<()>>,
     pub metrics: EdgeMetrics,
@@ -263,103 +264,90 @@ impl Edge {
         })
     }
 
-    /// Serves `endpoint` until `shutdown` completes, then closes every
-    /// connection with `draining` and waits (bounded) for their tasks.
-    pub async fn run(self, endpoint: quinn::Endpoint, shutdown: impl Future<Output = ()>) {
+    /// Serves `listener` (one shard per socket) until `shutdown`
+    /// completes, then drains: no new connections, every device told to
+    /// reconnect elsewhere after a jittered delay, waited for up to the
+    /// drain deadline; then whoever is left is closed.
+    pub async fn run(self, listener: Listener, shutdown: impl Future<Output = ()>) {
         let Edge { shared, inbound } = self;
-        let fanout = tokio::spawn(fan_out_loop(shared.clone(), inbound));
-        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
-        let toucher = tokio::spawn(touch_devices(shared.clone()));
-        let repairer = tokio::spawn(repair_gaps(shared.clone()));
-        let permits = Arc::new(Semaphore::new(shared.cfg.max_connections));
-        let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes_in_flight));
-        // New connections per second before addresses must be validated.
-        let unvalidated = (shared.cfg.retry_above_per_s > 0).then(|| {
-            let per_s = std::num::NonZeroU32::new(shared.cfg.retry_above_per_s).expect(">0");
-            governor::RateLimiter::direct(governor::Quota::per_second(per_s))
-        });
-        let mut conns = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                incoming = endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    // Above the rate, a client proves its address first: a
-                    // stateless Retry, no crypto and no state spent on it.
-                    let over_rate = unvalidated.as_ref().is_none_or(|l| l.check().is_err());
-                    if over_rate && !incoming.remote_address_validated() {
-                        shared.metrics.retries_sent.inc();
-                        if incoming.retry().is_err() {
-                            shared.metrics.handshakes_refused.inc();
-                        }
-                        continue;
-                    }
-                    // A handshake flood holds handshake slots, never the
-                    // connection slots of established devices.
-                    let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-                        shared.metrics.handshakes_refused.inc();
-                        shared.metrics.error(ErrorCode::Unavailable);
-                        incoming.refuse();
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    let permits = permits.clone();
-                    conns.spawn(async move {
-                        crate::session::serve(shared, incoming, handshake, permits).await;
-                    });
+        let limits = Limits {
+            slots: Arc::new(Semaphore::new(shared.cfg.max_connections)),
+            handshakes: Arc::new(Semaphore::new(shared.cfg.max_handshakes_in_flight)),
+            // New connections per second before addresses must be
+            // validated (a stateless Retry, no crypto spent).
+            unvalidated: (shared.cfg.retry_above_per_s > 0).then(|| {
+                let per_s = std::num::NonZeroU32::new(shared.cfg.retry_above_per_s).expect(">0");
+                Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                    per_s,
+                )))
+            }),
+        };
+        let mut txs = Vec::new();
+        let mut shard_tasks = Vec::new();
+        for socket in listener.sockets {
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+            match Shard::new(
+                socket,
+                listener.endpoint.clone(),
+                listener.server.clone(),
+                shared.clone(),
+                limits.clone(),
+                tx.clone(),
+                rx,
+            ) {
+                Ok(shard) => {
+                    shard_tasks.push(tokio::spawn(shard.run()));
+                    txs.push(tx);
                 }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                Err(e) => tracing::error!(error = %e, "an I/O shard could not start"),
             }
         }
-        // Drain: accept no one, tell every device to reconnect (elsewhere)
-        // after a jittered delay so they do not all arrive at once, and wait
-        // for them to go, up to the deadline; then close whoever is left.
-        endpoint.set_server_config(None);
-        let spread = shared.cfg.drain_spread_ms;
-        let conns_now = shared.sessions.all();
-        shared.metrics.drained.inc_by(conns_now.len() as u64);
-        for (tx, handle) in conns_now {
-            let after = if spread == 0 {
-                0
-            } else {
-                rand::random_range(0..=spread)
-            };
-            let frame = ServerFrame::new(
-                0,
-                ServerBody::Drain {
-                    reconnect_after_ms: after as u32,
-                    reason: "edge shutting down".into(),
-                },
-            )
-            .encode();
-            if tx.try_send(frame).is_err() {
-                handle.close(
-                    quinn::VarInt::from(ErrorCode::Draining as u16),
-                    b"edge shutting down",
-                );
-            }
+        let shards = Shards::new(txs);
+        let fanout = tokio::spawn(fan_out_loop(shared.clone(), inbound, shards.clone()));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+        let toucher = tokio::spawn(touch_devices(shared.clone()));
+        let repairer = tokio::spawn(repair_gaps(shared.clone(), shards.clone()));
+        shutdown.await;
+        shared
+            .metrics
+            .drained
+            .inc_by(shared.sessions.connections() as u64);
+        let mut done = Vec::new();
+        for tx in shards.senders() {
+            let (d, r) = oneshot::channel();
+            let _ = tx
+                .send(Cmd::Drain {
+                    spread_ms: shared.cfg.drain_spread_ms,
+                    done: d,
+                })
+                .await;
+            done.push(r);
         }
         let deadline = Duration::from_millis(shared.cfg.drain_deadline_ms);
         let _ = tokio::time::timeout(deadline, async {
-            while conns.join_next().await.is_some() {}
+            for r in done {
+                let _ = r.await;
+            }
         })
         .await;
-        endpoint.close(
-            quinn::VarInt::from(ErrorCode::Draining as u16),
-            b"edge shutting down",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while conns.join_next().await.is_some() {}
+        for tx in shards.senders() {
+            let _ = tx.send(Cmd::Stop).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(4), async {
+            for t in shard_tasks {
+                let _ = t.await;
+            }
         })
         .await;
         fanout.abort();
         heartbeat.abort();
         toucher.abort();
         repairer.abort();
-        endpoint.wait_idle().await;
     }
 }
+
+/// Commands queued per shard before the fan-out waits for it.
+const SHARD_QUEUE: usize = 8_192;
 
 /// A tier-3 notification frame.
 pub(crate) fn notify_frame(conversation: u64, message_id: u64) -> bytes::Bytes {
@@ -390,11 +378,11 @@ const REPAIR_MAX_PER_CONVERSATION: usize = 1_000;
 /// (tier 1), each hosted conversation's messages since a little before the
 /// newest id fanned out here (tier 2), and each tier-3 conversation's
 /// latest id. Devices drop what they already had by id.
-async fn repair_gaps(shared: Arc<Shared>) {
+async fn repair_gaps(shared: Arc<Shared>, shards: Shards) {
     let mut interruptions = shared.subscriber.interruptions();
     while interruptions.changed().await.is_ok() {
         let started = std::time::Instant::now();
-        let repaired = repair(&shared).await;
+        let repaired = repair(&shared, &shards).await;
         shared.metrics.gap_repairs.inc();
         shared.metrics.gap_repair_frames.inc_by(repaired);
         tracing::info!(
@@ -405,7 +393,9 @@ async fn repair_gaps(shared: Arc<Shared>) {
     }
 }
 
-async fn repair(shared: &Shared) -> u64 {
+/// Returns the frames handed to the shards (one per device for the inbox,
+/// one per local user for the conversations).
+async fn repair(shared: &Shared, shards: &Shards) -> u64 {
     let engine = &shared.engine;
     let mut frames = 0u64;
     for (user, client) in shared.sessions.devices() {
@@ -413,7 +403,8 @@ async fn repair(shared: &Shared) -> u64 {
             Ok(page) => {
                 for m in page {
                     let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
-                    frames += u64::from(shared.sessions.send_to(user, client, &frame));
+                    shards.send_to(user, client, frame).await;
+                    frames += 1;
                 }
             }
             Err(e) => tracing::warn!(user, error = %e, "gap repair: inbox not read"),
@@ -449,12 +440,9 @@ async fn repair(shared: &Shared) -> u64 {
             {
                 shared.saw(conv, m.id);
                 let frame = notify_frame(conv, m.id);
-                for u in shared.conversations.users(conv) {
-                    frames += shared
-                        .sessions
-                        .fan_out(u, 0, &frame, Some((conv, m.id)))
-                        .enqueued as u64;
-                }
+                let users: Arc<[u64]> = shared.conversations.users(conv).into();
+                frames += users.len() as u64;
+                shards.deliver(users, 0, frame, Some((conv, m.id))).await;
             }
             continue;
         }
@@ -476,14 +464,13 @@ async fn repair(shared: &Shared) -> u64 {
             };
             read += page.len();
             after = last;
-            let users = shared.conversations.users(conv);
+            let users: Arc<[u64]> = shared.conversations.users(conv).into();
             for m in page {
                 shared.saw(conv, m.id);
                 let except = m.sender_client;
                 let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
-                for &u in &users {
-                    frames += shared.sessions.fan_out(u, except, &frame, None).enqueued as u64;
-                }
+                frames += users.len() as u64;
+                shards.deliver(users.clone(), except, frame, None).await;
             }
         }
     }
@@ -541,7 +528,7 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// Receives backplane payloads and hands each to the local connections it is
 /// for, encoding each client frame once: on a user channel, that user's
 /// devices; on a node channel, the local members of the conversation.
-async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>) {
+async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>, shards: Shards) {
     while let Some(msg) = inbound.recv().await {
         shared.metrics.backplane_inbound.inc();
         let envelope = match Envelope::decode(&msg.payload) {
@@ -635,8 +622,8 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 for conn in older {
                     shared.metrics.error(ErrorCode::ConnectionReplaced);
                     conn.close(
-                        quinn::VarInt::from(ErrorCode::ConnectionReplaced as u16),
-                        b"a newer connection of this device took over",
+                        ErrorCode::ConnectionReplaced,
+                        "a newer connection of this device took over",
                     );
                 }
                 continue;
@@ -658,21 +645,8 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 continue;
             }
         };
-        for user in recipients {
-            let result = shared.sessions.fan_out(user, except_client, &frame, notify);
-            shared.metrics.deliveries.inc_by(result.enqueued as u64);
-            shared
-                .metrics
-                .coalesced_notifications
-                .inc_by(result.coalesced as u64);
-            for conn in result.overflowed {
-                shared.metrics.slow_consumers.inc();
-                shared.metrics.error(ErrorCode::SlowConsumer);
-                conn.close(
-                    quinn::VarInt::from(ErrorCode::SlowConsumer as u16),
-                    b"outbound queue full; reconnect and catch up",
-                );
-            }
-        }
+        shards
+            .deliver(recipients.into(), except_client, frame, notify)
+            .await;
     }
 }
