@@ -150,6 +150,8 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
         let mut ack = quinn::AckFrequencyConfig::default();
         // The threshold is the packets a receiver may take without acking.
         ack.ack_eliciting_threshold((cfg.ack_every - 1).into());
+        // quinn-proto clamps what it requests to max(RTT, 25 ms): a longer
+        // delay would not be asked for on a short path anyway.
         ack.max_ack_delay(Some(Duration::from_millis(25)));
         t.ack_frequency_config(Some(ack));
     }

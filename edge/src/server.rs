@@ -442,7 +442,9 @@ async fn repair(shared: &Shared, shards: &Shards) -> u64 {
                 let frame = notify_frame(conv, m.id);
                 let users: Arc<[u64]> = shared.conversations.users(conv).into();
                 frames += users.len() as u64;
-                shards.deliver(users, 0, frame, Some((conv, m.id))).await;
+                shards
+                    .deliver(users, 0, frame, None, Some((conv, m.id)))
+                    .await;
             }
             continue;
         }
@@ -467,10 +469,12 @@ async fn repair(shared: &Shared, shards: &Shards) -> u64 {
             let users: Arc<[u64]> = shared.conversations.users(conv).into();
             for m in page {
                 shared.saw(conv, m.id);
-                let except = m.sender_client;
+                let (except, id) = (m.sender_client, m.id);
                 let frame = ServerFrame::new(0, ServerBody::Message(m)).encode();
                 frames += users.len() as u64;
-                shards.deliver(users.clone(), except, frame, None).await;
+                shards
+                    .deliver(users.clone(), except, frame, Some(id), None)
+                    .await;
             }
         }
     }
@@ -561,15 +565,19 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>,
             continue;
         };
         let mut notify = None;
+        let mut message_id = None;
         let (frame, except_client) = match envelope.payload {
             Payload::Deliver {
                 message,
                 except_client,
                 ..
-            } => (
-                ServerFrame::new(0, ServerBody::Message(message)).encode(),
-                except_client,
-            ),
+            } => {
+                message_id = Some(message.id);
+                (
+                    ServerFrame::new(0, ServerBody::Message(message)).encode(),
+                    except_client,
+                )
+            }
             Payload::Notify {
                 conversation,
                 message_id,
@@ -646,7 +654,7 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>,
             }
         };
         shards
-            .deliver(recipients.into(), except_client, frame, notify)
+            .deliver(recipients.into(), except_client, frame, message_id, notify)
             .await;
     }
 }

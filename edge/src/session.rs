@@ -248,8 +248,8 @@ const SEAM_MAX_IDS: usize = 65_536;
 
 /// The ids a connection's writer sent while its inbox drained and for
 /// [`SEAM_GRACE`] after. A message stored during the handshake reaches the
-/// writer twice, live and in an inbox page; it goes out once. Costs a frame
-/// decode per live frame during that window only.
+/// writer twice, live and in an inbox page; it goes out once. Live frames
+/// carry their message id beside them, so this is a set lookup, no decode.
 #[derive(Debug, Default)]
 pub(crate) struct Seam {
     ids: std::collections::HashSet<u64>,
@@ -294,20 +294,6 @@ impl Seam {
             return !self.ids.contains(&id);
         }
         self.ids.insert(id)
-    }
-
-    /// False for a live message frame that went out already.
-    pub(crate) fn first_frame(&mut self, frame: &Bytes) -> bool {
-        if !self.watching() {
-            return true;
-        }
-        match ServerFrame::decode(frame, tiercast_schemas::MAX_FRAME_BYTES) {
-            Ok(ServerFrame {
-                body: ServerBody::Message(m),
-                ..
-            }) => self.first(m.id),
-            _ => true,
-        }
     }
 }
 

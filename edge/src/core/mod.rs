@@ -28,6 +28,8 @@
 
 mod frames;
 mod outbox;
+#[doc(hidden)]
+pub mod rig;
 mod shard;
 mod udp;
 mod wheel;
@@ -112,12 +114,14 @@ impl Shards {
     }
 
     /// `frame` to every local device of `users` but `except_client`;
+    /// `message` = the id of the message it carries (a Message frame),
     /// `notify` = (conversation, id) for a tier-3 notification.
     pub async fn deliver(
         &self,
         users: Arc<[u64]>,
         except_client: u64,
         frame: Bytes,
+        message: Option<u64>,
         notify: Option<(u64, u64)>,
     ) {
         for tx in self.txs.iter() {
@@ -126,6 +130,7 @@ impl Shards {
                     users: users.clone(),
                     except_client,
                     frame: frame.clone(),
+                    message,
                     notify,
                 })
                 .await;

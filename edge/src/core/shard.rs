@@ -39,6 +39,8 @@ pub(crate) enum Cmd {
         users: Arc<[u64]>,
         except_client: u64,
         frame: Bytes,
+        /// The id of the message a Message frame carries (for the seam).
+        message: Option<u64>,
         notify: Option<(u64, u64)>,
     },
     SendTo {
@@ -286,28 +288,32 @@ impl Shard {
                 sleep.as_mut().reset(at.into());
             }
             let blocked = !self.batch.is_empty();
+            // Whatever woke the loop, every kind of work is taken each time
+            // round (bounded): a stream of ACKs must not starve the
+            // fan-out commands, whose queue backs up into the backplane's.
             tokio::select! {
-                biased;
                 r = self.socket.io.readable() => {
-                    if r.is_ok() {
-                        self.receive();
+                    if r.is_err() {
+                        break;
                     }
                 }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     self.ctx.now = Instant::now();
                     self.command(cmd);
-                    for _ in 0..CMDS_PER_WAKE {
-                        match self.rx.try_recv() {
-                            Ok(cmd) => self.command(cmd),
-                            Err(_) => break,
-                        }
-                    }
                 }
                 () = &mut sleep, if next.is_some() => {}
                 _ = self.socket.io.writable(), if blocked => {}
                 Some(_) = self.detaches.join_next(), if !self.detaches.is_empty() => {}
             }
+            self.ctx.now = Instant::now();
+            for _ in 0..CMDS_PER_WAKE {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.command(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.receive();
             self.ctx.now = Instant::now();
             self.expire();
             self.flush();
@@ -478,8 +484,9 @@ impl Shard {
                 users,
                 except_client,
                 frame,
+                message,
                 notify,
-            } => self.deliver(&users, except_client, &frame, notify),
+            } => self.deliver(&users, except_client, &frame, message, notify),
             Cmd::SendTo {
                 user,
                 client_id,
@@ -608,6 +615,7 @@ impl Shard {
         users: &[u64],
         except_client: u64,
         frame: &Bytes,
+        message: Option<u64>,
         notify: Option<(u64, u64)>,
     ) {
         let Self {
@@ -628,7 +636,7 @@ impl Shard {
                 }
                 // While the inbox drains (and a little after), a live copy
                 // of a message the drain sent goes out once.
-                if !c.seam.first_frame(frame) {
+                if message.is_some_and(|id| !c.seam.first(id)) {
                     seam_dups += 1;
                     continue;
                 }
@@ -1056,7 +1064,7 @@ fn write_ctl(ctx: &mut Ctx, key: usize, c: &mut Conn, frame: Bytes) {
     ctx.mark(key, c);
 }
 
-fn write_into(
+pub(super) fn write_into(
     proto: &mut quinn_proto::Connection,
     id: StreamId,
 ) -> impl FnMut(&mut [Bytes]) -> Option<usize> + '_ {

@@ -86,6 +86,8 @@ pub struct Batch {
     /// Transmits already sent from the front (a send that would block
     /// resumes here).
     sent: usize,
+    /// Datagrams and send calls so far (counted across blocked flushes).
+    pub totals: Sent,
 }
 
 impl Batch {
@@ -201,7 +203,7 @@ impl Socket {
     /// Sends the batch. Err `WouldBlock` leaves the unsent rest in it (wait
     /// for the socket to be writable and flush again).
     pub fn flush(&self, batch: &mut Batch) -> io::Result<Sent> {
-        let mut sent = Sent::default();
+        let before = batch.totals;
         while batch.sent < batch.outs.len() {
             let out = batch.outs[batch.sent];
             let plain = out.segment_size.is_none() && (self.specific || out.src_ip.is_none());
@@ -224,8 +226,8 @@ impl Socket {
                     // recovers it like a loss on the wire.
                     Err(e) => tracing::debug!(error = %e, "datagram not sent"),
                 }
-                sent.syscalls += 1;
-                sent.datagrams += out
+                batch.totals.syscalls += 1;
+                batch.totals.datagrams += out
                     .segment_size
                     .map_or(1, |s| out.len.div_ceil(s.max(1)) as u64);
                 batch.sent += 1;
@@ -242,12 +244,15 @@ impl Socket {
                 end += 1;
             }
             let n = self.sendmmsg(batch, start, end)?;
-            sent.syscalls += 1;
-            sent.datagrams += n as u64;
+            batch.totals.syscalls += 1;
+            batch.totals.datagrams += n as u64;
             batch.sent += n;
         }
         batch.reset();
-        Ok(sent)
+        Ok(Sent {
+            datagrams: batch.totals.datagrams - before.datagrams,
+            syscalls: batch.totals.syscalls - before.syscalls,
+        })
     }
 
     fn sendmmsg(&self, batch: &Batch, start: usize, end: usize) -> io::Result<usize> {
