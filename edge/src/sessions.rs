@@ -127,12 +127,6 @@ impl<C: Clone> Sessions<C> {
             .flat_map(|(&u, conns)| conns.iter().map(move |c| (u, c.client_id)))
             .collect()
     }
-
-    /// Every connection's handle.
-    pub fn all(&self) -> Vec<C> {
-        let users = self.users.lock().expect("sessions lock");
-        users.values().flatten().map(|c| c.handle.clone()).collect()
-    }
 }
 
 #[cfg(test)]

@@ -329,13 +329,6 @@ impl Shard {
         .await;
     }
 
-    fn conn(&mut self, key: usize, conn_id: u64) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(key)
-            .and_then(Option::as_mut)
-            .filter(|c| c.conn_id == conn_id && !c.closed)
-    }
-
     // ---- receive ------------------------------------------------------
 
     fn receive(&mut self) {
@@ -513,7 +506,7 @@ impl Shard {
                 user,
                 client_id,
             } => {
-                if let Some(c) = self.conn(key, conn_id) {
+                if let Some(c) = live(&mut self.conns, key, conn_id) {
                     c.registered = Some((user, client_id));
                     self.users.entry(user).or_default().push(key);
                 }
@@ -530,11 +523,7 @@ impl Shard {
                 reply,
             } => {
                 let Self { conns, ctx, .. } = self;
-                let Some(c) = conns
-                    .get_mut(key)
-                    .and_then(Option::as_mut)
-                    .filter(|c| c.conn_id == conn_id && !c.closed)
-                else {
+                let Some(c) = live(conns, key, conn_id) else {
                     return;
                 };
                 c.busy = false;
@@ -554,11 +543,7 @@ impl Shard {
                 reason,
             } => {
                 let Self { conns, ctx, .. } = self;
-                if let Some(c) = conns
-                    .get_mut(key)
-                    .and_then(Option::as_mut)
-                    .filter(|c| c.conn_id == conn_id && !c.closed)
-                {
+                if let Some(c) = live(conns, key, conn_id) {
                     close(ctx, key, c, Some(code), reason);
                 }
             }
@@ -677,11 +662,7 @@ impl Shard {
             detaches,
             ..
         } = self;
-        let Some(c) = conns
-            .get_mut(key)
-            .and_then(Option::as_mut)
-            .filter(|c| c.conn_id == conn_id && !c.closed)
-        else {
+        let Some(c) = live(conns, key, conn_id) else {
             // Gone while it was being attached: undo the attach.
             let shared = ctx.shared.clone();
             detaches.spawn(async move { session::detach(&shared, &peer, conn_id).await });
@@ -708,11 +689,7 @@ impl Shard {
 
     fn page(&mut self, key: usize, conn_id: u64, page: Vec<Message>) {
         let Self { conns, ctx, .. } = self;
-        let Some(c) = conns
-            .get_mut(key)
-            .and_then(Option::as_mut)
-            .filter(|c| c.conn_id == conn_id && !c.closed)
-        else {
+        let Some(c) = live(conns, key, conn_id) else {
             return;
         };
         c.page_pending = false;
@@ -849,12 +826,8 @@ impl Shard {
                 let _ = done.send(());
             }
         }
-        if drained || c.proto.is_drained() {
-            if !drained {
-                // The endpoint learns of it through the event above; a
-                // connection drained without it stays until it comes.
-                return;
-            }
+        if drained {
+            // The endpoint has let go of the handle: so does the shard.
             conns[key] = None;
             return;
         }
@@ -865,6 +838,16 @@ impl Shard {
             c.armed = Some(at);
         }
     }
+}
+
+/// Connection `key`, if it is still the one with `conn_id` (a handle is
+/// reused once its connection is gone) and not closed: what a command from a
+/// task may act on.
+fn live(conns: &mut [Option<Conn>], key: usize, conn_id: u64) -> Option<&mut Conn> {
+    conns
+        .get_mut(key)
+        .and_then(Option::as_mut)
+        .filter(|c| c.conn_id == conn_id && !c.closed)
 }
 
 /// The connection has ended (closed here or lost): out of the index, its
@@ -1029,10 +1012,10 @@ fn fatal(ctx: &mut Ctx, key: usize, c: &mut Conn, code: ErrorCode, msg: String) 
     }
     ctx.shared.metrics.error(code);
     tracing::debug!(%code, %msg, "closing connection");
-    let Some(_) = c.control else {
+    if c.control.is_none() {
         close(ctx, key, c, Some(code), &msg);
         return;
-    };
+    }
     c.phase = Phase::Ending;
     c.busy = true;
     c.app_deadline = Some(ctx.now + ERROR_FLUSH);
