@@ -104,13 +104,18 @@ pub(crate) struct Limits {
 const ERROR_FLUSH: Duration = Duration::from_millis(500);
 /// Transmits polled from one connection per flush round (a connection
 /// with more is polled again in the next round, after the others).
-const TRANSMITS_PER_ROUND: usize = 64;
+const TRANSMITS_PER_ROUND: usize = 16;
 /// Transmits gathered before the batch goes to the socket.
 const BATCH_FLUSH: usize = 256;
-/// Receive calls per wake-up before the shard looks at its other work.
-const RECV_ROUNDS: usize = 16;
-/// Commands taken per wake-up before the shard flushes.
-const CMDS_PER_WAKE: usize = 1_024;
+/// Receive calls per wake-up before the shard looks at its other work
+/// (each takes up to `RECV_BATCH` datagrams).
+const RECV_ROUNDS: usize = 64;
+/// Work taken from the command queue per wake-up before the shard sends,
+/// receives and runs its timers: a fan-out command costs one per recipient
+/// it names, any other command one. Taking every queued command at once let
+/// an overloaded shard spend seconds writing frames while it neither sent
+/// nor read a packet, and devices timed out (room 4,000 x 100).
+const WORK_PER_WAKE: usize = 16_384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -288,6 +293,8 @@ impl Shard {
                 sleep.as_mut().reset(at.into());
             }
             let blocked = !self.batch.is_empty();
+            // Connections left with packets to send: go round again at once.
+            let more = !blocked && !self.ctx.dirty.is_empty();
             // Whatever woke the loop, every kind of work is taken each time
             // round (bounded): a stream of ACKs must not starve the
             // fan-out commands, whose queue backs up into the backplane's.
@@ -300,16 +307,18 @@ impl Shard {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     self.ctx.now = Instant::now();
-                    self.command(cmd);
+                    self.handle(cmd);
                 }
                 () = &mut sleep, if next.is_some() => {}
+                () = std::future::ready(()), if more => {}
                 _ = self.socket.io.writable(), if blocked => {}
                 Some(_) = self.detaches.join_next(), if !self.detaches.is_empty() => {}
             }
             self.ctx.now = Instant::now();
-            for _ in 0..CMDS_PER_WAKE {
+            let mut work = 0;
+            while work < WORK_PER_WAKE {
                 match self.rx.try_recv() {
-                    Ok(cmd) => self.command(cmd),
+                    Ok(cmd) => work += self.command(cmd),
                     Err(_) => break,
                 }
             }
@@ -471,7 +480,17 @@ impl Shard {
 
     // ---- commands -----------------------------------------------------
 
-    fn command(&mut self, cmd: Cmd) {
+    /// Handles one command; returns its cost (see [`WORK_PER_WAKE`]).
+    fn command(&mut self, cmd: Cmd) -> usize {
+        let cost = match &cmd {
+            Cmd::Deliver { users, .. } => users.len().max(1),
+            _ => 1,
+        };
+        self.handle(cmd);
+        cost
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Deliver {
                 users,
@@ -736,20 +755,23 @@ impl Shard {
         self.due = due;
     }
 
-    /// Drives every dirty connection (events, transmits, timers) and sends
-    /// what they produced, in rounds until none is dirty or the socket is
-    /// full.
+    /// Drives the connections dirty now (events, transmits, timers) and
+    /// sends what they produced.
     fn flush(&mut self) {
-        while !self.ctx.dirty.is_empty() {
-            if !self.batch.is_empty() && !self.send_batch() {
+        if !self.send_batch() {
+            return;
+        }
+        // One pass over the connections dirty now; those that have more to
+        // send mark themselves again and go in the next pass, after the
+        // shard has read its socket (their ACKs) and its commands.
+        let mut dirty = std::mem::take(&mut self.ctx.dirty).into_iter();
+        while let Some(key) = dirty.next() {
+            self.drive(key);
+            if self.batch.len() >= BATCH_FLUSH && !self.send_batch() {
+                // The socket is full: the connections not driven yet stay
+                // marked and queued until it drains.
+                self.ctx.dirty.extend(dirty);
                 return;
-            }
-            let dirty = std::mem::take(&mut self.ctx.dirty);
-            for key in dirty {
-                self.drive(key);
-                if self.batch.len() >= BATCH_FLUSH && !self.send_batch() {
-                    return;
-                }
             }
         }
         self.send_batch();
