@@ -47,6 +47,12 @@ pub struct ClientConfig {
     /// connection; an app in the background may choose a longer one. The
     /// edge's own idle timeout caps it.
     pub idle_timeout: Duration,
+    /// TLS state to connect with, kept across connections: its session
+    /// tickets let a returning device resume (no certificate chain to
+    /// verify, no signature for the edge to make). `None`: a fresh one
+    /// from `trusted_pem` (a full handshake). [`crate::Session`] keeps one
+    /// per device.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ClientConfig {
@@ -62,6 +68,7 @@ impl ClientConfig {
             delivery_buffer: 4096,
             stream_receive_window: None,
             idle_timeout: Duration::from_secs(4),
+            tls: None,
         }
     }
 }
@@ -224,7 +231,10 @@ impl Client {
         endpoint: &quinn::Endpoint,
         cfg: ClientConfig,
     ) -> Result<(Self, Deliveries), ClientError> {
-        let crypto = crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?;
+        let crypto = match &cfg.tls {
+            Some(t) => t.0.clone(),
+            None => crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?,
+        };
         let mut qcfg = quinn::ClientConfig::new(crypto);
         let mut transport = quinn::TransportConfig::default();
         // Pings well inside the idle timeout, so an idle device stays up and

@@ -446,6 +446,12 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
         }
     };
+    // One TLS state for every connection of this device: the session
+    // tickets an edge sends make the next connect a resumption.
+    let tls = match &cfg.client.tls {
+        Some(t) => Some(t.clone()),
+        None => crate::tls::ClientTls::new(&cfg.client.trusted_pem).ok(),
+    };
     let mut policy = Reconnect::new(cfg.edges.clone(), cfg.backoff_base, cfg.backoff_cap);
     let mut addr = policy.edge();
     let mut delay = Duration::ZERO;
@@ -460,6 +466,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             addr,
             token: (cfg.token)(),
             client_id: inner.client_id.load(Ordering::Relaxed),
+            tls: tls.clone(),
             ..cfg.client.clone()
         };
         let (client, deliveries) = match Client::connect_on(&endpoint, ccfg).await {

@@ -10,7 +10,8 @@ use rustls::pki_types::pem::PemObject;
 pub use tiercast_schemas::ALPN;
 
 /// The quinn client crypto that trusts exactly the certificates in
-/// `trusted_pem`.
+/// `trusted_pem`, keeping the session tickets edges send (reuse it across
+/// a device's connections to resume).
 pub fn client_crypto(
     trusted_pem: &str,
 ) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
@@ -24,13 +25,43 @@ pub fn client_crypto(
     if roots.is_empty() {
         return Err("no certificate to trust".into());
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS_AES_128_GCM_SHA256 first (ring's default puts AES-256/SHA-384
+    // first): QUIC's Initial packets use it anyway, and SHA-256 has
+    // hardware support on current x86 and ARM cores where SHA-512 does
+    // not; the handshake's transcript hashes and key schedule are a sixth
+    // of its CPU (docs/benchmarks.md, "Reconnects").
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Session tickets, kept in this config: a config used for a device's
+    // every connection resumes after the first. A device talks to one
+    // fleet name; a few entries are plenty.
+    tls.resumption = rustls::client::Resumption::in_memory_sessions(4);
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     Ok(Arc::new(quic))
+}
+
+/// A device's TLS state (its trust roots and the session tickets it holds),
+/// kept across its connections so that they resume.
+#[derive(Clone)]
+pub struct ClientTls(pub Arc<quinn::crypto::rustls::QuicClientConfig>);
+
+impl ClientTls {
+    pub fn new(trusted_pem: &str) -> Result<Self, String> {
+        client_crypto(trusted_pem).map(Self)
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
 }

@@ -110,6 +110,13 @@ pub struct EdgeConfig {
     /// hashes to, so a client whose address changes mid-connection
     /// reconnects (QUIC migration is not followed across shards).
     pub shards: usize,
+    /// TLS session tickets (resumption): a returning device skips the
+    /// certificate signature and its verification. The ticket keys are
+    /// derived from `node.token_secret` and this period, so every edge of
+    /// a fleet, and an edge after a restart, opens the tickets of the
+    /// others; a new key every period, a ticket lives at most two. 0: no
+    /// tickets (every handshake a full one).
+    pub ticket_rotation_s: u64,
     /// Request rate limits per connection and per user.
     pub rates: crate::limits::Rates,
 }
@@ -132,6 +139,7 @@ impl Default for EdgeConfig {
             retry_above_per_s: 2_000,
             ack_every: 0,
             shards: 0,
+            ticket_rotation_s: 6 * 3600,
             rates: crate::limits::Rates::default(),
         }
     }
@@ -205,6 +213,13 @@ impl EdgeConfig {
             return Err(InvalidSetting::new(
                 "edge.max_handshakes_in_flight",
                 "must be 1..=1000000",
+            ));
+        }
+        // RFC 8446 caps a ticket's life at 7 days; one lives two periods.
+        if self.ticket_rotation_s != 0 && !(60..=302_400).contains(&self.ticket_rotation_s) {
+            return Err(InvalidSetting::new(
+                "edge.ticket_rotation_s",
+                "must be 0 (no tickets) or 60..=302400 seconds",
             ));
         }
         self.rates.validate()?;

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod conversations;
 pub mod core;
+pub mod fleet;
 pub mod limits;
 pub mod metrics;
 pub mod node;

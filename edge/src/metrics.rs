@@ -28,6 +28,7 @@ pub struct EdgeMetrics {
     pub handshakes_in_flight: Gauge,
     pub handshakes_refused: Counter,
     pub retries_sent: Counter,
+    pub tickets: crate::fleet::TicketCounts,
 }
 
 impl EdgeMetrics {
@@ -53,6 +54,21 @@ impl EdgeMetrics {
             "handshakes_refused",
             "Connection attempts refused: too many handshakes in flight, or the edge full",
             m.handshakes_refused.clone(),
+        );
+        r.register(
+            "tls_tickets_issued",
+            "TLS session tickets sent to devices",
+            m.tickets.issued.clone(),
+        );
+        r.register(
+            "tls_resumptions",
+            "Handshakes that presented a good session ticket (resumed: no certificate signature)",
+            m.tickets.opened.clone(),
+        );
+        r.register(
+            "tls_tickets_refused",
+            "Session tickets refused (expired, another fleet's key, or forged): a full handshake",
+            m.tickets.refused.clone(),
         );
         r.register(
             "retries_sent",

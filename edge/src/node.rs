@@ -165,9 +165,24 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
 pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Binds the QUIC listener of an edge: one UDP socket per I/O shard on
-/// the listen address.
-pub fn bind_listener(cfg: &EdgeConfig, id: Identity) -> Result<Listener, StartError> {
-    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(id)?);
+/// the listen address. `fleet_secret` (the fleet's `node.token_secret`)
+/// keys the session tickets, when `edge.ticket_rotation_s` asks for them,
+/// and the stateless resets (a restarted edge's resets are verifiable).
+pub fn bind_listener(
+    cfg: &EdgeConfig,
+    id: Identity,
+    fleet_secret: &[u8],
+    counts: &crate::fleet::TicketCounts,
+) -> Result<Listener, StartError> {
+    let tickets = (cfg.ticket_rotation_s > 0).then(|| {
+        Arc::new(crate::fleet::FleetTicketer::new(
+            fleet_secret,
+            cfg.ticket_rotation_s,
+            counts.clone(),
+        )) as Arc<dyn rustls::server::ProducesTickets>
+    });
+    let mut server =
+        quinn::ServerConfig::with_crypto(tls::server_crypto_with_tickets(id, tickets)?);
     server.transport_config(Arc::new(transport_config(cfg)));
     let bind_err = |e: std::io::Error| StartError::Bind {
         what: "the QUIC listener",
@@ -176,7 +191,8 @@ pub fn bind_listener(cfg: &EdgeConfig, id: Identity) -> Result<Listener, StartEr
     };
     let sockets = crate::core::bind_sockets(cfg.listen, cfg.shard_count(), UDP_BUFFER_BYTES)
         .map_err(bind_err)?;
-    Listener::new(sockets, server).map_err(bind_err)
+    let endpoint = crate::fleet::endpoint_config(fleet_secret);
+    Listener::new(sockets, server, endpoint).map_err(bind_err)
 }
 
 /// What every process builds the same way: the store, the backplane and
@@ -404,7 +420,12 @@ impl Node {
             }
         };
         let cert_pem = identity.chain_pem.clone();
-        let listener = bind_listener(&cfg.edge, identity)?;
+        let listener = bind_listener(
+            &cfg.edge,
+            identity,
+            cfg.node.token_secret.as_bytes(),
+            &edge_metrics.tickets,
+        )?;
         let quic_addr = listener.local_addr;
         let edge = Edge::new(engine.clone(), keys.clone(), cfg.edge.clone(), edge_metrics)
             .await

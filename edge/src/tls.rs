@@ -85,11 +85,31 @@ impl Identity {
     }
 }
 
-/// The rustls server configuration for QUIC.
+/// The rustls server configuration for QUIC, without session tickets
+/// (every handshake a full one).
 pub fn server_crypto(
     id: Identity,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    server_crypto_with_tickets(id, None)
+}
+
+/// [`server_crypto`], issuing and accepting session tickets sealed by
+/// `tickets` (see [`crate::tickets`]): a device that comes back resumes,
+/// skipping the certificate signature.
+pub fn server_crypto_with_tickets(
+    id: Identity,
+    tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+    // TLS_AES_128_GCM_SHA256 first (ring's default puts AES-256/SHA-384
+    // first): QUIC's Initial packets use it anyway, and SHA-256 has
+    // hardware support on current x86 and ARM cores where SHA-512 does
+    // not; the handshake's transcript hashes and key schedule are a sixth
+    // of its CPU (docs/benchmarks.md, "Reconnects").
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -97,7 +117,12 @@ pub fn server_crypto(
         .with_single_cert(id.chain, id.key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No 0-RTT: early data is replayable, and a replayed Send or Ack is
+    // not something to accept before the handshake completes.
     tls.max_early_data_size = 0;
+    if let Some(t) = tickets {
+        tls.ticketer = t;
+    }
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(quic))

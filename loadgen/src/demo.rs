@@ -560,7 +560,7 @@ impl<'a> Demo<'a> {
                 tick.tick().await;
                 let at = self.base.elapsed().as_micros() as u64;
                 let body = stamped_body(at, self.opts.payload);
-                let id = publish(&http, &api, &token, conversation, &body)
+                let id = publish(&http, &api, &token, conversation, &body, at)
                     .await
                     .map_err(|code| {
                         anyhow::anyhow!("publish to conversation {conversation}: {code}")

@@ -254,7 +254,9 @@ pub struct LoadgenFigures {
     pub datagrams_dropped: u64,
 }
 
-/// A reconnect storm: the devices of one edge told to reconnect at once.
+/// A reconnect storm: the devices of one edge told to reconnect at once,
+/// or (an edge killed and restarted) dropped by its crash, timed from the
+/// moment it listened again.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StormFigures {
@@ -263,6 +265,10 @@ pub struct StormFigures {
     pub reconnect_p99_ms: f64,
     pub reconnect_max_ms: f64,
     pub reconnects: usize,
+    /// Devices back in each second after the edge listened again (a
+    /// crashed and restarted edge; empty for a storm of dropped clients).
+    #[serde(default)]
+    pub reconnects_per_s: Vec<u64>,
 }
 
 /// An edge signalled mid-run, and how its devices came back.
@@ -468,9 +474,20 @@ impl RunReport {
         if let Some(st) = &self.reconnect_storm {
             let _ = writeln!(
                 out,
-                "reconnect storm: {} devices dropped at once; back in p50 {} ms, p99 {} ms, max {} ms",
-                st.devices_dropped, st.reconnect_p50_ms, st.reconnect_p99_ms, st.reconnect_max_ms
+                "reconnect storm: {} devices dropped at once, {} back in p50 {} ms, p99 {} ms, max {} ms",
+                st.devices_dropped,
+                st.reconnects,
+                st.reconnect_p50_ms,
+                st.reconnect_p99_ms,
+                st.reconnect_max_ms
             );
+            if !st.reconnects_per_s.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  devices back per second after the edge listened again: {:?}",
+                    st.reconnects_per_s
+                );
+            }
         }
         let ro = &self.reorder;
         if ro.held > 0 {
@@ -488,11 +505,23 @@ impl RunReport {
                     f.restart_s
                         .map_or_else(|| "?".to_owned(), |s| s.to_string())
                 ),
+                "KILL and restart" => format!(
+                    "SIGKILL to edge {} at {} s, started again (listening {} s later)",
+                    f.edge,
+                    f.at_s,
+                    f.restart_s
+                        .map_or_else(|| "?".to_owned(), |s| format!("{s:.3}"))
+                ),
                 sig => format!("SIG{sig} to edge {} at {} s", f.edge, f.at_s),
+            };
+            let whence = if f.signal == "KILL and restart" {
+                "back"
+            } else {
+                "back on another edge"
             };
             let _ = writeln!(
                 out,
-                "edge fault: {what}; {} devices on it, {} back on another edge in p50 {} ms, p99 {} ms, max {} ms",
+                "edge fault: {what}; {} devices on it, {} {whence} in p50 {} ms, p99 {} ms, max {} ms (from the signal)",
                 f.devices_on_edge, f.devices_back, f.back_p50_ms, f.back_p99_ms, f.back_max_ms
             );
         }

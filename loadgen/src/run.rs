@@ -331,6 +331,15 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                         (r, Instant::now())
                     }));
                     fleet.on_edge(None)
+                } else if f.signal == FaultSignal::KillRestart {
+                    let restart = target.kill_restart(f.edge)?;
+                    let on_edge = fleet.on_edge(Some(f.edge));
+                    incidents.restart = Some(tokio::task::spawn_blocking(move || {
+                        // Back when it listens again (its ready line).
+                        let r = restart.run().map(|_| ());
+                        (r, Instant::now())
+                    }));
+                    on_edge
                 } else {
                     let on_edge = fleet.on_edge(Some(f.edge));
                     target.signal_edge(f.edge, f.signal.name())?;
@@ -377,8 +386,10 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             }
             SendAs::Publisher => {
                 let (http, api, token) = (http.clone(), target.api.clone(), publisher.clone());
+                client_msg_id += 1;
+                let cmid = client_msg_id;
                 in_flight.push(tokio::spawn(async move {
-                    match publish(&http, &api, &token, conversation, &body).await {
+                    match publish(&http, &api, &token, conversation, &body, cmid).await {
                         Ok(id) => outbox.sent.lock().expect("sent").push(Sent {
                             id,
                             conversation,
@@ -603,6 +614,7 @@ fn incidents_into(
     restart_done_us: Option<u64>,
 ) {
     let logs = fleet.logs();
+    let fault_devices = incidents.fault.clone();
     if let (Some(f), Some((on_edge, at_us))) = (&s.edge_fault, incidents.fault) {
         // How long the devices of the signalled edge took to be connected
         // again (to another edge), from the signal.
@@ -638,7 +650,40 @@ fn incidents_into(
         reconnect_p99_ms: quantile(&mut reconnect_us, 0.99) as f64 / 1e3,
         reconnect_max_ms: quantile(&mut reconnect_us, 1.0) as f64 / 1e3,
         reconnects: reconnect_us.len(),
+        reconnects_per_s: Vec::new(),
     });
+    // A crashed and restarted edge: its devices' storm, timed from the
+    // moment it listened again (nothing can connect before).
+    if let (Some(f), Some((on_edge, _)), Some(listen_us), None) = (
+        &s.edge_fault,
+        &fault_devices,
+        restart_done_us,
+        &report.reconnect_storm,
+    ) && f.signal == FaultSignal::KillRestart
+    {
+        let mut back: Vec<u64> = on_edge
+            .iter()
+            .filter_map(|&i| {
+                logs[i]
+                    .connected_at_us
+                    .iter()
+                    .find(|&&t| t >= listen_us)
+                    .map(|&t| t - listen_us)
+            })
+            .collect();
+        let mut per_s = vec![0u64; back.iter().max().map_or(0, |m| m / 1_000_000 + 1) as usize];
+        for b in &back {
+            per_s[(b / 1_000_000) as usize] += 1;
+        }
+        report.reconnect_storm = Some(StormFigures {
+            devices_dropped: on_edge.len(),
+            reconnects: back.len(),
+            reconnect_p50_ms: quantile(&mut back, 0.5) as f64 / 1e3,
+            reconnect_p99_ms: quantile(&mut back, 0.99) as f64 / 1e3,
+            reconnect_max_ms: quantile(&mut back, 1.0) as f64 / 1e3,
+            reconnects_per_s: per_s,
+        });
+    }
 }
 
 /// The whole run's figures: the tiers' counts added, latency from `all`.
@@ -702,14 +747,27 @@ fn quantile(v: &mut [u64], p: f64) -> u64 {
 }
 
 fn code_name(e: &ClientError) -> String {
-    e.code().map_or_else(
-        || match e {
-            ClientError::Timeout(_) => "timeout".to_owned(),
-            ClientError::Connect(_) => "connect".to_owned(),
-            _ => "protocol".to_owned(),
-        },
-        |c| c.name().to_owned(),
-    )
+    match e {
+        // A connection lost without a code: a stateless reset (the edge
+        // restarted and does not know it) or the idle timeout (the edge
+        // is gone, or its resets cannot be verified).
+        ClientError::Closed {
+            code: tiercast_client::ErrorCode::Unspecified,
+            reason,
+        } if reason.contains("reset") => "stateless_reset".to_owned(),
+        ClientError::Closed {
+            code: tiercast_client::ErrorCode::Unspecified,
+            reason,
+        } if reason.contains("timed out") => "idle_timeout".to_owned(),
+        _ => e.code().map_or_else(
+            || match e {
+                ClientError::Timeout(_) => "timeout".to_owned(),
+                ClientError::Connect(_) => "connect".to_owned(),
+                _ => "protocol".to_owned(),
+            },
+            |c| c.name().to_owned(),
+        ),
+    }
 }
 
 /// Users added per API call: the engine's default

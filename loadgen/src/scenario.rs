@@ -120,7 +120,10 @@ pub struct Storm {
 /// devices notice by their idle timeout; not restarted), `term` (SIGTERM:
 /// it drains its devices to the other edges and exits; not restarted), or
 /// `restart` (a rolling restart: every edge in turn drains, exits and comes
-/// back on its address before the next one goes; `edge` is ignored).
+/// back on its address before the next one goes; `edge` is ignored), or
+/// `kill-restart` (SIGKILL to edge `edge`, then the same process started
+/// again on its addresses and data directory, as a supervisor would: on a
+/// single node, the whole node; its devices come back to it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeFault {
@@ -137,6 +140,8 @@ pub enum FaultSignal {
     Kill,
     Term,
     Restart,
+    #[serde(rename = "kill-restart")]
+    KillRestart,
 }
 
 impl FaultSignal {
@@ -145,6 +150,7 @@ impl FaultSignal {
             Self::Kill => "KILL",
             Self::Term => "TERM",
             Self::Restart => "rolling restart",
+            Self::KillRestart => "KILL and restart",
         }
     }
 }

@@ -42,22 +42,44 @@ pub async fn publish(
     token: &str,
     conversation: u64,
     body: &[u8],
+    client_msg_id: u64,
 ) -> Result<u64, String> {
-    let r = http
-        .post(format!("{api}/v1/conversations/{conversation}/messages"))
-        .bearer_auth(token)
-        .json(&serde_json::json!({"body": String::from_utf8_lossy(body)}))
-        .send()
-        .await
-        .map_err(|_| "http_unreachable".to_owned())?;
-    if !r.status().is_success() {
-        return Err(format!("http_{}", r.status().as_u16()));
+    // As a backend publisher does: an answer that never came (the node
+    // down, or restarting) or a 503 (draining) is retried with the same
+    // `client_msg_id`, which the engine deduplicates, for up to 30 s with
+    // a capped backoff; anything else is the answer.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        let r = http
+            .post(format!("{api}/v1/conversations/{conversation}/messages"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({
+                "body": String::from_utf8_lossy(body),
+                "client_msg_id": client_msg_id.to_string(),
+            }))
+            .send()
+            .await;
+        let error = match r {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                return v["id"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| "bad_answer".to_owned());
+            }
+            Ok(r) if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                return Err(format!("http_{}", r.status().as_u16()));
+            }
+            Ok(_) => "http_503".to_owned(),
+            Err(_) => "http_unreachable".to_owned(),
+        };
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(error);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
     }
-    let v: serde_json::Value = r.json().await.unwrap_or_default();
-    v["id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| "bad_answer".to_owned())
 }
 
 /// Width of the send-time stamp at the start of a body.

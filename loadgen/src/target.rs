@@ -177,6 +177,43 @@ impl ServerProc {
         Ok(())
     }
 
+    /// A crash and a supervisor's restart: SIGKILL, wait for the exit
+    /// (keeping its CPU time), start again with the same arguments except
+    /// `sets` (`key=value` replacing the `--set` of that key: the addresses
+    /// it had, so that its devices and publishers find it again), and wait
+    /// until it is serving. Returns the moment it was listening again.
+    pub fn kill_restart(&self, sets: &[String]) -> anyhow::Result<std::time::Instant> {
+        {
+            let mut running = self.running.lock().expect("server lock");
+            let pid = running.child.id();
+            let mut last_cpu = cpu_seconds(pid);
+            let _ = running.child.kill();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !exited(pid) && std::time::Instant::now() < deadline {
+                if let Some(c) = cpu_seconds(pid) {
+                    last_cpu = Some(c);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = running.child.wait();
+            *self.retired_cpu_s.lock().expect("cpu lock") += last_cpu.unwrap_or(0.0);
+        }
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| {
+                sets.iter()
+                    .find(|s| s.split('=').next() == a.split('=').next() && a.contains('='))
+                    .cloned()
+                    .unwrap_or_else(|| a.clone())
+            })
+            .collect();
+        *self.running.lock().expect("server lock") =
+            Running::start(&self.exe, &self.role, &args, self.cpus.as_deref())?;
+        self.wait_ready()?;
+        Ok(std::time::Instant::now())
+    }
+
     /// SIGTERM (the edge drains), then SIGKILL after 10 s.
     fn stop(&self) {
         self.terminate(Duration::from_secs(10));
@@ -196,6 +233,19 @@ impl RollingRestart {
             e.restart(*addr)?;
         }
         Ok(())
+    }
+}
+
+/// An edge to crash and restart (on a thread of its own while load runs).
+pub struct KillRestart {
+    edge: Arc<ServerProc>,
+    sets: Vec<String>,
+}
+
+impl KillRestart {
+    /// Returns the moment the edge listens again.
+    pub fn run(&self) -> anyhow::Result<std::time::Instant> {
+        self.edge.kill_restart(&self.sets)
     }
 }
 
@@ -360,6 +410,34 @@ impl Target {
         Ok(RollingRestart {
             edges,
             addrs: self.edges.clone(),
+        })
+    }
+
+    /// SIGKILL to edge `edge` and a restart on its QUIC address (and, on
+    /// a single node, its HTTP address: the publishers' API), run by
+    /// [`KillRestart::run`].
+    pub fn kill_restart(&self, edge: usize) -> anyhow::Result<KillRestart> {
+        let single = self.servers.len() == 1;
+        let role = if single {
+            "edge 0 (single node)".to_owned()
+        } else {
+            format!("edge {edge}")
+        };
+        let Some(p) = self.servers.iter().find(|p| p.role == role) else {
+            bail!("edge {edge}: not a process loadgen started (edge_fault needs --self-hosted)");
+        };
+        let quic = self.edges.get(edge).context("no such edge")?;
+        let mut sets = vec![format!("edge.listen={quic}")];
+        if single {
+            let http = self
+                .api
+                .strip_prefix("http://")
+                .context("the node's API address")?;
+            sets.push(format!("node.http_listen={http}"));
+        }
+        Ok(KillRestart {
+            edge: p.clone(),
+            sets,
         })
     }
 

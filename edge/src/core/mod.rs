@@ -84,6 +84,7 @@ impl Listener {
     pub fn new(
         sockets: Vec<std::net::UdpSocket>,
         server: quinn_proto::ServerConfig,
+        endpoint: quinn_proto::EndpointConfig,
     ) -> std::io::Result<Self> {
         let local_addr = sockets
             .first()
@@ -92,7 +93,7 @@ impl Listener {
         Ok(Self {
             sockets,
             server: Arc::new(server),
-            endpoint: Arc::new(quinn_proto::EndpointConfig::default()),
+            endpoint: Arc::new(endpoint),
             local_addr,
         })
     }

@@ -13,6 +13,7 @@ mod order;
 mod protocol_bytes;
 mod redis_failover;
 mod redis_security;
+mod resumption;
 mod sdk_bad_frames;
 mod tier1_chat;
 mod tier_fanout;
