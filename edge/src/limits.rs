@@ -162,6 +162,15 @@ impl UserLimits {
     }
 }
 
+/// The clock every bucket reads. Making one (quanta's `Clock::new`) reads
+/// CPUID and is not cheap: per connection and per request it was as much of
+/// an edge's CPU in a reconnect storm as quinn-proto's packet parsing.
+fn clock() -> DefaultClock {
+    static CLOCK: std::sync::LazyLock<DefaultClock> =
+        std::sync::LazyLock::new(DefaultClock::default);
+    CLOCK.clone()
+}
+
 /// One connection's buckets.
 pub struct ConnLimits {
     buckets: Vec<DefaultDirectRateLimiter>,
@@ -178,7 +187,7 @@ impl ConnLimits {
         Self {
             buckets: KINDS
                 .iter()
-                .map(|&k| RateLimiter::direct(rate_of(rates, k).quota(1)))
+                .map(|&k| RateLimiter::direct_with_clock(rate_of(rates, k).quota(1), clock()))
                 .collect(),
         }
     }
@@ -187,7 +196,7 @@ impl ConnLimits {
     /// bucket; `Err(wait)` if either is empty (then neither is charged
     /// beyond the connection's, which refilling covers).
     pub fn check(&self, users: &UserLimits, user: u64, kind: Kind) -> Result<(), Duration> {
-        let now = DefaultClock::default().now();
+        let now = clock().now();
         self.buckets[kind.index()]
             .check()
             .map_err(|not_until| not_until.wait_time_from(now))?;

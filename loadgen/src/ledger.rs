@@ -119,6 +119,28 @@ impl Audience {
         missing
     }
 
+    /// Up to `limit` deliveries missing now, as (device, message): what a
+    /// run that lost something shows of where it went.
+    pub fn missing_sample<R: Receipts>(
+        &self,
+        sent: &[Sent],
+        logs: &[R],
+        limit: usize,
+    ) -> Vec<(usize, Sent)> {
+        let mut out = Vec::new();
+        for m in sent {
+            for d in self.recipients(m) {
+                if out.len() == limit {
+                    return out;
+                }
+                if self.arrival(m, &logs[d]).is_none() {
+                    out.push((d, *m));
+                }
+            }
+        }
+        out
+    }
+
     /// Expected against received, per tier, with latencies of the measured
     /// (not warm-up) messages and a per-second timeline from
     /// `send_start_us`.

@@ -299,6 +299,25 @@ pub struct ReorderFigures {
     pub late: u64,
 }
 
+/// A delivery that never arrived, with the receiving device's story.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LostDelivery {
+    pub device: usize,
+    pub user: u64,
+    pub conversation: u64,
+    pub tier: u8,
+    pub message_id: u64,
+    /// When it was scheduled and when the sender had its id, seconds
+    /// since the run began.
+    pub scheduled_s: f64,
+    /// When the device's connections came up, seconds since the run began.
+    pub device_connects_s: Vec<f64>,
+    /// The newest id of the conversation the device did receive.
+    pub device_newest_id: u64,
+    pub device_errors: BTreeMap<String, u64>,
+}
+
 /// One second of the run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -336,6 +355,10 @@ pub struct RunReport {
     pub reconnect_storm: Option<StormFigures>,
     pub edge_fault: Option<FaultFigures>,
     pub reorder: ReorderFigures,
+    /// Deliveries missing at the end (up to 20): which device, which
+    /// message, and what the device went through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_sample: Vec<LostDelivery>,
     pub timeline: Vec<TimelinePoint>,
     /// Seconds from the first send to the last.
     pub run_seconds: f64,

@@ -28,8 +28,8 @@ use tiercast_client::{ClientError, Event, Session, SessionConfig};
 
 use crate::ledger::{Audience, Receipts, Sent, histogram};
 use crate::report::{
-    ConnectFigures, FaultFigures, LoadgenFigures, Machine, RunFigures, RunReport, ServerFigures,
-    ServerProcess, StormFigures, TargetInfo, TierFigures, TimelinePoint, Versions,
+    ConnectFigures, FaultFigures, LoadgenFigures, LostDelivery, Machine, RunFigures, RunReport,
+    ServerFigures, ServerProcess, StormFigures, TargetInfo, TierFigures, TimelinePoint, Versions,
 };
 use crate::scenario::{ConversationPlan, FaultSignal, Scenario, layout};
 use crate::schedule::{Schedule, SendAs, Step};
@@ -505,6 +505,28 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         rss_bytes_end: target.server_rss(),
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
+    if report.total.lost > 0 {
+        let logs = fleet.logs();
+        let secs = |us: u64| us as f64 / 1e6;
+        report.lost_sample = audience
+            .missing_sample(&sent, &logs, 20)
+            .into_iter()
+            .map(|(d, m)| {
+                let l = &logs[d];
+                LostDelivery {
+                    device: d,
+                    user: fleet.devices[d].sim.user,
+                    conversation: m.conversation,
+                    tier: audience.tier(m.conversation),
+                    message_id: m.id,
+                    scheduled_s: secs(m.scheduled_us),
+                    device_connects_s: l.connected_at_us.iter().map(|&t| secs(t)).collect(),
+                    device_newest_id: l.newest.get(&m.conversation).copied().unwrap_or(0),
+                    device_errors: l.errors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                }
+            })
+            .collect();
+    }
     for d in &fleet.devices {
         d.session.close();
     }
