@@ -650,4 +650,74 @@ mod tests {
         let e = load(&[], &[("node.store_url", "http://127.0.0.1:1")]).unwrap_err();
         assert!(e.to_string().contains("auth.internal_secret"), "{e}");
     }
+
+    /// Every leaf setting of the defaults, `section.key` -> its TOML value.
+    fn leaves(prefix: &str, t: &toml::Table, out: &mut std::collections::BTreeMap<String, String>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(sub) => leaves(&key, sub, out),
+                v => {
+                    out.insert(key, v.to_string());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn configuration_doc_lists_every_setting() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        // Rows: | `section.key` | `default` | unit | meaning |
+        let mut documented = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let key = cells[0].trim_start_matches("| ").trim_matches('`');
+            let default = cells[1].trim_matches('`');
+            let meaning = cells.get(3).map_or("", |m| m.trim_end_matches(" |").trim());
+            assert!(!meaning.is_empty(), "{key}: no meaning in {path}");
+            assert!(
+                documented
+                    .insert(key.to_owned(), default.to_owned())
+                    .is_none(),
+                "{key} twice in {path}"
+            );
+        }
+        let mut defaults = std::collections::BTreeMap::new();
+        leaves(
+            "",
+            &toml::Table::try_from(Config::default()).unwrap(),
+            &mut defaults,
+        );
+        for (key, value) in &defaults {
+            assert_eq!(
+                documented.get(key),
+                Some(value),
+                "{key}: the default is {value}; {path} must say so"
+            );
+        }
+        for (key, default) in &documented {
+            if defaults.contains_key(key) {
+                continue;
+            }
+            // Unset by default (an Option, an empty map): still a setting,
+            // which the loader takes (a type error, never an unknown field).
+            assert!(
+                default == "unset" || default == "{}",
+                "{key}: {default} is no default"
+            );
+            let probe = Config::merged(None, [], &[(key.clone(), "\"probe\"".into())]);
+            if let Err(e) = probe {
+                let e = e.to_string();
+                assert!(
+                    !e.contains("unknown"),
+                    "{key} in {path} is not a setting: {e}"
+                );
+            }
+        }
+    }
 }

@@ -3,10 +3,11 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tiercast_engine::metrics::CodeLabel;
+use tiercast_engine::metrics::{CodeLabel, seconds_histogram};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EdgeMetrics {
     pub connections: Gauge,
     pub handshakes: Counter,
@@ -29,6 +30,41 @@ pub struct EdgeMetrics {
     pub handshakes_refused: Counter,
     pub retries_sent: Counter,
     pub tickets: crate::fleet::TicketCounts,
+    /// From a message's acceptance (its id) to this edge handing it to
+    /// its shards: store, publish and the backplane.
+    pub fanout_delay_seconds: Histogram,
+    /// One device request (Send, Fetch, Sync, Read, Ack) answered.
+    pub request_seconds: Histogram,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Gauge::default(),
+            handshakes: Counter::default(),
+            deliveries: Counter::default(),
+            backplane_inbound: Counter::default(),
+            backplane_malformed: Counter::default(),
+            errors: Family::default(),
+            slow_consumers: Counter::default(),
+            pull_requests: Counter::default(),
+            pull_store_reads: Counter::default(),
+            coalesced_notifications: Counter::default(),
+            stale_read_markers: Counter::default(),
+            gap_repairs: Counter::default(),
+            gap_repair_frames: Counter::default(),
+            seam_duplicates: Counter::default(),
+            drained: Counter::default(),
+            syncs: Counter::default(),
+            reads: Counter::default(),
+            handshakes_in_flight: Gauge::default(),
+            handshakes_refused: Counter::default(),
+            retries_sent: Counter::default(),
+            tickets: crate::fleet::TicketCounts::default(),
+            fanout_delay_seconds: seconds_histogram(),
+            request_seconds: seconds_histogram(),
+        }
+    }
 }
 
 impl EdgeMetrics {
@@ -54,6 +90,16 @@ impl EdgeMetrics {
             "handshakes_refused",
             "Connection attempts refused: too many handshakes in flight, or the edge full",
             m.handshakes_refused.clone(),
+        );
+        r.register(
+            "fanout_delay_seconds",
+            "From a message's acceptance (its id's time) to this edge handing it to its connections",
+            m.fanout_delay_seconds.clone(),
+        );
+        r.register(
+            "request_seconds",
+            "Time to answer one device request",
+            m.request_seconds.clone(),
         );
         r.register(
             "tls_tickets_issued",

@@ -78,6 +78,7 @@ impl EngineService {
             engine.clone(),
             keys.clone(),
             Arc::new(registry),
+            stopped.clone(),
             stopped,
         )
         .await?;
@@ -340,11 +341,15 @@ async fn until_stopped(mut rx: Stopped) {
 }
 
 /// Binds and serves the HTTP API; returns its address and task.
+/// `/readyz` says `draining` from `stopping`; the server itself stops at
+/// `stopped` (on an edge, after the drain, so that the load balancer sees
+/// the drain and `/metrics` shows it).
 async fn serve_http(
     cfg: &Config,
     engine: Arc<Engine>,
     keys: TokenKeys,
     registry: Arc<Registry>,
+    stopping: Stopped,
     stopped: Stopped,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let bind_err = |e: std::io::Error| StartError::Bind {
@@ -362,6 +367,7 @@ async fn serve_http(
         internal: cfg.internal_keys(),
         registry,
         limits: cfg.http.clone(),
+        ready: http::ReadyProbe::new(stopping),
     };
     let task = tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state, until_stopped(stopped)).await {
@@ -432,15 +438,21 @@ impl Node {
             .map_err(|e| StartError::Engine(e.to_string()))?;
         let (stop, stopped) = watch::channel(false);
         let registry = Arc::new(registry);
+        // The HTTP server outlives the drain: it stops when the edge has.
+        let (drained_tx, drained) = watch::channel(false);
         let (http_addr, http_task) = serve_http(
             &cfg,
             engine.clone(),
             keys.clone(),
             registry.clone(),
             stopped.clone(),
+            drained,
         )
         .await?;
-        let edge_task = tokio::spawn(edge.run(listener, until_stopped(stopped)));
+        let edge_task = tokio::spawn(async move {
+            edge.run(listener, until_stopped(stopped)).await;
+            let _ = drained_tx.send(true);
+        });
         tracing::info!(%quic_addr, %http_addr, node_id = engine.node_id(), "node started");
         Ok(Self {
             quic_addr,

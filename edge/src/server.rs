@@ -653,6 +653,16 @@ async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>,
                 continue;
             }
         };
+        // From the send's acceptance (its id's time, on the engine's
+        // clock) to this edge handing the frame to its shards.
+        if let Some(id) = message_id.or(notify.map(|(_, id)| id)) {
+            let accepted_ms = tiercast_engine::snowflake::parts(id).unix_ms;
+            let delay_ms = tiercast_engine::snowflake::now_unix_ms().saturating_sub(accepted_ms);
+            shared
+                .metrics
+                .fanout_delay_seconds
+                .observe(delay_ms as f64 / 1e3);
+        }
         shards
             .deliver(recipients.into(), except_client, frame, message_id, notify)
             .await;

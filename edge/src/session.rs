@@ -432,7 +432,13 @@ pub(crate) async fn handle(
 /// or the end of the connection.
 pub(crate) async fn answer(shared: &Shared, peer: &Peer, frame: ClientFrame) -> Result<Bytes, End> {
     let id = frame.request_id;
-    match handle(shared, peer, frame.body).await {
+    let started = std::time::Instant::now();
+    let reply = handle(shared, peer, frame.body).await;
+    shared
+        .metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match reply {
         Ok(body) => Ok(ServerFrame::new(id, body).encode()),
         Err(Reply::Fatal(end)) => Err(end),
         Err(Reply::Refused(code, msg)) => {

@@ -469,7 +469,11 @@ impl Engine {
             dedupe,
             inbox,
         };
+        let started = std::time::Instant::now();
         let persisted = self.store.insert_message(&record).await?;
+        self.metrics
+            .store_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok((persisted, record, members))
     }
 
@@ -495,6 +499,7 @@ impl Engine {
     /// message is stored, and devices catch up.
     async fn publish(&self, tier: Tier, message: Message, except_client: u64, members: &[u64]) {
         let conversation = message.conversation;
+        let accepted_ms = crate::snowflake::parts(message.id).unix_ms;
         let payload = match tier {
             Tier::Direct | Tier::Sharded => Payload::Deliver {
                 tier,
@@ -555,6 +560,12 @@ impl Engine {
                 }
             }
         }
+        // Milliseconds of the id against this node's clock (the id came from
+        // it): a clock step back reads as 0.
+        let delay_ms = crate::snowflake::now_unix_ms().saturating_sub(accepted_ms);
+        self.metrics
+            .publish_delay_seconds
+            .observe(delay_ms as f64 / 1e3);
     }
 
     /// One publish, tried again with backoff (50 ms doubling to 1 s) while

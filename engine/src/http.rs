@@ -153,6 +153,84 @@ pub struct HttpState {
     pub internal: Option<TokenKeys>,
     pub registry: Arc<Registry>,
     pub limits: HttpLimits,
+    /// What `/readyz` answers from.
+    pub ready: ReadyProbe,
+}
+
+/// Readiness: this process's store answers a read, its backplane takes a
+/// publish, and it is not shutting down. One probe at a time, its answer
+/// kept for [`READY_CACHE`], so that `/readyz` (no token) cannot be turned
+/// into a stream of store reads.
+#[derive(Clone, Debug)]
+pub struct ReadyProbe {
+    stopping: tokio::sync::watch::Receiver<bool>,
+    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>>,
+}
+
+/// What `/readyz` says, as JSON.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not: `draining`, `store: ...`, `backplane: ...`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
+/// How long one readiness answer is reused.
+pub const READY_CACHE: Duration = Duration::from_millis(500);
+/// How long the store and the backplane have to answer a probe.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The channel a readiness probe publishes to (no one subscribes).
+pub const READY_CHANNEL: &str = "tiercast:readyz";
+
+impl ReadyProbe {
+    /// `stopping` turns true when the process begins to shut down (an edge
+    /// drains from then on).
+    pub fn new(stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            stopping,
+            last: Arc::default(),
+        }
+    }
+
+    pub async fn check(&self, engine: &Engine) -> Readiness {
+        if *self.stopping.borrow() {
+            return Readiness {
+                ready: false,
+                reasons: vec!["draining".into()],
+            };
+        }
+        let mut last = self.last.lock().await;
+        if let Some((at, r)) = &*last
+            && at.elapsed() < READY_CACHE
+        {
+            return r.clone();
+        }
+        let (store, backplane) = tokio::join!(
+            tokio::time::timeout(READY_TIMEOUT, engine.store().conversation(0)),
+            tokio::time::timeout(
+                READY_TIMEOUT,
+                engine.backplane().publish(READY_CHANNEL, Bytes::new())
+            ),
+        );
+        let mut reasons = Vec::new();
+        match store {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => reasons.push(format!("store: {e}")),
+            Err(_) => reasons.push(format!("store: no answer within {READY_TIMEOUT:?}")),
+        }
+        match backplane {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => reasons.push(format!("backplane: {e}")),
+            Err(_) => reasons.push(format!("backplane: no answer within {READY_TIMEOUT:?}")),
+        }
+        let r = Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        };
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
 }
 
 /// An API error: a wire code, an HTTP status and a one-line message.
@@ -432,6 +510,7 @@ pub fn router(state: HttpState) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
         .merge(internal)
@@ -593,6 +672,19 @@ async fn require_internal(
         Ok(_) => next.run(req).await,
         Err(e) => ApiError::auth(e).into_response(),
     }
+}
+
+/// `/readyz`: 200 `{"ready":true}` when this process can serve, else 503
+/// with the reasons (what load balancers and orchestrators check;
+/// `/healthz` only says the process is alive).
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    let r = state.ready.check(&state.engine).await;
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r))
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -5,7 +5,16 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// A latency histogram in seconds: 100 us to about 52 s, doubling (20
+/// buckets): store commits and fan-out on one scale.
+pub fn seconds_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 20,
+    ))
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabel {
@@ -17,7 +26,7 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EngineMetrics {
     pub messages_stored: Counter,
     pub duplicate_sends: Counter,
@@ -27,6 +36,28 @@ pub struct EngineMetrics {
     pub publish_failures: Counter,
     pub publish_retries: Counter,
     pub republished: Counter,
+    /// One message's store commit (insert with its inboxes and dedupe key).
+    pub store_commit_seconds: Histogram,
+    /// From a message's id (taken as the send was accepted) to the end of
+    /// its publish to the backplane: what a send waits for before fan-out.
+    pub publish_delay_seconds: Histogram,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        Self {
+            messages_stored: Counter::default(),
+            duplicate_sends: Counter::default(),
+            send_errors: Family::default(),
+            publishes: Family::default(),
+            publish_bytes: Family::default(),
+            publish_failures: Counter::default(),
+            publish_retries: Counter::default(),
+            republished: Counter::default(),
+            store_commit_seconds: seconds_histogram(),
+            publish_delay_seconds: seconds_histogram(),
+        }
+    }
 }
 
 impl EngineMetrics {
@@ -72,6 +103,16 @@ impl EngineMetrics {
             "republished",
             "Messages published again because their sender retried (the first attempt may have stored the message and died before publishing it)",
             m.republished.clone(),
+        );
+        r.register(
+            "store_commit_seconds",
+            "Time to commit one message to the store (with its inboxes and dedupe key)",
+            m.store_commit_seconds.clone(),
+        );
+        r.register(
+            "publish_delay_seconds",
+            "From a message's id (the send accepted) to its publish to the backplane done: store, ordering and publish",
+            m.publish_delay_seconds.clone(),
         );
         m
     }

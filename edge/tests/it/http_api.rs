@@ -6,6 +6,7 @@ use tiercast_testkit as common;
 
 use common::{next_message, start};
 use serde_json::{Value, json};
+use tiercast_engine::http::Readiness;
 
 /// An id from the API: a string of decimal digits.
 fn id_of(v: &Value) -> u64 {
@@ -228,4 +229,145 @@ async fn publisher_retries_are_scoped_to_publisher_and_conversation() {
     assert_eq!(history(1).await.unwrap().0.len(), 2);
     assert_eq!(history(2).await.unwrap().0.len(), 1);
     t.node.shutdown().await;
+}
+
+/// `/readyz`: ready on a healthy node; an edge whose store (an engine
+/// service) has gone says so with 503 and the reason, while `/healthz`
+/// still says it is alive; ready again when the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_store_and_healthz_only_liveness() {
+    let node = start(&[]).await;
+    let r = reqwest::get(node.http("/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"ready": true}));
+
+    // An engine service (the store) and an edge that uses it.
+    let internal = "an internal secret of enough bytes, not the token one";
+    let dir = tempfile::tempdir().unwrap();
+    let engine_cfg = |addr: &str| {
+        common::config(
+            dir.path(),
+            &[
+                ("auth.internal_secret", internal),
+                ("node.http_listen", addr),
+            ],
+        )
+    };
+    let engine = tiercast_edge::EngineService::start(engine_cfg("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let engine_addr = engine.http_addr;
+    let edge_dir = tempfile::tempdir().unwrap();
+    let store_url = format!("http://{engine_addr}");
+    let edge = tiercast_edge::Node::start(common::config(
+        edge_dir.path(),
+        &[
+            ("auth.internal_secret", internal),
+            ("node.store_url", &store_url),
+        ],
+    ))
+    .await
+    .unwrap();
+    let ready = |node: &tiercast_edge::Node| format!("http://{}/readyz", node.http_addr);
+    let r = reqwest::get(ready(&edge)).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    engine.shutdown().await;
+    // The last answer is kept for half a second: ask until it changes
+    // (bounded).
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let body = loop {
+        let r = reqwest::get(ready(&edge)).await.unwrap();
+        if r.status() == 503 {
+            break r.json::<Readiness>().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never unready");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(!body.ready);
+    assert_eq!(body.reasons.len(), 1, "{body:?}");
+    assert!(body.reasons[0].starts_with("store: "), "{body:?}");
+    let r = reqwest::get(format!("http://{}/healthz", edge.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "alive all the same");
+
+    // The store comes back on its address: ready again.
+    let engine = tiercast_edge::EngineService::start(engine_cfg(&engine_addr.to_string()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while reqwest::get(ready(&edge)).await.unwrap().status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    edge.shutdown().await;
+    engine.shutdown().await;
+}
+
+/// The latency histograms count what happened: one store commit, one
+/// publish and one fan-out per message, one observation per device request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_histograms_count_each_message_and_request() {
+    let node = start(&[]).await;
+    node.chat(1, &[1, 2]).await;
+    let (sender, _s) = node.device(1, 10).await;
+    let (_receiver, mut rx) = node.device(2, 20).await;
+    for i in 0..3u64 {
+        sender
+            .send(1, i + 1, bytes::Bytes::from(format!("m{i}")))
+            .await
+            .unwrap();
+        next_message(&mut rx).await;
+    }
+    let text = node.node.metrics();
+    let count = |name: &str| common::metric(&text, &format!("{name}_count"));
+    assert_eq!(count("tiercast_engine_store_commit_seconds"), 3, "{text}");
+    assert_eq!(count("tiercast_engine_publish_delay_seconds"), 3);
+    // Tier 1 publishes on each member's channel: the sender's and the
+    // receiver's, each fanned out once by this edge.
+    assert_eq!(count("tiercast_edge_fanout_delay_seconds"), 6);
+    assert_eq!(count("tiercast_edge_request_seconds"), 3, "three Sends");
+    for h in [
+        "tiercast_engine_store_commit_seconds",
+        "tiercast_edge_fanout_delay_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("{h}_bucket{{le=\"0.0001\"}}")),
+            "{h} has its buckets"
+        );
+    }
+}
+
+/// A draining edge answers `/readyz` 503 `draining` (so its load balancer
+/// sends no one new) while its devices are still leaving, and keeps
+/// serving `/metrics` until the drain is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_is_not_ready() {
+    let node = start(&[
+        ("edge.drain_spread_ms", "0"),
+        ("edge.drain_deadline_ms", "3000"),
+    ])
+    .await;
+    node.chat(1, &[1, 2]).await;
+    // A device that is told to go and stays: the drain waits for it.
+    let (_stays, _rx) = node.device(1, 10).await;
+    let ready = node.http("/readyz");
+    let base = format!("http://{}", node.node.http_addr);
+    let common::TestNode { node: running, dir } = node;
+    let shutdown = tokio::spawn(running.shutdown());
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let body = loop {
+        let r = reqwest::get(&ready).await.unwrap();
+        if r.status() == 503 {
+            break r.json::<Readiness>().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never draining");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(body.reasons, vec!["draining".to_owned()]);
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200, "metrics while draining");
+    shutdown.await.unwrap();
+    drop(dir);
 }

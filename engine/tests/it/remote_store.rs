@@ -57,6 +57,7 @@ async fn serve_engine(
             internal: Some(internal_keys()),
             registry: Arc::new(registry),
             limits,
+            ready: http::ReadyProbe::new(tokio::sync::watch::channel(false).1),
         },
         async {
             let _ = stopped.await;
