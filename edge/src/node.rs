@@ -469,7 +469,10 @@ impl Node {
         })
     }
 
-    /// Stops accepting, closes connections, and waits for the tasks.
+    /// Stops accepting, closes connections, and waits for the tasks, and
+    /// (bounded) for the last task still holding the engine, so that the
+    /// store is closed when this returns (a node restarted in the same
+    /// process opens it again).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -478,6 +481,10 @@ impl Node {
         self.engine.read_queue().close().await;
         if let Some(lease) = self.lease {
             lease.release().await;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.engine) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

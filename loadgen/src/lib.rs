@@ -17,6 +17,7 @@
 //! - [`plan`]: `tiercast loadgen plan`, fleet sizes from a measured run.
 //! - [`report`]: the figures as text and JSON.
 
+pub mod compare;
 pub mod demo;
 pub mod fanout;
 pub mod hgrm;

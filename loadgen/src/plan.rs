@@ -62,6 +62,19 @@ pub struct Assumptions {
     pub db_writes_per_node: f64,
     /// Frame bytes beyond the body per delivery (ids, FlatBuffers, QUIC).
     pub frame_overhead_bytes: f64,
+    /// The most connections one edge is configured to admit
+    /// (`edge.max_connections`); the plan never puts more on one edge,
+    /// even with one edge down.
+    pub edge_max_connections: f64,
+    /// Edge CPU per returning device's handshake, microseconds: a resumed
+    /// QUIC + TLS handshake measured by `cargo bench --bench handshake`
+    /// (211-219 us, docs/runs/handshake-bench-run*.txt).
+    pub handshake_cpu_us: f64,
+    /// Seconds in which a failed edge's devices must be back on the others
+    /// (their handshakes on the others' spare cores).
+    pub storm_target_s: f64,
+    /// Cores of one engine machine.
+    pub engine_cores: f64,
 }
 
 impl Default for Assumptions {
@@ -73,6 +86,10 @@ impl Default for Assumptions {
             redis_publishes_per_shard: 150_000.0,
             db_writes_per_node: 40_000.0,
             frame_overhead_bytes: 120.0,
+            edge_max_connections: 100_000.0,
+            handshake_cpu_us: 220.0,
+            storm_target_s: 10.0,
+            engine_cores: 8.0,
         }
     }
 }
@@ -81,18 +98,108 @@ impl Default for Assumptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
     pub scenario: String,
+    /// Where it came from (the file), for the plan's lines.
+    pub source: String,
     /// Server CPU microseconds per delivery (engine, store and edge, as the
     /// run measured them together).
     pub cpu_us_per_delivery: f64,
+    /// Server CPU milliseconds per message.
+    pub cpu_ms_per_message: f64,
     pub rss_per_connection_bytes: f64,
     pub connections_held: u64,
     pub machine_cpus: u64,
+    /// Deliveries per second the run sustained (its measured window).
+    pub deliveries_per_s: f64,
+    /// Deliveries per tier: which tier's cost this run measures.
+    pub tier_deliveries: std::collections::BTreeMap<u8, u64>,
 }
 
 /// A run whose median delivery took longer than this was not keeping up:
 /// its queues were growing, so its CPU per delivery is not a steady-state
 /// cost.
 const OVERLOADED_P50_US: u64 = 1_000_000;
+
+/// A run's p99 in the last third of its measured seconds against the
+/// first third, when it climbed (more than 3x and past 100 ms): queues
+/// growing through the run, so its CPU per delivery is not a steady state.
+fn climbing(r: &RunReport) -> Option<(u64, u64)> {
+    let (warm, duration) = r
+        .scenario
+        .as_ref()
+        .map_or((0.0, f64::MAX), |s| (s.warmup_s, s.duration_s));
+    let mut p99s: Vec<u64> = r
+        .timeline
+        .iter()
+        .filter(|p| p.deliveries > 0 && (p.t_s as f64) >= warm && (p.t_s as f64) < warm + duration)
+        .map(|p| p.p99_us)
+        .collect();
+    if p99s.len() < 6 {
+        return None;
+    }
+    let third = p99s.len() / 3;
+    let n = p99s.len();
+    let median = |v: &mut [u64]| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let last = median(&mut p99s[n - third..]);
+    let first = median(&mut p99s[..third]);
+    (last > 3 * first && last > 100_000).then_some((first, last))
+}
+
+/// Deliveries of a tier at least this share of a run's make it that tier's
+/// calibration.
+pub const TIER_DOMINANT_SHARE: f64 = 0.8;
+
+/// The cost of each tier, and from which run it came.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierCost {
+    pub tier: u8,
+    pub cpu_us_per_delivery: f64,
+    /// The calibration run it came from.
+    pub source: String,
+    /// Set when no run was mostly this tier and a blend stood in.
+    pub blended: Option<String>,
+}
+
+/// Each workload tier's cost from the run that measured that tier (at
+/// least [`TIER_DOMINANT_SHARE`] of its deliveries), or, with a warning,
+/// the run with the largest share of it.
+pub fn tier_costs(w: &Workload, cals: &[Calibration]) -> Vec<TierCost> {
+    let share = |c: &Calibration, t: u8| {
+        let all: u64 = c.tier_deliveries.values().sum();
+        if all == 0 {
+            // A report without per-tier counts: one blend for every tier.
+            return 0.0;
+        }
+        c.tier_deliveries.get(&t).copied().unwrap_or(0) as f64 / all as f64
+    };
+    w.tiers
+        .iter()
+        .map(|t| {
+            let best = cals
+                .iter()
+                .max_by(|a, b| share(a, t.tier).total_cmp(&share(b, t.tier)))
+                .expect("at least one calibration");
+            let s = share(best, t.tier);
+            TierCost {
+                tier: t.tier,
+                cpu_us_per_delivery: best.cpu_us_per_delivery,
+                source: best.source.clone(),
+                blended: (s < TIER_DOMINANT_SHARE).then(|| {
+                    format!(
+                        "no calibration run is mostly tier {} (the best, `{}`, is {:.0} % tier {}): its blended cost stands in; add a run of a tier-{} scenario",
+                        t.tier,
+                        best.source,
+                        s * 100.0,
+                        t.tier,
+                        t.tier
+                    )
+                }),
+            }
+        })
+        .collect()
+}
 
 impl Calibration {
     /// Why a run cannot calibrate a plan, if it cannot: it lost
@@ -127,6 +234,13 @@ impl Calibration {
                 OVERLOADED_P50_US / 1_000
             ));
         }
+        if let Some((first, last)) = climbing(r) {
+            return Some(format!(
+                "the calibration run's latency climbed through it (p99 {:.0} ms in its first third, {:.0} ms in its last): it was falling behind; lower its rate",
+                first as f64 / 1e3,
+                last as f64 / 1e3
+            ));
+        }
         None
     }
 
@@ -141,10 +255,18 @@ impl Calibration {
         };
         Ok(Self {
             scenario: r.scenario_name().to_owned(),
+            source: r.scenario_name().to_owned(),
             cpu_us_per_delivery: need(
                 "servers.cpu_us_per_delivery",
                 r.servers.cpu_us_per_delivery,
             )?,
+            cpu_ms_per_message: r.servers.cpu_ms_per_message.unwrap_or(0.0),
+            deliveries_per_s: r.total.deliveries_per_s,
+            tier_deliveries: r
+                .tiers
+                .iter()
+                .filter_map(|(t, f)| Some((t.parse().ok()?, f.figures.deliveries)))
+                .collect(),
             rss_per_connection_bytes: need(
                 "servers.rss_per_connection_bytes",
                 r.servers.rss_per_connection_bytes.map(|b| b as f64),
@@ -228,12 +350,21 @@ pub struct Plan {
     pub edges: u64,
     pub redis_shards: u64,
     pub db_nodes: u64,
+    pub engines: u64,
+    /// What each edge must be configured to admit (`edge.max_connections`):
+    /// its share of the connections with one edge down, rounded up to a
+    /// thousand.
+    pub edge_max_connections: u64,
+    pub tier_costs: Vec<TierCost>,
+    /// Where the plan reaches past what was measured, or leans on a blend.
+    pub warnings: Vec<String>,
     pub lines: Vec<Line>,
 }
 
-pub fn plan(w: &Workload, c: &Calibration) -> Plan {
+pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
     let a = &w.assumptions;
     let mut lines = Vec::new();
+    let mut warnings = Vec::new();
     let mut line = |what: &str, value: f64, unit: &str, how: String| {
         lines.push(Line {
             what: what.into(),
@@ -262,10 +393,31 @@ pub fn plan(w: &Workload, c: &Calibration) -> Plan {
             w.concurrent_users, w.messages_per_user_per_hour
         ),
     );
-    // Edges: the largest of what CPU, memory and connection count need.
+    // Server CPU per tier, each from the run that measured that tier.
+    let costs = tier_costs(w, cals);
     let mut deliveries = 0.0;
-    for t in &w.tiers {
-        deliveries += msgs * t.share_of_messages * t.avg_members * w.devices_per_user;
+    let mut cores = 0.0;
+    for (t, cost) in w.tiers.iter().zip(&costs) {
+        let d = msgs * t.share_of_messages * t.avg_members * w.devices_per_user;
+        deliveries += d;
+        cores += line(
+            &format!("tier {} server cores", t.tier),
+            d * cost.cpu_us_per_delivery / 1e6,
+            "cores",
+            format!(
+                "{d:.0} deliveries/s x {:.1} us CPU per delivery (measured by `{}`{}, engine + store + edge together)",
+                cost.cpu_us_per_delivery,
+                cost.source,
+                if cost.blended.is_some() {
+                    ", a blend"
+                } else {
+                    ""
+                }
+            ),
+        );
+        if let Some(why) = &cost.blended {
+            warnings.push(why.clone());
+        }
     }
     let deliveries = line(
         "deliveries/s",
@@ -273,42 +425,118 @@ pub fn plan(w: &Workload, c: &Calibration) -> Plan {
         "/s",
         "sum over tiers of messages/s x share x avg members x devices per user".into(),
     );
-    let cores = line(
-        "server cores for deliveries",
-        deliveries * c.cpu_us_per_delivery / 1e6,
-        "cores",
-        format!(
-            "deliveries/s x {:.1} us CPU per delivery (measured by `{}` on a {}-core machine, engine + store + edge together)",
-            c.cpu_us_per_delivery, c.scenario, c.machine_cpus
-        ),
-    );
-    let by_cpu = cores / (a.edge_cores * a.utilization);
-    let mem = conns * c.rss_per_connection_bytes;
-    let by_mem = mem / (a.edge_memory_gib * 1_073_741_824.0 * a.utilization);
+    let cores = line("server cores", cores, "cores", "sum of the tiers".into());
+    // Edges: the largest of what CPU, memory and connections need, plus one
+    // (N+1), plus what a failed edge's reconnect storm needs.
+    let rss = cals
+        .iter()
+        .map(|c| c.rss_per_connection_bytes)
+        .fold(0.0, f64::max);
     let by_mem = line(
         "edges for memory",
-        by_mem.ceil(),
+        (conns * rss / (a.edge_memory_gib * 1_073_741_824.0 * a.utilization)).ceil(),
         "",
         format!(
-            "connections x {:.0} B RSS per connection (measured) / ({} GiB x {} utilisation) (assumed edge size)",
-            c.rss_per_connection_bytes, a.edge_memory_gib, a.utilization
+            "connections x {rss:.0} B RSS per connection (the largest measured) / ({} GiB x {} utilisation) (assumed edge size)",
+            a.edge_memory_gib, a.utilization
         ),
     );
     let by_cpu = line(
         "edges for CPU",
-        by_cpu.ceil(),
+        (cores / (a.edge_cores * a.utilization)).ceil(),
         "",
         format!(
             "cores / ({} cores per edge x {} utilisation) (assumed)",
             a.edge_cores, a.utilization
         ),
     );
-    let edges = by_cpu.max(by_mem).max(1.0);
-    line(
+    let by_conns = line(
+        "edges for connections",
+        (conns / a.edge_max_connections).ceil(),
+        "",
+        format!(
+            "connections / {} (edge.max_connections)",
+            a.edge_max_connections
+        ),
+    );
+    let needed = by_cpu.max(by_mem).max(by_conns).max(1.0);
+    let mut edges = needed + 1.0;
+    // A failed edge's devices come back on the others: their handshakes on
+    // the others' spare cores must fit the storm target.
+    let storm_s = |edges: f64| {
+        (conns / edges) * a.handshake_cpu_us
+            / 1e6
+            / ((edges - 1.0) * a.edge_cores * (1.0 - a.utilization).max(0.05))
+    };
+    while storm_s(edges) > a.storm_target_s && edges < 1e6 {
+        edges += 1.0;
+    }
+    let edges = line(
         "edges",
         edges,
         "",
-        "the larger of the CPU and memory needs".into(),
+        format!(
+            "the largest need ({needed:.0}) + 1, so that one edge can fail; more if its storm needs it"
+        ),
+    );
+    line(
+        "reconnect storm after losing an edge",
+        storm_s(edges),
+        "s",
+        format!(
+            "{:.0} devices x {} us per resumed handshake (measured) over {:.0} edges' spare cores ({} x {:.0} % each); target {} s",
+            conns / edges,
+            a.handshake_cpu_us,
+            edges - 1.0,
+            a.edge_cores,
+            (1.0 - a.utilization) * 100.0,
+            a.storm_target_s
+        ),
+    );
+    let per_edge_after_failure = conns / (edges - 1.0).max(1.0);
+    let edge_max_connections = line(
+        "edge.max_connections",
+        ((per_edge_after_failure / 1000.0).ceil() * 1000.0).min(a.edge_max_connections),
+        "",
+        "each edge's share with one edge down, rounded up to a thousand (set it on every edge)"
+            .into(),
+    );
+    // Extrapolation: how far past the measured this plan reaches.
+    let held = cals.iter().map(|c| c.connections_held).max().unwrap_or(0) as f64;
+    if per_edge_after_failure > held {
+        warnings.push(format!(
+            "extrapolated: {per_edge_after_failure:.0} connections per edge (one edge down) is {:.1}x the most held in a calibration run ({held:.0}); calibrate with a run that holds as many",
+            per_edge_after_failure / held.max(1.0)
+        ));
+    }
+    let measured_rate = cals
+        .iter()
+        .map(|c| c.deliveries_per_s / c.machine_cpus.max(1) as f64)
+        .fold(0.0, f64::max);
+    let planned_rate = deliveries / edges / a.edge_cores;
+    if planned_rate > measured_rate {
+        warnings.push(format!(
+            "extrapolated: {planned_rate:.0} deliveries/s per edge core is {:.1}x the most measured per core ({measured_rate:.0})",
+            planned_rate / measured_rate.max(1e-9)
+        ));
+    }
+    // Engines: an upper bound. Every run's server CPU per message holds
+    // the engine's share of a message and then some (store, edge), so the
+    // smallest of them bounds the engine's cost from above.
+    let (per_message_ms, per_message_source) = cals
+        .iter()
+        .filter(|c| c.cpu_ms_per_message > 0.0)
+        .map(|c| (c.cpu_ms_per_message, c.source.as_str()))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((0.0, "none"));
+    let engines = line(
+        "engines",
+        ((msgs * per_message_ms / 1e3 / (a.engine_cores * a.utilization)).ceil()).max(2.0) + 1.0,
+        "",
+        format!(
+            "messages/s x {per_message_ms:.2} ms CPU per message (`{per_message_source}`, the smallest of the runs: engine + store + edge, an upper bound) / ({} cores x {} utilisation), at least 2, + 1",
+            a.engine_cores, a.utilization
+        ),
     );
     // Redis: publishes per message by tier (counted, docs/fanout.md).
     let mut publishes = 0.0;
@@ -418,17 +646,23 @@ pub fn plan(w: &Workload, c: &Calibration) -> Plan {
         edges: edges as u64,
         redis_shards: shards as u64,
         db_nodes: db as u64,
+        engines: engines as u64,
+        edge_max_connections: edge_max_connections as u64,
+        tier_costs: costs,
+        warnings,
         lines,
     }
 }
 
-pub fn render(w: &Workload, c: &Calibration, p: &Plan) -> String {
+pub fn render(w: &Workload, cals: &[Calibration], p: &Plan) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    let names: Vec<&str> = cals.iter().map(|c| c.source.as_str()).collect();
     let _ = writeln!(
         out,
-        "plan for `{}` from calibration run `{}`\n",
-        w.name, c.scenario
+        "plan for `{}` from calibration runs {}\n",
+        w.name,
+        names.join(", ")
     );
     for l in &p.lines {
         let value = if l.value >= 100.0 {
@@ -438,10 +672,13 @@ pub fn render(w: &Workload, c: &Calibration, p: &Plan) -> String {
         };
         let _ = writeln!(out, "{:<36} {:>14} {:<7} {}", l.what, value, l.unit, l.how);
     }
+    for warning in &p.warnings {
+        let _ = writeln!(out, "\nwarning: {warning}");
+    }
     let _ = writeln!(
         out,
-        "\nanswer: {} edges, {} Redis shards, {} database nodes",
-        p.edges, p.redis_shards, p.db_nodes
+        "\nanswer: {} edges (edge.max_connections = {}), {} engines, {} Redis shards, {} database nodes",
+        p.edges, p.edge_max_connections, p.engines, p.redis_shards, p.db_nodes
     );
     out
 }
@@ -454,6 +691,8 @@ pub fn tfvars(w: &Workload, p: &Plan) -> Value {
         "db_nodes": p.db_nodes,
         "edge_cores": w.assumptions.edge_cores,
         "edge_memory_gib": w.assumptions.edge_memory_gib,
+        "edge_max_connections": p.edge_max_connections,
+        "engine_count": p.engines,
     })
 }
 
@@ -464,10 +703,24 @@ mod tests {
     fn calibration() -> Calibration {
         Calibration {
             scenario: "t".into(),
+            source: "t.json".into(),
             cpu_us_per_delivery: 20.0,
+            cpu_ms_per_message: 1.0,
             rss_per_connection_bytes: 16_384.0,
             connections_held: 10_000,
             machine_cpus: 2,
+            deliveries_per_s: 50_000.0,
+            tier_deliveries: Default::default(),
+        }
+    }
+
+    /// A run that measured `tier` alone at `cpu_us` per delivery.
+    fn tier_run(tier: u8, cpu_us: f64) -> Calibration {
+        Calibration {
+            source: format!("tier{tier}.json"),
+            cpu_us_per_delivery: cpu_us,
+            tier_deliveries: [(tier, 1_000)].into_iter().collect(),
+            ..calibration()
         }
     }
 
@@ -499,9 +752,9 @@ mod tests {
         let w =
             Workload::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/10m-mixed.toml"))
                 .unwrap();
-        let p = plan(&w, &calibration());
-        assert!(p.edges >= 1 && p.redis_shards >= 1 && p.db_nodes >= 3);
-        assert!(render(&w, &calibration(), &p).contains("answer:"));
+        let p = plan(&w, &[calibration()]);
+        assert!(p.edges >= 2 && p.redis_shards >= 1 && p.db_nodes >= 3);
+        assert!(render(&w, &[calibration()], &p).contains("answer:"));
     }
 
     #[test]
@@ -521,7 +774,7 @@ mod tests {
         )
         .unwrap();
         w.validate().unwrap();
-        let p = plan(&w, &calibration());
+        let p = plan(&w, &[calibration()]);
         let get = |name: &str| p.lines.iter().find(|l| l.what == name).unwrap().value;
         assert_eq!(get("messages/s"), 1.0);
         assert_eq!(get("deliveries/s"), 10.0);
@@ -545,5 +798,131 @@ mod tests {
         "#,
         );
         assert!(w.unwrap().validate().unwrap_err().contains("add up to 1"));
+    }
+
+    fn mixed_workload() -> Workload {
+        let w: Workload = toml::from_str(
+            r#"
+            name = "w"
+            concurrent_users = 1_000_000
+            devices_per_user = 1
+            messages_per_user_per_hour = 36
+            payload_bytes = 100
+            [[tiers]]
+            tier = 1
+            share_of_messages = 0.85
+            avg_members = 4
+            [[tiers]]
+            tier = 2
+            share_of_messages = 0.15
+            avg_members = 300
+        "#,
+        )
+        .unwrap();
+        w.validate().unwrap();
+        w
+    }
+
+    #[test]
+    fn each_tier_costs_what_its_own_run_measured() {
+        let w = mixed_workload();
+        let p = plan(&w, &[tier_run(1, 1_000.0), tier_run(2, 20.0)]);
+        let get = |name: &str| p.lines.iter().find(|l| l.what == name).unwrap();
+        // 10,000 messages/s: tier 1 8,500 x 4 deliveries at 1 ms each.
+        assert_eq!(
+            get("tier 1 server cores").value,
+            8_500.0 * 4.0 * 1_000.0 / 1e6
+        );
+        assert!(get("tier 1 server cores").how.contains("`tier1.json`"));
+        assert_eq!(
+            get("tier 2 server cores").value,
+            1_500.0 * 300.0 * 20.0 / 1e6
+        );
+        assert!(get("tier 2 server cores").how.contains("`tier2.json`"));
+        assert!(
+            !p.warnings.iter().any(|w| w.contains("blend")),
+            "{:?}",
+            p.warnings
+        );
+        // One blended run for both: said, not hidden.
+        let blended = Calibration {
+            tier_deliveries: [(1, 300), (2, 700)].into_iter().collect(),
+            ..calibration()
+        };
+        let p = plan(&w, &[blended]);
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("no calibration run is mostly tier 1")),
+            "{:?}",
+            p.warnings
+        );
+    }
+
+    #[test]
+    fn one_edge_can_fail_and_each_edge_admits_what_is_planned() {
+        let w = mixed_workload();
+        let p = plan(&w, &[tier_run(1, 1.0), tier_run(2, 1.0)]);
+        // 1,000,000 connections need 10 edges at 100,000 each: 11 with N+1.
+        assert!(p.edges >= 11, "{}", p.edges);
+        // With any one edge down, the rest admit every connection...
+        assert!(p.edge_max_connections as f64 * (p.edges - 1) as f64 >= 1_000_000.0);
+        // ...and never more than edge.max_connections each.
+        assert!(p.edge_max_connections <= 100_000);
+        assert!(render(&w, &[tier_run(1, 1.0)], &p).contains("edge.max_connections = "));
+        let tf = tfvars(&w, &p);
+        assert_eq!(tf["edge_max_connections"], p.edge_max_connections);
+        assert_eq!(tf["engine_count"], p.engines);
+        assert!(p.engines >= 3, "at least two engines and a spare");
+    }
+
+    #[test]
+    fn a_failed_edges_storm_fits_the_target_or_the_plan_grows() {
+        let mut w = mixed_workload();
+        w.assumptions.handshake_cpu_us = 50_000.0; // an absurd handshake
+        let p = plan(&w, &[tier_run(1, 1.0), tier_run(2, 1.0)]);
+        let storm = p
+            .lines
+            .iter()
+            .find(|l| l.what == "reconnect storm after losing an edge")
+            .unwrap()
+            .value;
+        assert!(storm <= w.assumptions.storm_target_s, "{storm}");
+        assert!(
+            p.edges > 11,
+            "the storm, not the connections, sized it: {}",
+            p.edges
+        );
+    }
+
+    #[test]
+    fn extrapolation_past_the_measured_is_named() {
+        let w = mixed_workload();
+        let p = plan(&w, &[tier_run(1, 1.0), tier_run(2, 1.0)]);
+        // 10,000 connections held in the runs; ~100,000 planned per edge.
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.starts_with("extrapolated:") && w.contains("connections per edge")),
+            "{:?}",
+            p.warnings
+        );
+    }
+
+    #[test]
+    fn a_run_whose_latency_climbed_is_refused() {
+        let points: Vec<serde_json::Value> = (0..30u64)
+            .map(|t| serde_json::json!({"t_s": t, "sends": 10, "deliveries": 100, "p99_us": 20_000 + t * 40_000}))
+            .collect();
+        let r: RunReport = serde_json::from_value(serde_json::json!({
+            "scenario": null, "lost": 0, "send_errors": 0, "p50_us": 5_000,
+            "connect": {"connected": 10, "connections": 10},
+            "servers": {"cpu_us_per_delivery": 20.0, "rss_per_connection_bytes": 30_000},
+            "machine": {"cpus": 2},
+            "timeline": points,
+        }))
+        .unwrap();
+        let e = Calibration::from_run(&r).unwrap_err();
+        assert!(e.contains("latency climbed"), "{e}");
     }
 }

@@ -23,6 +23,24 @@ enum LoadgenCommand {
     Run(Box<LoadgenRunArgs>),
     /// Size a fleet for a workload from a run's measured figures.
     Plan(LoadgenPlanArgs),
+    /// What changed between two runs (`--json` reports), per tier and for
+    /// the servers, judged against the run-to-run noise.
+    Compare(LoadgenCompareArgs),
+}
+
+#[derive(Args)]
+struct LoadgenCompareArgs {
+    /// The baseline run's JSON.
+    a: PathBuf,
+    /// The run to compare with it.
+    b: PathBuf,
+    /// Another run of the baseline's setup (repeatable): the spread of
+    /// these around A is each figure's noise.
+    #[arg(long)]
+    baseline: Vec<PathBuf>,
+    /// Write the comparison as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -104,9 +122,11 @@ struct LoadgenPlanArgs {
     /// The workload to size (loadgen/workloads/*.toml).
     #[arg(long)]
     workload: PathBuf,
-    /// The JSON a self-hosted `loadgen run --json` wrote.
-    #[arg(long)]
-    calibration: PathBuf,
+    /// The JSON a self-hosted `loadgen run --json` wrote (repeatable: one
+    /// run per tier, e.g. chat-small, groups-medium and broadcast-huge, and
+    /// each tier's cost comes from the run that measured it).
+    #[arg(long, required = true)]
+    calibration: Vec<PathBuf>,
     /// Write the sizes as terraform.tfvars.json for terraform/.
     #[arg(long)]
     tfvars: Option<PathBuf>,
@@ -119,6 +139,7 @@ pub async fn run(a: LoadgenArgs) -> anyhow::Result<ExitCode> {
     match a.command {
         LoadgenCommand::Run(a) => run_scenario(*a).await,
         LoadgenCommand::Plan(a) => plan(a),
+        LoadgenCommand::Compare(a) => compare(a),
     }
 }
 
@@ -236,23 +257,61 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
 fn plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
     use tiercast_loadgen::plan;
     let workload = plan::Workload::load(&a.workload).map_err(usage)?;
-    let text = std::fs::read_to_string(&a.calibration)
-        .map_err(|e| usage(format!("--calibration {}: {e}", a.calibration.display())))?;
-    let run: tiercast_loadgen::report::RunReport = serde_json::from_str(&text).map_err(|e| {
-        usage(format!(
-            "--calibration {}: not a `loadgen run --json` report: {e}",
-            a.calibration.display()
-        ))
-    })?;
-    let cal = plan::Calibration::from_run(&run).map_err(usage)?;
-    let p = plan::plan(&workload, &cal);
-    print!("{}", plan::render(&workload, &cal, &p));
+    let mut cals = Vec::new();
+    for path in &a.calibration {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("--calibration {}: {e}", path.display())))?;
+        let run: tiercast_loadgen::report::RunReport =
+            serde_json::from_str(&text).map_err(|e| {
+                usage(format!(
+                    "--calibration {}: not a `loadgen run --json` report: {e}",
+                    path.display()
+                ))
+            })?;
+        let mut cal = plan::Calibration::from_run(&run)
+            .map_err(|e| usage(format!("--calibration {}: {e}", path.display())))?;
+        cal.source = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        cals.push(cal);
+    }
+    let p = plan::plan(&workload, &cals);
+    print!("{}", plan::render(&workload, &cals, &p));
     if let Some(path) = &a.tfvars {
         write_json(path, &plan::tfvars(&workload, &p))?;
     }
     if let Some(path) = &a.json {
-        let v = serde_json::json!({"workload": workload, "calibration": cal, "plan": p});
+        let v = serde_json::json!({"workload": workload, "calibrations": cals, "plan": p});
         write_json(path, &v)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_report(path: &std::path::Path) -> anyhow::Result<tiercast_loadgen::report::RunReport> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        usage(format!(
+            "{}: not a `loadgen run --json` report: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn compare(a: LoadgenCompareArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::compare;
+    let base = read_report(&a.a)?;
+    let other = read_report(&a.b)?;
+    let repeats = a
+        .baseline
+        .iter()
+        .map(|p| read_report(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let changes = compare::compare(&base, &other, &repeats);
+    print!("{}", compare::render(&changes, !repeats.is_empty()));
+    if let Some(path) = &a.json {
+        write_json(path, &changes)?;
     }
     Ok(ExitCode::SUCCESS)
 }

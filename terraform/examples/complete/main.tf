@@ -38,6 +38,7 @@ module "engine" {
   tags                   = var.tags
   vpc_id                 = var.vpc_id
   private_subnet_ids     = var.private_subnet_ids
+  engine_count           = var.engine_count
   package_bucket         = var.package_bucket
   package_key            = var.package_key
   token_secret_parameter = "${local.p}token_secret"
@@ -56,6 +57,7 @@ module "edge" {
   edge_count                = var.edge_count
   edge_cores                = var.edge_cores
   edge_memory_gib           = var.edge_memory_gib
+  edge_max_connections      = var.edge_max_connections
   package_bucket            = var.package_bucket
   package_key               = var.package_key
   token_secret_parameter    = "${local.p}token_secret"

@@ -22,3 +22,8 @@ output "scylla_contact_points" {
   description = "The ScyllaDB nodes."
   value       = module.scylla.contact_points
 }
+
+output "engine_count" {
+  description = "Engines running (desired), as planned."
+  value       = module.engine.desired_count
+}

@@ -25,6 +25,18 @@ variable "edge_memory_gib" {
   type        = number
 }
 
+variable "edge_max_connections" {
+  description = "Connections each edge admits, from the plan (its share with one edge down)."
+  type        = number
+  default     = 100000
+}
+
+variable "engine_count" {
+  description = "Engines, from the plan."
+  type        = number
+  default     = 3
+}
+
 # Where and what: set these yourself.
 
 variable "region" {

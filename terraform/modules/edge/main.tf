@@ -214,6 +214,7 @@ resource "aws_launch_template" "edge" {
     quic_port                 = var.quic_port
     http_port                 = var.http_port
     drain_deadline_ms         = var.drain_deadline_s * 1000
+    max_connections           = var.edge_max_connections
     stop_timeout_s            = var.drain_deadline_s + 20
     asg_name                  = local.asg_name
     hook_name                 = local.hook_name

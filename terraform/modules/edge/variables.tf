@@ -69,6 +69,16 @@ variable "edge_memory_gib" {
   }
 }
 
+variable "edge_max_connections" {
+  description = "Connections each edge admits (edge.max_connections), from the plan: its share of the devices with one edge down."
+  type        = number
+  default     = 100000
+  validation {
+    condition     = var.edge_max_connections >= 1 && var.edge_max_connections <= 10000000
+    error_message = "edge_max_connections: 1-10000000."
+  }
+}
+
 variable "architecture" {
   description = "CPU architecture of the edges: arm64 (Graviton) or x86_64. The image and the instance families follow it."
   type        = string

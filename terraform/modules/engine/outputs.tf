@@ -22,3 +22,8 @@ output "boot_script" {
   description = "The engines' user data (it names the SSM parameters; it holds no secret)."
   value       = base64decode(aws_launch_template.engine.user_data)
 }
+
+output "desired_count" {
+  description = "Engines the group keeps running."
+  value       = aws_autoscaling_group.engine.desired_capacity
+}

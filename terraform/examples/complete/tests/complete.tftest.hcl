@@ -49,15 +49,17 @@ mock_provider "aws" {
 
 # What `tiercast loadgen plan --tfvars` writes, plus where to deploy.
 variables {
-  edge_count         = 29
-  redis_shards       = 6
-  db_nodes           = 9
-  edge_cores         = 16
-  edge_memory_gib    = 32
-  vpc_id             = "vpc-0123456789abcdef0"
-  private_subnet_ids = ["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2", "subnet-0aaaaaaaaaaaaaaa3"]
-  public_subnet_ids  = ["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2", "subnet-0bbbbbbbbbbbbbbb3"]
-  package_bucket     = "tiercast-releases"
+  edge_count           = 29
+  redis_shards         = 6
+  db_nodes             = 9
+  edge_cores           = 16
+  edge_memory_gib      = 32
+  edge_max_connections = 99000
+  engine_count         = 5
+  vpc_id               = "vpc-0123456789abcdef0"
+  private_subnet_ids   = ["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2", "subnet-0aaaaaaaaaaaaaaa3"]
+  public_subnet_ids    = ["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2", "subnet-0bbbbbbbbbbbbbbb3"]
+  package_bucket       = "tiercast-releases"
 }
 
 run "sizes_come_from_the_plan" {
@@ -74,6 +76,14 @@ run "sizes_come_from_the_plan" {
   assert {
     condition     = length(module.scylla.contact_points) == 9
     error_message = "one contact point per planned ScyllaDB node"
+  }
+  assert {
+    condition     = module.engine.autoscaling_group_name != "" && output.engine_count == 5
+    error_message = "the planned engines"
+  }
+  assert {
+    condition     = strcontains(module.edge.boot_script, "TIERCAST_EDGE__MAX_CONNECTIONS=99000")
+    error_message = "every edge admits what the plan put on it"
   }
 }
 
