@@ -252,6 +252,12 @@ pub struct LoadgenFigures {
     /// (`--client-loss-pct`), and how many that was.
     pub client_loss: f64,
     pub datagrams_dropped: u64,
+    /// This generator's users are `user_offset + 1 ..= user_offset + users`.
+    #[serde(default)]
+    pub user_offset: u64,
+    /// The block its conversation ids came from (`--run-id`, or random).
+    #[serde(default)]
+    pub run_id: u16,
 }
 
 /// A reconnect storm: the devices of one edge told to reconnect at once,

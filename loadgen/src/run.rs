@@ -49,6 +49,15 @@ pub struct RunOptions {
     /// sockets drop, to measure loss recovery on loopback.
     pub client_loss: f64,
     pub progress: bool,
+    /// Several generators on one deployment: this one's users are
+    /// `user_offset + 1 ..= user_offset + users` (its conversations' members
+    /// too), so that no two generators share a user.
+    pub user_offset: u64,
+    /// Several generators on one deployment: the conversations of run `id`
+    /// take ids from `1,000,000 + id x 100,000` (otherwise a random block).
+    pub run_id: Option<u16>,
+    /// The name the edges' certificate is checked against.
+    pub server_name: String,
 }
 
 /// One device's receipts, written by its event task.
@@ -197,7 +206,14 @@ async fn connect(
     let mut devices = Vec::with_capacity(s.devices() as usize);
     let gap = Duration::from_secs_f64(1.0 / s.connect_rate);
     let connect_start = Instant::now();
-    for (i, sim) in SimDevice::all(s.users, s.devices_per_user).enumerate() {
+    let offset = opts.user_offset;
+    for (i, sim) in SimDevice::all(s.users, s.devices_per_user)
+        .map(|d| SimDevice {
+            user: d.user + offset,
+            ..d
+        })
+        .enumerate()
+    {
         let e = i % target.edges.len();
         let mut order = target.edges[e..].to_vec();
         order.extend_from_slice(&target.edges[..e]);
@@ -211,6 +227,7 @@ async fn connect(
         cfg.report_duplicates = true;
         cfg.reorder_window = opts.reorder_window;
         cfg.client.device = sim.label("loadgen");
+        cfg.client.server_name = opts.server_name.clone();
         let (session, events) = Session::start(cfg);
         let log = Arc::new(Mutex::new(DeviceLog::default()));
         tokio::spawn(consume(
@@ -270,8 +287,14 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     let publisher = target.keys.mint_publisher("loadgen", now, 24 * 3600);
 
     // Conversations, with the tier each is served by.
-    let first_id = 1_000_000 + u64::from(rand::random::<u16>()) * 100_000;
-    let plans = layout(s, first_id);
+    let block = opts.run_id.unwrap_or_else(rand::random::<u16>);
+    let first_id = 1_000_000 + u64::from(block) * 100_000;
+    let mut plans = layout(s, first_id);
+    for p in &mut plans {
+        for m in &mut p.members {
+            *m += opts.user_offset;
+        }
+    }
     let tiers = create_conversations(&http, &target.api, &publisher, s, &plans).await?;
 
     // The machine's floor, before any load.
@@ -465,6 +488,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             pulls: fleet.pulls.load(Ordering::Relaxed),
             client_loss: opts.client_loss,
             datagrams_dropped: fleet.dropped.load(Ordering::Relaxed),
+            user_offset: opts.user_offset,
+            run_id: block,
         },
         run_seconds: sends_done_us.saturating_sub(send_start_us) as f64 / 1e6,
         ..RunReport::default()

@@ -59,9 +59,23 @@ struct LoadgenRunArgs {
     /// prints them).
     #[arg(long, env = "TIERCAST_REDIS_NODES", value_delimiter = ',')]
     redis: Vec<String>,
-    /// A deployment's edge QUIC address (repeatable), without --self-hosted.
+    /// A deployment's edge QUIC address, `host:port` or `ip:port`
+    /// (repeatable), without --self-hosted. A name is resolved once, and
+    /// every address it has is an edge.
     #[arg(long = "edge")]
-    edge_addrs: Vec<SocketAddr>,
+    edge_addrs: Vec<String>,
+    /// The name the edges' certificate must carry (TLS server name).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Several generators on one deployment: this one's users start after
+    /// this many (users OFFSET+1 ..= OFFSET+N), so generators never share a
+    /// user or a device.
+    #[arg(long, default_value_t = 0)]
+    user_offset: u64,
+    /// Several generators on one deployment: a distinct number per
+    /// generator (0-65535) gives each its own block of conversation ids.
+    #[arg(long)]
+    run_id: Option<u16>,
     /// The deployment's engine HTTP API, e.g. http://10.0.0.5:7480.
     #[arg(long)]
     api: Option<String>,
@@ -178,10 +192,25 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         if a.edge_addrs.is_empty() {
             return Err(usage("at least one --edge ADDR is needed"));
         }
+        let mut edges: Vec<SocketAddr> = Vec::new();
+        for e in &a.edge_addrs {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host(e.as_str())
+                .await
+                .map_err(|err| usage(format!("--edge {e}: {err}")))?
+                .collect();
+            if found.is_empty() {
+                return Err(usage(format!("--edge {e}: the name has no address")));
+            }
+            for f in found {
+                if !edges.contains(&f) {
+                    edges.push(f);
+                }
+            }
+        }
         let ca_pem = std::fs::read_to_string(&ca)
             .map_err(|e| usage(format!("--ca {}: {e}", ca.display())))?;
         TargetSpec::External {
-            edges: a.edge_addrs,
+            edges,
             api,
             secret,
             ca_pem,
@@ -221,6 +250,9 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         reorder_window: std::time::Duration::from_millis(a.reorder_window_ms),
         client_loss: a.client_loss_pct / 100.0,
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        user_offset: a.user_offset,
+        run_id: a.run_id,
+        server_name: a.server_name.clone(),
     })
     .await?;
     let report = &outcome.report;

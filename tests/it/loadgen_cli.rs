@@ -6,6 +6,7 @@
 use std::process::Command;
 
 use serde_json::Value;
+use tiercast_testkit as common;
 use tiercast_testkit::repo;
 
 fn tiercast() -> Command {
@@ -206,4 +207,117 @@ fn refused_sends_fail_the_run() {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["send_errors"].as_u64().unwrap() > 0, "{v}");
     assert!(v["errors"]["body_too_large"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// Two generators drive one deployment at once, as from two machines: each
+/// its own users (`--user-offset`) and conversation ids (`--run-id`), the
+/// edge named by `localhost:PORT` (resolved) with `--server-name`. Each
+/// counts exactly its own deliveries: both complete with nothing lost, and
+/// the deployment saw the sum of their messages.
+#[test]
+fn two_generators_share_a_deployment_without_colliding() {
+    let _turn = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a deployment secret of more than thirty-two bytes";
+    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"));
+    node.args(["edge", "--ready-json"])
+        .args(["--set", &format!("node.token_secret={secret}")])
+        .args(["--set", &format!("node.data_dir={}", dir.path().display())])
+        .args([
+            "--set",
+            "node.http_listen=127.0.0.1:0",
+            "--set",
+            "edge.listen=127.0.0.1:0",
+        ])
+        .args([
+            "--set",
+            "edge.rates.send.per_s=100000",
+            "--set",
+            "edge.rates.send.burst=100000",
+        ])
+        .args([
+            "--set",
+            "edge.rates.sync.per_s=100000",
+            "--set",
+            "edge.rates.sync.burst=100000",
+        ])
+        .args([
+            "--set",
+            "edge.rates.fetch.per_s=100000",
+            "--set",
+            "edge.rates.fetch.burst=100000",
+        ]);
+    let node = common::process::Proc::spawn(node);
+    let ready = node.ready();
+    let port = ready.quic.unwrap().port();
+    let generator = |offset: &str, run_id: &str, json: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"))
+            .args(["loadgen", "run", "--quiet", "--scenario"])
+            .arg(repo().join("tests/scenarios/smoke.toml"))
+            .args([
+                "--edge",
+                &format!("localhost:{port}"),
+                "--server-name",
+                "localhost",
+            ])
+            .args(["--api", &ready.http, "--secret", secret])
+            .args(["--ca", ready.certificate.as_deref().unwrap()])
+            .args(["--user-offset", offset, "--run-id", run_id])
+            .arg("--json")
+            .arg(json)
+            .spawn()
+            .expect("loadgen starts")
+    };
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let mut ga = generator("0", "1", &a);
+    let mut gb = generator("1000000", "2", &b);
+    assert!(ga.wait().unwrap().success(), "generator A");
+    assert!(gb.wait().unwrap().success(), "generator B");
+    let read = |p: &std::path::Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (va, vb) = (read(&a), read(&b));
+    for v in [&va, &vb] {
+        assert_eq!(v["lost"], 0);
+        assert_eq!(v["send_errors"], 0);
+        assert_eq!(v["deliveries"], v["expected_deliveries"]);
+        assert!(v["deliveries"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(va["loadgen"]["user_offset"], 0);
+    assert_eq!(vb["loadgen"]["user_offset"], 1_000_000);
+    assert_eq!(
+        (
+            va["loadgen"]["run_id"].as_u64(),
+            vb["loadgen"]["run_id"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    // The deployment stored both generators' messages.
+    let stored = common::metric(
+        &http_get(&format!("{}/metrics", ready.http)),
+        "tiercast_engine_messages_stored_total",
+    );
+    let sent = va["messages_sent"].as_u64().unwrap() + vb["messages_sent"].as_u64().unwrap();
+    assert_eq!(stored, sent, "each generator's messages, none shared");
+}
+
+/// A plain HTTP/1.1 GET on loopback (bounded by timeouts): the body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map_or(out.clone(), |(_, b)| b.to_owned())
 }
