@@ -237,6 +237,7 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
 
 async fn core(cfg: &mut Config, store: Arc<dyn Store>) -> Result<Core, StartError> {
     let mut registry = Registry::default();
+    registry.register_collector(Box::new(tiercast_engine::metrics::ProcessCollector));
     let mut local_backplane = None;
     let (backplane, routes, lease, redis): (Arc<dyn Backplane>, Arc<dyn Routes>, _, _) = match cfg
         .backplane

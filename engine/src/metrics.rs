@@ -118,6 +118,60 @@ impl EngineMetrics {
     }
 }
 
+/// This process's CPU time and resident memory, read from `/proc` at each
+/// scrape: what a load generator against a deployment reads to measure
+/// the servers (`tiercast_process_cpu_seconds_total`,
+/// `tiercast_process_resident_memory_bytes`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessCollector;
+
+/// (CPU seconds, resident bytes) of this process; `None` off Linux.
+pub fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    // /proc counts in USER_HZ, 100 on Linux.
+    Some((ticks / 100.0, kb * 1024))
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some((cpu_s, rss)) = process_usage() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(cpu_s);
+        cpu.encode(encoder.encode_descriptor(
+            "tiercast_process_cpu_seconds",
+            "CPU time (user + system) this process has used",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let mem = ConstGauge::new(i64::try_from(rss).unwrap_or(i64::MAX));
+        mem.encode(encoder.encode_descriptor(
+            "tiercast_process_resident_memory_bytes",
+            "Resident memory of this process",
+            None,
+            mem.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
 /// The registry in Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::new();

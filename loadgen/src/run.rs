@@ -299,17 +299,17 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
 
     // The machine's floor, before any load.
     let floor = measure_floor(s).await;
-    let rss0 = target.edge_rss();
+    let rss0 = target.edge_rss_now(&http).await;
     let progress = Progress::new(opts.progress, s.devices());
     let pull_fraction: HashMap<u64, f64> = plans
         .iter()
         .map(|p| (p.id, s.conversations[p.group].pull_fraction))
         .collect();
     let fleet = Arc::new(connect(s, opts, target, base, &progress, Arc::new(pull_fraction)).await?);
-    let rss1 = target.edge_rss();
+    let rss1 = target.edge_rss_now(&http).await;
     // Server and loadgen CPU over the same window: from here (everyone
     // connected) to the end of the settle.
-    let server_cpu0 = target.server_cpu();
+    let server_cpu0 = target.server_cpu_now(&http).await;
     let loadgen_cpu0 = cpu_seconds(std::process::id());
 
     // The open-loop send schedule.
@@ -459,7 +459,11 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let server_cpu = target.server_cpu().zip(server_cpu0).map(|(b, a)| b - a);
+    let server_cpu = target
+        .server_cpu_now(&http)
+        .await
+        .zip(server_cpu0)
+        .map(|(b, a)| b - a);
     let loadgen_cpu = cpu_seconds(std::process::id())
         .zip(loadgen_cpu0)
         .map(|(b, a)| b - a);
@@ -527,7 +531,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             }
             _ => None,
         },
-        rss_bytes_end: target.server_rss(),
+        rss_bytes_end: target.server_rss_now(&http).await,
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
     if report.total.lost > 0 {

@@ -322,6 +322,10 @@ pub enum TargetSpec {
         api: String,
         secret: String,
         ca_pem: String,
+        /// The edges' `/metrics` URLs (their CPU and memory).
+        edge_metrics: Vec<String>,
+        /// Other servers' `/metrics` URLs (their CPU).
+        server_metrics: Vec<String>,
     },
 }
 
@@ -334,6 +338,10 @@ pub struct Target {
     pub keys: TokenKeys,
     pub trusted_pem: String,
     pub servers: Vec<Arc<ServerProc>>,
+    /// A deployment's edges' and other servers' `/metrics` URLs: where a
+    /// run against it reads the servers' CPU and memory.
+    pub edge_metrics: Vec<String>,
+    pub server_metrics: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -345,7 +353,11 @@ impl Target {
                 api,
                 secret,
                 ca_pem,
+                edge_metrics,
+                server_metrics,
             } => Ok(Self {
+                edge_metrics: edge_metrics.clone(),
+                server_metrics: server_metrics.clone(),
                 mode: "external".into(),
                 edges: edges.clone(),
                 api: api.trim_end_matches('/').to_owned(),
@@ -439,6 +451,79 @@ impl Target {
             edge: p.clone(),
             sets,
         })
+    }
+
+    /// The sum of metric `name` over `urls` (each a `/metrics`), if every
+    /// one answered with it.
+    async fn scrape(http: &reqwest::Client, urls: &[String], name: &str) -> Option<f64> {
+        if urls.is_empty() {
+            return None;
+        }
+        let mut sum = 0.0;
+        for url in urls {
+            let text = http
+                .get(url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            sum += text
+                .lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+                .rsplit(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()?;
+        }
+        Some(sum)
+    }
+
+    /// Server CPU seconds so far: the processes loadgen started, or a
+    /// deployment's, read from the `/metrics` it was given.
+    pub async fn server_cpu_now(&self, http: &reqwest::Client) -> Option<f64> {
+        if !self.servers.is_empty() {
+            return self.server_cpu();
+        }
+        let all: Vec<String> = self
+            .edge_metrics
+            .iter()
+            .chain(&self.server_metrics)
+            .cloned()
+            .collect();
+        Self::scrape(http, &all, "tiercast_process_cpu_seconds_total").await
+    }
+
+    /// The edges' resident memory (started here, or from their `/metrics`).
+    pub async fn edge_rss_now(&self, http: &reqwest::Client) -> Option<u64> {
+        if !self.servers.is_empty() {
+            return self.edge_rss();
+        }
+        Self::scrape(
+            http,
+            &self.edge_metrics,
+            "tiercast_process_resident_memory_bytes",
+        )
+        .await
+        .map(|b| b as u64)
+    }
+
+    /// Every server's resident memory.
+    pub async fn server_rss_now(&self, http: &reqwest::Client) -> Option<u64> {
+        if !self.servers.is_empty() {
+            return self.server_rss();
+        }
+        let all: Vec<String> = self
+            .edge_metrics
+            .iter()
+            .chain(&self.server_metrics)
+            .cloned()
+            .collect();
+        Self::scrape(http, &all, "tiercast_process_resident_memory_bytes")
+            .await
+            .map(|b| b as u64)
     }
 
     /// Resident memory of the edge processes, if self-hosted.
@@ -580,6 +665,8 @@ fn self_hosted(
         keys: TokenKeys::new(secret.as_bytes()),
         trusted_pem: pems.join("\n"),
         servers,
+        edge_metrics: Vec::new(),
+        server_metrics: Vec::new(),
         _dir: Some(dir),
     })
 }

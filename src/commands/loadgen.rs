@@ -64,6 +64,14 @@ struct LoadgenRunArgs {
     /// every address it has is an edge.
     #[arg(long = "edge")]
     edge_addrs: Vec<String>,
+    /// A deployment's edge `/metrics` URL (repeatable): the run reads the
+    /// edges' CPU and memory there, so that it can calibrate a plan.
+    #[arg(long)]
+    edge_metrics: Vec<String>,
+    /// Another server's `/metrics` URL (engines; repeatable): its CPU
+    /// counts with the edges'.
+    #[arg(long)]
+    server_metrics: Vec<String>,
     /// The name the edges' certificate must carry (TLS server name).
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -214,6 +222,8 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             api,
             secret,
             ca_pem,
+            edge_metrics: a.edge_metrics.clone(),
+            server_metrics: a.server_metrics.clone(),
         }
     };
     if let Some(cpus) = &a.loadgen_cpus {

@@ -250,9 +250,9 @@ fn two_generators_share_a_deployment_without_colliding() {
     let node = common::process::Proc::spawn(node);
     let ready = node.ready();
     let port = ready.quic.unwrap().port();
-    let generator = |offset: &str, run_id: &str, json: &std::path::Path| {
+    let generator = |offset: &str, run_id: &str, json: &std::path::Path, extra: &[String]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"))
-            .args(["loadgen", "run", "--quiet", "--scenario"])
+            .args(extra)
             .arg(repo().join("tests/scenarios/smoke.toml"))
             .args([
                 "--edge",
@@ -269,8 +269,19 @@ fn two_generators_share_a_deployment_without_colliding() {
             .expect("loadgen starts")
     };
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let mut ga = generator("0", "1", &a);
-    let mut gb = generator("1000000", "2", &b);
+    let run = |rest: &[&str]| -> Vec<String> {
+        ["loadgen", "run", "--quiet"]
+            .iter()
+            .chain(rest)
+            .map(|s| s.to_string())
+            .chain(["--scenario".to_owned()])
+            .collect()
+    };
+    // A also reads the node's CPU and memory from its /metrics, as a run
+    // against real hardware does.
+    let metrics = format!("{}/metrics", ready.http);
+    let mut ga = generator("0", "1", &a, &run(&["--edge-metrics", &metrics]));
+    let mut gb = generator("1000000", "2", &b, &run(&[]));
     assert!(ga.wait().unwrap().success(), "generator A");
     assert!(gb.wait().unwrap().success(), "generator B");
     let read = |p: &std::path::Path| -> Value {
@@ -283,6 +294,14 @@ fn two_generators_share_a_deployment_without_colliding() {
         assert_eq!(v["deliveries"], v["expected_deliveries"]);
         assert!(v["deliveries"].as_u64().unwrap() > 0);
     }
+    assert!(
+        va["servers"]["cpu_s"].as_f64().unwrap() > 0.0,
+        "{}",
+        va["servers"]
+    );
+    assert!(va["servers"]["cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
+    assert!(va["servers"]["edge_rss_bytes_connected"].as_u64().unwrap() > 0);
+    assert!(vb["servers"]["cpu_s"].is_null(), "B was given no /metrics");
     assert_eq!(va["loadgen"]["user_offset"], 0);
     assert_eq!(vb["loadgen"]["user_offset"], 1_000_000);
     assert_eq!(
