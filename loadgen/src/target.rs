@@ -481,19 +481,27 @@ impl Target {
         Some(sum)
     }
 
+    /// Every `/metrics` URL of a deployment: edges and other servers.
+    fn all_metrics(&self) -> Vec<String> {
+        self.edge_metrics
+            .iter()
+            .chain(&self.server_metrics)
+            .cloned()
+            .collect()
+    }
+
     /// Server CPU seconds so far: the processes loadgen started, or a
     /// deployment's, read from the `/metrics` it was given.
     pub async fn server_cpu_now(&self, http: &reqwest::Client) -> Option<f64> {
         if !self.servers.is_empty() {
             return self.server_cpu();
         }
-        let all: Vec<String> = self
-            .edge_metrics
-            .iter()
-            .chain(&self.server_metrics)
-            .cloned()
-            .collect();
-        Self::scrape(http, &all, "tiercast_process_cpu_seconds_total").await
+        Self::scrape(
+            http,
+            &self.all_metrics(),
+            "tiercast_process_cpu_seconds_total",
+        )
+        .await
     }
 
     /// The edges' resident memory (started here, or from their `/metrics`).
@@ -515,15 +523,13 @@ impl Target {
         if !self.servers.is_empty() {
             return self.server_rss();
         }
-        let all: Vec<String> = self
-            .edge_metrics
-            .iter()
-            .chain(&self.server_metrics)
-            .cloned()
-            .collect();
-        Self::scrape(http, &all, "tiercast_process_resident_memory_bytes")
-            .await
-            .map(|b| b as u64)
+        Self::scrape(
+            http,
+            &self.all_metrics(),
+            "tiercast_process_resident_memory_bytes",
+        )
+        .await
+        .map(|b| b as u64)
     }
 
     /// Resident memory of the edge processes, if self-hosted.
