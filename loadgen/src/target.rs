@@ -126,16 +126,21 @@ impl ServerProc {
         Ok(())
     }
 
-    /// SIGTERM, then waits (up to `within`) for the process to end,
-    /// keeping its CPU time; SIGKILL if it does not.
-    fn terminate(&self, within: Duration) {
+    /// Ends the process: SIGTERM (an edge drains) and a wait of up to
+    /// `within` for it to exit, then SIGKILL; or SIGKILL at once (`crash`).
+    /// Keeps its CPU time.
+    fn end(&self, crash: bool, within: Duration) {
         let mut running = self.running.lock().expect("server lock");
         let pid = running.child.id();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let deadline = std::time::Instant::now() + within;
         let mut last_cpu = cpu_seconds(pid);
+        if crash {
+            let _ = running.child.kill();
+        } else {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             // A process that has exited but is not yet reaped still shows
             // its CPU time in /proc; read it before reaping.
@@ -145,7 +150,7 @@ impl ServerProc {
             if exited(pid) {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         }
         if !exited(pid) {
             let _ = running.child.kill();
@@ -154,21 +159,19 @@ impl ServerProc {
         *self.retired_cpu_s.lock().expect("cpu lock") += last_cpu.unwrap_or(0.0);
     }
 
-    /// A graceful restart: SIGTERM (an edge drains its devices to the
-    /// others), wait for the exit, start again with the same arguments
-    /// except `listen` (the QUIC address it had, so that its devices find
-    /// it again), and wait until it is serving.
-    pub fn restart(&self, listen: SocketAddr) -> anyhow::Result<()> {
-        self.terminate(Duration::from_secs(30));
+    /// Starts the process again with the same arguments except `sets`
+    /// (`key=value` replacing the `--set` of that key), and waits until it
+    /// is serving.
+    fn respawn(&self, sets: &[String]) -> anyhow::Result<()> {
+        let key = |kv: &str| kv.split_once('=').map(|(k, _)| k.to_owned());
         let args: Vec<String> = self
             .args
             .iter()
             .map(|a| {
-                if a.starts_with("edge.listen=") {
-                    format!("edge.listen={listen}")
-                } else {
-                    a.clone()
-                }
+                sets.iter()
+                    .find(|s| key(a).is_some() && key(s) == key(a))
+                    .unwrap_or(a)
+                    .clone()
             })
             .collect();
         *self.running.lock().expect("server lock") =
@@ -177,46 +180,28 @@ impl ServerProc {
         Ok(())
     }
 
-    /// A crash and a supervisor's restart: SIGKILL, wait for the exit
-    /// (keeping its CPU time), start again with the same arguments except
-    /// `sets` (`key=value` replacing the `--set` of that key: the addresses
-    /// it had, so that its devices and publishers find it again), and wait
-    /// until it is serving. Returns the moment it was listening again.
+    /// A graceful restart: SIGTERM (an edge drains its devices to the
+    /// others), wait for the exit, start again on `listen` (the QUIC
+    /// address it had, so that its devices find it again), and wait until
+    /// it is serving.
+    pub fn restart(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        self.end(false, Duration::from_secs(30));
+        self.respawn(&[format!("edge.listen={listen}")])
+    }
+
+    /// A crash and a supervisor's restart: SIGKILL, wait for the exit,
+    /// start again with `sets` (the addresses it had, so that its devices
+    /// and publishers find it again), and wait until it is serving.
+    /// Returns the moment it was listening again.
     pub fn kill_restart(&self, sets: &[String]) -> anyhow::Result<std::time::Instant> {
-        {
-            let mut running = self.running.lock().expect("server lock");
-            let pid = running.child.id();
-            let mut last_cpu = cpu_seconds(pid);
-            let _ = running.child.kill();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !exited(pid) && std::time::Instant::now() < deadline {
-                if let Some(c) = cpu_seconds(pid) {
-                    last_cpu = Some(c);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let _ = running.child.wait();
-            *self.retired_cpu_s.lock().expect("cpu lock") += last_cpu.unwrap_or(0.0);
-        }
-        let args: Vec<String> = self
-            .args
-            .iter()
-            .map(|a| {
-                sets.iter()
-                    .find(|s| s.split('=').next() == a.split('=').next() && a.contains('='))
-                    .cloned()
-                    .unwrap_or_else(|| a.clone())
-            })
-            .collect();
-        *self.running.lock().expect("server lock") =
-            Running::start(&self.exe, &self.role, &args, self.cpus.as_deref())?;
-        self.wait_ready()?;
+        self.end(true, Duration::from_secs(10));
+        self.respawn(sets)?;
         Ok(std::time::Instant::now())
     }
 
     /// SIGTERM (the edge drains), then SIGKILL after 10 s.
     fn stop(&self) {
-        self.terminate(Duration::from_secs(10));
+        self.end(false, Duration::from_secs(10));
     }
 }
 
@@ -272,37 +257,7 @@ impl Drop for ServerProc {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc`.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-/// Clock ticks per second of `/proc` CPU times (asked once).
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// Resident memory of a process, bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use tiercast_engine::metrics::{cpu_seconds, rss_bytes};
 
 /// How to reach (or start) the deployment under test.
 #[derive(Debug, Clone)]
