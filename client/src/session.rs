@@ -10,6 +10,13 @@
 //! are time-ordered but two senders' messages can be published out of id
 //! order by a few milliseconds, so a resume syncs from [`SessionConfig::
 //! resync_window`] before the cursor and lets deduplication drop the overlap.
+//!
+//! A cursor only ever moves to an id the device received. A conversation a
+//! device meets on its first connect starts at that connection's start
+//! (the moment from which the live path reaches it), not at the listing's
+//! latest id: a message stored before the listing but still on its way
+//! live would otherwise sit below the cursor, and if that connection then
+//! ended, no resume would look for it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -185,6 +192,9 @@ struct State {
     /// When the last connection ended (Unix ms): conversations discovered
     /// on the next connect sync from there.
     disconnected_at_ms: Option<u64>,
+    /// When the current connection began (Unix ms, the edge's time, taken
+    /// before its handshake): the live path reaches the device from then.
+    connected_at_ms: Option<u64>,
     listed: bool,
     /// The cursors a resume started from, until it completes.
     resume_from: Option<HashMap<u64, u64>>,
@@ -469,6 +479,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             tls: tls.clone(),
             ..cfg.client.clone()
         };
+        let started_ms = crate::connection::unix_ms();
         let (client, deliveries) = match Client::connect_on(&endpoint, ccfg).await {
             Ok(c) => c,
             Err(e) if is_fatal(&e) => {
@@ -482,6 +493,8 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
         };
         policy.connected();
+        inner.state.lock().expect("state lock").connected_at_ms =
+            Some(started_ms.saturating_add_signed(client.clock_offset_ms));
         inner.stats.connects.fetch_add(1, Ordering::Relaxed);
         inner.client_id.store(client.client_id, Ordering::Relaxed);
         inner.current.send_replace(Some(client.clone()));
@@ -743,6 +756,36 @@ struct Pinned {
     cursors: Option<HashMap<u64, u64>>,
 }
 
+/// Where a resume takes up one listed conversation.
+#[derive(Debug, PartialEq, Eq)]
+enum ResumeStart {
+    /// Sync the conversation's messages after this id.
+    SyncFrom(u64),
+    /// Nothing to sync: the cursor starts at this id.
+    StartAt(u64),
+}
+
+/// The resume's start for `entry`: from a little before the cursor the
+/// device had (`current`); for a conversation new to it, from the last
+/// disconnect (`since`) on a reconnect, and on the first connect at the
+/// connection's start for messages (nothing earlier is synced, and nothing
+/// later is skipped: the live path reaches the device from then) or at the
+/// latest id for tier-3 notifications (which carry only the newest id).
+fn resume_start(
+    current: Option<u64>,
+    since: Option<u64>,
+    entry: &SyncEntry,
+    window_ids: u64,
+    connected_at_ms: Option<u64>,
+) -> ResumeStart {
+    match (current, since) {
+        (Some(c), _) => ResumeStart::SyncFrom(c.saturating_sub(window_ids)),
+        (None, Some(from)) => ResumeStart::SyncFrom(from),
+        (None, None) if entry.tier == 3 => ResumeStart::StartAt(entry.latest_id),
+        (None, None) => ResumeStart::StartAt(connected_at_ms.map_or(entry.latest_id, min_id_at)),
+    }
+}
+
 async fn resume_inner(
     inner: &Inner,
     client: &Client,
@@ -785,12 +828,14 @@ async fn resume_inner(
             }
             let current = snapshot
                 .get(&e.conversation)
-                .or(st.cursors.get(&e.conversation));
-            let cursor = match (current, since) {
-                (Some(&c), _) => c.saturating_sub(window),
-                (None, Some(from)) => from,
-                (None, None) => {
-                    st.cursors.insert(e.conversation, e.latest_id);
+                .or(st.cursors.get(&e.conversation))
+                .copied();
+            let cursor = match resume_start(current, since, e, window, st.connected_at_ms) {
+                ResumeStart::SyncFrom(id) => id,
+                ResumeStart::StartAt(id) => {
+                    // Live traffic may have moved it on already: kept.
+                    let c = st.cursors.entry(e.conversation).or_insert(id);
+                    *c = (*c).max(id);
                     continue;
                 }
             };
@@ -862,6 +907,58 @@ async fn resume_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(tier: u8, latest_id: u64) -> SyncEntry {
+        SyncEntry {
+            conversation: 9,
+            tier,
+            messages: Vec::new(),
+            latest_id,
+            read_id: 0,
+            more: false,
+        }
+    }
+
+    #[test]
+    fn a_first_connect_starts_messages_at_the_connection_not_at_the_listing() {
+        // The listing ran after a message was stored (its latest id) but
+        // before that message arrived live: the cursor must stay below it,
+        // so that if this connection ends first, the next resume syncs it.
+        let connected_ms = tiercast_schemas::ids::EPOCH_MS + 1_000_000;
+        let in_flight = min_id_at(connected_ms + 2_000) + 7;
+        let window = min_id_at(tiercast_schemas::ids::EPOCH_MS + 3_000);
+        let start = resume_start(None, None, &entry(2, in_flight), window, Some(connected_ms));
+        assert_eq!(start, ResumeStart::StartAt(min_id_at(connected_ms)));
+        assert!(min_id_at(connected_ms) < in_flight);
+        // The next resume, with no message received meanwhile, syncs from
+        // before the in-flight message.
+        let ResumeStart::SyncFrom(from) = resume_start(
+            Some(min_id_at(connected_ms)),
+            None,
+            &entry(2, in_flight),
+            window,
+            None,
+        ) else {
+            panic!("a known cursor syncs");
+        };
+        assert!(from < in_flight);
+        // Tier 3 carries only the newest id: it starts there.
+        assert_eq!(
+            resume_start(None, None, &entry(3, in_flight), window, Some(connected_ms)),
+            ResumeStart::StartAt(in_flight)
+        );
+        // A conversation met on a reconnect syncs from the last disconnect.
+        assert_eq!(
+            resume_start(
+                None,
+                Some(42),
+                &entry(1, in_flight),
+                window,
+                Some(connected_ms)
+            ),
+            ResumeStart::SyncFrom(42)
+        );
+    }
 
     #[test]
     fn marks_only_move_forward() {

@@ -73,6 +73,9 @@ pub struct EdgeConfig {
     /// is disconnected. 1024 frames absorb a burst of a busy chat while
     /// bounding what one stalled phone can pin in memory (~1 MiB at 1 KiB).
     pub outbound_queue: usize,
+    /// Backplane payloads queued for this edge's fan-out before the
+    /// backplane drops them (each gap is then repaired from the store).
+    pub inbound_queue: usize,
     /// Largest frame accepted from a client.
     pub max_frame_bytes: usize,
     /// Time a new connection has to say Hello.
@@ -130,6 +133,7 @@ impl Default for EdgeConfig {
             dev_cert_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_connections: 100_000,
             outbound_queue: 1024,
+            inbound_queue: 65_536,
             max_frame_bytes: tiercast_schemas::MAX_FRAME_BYTES,
             hello_timeout_ms: 5_000,
             idle_timeout_ms: 30_000,
@@ -171,6 +175,12 @@ impl EdgeConfig {
             return Err(InvalidSetting::new(
                 "edge.outbound_queue",
                 "must be 8..=1000000",
+            ));
+        }
+        if !(1..=16_777_216).contains(&self.inbound_queue) {
+            return Err(InvalidSetting::new(
+                "edge.inbound_queue",
+                "must be 1..=16777216",
             ));
         }
         if !(1024..=tiercast_schemas::MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {

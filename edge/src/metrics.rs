@@ -22,6 +22,7 @@ pub struct EdgeMetrics {
     pub stale_read_markers: Counter,
     pub gap_repairs: Counter,
     pub gap_repair_frames: Counter,
+    pub backplane_gaps: Counter,
     pub seam_duplicates: Counter,
     pub drained: Counter,
     pub syncs: Counter,
@@ -53,6 +54,7 @@ impl Default for EdgeMetrics {
             stale_read_markers: Counter::default(),
             gap_repairs: Counter::default(),
             gap_repair_frames: Counter::default(),
+            backplane_gaps: Counter::default(),
             seam_duplicates: Counter::default(),
             drained: Counter::default(),
             syncs: Counter::default(),
@@ -159,8 +161,13 @@ impl EdgeMetrics {
         );
         r.register(
             "gap_repairs",
-            "Gap repairs after the backplane subscriptions were interrupted (inbox re-drain, tier-2 resync, tier-3 latest id)",
+            "Gap repairs after the backplane subscriptions were interrupted or dropped payloads (inbox re-drain, tier-2 resync, tier-3 latest id)",
             m.gap_repairs.clone(),
+        );
+        r.register(
+            "backplane_gaps",
+            "Payloads for this edge dropped by the backplane (a full queue, a lagging subscriber), each gap repaired from the store",
+            m.backplane_gaps.clone(),
         );
         r.register(
             "gap_repair_frames",

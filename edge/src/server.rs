@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use tiercast_engine::Engine;
 use tiercast_engine::auth::TokenKeys;
 
@@ -72,6 +72,10 @@ pub(crate) struct Shared {
     /// here first, so a pull above it is for a message that does not exist
     /// (yet), answered without a store read.
     newest_seen: moka::sync::Cache<u64, u64>,
+    /// Gaps the backplane reported (dropped payloads) that the repairer
+    /// has not taken yet, merged; `gap_wake` wakes it.
+    gaps: std::sync::Mutex<Option<Gap>>,
+    gap_wake: tokio::sync::Notify,
     /// The largest read marker sent from here per (user, conversation): a
     /// marker never moves back on the wire, even when two Reads' publishes
     /// cross (the engine also drops a Read below the stored marker).
@@ -146,6 +150,28 @@ impl Shared {
         }
     }
 
+    /// Records a gap the backplane reported before the payload about to be
+    /// handled: every conversation's newest id fanned out so far is where
+    /// its repair starts (each dropped message is newer than those), and
+    /// the repairer is woken.
+    fn note_gap(&self, kinds: u8) {
+        self.metrics.backplane_gaps.inc();
+        let marks: HashMap<u64, u64> = self.newest_seen.iter().map(|(k, v)| (*k, v)).collect();
+        let mut gaps = self.gaps.lock().expect("gaps lock");
+        match gaps.as_mut() {
+            None => {
+                *gaps = Some(Gap {
+                    kinds,
+                    marks,
+                    at_ms: tiercast_engine::snowflake::now_unix_ms(),
+                })
+            }
+            Some(g) => g.merge(kinds, &marks),
+        }
+        drop(gaps);
+        self.gap_wake.notify_one();
+    }
+
     /// Remembers the newest id fanned out in a conversation.
     fn saw(&self, conv: u64, id: u64) {
         self.newest_seen
@@ -210,9 +236,6 @@ impl std::fmt::Debug for Edge {
     }
 }
 
-/// Capacity of the queue between the backplane and the fan-out loop.
-const INBOUND_QUEUE: usize = 65_536;
-
 impl Edge {
     /// An edge serving `engine`'s conversations, subscribed through its own
     /// backplane subscriber.
@@ -222,7 +245,7 @@ impl Edge {
         cfg: EdgeConfig,
         metrics: EdgeMetrics,
     ) -> Result<Self, tiercast_engine::backplane::BackplaneError> {
-        let (subscriber, inbound) = engine.backplane().subscriber(INBOUND_QUEUE).await?;
+        let (subscriber, inbound) = engine.backplane().subscriber(cfg.inbound_queue).await?;
         // The node channels are fixed for the edge's life: no subscription
         // churn as groups come and go.
         for k in 0..engine.config().node_channels {
@@ -250,6 +273,8 @@ impl Edge {
                     .time_to_live(PULL_CACHE_TTL)
                     .build(),
                 next_conn: AtomicU64::new(1),
+                gaps: std::sync::Mutex::new(None),
+                gap_wake: tokio::sync::Notify::new(),
                 newest_seen: moka::sync::Cache::builder()
                     .max_capacity(PULL_CACHE_ENTRIES)
                     .time_to_idle(PULL_CACHE_TTL)
@@ -370,35 +395,112 @@ const REPAIR_WINDOW_MS: u64 = 3_000;
 /// devices on their next connect or sync).
 const REPAIR_MAX_PER_CONVERSATION: usize = 1_000;
 
+/// Payloads the backplane dropped before this edge could take them, as
+/// reported in-stream ([`Inbound::gap_before`]).
+#[derive(Debug)]
+struct Gap {
+    /// [`tiercast_engine::backplane::GAP_USER_CHANNELS`] and/or
+    /// [`tiercast_engine::backplane::GAP_NODE_CHANNELS`].
+    kinds: u8,
+    /// Per conversation, the newest id fanned out here before the gap:
+    /// every dropped message of that conversation is newer (tier-2 and 3
+    /// payloads of a conversation are published in id order).
+    marks: HashMap<u64, u64>,
+    /// When the first gap was noted (Unix ms): a conversation without a
+    /// mark (none fanned out here for [`PULL_CACHE_TTL`]) is repaired from
+    /// that long before it.
+    at_ms: u64,
+}
+
+impl Gap {
+    /// Folds a later gap in: the union of the kinds, and per conversation
+    /// the older mark (a conversation marked in only one of the two gets
+    /// none, and is repaired from the time bound).
+    fn merge(&mut self, kinds: u8, marks: &HashMap<u64, u64>) {
+        self.kinds |= kinds;
+        self.marks.retain(|conv, mark| match marks.get(conv) {
+            Some(&m) => {
+                *mark = (*mark).min(m);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Where the repair of `conv` starts.
+    fn mark(&self, conv: u64) -> u64 {
+        self.marks.get(&conv).copied().unwrap_or_else(|| {
+            tiercast_engine::snowflake::min_id_at(
+                self.at_ms.saturating_sub(PULL_CACHE_TTL.as_millis() as u64),
+            )
+        })
+    }
+}
+
 /// Repairs the gap each time the backplane subscriptions were interrupted
-/// and are whole again (a Redis failover, a reconnect, a moved slot):
-/// payloads published meanwhile never reached this edge, and the devices
-/// connected here, which stay connected, would not look for them. So the
+/// and are whole again (a Redis failover, a reconnect, a moved slot), and
+/// each time the backplane dropped payloads for this edge (its queue full,
+/// its Redis client lagging): payloads meanwhile never reached this edge,
+/// and the devices connected here, which stay connected, would not look
+/// for them (a later message moves their cursors past the gap). So the
 /// edge looks for them: each connected device's pending inbox again
 /// (tier 1), each hosted conversation's messages since a little before the
-/// newest id fanned out here (tier 2), and each tier-3 conversation's
-/// latest id. Devices drop what they already had by id.
+/// newest id fanned out here before the gap (tier 2), and each tier-3
+/// conversation's latest id. Devices drop what they already had by id.
+/// Repairs run one at a time; gaps reported during one are merged into
+/// the next.
 async fn repair_gaps(shared: Arc<Shared>, shards: Shards) {
+    use tiercast_engine::backplane::{GAP_NODE_CHANNELS, GAP_USER_CHANNELS};
     let mut interruptions = shared.subscriber.interruptions();
-    while interruptions.changed().await.is_ok() {
+    // A backend that is never interrupted has no sender: its watch ends at
+    // once, and only reported gaps are left to wait for.
+    let mut interruptible = true;
+    loop {
+        let gap = tokio::select! {
+            changed = interruptions.changed(), if interruptible => {
+                if changed.is_err() {
+                    interruptible = false;
+                    continue;
+                }
+                None
+            }
+            () = shared.gap_wake.notified() => {
+                match shared.gaps.lock().expect("gaps lock").take() {
+                    Some(g) => Some(g),
+                    None => continue,
+                }
+            }
+        };
         let started = std::time::Instant::now();
-        let repaired = repair(&shared, &shards).await;
+        let kinds = gap
+            .as_ref()
+            .map_or(GAP_USER_CHANNELS | GAP_NODE_CHANNELS, |g| g.kinds);
+        let repaired = repair(&shared, &shards, gap.as_ref(), kinds).await;
         shared.metrics.gap_repairs.inc();
         shared.metrics.gap_repair_frames.inc_by(repaired);
         tracing::info!(
             frames = repaired,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "backplane subscriptions were interrupted; gap repaired from the store"
+            dropped_payloads = gap.is_some(),
+            "backplane gap repaired from the store"
         );
     }
 }
 
 /// Returns the frames handed to the shards (one per device for the inbox,
-/// one per local user for the conversations).
-async fn repair(shared: &Shared, shards: &Shards) -> u64 {
+/// one per local user for the conversations). `gap`: where each
+/// conversation's repair starts (without one, at the newest id fanned out
+/// here now); `kinds`: which channels' payloads may be missing.
+async fn repair(shared: &Shared, shards: &Shards, gap: Option<&Gap>, kinds: u8) -> u64 {
+    use tiercast_engine::backplane::{GAP_NODE_CHANNELS, GAP_USER_CHANNELS};
     let engine = &shared.engine;
     let mut frames = 0u64;
-    for (user, client) in shared.sessions.devices() {
+    let devices = if kinds & GAP_USER_CHANNELS != 0 {
+        shared.sessions.devices()
+    } else {
+        Vec::new()
+    };
+    for (user, client) in devices {
         match engine.pending(Device { user, client }, 0).await {
             Ok(page) => {
                 for m in page {
@@ -409,6 +511,9 @@ async fn repair(shared: &Shared, shards: &Shards) -> u64 {
             }
             Err(e) => tracing::warn!(user, error = %e, "gap repair: inbox not read"),
         }
+    }
+    if kinds & GAP_NODE_CHANNELS == 0 {
+        return frames;
     }
     let window = tiercast_engine::snowflake::min_id_at(
         tiercast_engine::snowflake::EPOCH_MS + REPAIR_WINDOW_MS,
@@ -424,6 +529,7 @@ async fn repair(shared: &Shared, shards: &Shards) -> u64 {
         };
         let newest = shared.newest_seen.get(&conv).unwrap_or(0);
         if tier == Tier::IdOnly {
+            // Only the latest id matters: sent unless it went out already.
             let latest = engine
                 .store()
                 .history(
@@ -451,7 +557,8 @@ async fn repair(shared: &Shared, shards: &Shards) -> u64 {
         if tier != Tier::Sharded {
             continue;
         }
-        let mut after = newest.saturating_sub(window);
+        let from = gap.map_or(newest, |g| g.mark(conv));
+        let mut after = from.saturating_sub(window);
         let mut read = 0;
         while read < REPAIR_MAX_PER_CONVERSATION {
             let page = match engine.store().since(conv, after, 200).await {
@@ -535,6 +642,11 @@ async fn heartbeat(shared: Arc<Shared>) {
 async fn fan_out_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>, shards: Shards) {
     while let Some(msg) = inbound.recv().await {
         shared.metrics.backplane_inbound.inc();
+        if msg.gap_before != 0 {
+            // Before this payload is handled: the marks are those from
+            // before the gap.
+            shared.note_gap(msg.gap_before);
+        }
         let envelope = match Envelope::decode(&msg.payload) {
             Ok(e) => e,
             Err(e) => {

@@ -2,6 +2,7 @@
 
 mod auth_matrix;
 mod authz;
+mod backplane_gaps;
 mod bad_input;
 mod cluster_faults;
 mod devices;

@@ -2,19 +2,31 @@
 //! subscribers' queues. Same contract as Redis pub/sub: a publish reaches the
 //! subscribers of that moment, and a full subscriber queue drops the payload
 //! (counted in [`LocalBackplane::dropped`]) instead of blocking the publisher.
+//! The subscriber's next payload carries the gap ([`Inbound::gap_before`]),
+//! so its owner repairs it from the store.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Backplane, BackplaneError, Inbound, Subscriber};
+use super::{Backplane, BackplaneError, Inbound, Subscriber, gap_kind};
 
-/// A channel's subscribers: (subscriber id, its queue).
-type Subscribers = Vec<(u64, mpsc::Sender<Inbound>)>;
+/// One subscriber as its channels see it.
+#[derive(Clone)]
+struct Sub {
+    id: u64,
+    tx: mpsc::Sender<Inbound>,
+    /// The kinds of channel whose payloads were dropped since the last one
+    /// this subscriber's queue took (see [`Inbound::gap_before`]).
+    gap: Arc<AtomicU8>,
+}
+
+/// A channel's subscribers.
+type Subscribers = Vec<Sub>;
 
 #[derive(Default)]
 struct Shared {
@@ -87,12 +99,17 @@ impl Backplane for LocalBackplane {
         self.shared.published_bytes.inc_by(payload.len() as u64);
         let channels = self.shared.channels.lock().expect("backplane lock");
         if let Some((name, subs)) = channels.get_key_value(channel) {
-            for (_, tx) in subs {
+            for sub in subs {
+                // Taken with the payload; put back if the queue refuses it.
+                let gap_before = sub.gap.swap(0, Ordering::AcqRel);
                 let inbound = Inbound {
                     channel: name.clone(),
                     payload: payload.clone(),
+                    gap_before,
                 };
-                if tx.try_send(inbound).is_err() {
+                if sub.tx.try_send(inbound).is_err() {
+                    sub.gap
+                        .fetch_or(gap_before | gap_kind(channel), Ordering::AcqRel);
                     // Stored already: the devices concerned catch up from
                     // their inbox or cursor. Logged at the first drop and
                     // every 1,000th, so a storm does not flood the log.
@@ -113,8 +130,11 @@ impl Backplane for LocalBackplane {
         let (tx, rx) = mpsc::channel(capacity);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let sub = LocalSubscriber {
-            id,
-            tx,
+            sub: Sub {
+                id,
+                tx,
+                gap: Arc::new(AtomicU8::new(0)),
+            },
             shared: self.shared.clone(),
         };
         Ok((Arc::new(sub), rx))
@@ -122,8 +142,7 @@ impl Backplane for LocalBackplane {
 }
 
 struct LocalSubscriber {
-    id: u64,
-    tx: mpsc::Sender<Inbound>,
+    sub: Sub,
     shared: Arc<Shared>,
 }
 
@@ -132,8 +151,8 @@ impl Subscriber for LocalSubscriber {
     async fn subscribe(&self, channel: &str) -> Result<(), BackplaneError> {
         let mut channels = self.shared.channels.lock().expect("backplane lock");
         let subs = channels.entry(Arc::from(channel)).or_default();
-        if !subs.iter().any(|(id, _)| *id == self.id) {
-            subs.push((self.id, self.tx.clone()));
+        if !subs.iter().any(|s| s.id == self.sub.id) {
+            subs.push(self.sub.clone());
         }
         Ok(())
     }
@@ -141,7 +160,7 @@ impl Subscriber for LocalSubscriber {
     async fn unsubscribe(&self, channel: &str) -> Result<(), BackplaneError> {
         let mut channels = self.shared.channels.lock().expect("backplane lock");
         if let Some(subs) = channels.get_mut(channel) {
-            subs.retain(|(id, _)| *id != self.id);
+            subs.retain(|s| s.id != self.sub.id);
             if subs.is_empty() {
                 channels.remove(channel);
             }
@@ -154,7 +173,7 @@ impl Drop for LocalSubscriber {
     fn drop(&mut self) {
         if let Ok(mut channels) = self.shared.channels.lock() {
             channels.retain(|_, subs| {
-                subs.retain(|(id, _)| *id != self.id);
+                subs.retain(|s| s.id != self.sub.id);
                 !subs.is_empty()
             });
         }
@@ -199,5 +218,32 @@ mod tests {
             bp.publish("x", Bytes::from_static(b".")).await.unwrap();
         }
         assert_eq!(bp.dropped(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_payload_after_a_drop_carries_the_gap() {
+        let bp = LocalBackplane::new();
+        let (a, mut ra) = bp.subscriber(1).await.unwrap();
+        let user = super::super::user_channel(7);
+        let node = super::super::node_channel(1, 0);
+        a.subscribe(&user).await.unwrap();
+        a.subscribe(&node).await.unwrap();
+        bp.publish(&user, Bytes::from_static(b"1")).await.unwrap();
+        // The queue is full: both dropped, one from each kind of channel.
+        bp.publish(&user, Bytes::from_static(b"2")).await.unwrap();
+        bp.publish(&node, Bytes::from_static(b"3")).await.unwrap();
+        assert_eq!(bp.dropped(), 2);
+        let first = ra.recv().await.unwrap();
+        assert_eq!((&first.payload[..], first.gap_before), (&b"1"[..], 0));
+        bp.publish(&node, Bytes::from_static(b"4")).await.unwrap();
+        let next = ra.recv().await.unwrap();
+        assert_eq!(&next.payload[..], b"4");
+        assert_eq!(
+            next.gap_before,
+            super::super::GAP_USER_CHANNELS | super::super::GAP_NODE_CHANNELS,
+            "the gap before it: both kinds"
+        );
+        bp.publish(&node, Bytes::from_static(b"5")).await.unwrap();
+        assert_eq!(ra.recv().await.unwrap().gap_before, 0, "reported once");
     }
 }

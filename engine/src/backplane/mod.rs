@@ -57,6 +57,28 @@ pub fn parse_node_channel(channel: &str) -> Option<(u16, u16)> {
 pub struct Inbound {
     pub channel: Arc<str>,
     pub payload: Bytes,
+    /// Payloads for this subscriber were dropped just before this one (a
+    /// full queue, a lagging client): which kinds of channel they may have
+    /// come from ([`GAP_USER_CHANNELS`], [`GAP_NODE_CHANNELS`]; 0 = none).
+    /// Everything the subscriber handled before this payload came before
+    /// the gap, so its owner knows where to repair from.
+    pub gap_before: u8,
+}
+
+/// [`Inbound::gap_before`]: a user channel's payload (tier 1, membership,
+/// read markers) may have been dropped.
+pub const GAP_USER_CHANNELS: u8 = 1;
+/// [`Inbound::gap_before`]: a node channel's payload (tiers 2 and 3) may
+/// have been dropped.
+pub const GAP_NODE_CHANNELS: u8 = 2;
+
+/// The [`Inbound::gap_before`] bit for a payload dropped from `channel`.
+pub fn gap_kind(channel: &str) -> u8 {
+    if parse_user_channel(channel).is_some() {
+        GAP_USER_CHANNELS
+    } else {
+        GAP_NODE_CHANNELS
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -238,6 +238,8 @@ impl Backplane for RedisBackplane {
         let (tx, rx) = mpsc::channel(capacity);
         let mut messages = sub.message_rx();
         tokio::spawn(async move {
+            // The kinds of channel a lag may have dropped from: all.
+            let mut gap = 0u8;
             loop {
                 match messages.recv().await {
                     Ok(m) => {
@@ -247,15 +249,17 @@ impl Backplane for RedisBackplane {
                         let inbound = Inbound {
                             channel: Arc::from(&*m.channel),
                             payload,
+                            gap_before: std::mem::take(&mut gap),
                         };
                         if tx.send(inbound).await.is_err() {
                             return;
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        gap = super::GAP_USER_CHANNELS | super::GAP_NODE_CHANNELS;
                         tracing::warn!(
                             dropped = n,
-                            "subscriber lagged; devices catch up from the store"
+                            "subscriber lagged; the gap is repaired from the store"
                         );
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
