@@ -137,6 +137,9 @@ pub struct SessionStats {
     pub acked: AtomicU64,
     /// Resume syncs that failed and were tried again.
     pub resume_retries: AtomicU64,
+    /// Resumes that finished (every conversation synced): one per
+    /// connection when the device is caught up.
+    pub resumes: AtomicU64,
     /// Live messages held by the reorder window, of those put back in id
     /// order, and messages released after a larger id (later than the
     /// window: seen out of order).
@@ -189,13 +192,17 @@ struct State {
     seen: HashMap<u64, BTreeSet<u64>>,
     tiers: HashMap<u64, u8>,
     read: HashMap<u64, u64>,
-    /// When the last connection ended (Unix ms): conversations discovered
-    /// on the next connect sync from there.
+    /// When the last connection ended (Unix ms, the edge's time); `None`
+    /// until one has.
     disconnected_at_ms: Option<u64>,
     /// When the current connection began (Unix ms, the edge's time, taken
     /// before its handshake): the live path reaches the device from then.
     connected_at_ms: Option<u64>,
-    listed: bool,
+    /// When the first connection began (the same clock).
+    first_connected_ms: Option<u64>,
+    /// The start of the connection whose listing of conversations last
+    /// completed: every conversation listed then has a cursor since.
+    listed_from_ms: Option<u64>,
     /// The cursors a resume started from, until it completes.
     resume_from: Option<HashMap<u64, u64>>,
 }
@@ -213,6 +220,18 @@ fn advance(marks: &mut HashMap<u64, u64>, conversation: u64, id: u64) -> bool {
 const SEEN_PRUNE_AT: usize = 4_096;
 
 impl State {
+    /// Where a conversation without a cursor syncs from on this
+    /// connection: `None` on the first (it starts at the connection's
+    /// start); afterwards the start of the connection whose listing last
+    /// completed, or of the first connection if none did, less the window
+    /// (see `resume_inner`).
+    fn new_conversation_since(&self, window_ms: u64) -> Option<u64> {
+        self.disconnected_at_ms.map(|_| {
+            let from = self.listed_from_ms.or(self.first_connected_ms).unwrap_or(0);
+            min_id_at(from.saturating_sub(window_ms))
+        })
+    }
+
     /// Records a message; false if it was seen before.
     fn accept(&mut self, m: &Message, window_ids: u64) -> bool {
         let seen = self.seen.entry(m.conversation).or_default();
@@ -493,8 +512,12 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
         };
         policy.connected();
-        inner.state.lock().expect("state lock").connected_at_ms =
-            Some(started_ms.saturating_add_signed(client.clock_offset_ms));
+        {
+            let mut st = inner.state.lock().expect("state lock");
+            let at = started_ms.saturating_add_signed(client.clock_offset_ms);
+            st.connected_at_ms = Some(at);
+            st.first_connected_ms.get_or_insert(at);
+        }
         inner.stats.connects.fetch_add(1, Ordering::Relaxed);
         inner.client_id.store(client.client_id, Ordering::Relaxed);
         inner.current.send_replace(Some(client.clone()));
@@ -545,7 +568,7 @@ async fn serve_connection(
     let cursors = {
         let mut st = inner.state.lock().expect("state lock");
         let now = st.cursors.clone();
-        st.resume_from.get_or_insert(now).clone()
+        resume_snapshot(&mut st.resume_from, now)
     };
     let resync = tokio::spawn(resume(
         inner.clone(),
@@ -710,6 +733,26 @@ async fn flush_acks(inner: &Inner, client: &Client) {
     }
 }
 
+/// The cursors a connection's resume starts from: those the last
+/// connection ended with (`now`), except where an earlier resume that did
+/// not finish started lower (its gap is still open). A conversation the
+/// unfinished resume did not know (met on the live path since) starts at
+/// the cursor the last connection ended with: everything up to it came in
+/// order. Never the cursors as this connection's live traffic moves them:
+/// those lie past whatever the last connection had in flight when it
+/// ended.
+fn resume_snapshot(
+    resume_from: &mut Option<HashMap<u64, u64>>,
+    now: HashMap<u64, u64>,
+) -> HashMap<u64, u64> {
+    let pinned = resume_from.get_or_insert_with(HashMap::new);
+    for (conversation, id) in now {
+        let c = pinned.entry(conversation).or_insert(id);
+        *c = (*c).min(id);
+    }
+    pinned.clone()
+}
+
 /// After (re)connecting: list the user's conversations, then sync every
 /// cursor from a little before it, page by page. The cursors are those the
 /// previous connection ended with (taken before any live message of this
@@ -732,6 +775,7 @@ async fn resume(
         match resume_inner(&inner, &client, &events, &mut pinned).await {
             Ok(()) => {
                 inner.state.lock().expect("state lock").resume_from = None;
+                inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(e) => {
@@ -766,8 +810,8 @@ enum ResumeStart {
 }
 
 /// The resume's start for `entry`: from a little before the cursor the
-/// device had (`current`); for a conversation new to it, from the last
-/// disconnect (`since`) on a reconnect, and on the first connect at the
+/// device had (`current`); for a conversation new to it, from `since` on a
+/// reconnect (see `resume_inner`), and on the first connect at the
 /// connection's start for messages (nothing earlier is synced, and nothing
 /// later is skipped: the live path reaches the device from then) or at the
 /// latest id for tier-3 notifications (which carry only the newest id).
@@ -807,15 +851,17 @@ async fn resume_inner(
     let mut cursors = Vec::new();
     {
         let mut st = inner.state.lock().expect("state lock");
-        // A conversation new to this device starts at its latest message on
-        // the first connect, and at the last disconnect afterwards.
-        let since = match (st.listed, st.disconnected_at_ms) {
-            (true, Some(t)) => Some(min_id_at(
-                t.saturating_sub(cfg.resync_window.as_millis() as u64),
-            )),
-            _ => None,
-        };
-        st.listed = true;
+        // A conversation without a cursor: on the first connection it
+        // starts at the connection's start (see `resume_start`). On a later
+        // one it syncs from the start of the connection whose listing last
+        // completed (the device joined it after that listing, and the live
+        // path may have been carrying its messages since), or from the
+        // first connection's start if no listing ever completed (then every
+        // conversation is new, and the live path has been reaching the
+        // device since then). Not from the last disconnect: messages in
+        // flight when that connection ended were sent before it.
+        let since = st.new_conversation_since(cfg.resync_window.as_millis() as u64);
+        st.listed_from_ms = st.connected_at_ms;
         // The cursors as they were when this resume began (see `resume`).
         let snapshot = pinned
             .cursors
@@ -826,10 +872,10 @@ async fn resume_inner(
             if e.read_id > st.read.get(&e.conversation).copied().unwrap_or(0) {
                 markers.push((e.conversation, e.read_id));
             }
-            let current = snapshot
-                .get(&e.conversation)
-                .or(st.cursors.get(&e.conversation))
-                .copied();
+            // Not the cursor as live traffic on this connection has moved
+            // it (see `resume_snapshot`): a conversation without one in
+            // the snapshot is new to the device.
+            let current = snapshot.get(&e.conversation).copied();
             let cursor = match resume_start(current, since, e, window, st.connected_at_ms) {
                 ResumeStart::SyncFrom(id) => id,
                 ResumeStart::StartAt(id) => {
@@ -947,7 +993,8 @@ mod tests {
             resume_start(None, None, &entry(3, in_flight), window, Some(connected_ms)),
             ResumeStart::StartAt(in_flight)
         );
-        // A conversation met on a reconnect syncs from the last disconnect.
+        // A conversation met on a reconnect syncs from `since` (see
+        // `resume_inner`).
         assert_eq!(
             resume_start(
                 None,
@@ -957,6 +1004,65 @@ mod tests {
                 Some(connected_ms)
             ),
             ResumeStart::SyncFrom(42)
+        );
+    }
+
+    #[test]
+    fn a_resume_after_an_unfinished_one_keeps_its_gap_and_learns_new_conversations() {
+        // The first connection's resume never finished (it pinned no
+        // cursors: a first connect); live traffic then took conversation 1
+        // to 50 and the connection was lost with 51 in flight.
+        let mut resume_from = Some(HashMap::new());
+        let ended = HashMap::from([(1, 50)]);
+        let s = resume_snapshot(&mut resume_from, ended);
+        assert_eq!(
+            s,
+            HashMap::from([(1, 50)]),
+            "from where the connection ended"
+        );
+        // That resume fails too; meanwhile live traffic on the second
+        // connection took 1 to 90 and met conversation 2 at 70. The third
+        // connection still starts conversation 1 at 50 (51 is in the gap)
+        // and conversation 2 at 70.
+        let s = resume_snapshot(&mut resume_from, HashMap::from([(1, 90), (2, 70)]));
+        assert_eq!(s, HashMap::from([(1, 50), (2, 70)]));
+        // A finished resume clears it: the next starts where the last
+        // connection ended.
+        let mut done = None;
+        assert_eq!(
+            resume_snapshot(&mut done, HashMap::from([(1, 95)])),
+            HashMap::from([(1, 95)])
+        );
+    }
+
+    #[test]
+    fn a_conversation_without_a_cursor_on_a_reconnect_syncs_from_a_connection_start() {
+        let t0 = tiercast_schemas::ids::EPOCH_MS + 1_000_000;
+        let mut st = State {
+            first_connected_ms: Some(t0),
+            connected_at_ms: Some(t0),
+            ..State::default()
+        };
+        assert_eq!(
+            st.new_conversation_since(3_000),
+            None,
+            "the first connection"
+        );
+        // The first connection ended before its listing completed (60 s
+        // in): every conversation is new, and the live path has reached
+        // the device since it began, so that is where they sync from (not
+        // the disconnect: messages in flight then were sent before it).
+        st.disconnected_at_ms = Some(t0 + 60_000);
+        assert_eq!(
+            st.new_conversation_since(3_000),
+            Some(min_id_at(t0 - 3_000))
+        );
+        // A later connection's listing completed: conversations joined
+        // since sync from that connection's start.
+        st.listed_from_ms = Some(t0 + 70_000);
+        assert_eq!(
+            st.new_conversation_since(3_000),
+            Some(min_id_at(t0 + 67_000))
         );
     }
 

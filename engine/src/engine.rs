@@ -150,6 +150,8 @@ pub struct Engine {
     reads: OnceLock<Arc<dyn ReadQueue>>,
     /// Publish order per conversation.
     sequencer: Sequencer<PublishJob>,
+    /// Failed publishes waiting to go out late (see `publish_late`).
+    late_waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A stored message waiting for its turn to be published.
@@ -207,6 +209,25 @@ impl std::fmt::Debug for Engine {
 /// queue 20,000 futures at once.
 const PUBLISH_CONCURRENCY: usize = 64;
 
+/// Where a failed publish goes when it is tried again.
+#[derive(Debug)]
+enum Late {
+    Channel(String),
+    /// Node channel `k` of every edge hosting the conversation (the routing
+    /// table did not answer).
+    HostingEdges {
+        conversation: u64,
+        k: u16,
+    },
+}
+
+/// How long a failed publish is tried again in the background.
+const LATE_PUBLISH_FOR: Duration = Duration::from_secs(600);
+
+/// Failed publishes waiting in the background at most (their payloads are
+/// held in memory: ~100 MB at 1 KiB).
+const LATE_PUBLISHES_MAX: usize = 100_000;
+
 impl Engine {
     /// An engine with node id `cfg.node_id`; in a cluster pass the gate of
     /// the node-id lease it holds, so that it stops issuing ids without it.
@@ -235,6 +256,7 @@ impl Engine {
             metrics,
             reads: OnceLock::new(),
             sequencer: Sequencer::default(),
+            late_waiting: Arc::default(),
         })
     }
 
@@ -495,8 +517,9 @@ impl Engine {
 
     /// Publishes a stored message by its tier: tier 1 on every member's
     /// user channel, tiers 2 and 3 once per hosting edge. The payload is
-    /// encoded once. A failure is counted and logged, never returned: the
-    /// message is stored, and devices catch up.
+    /// encoded once. A failure is counted and logged, never returned (the
+    /// message is stored), and the publish is tried again in the
+    /// background (`publish_late`).
     async fn publish(&self, tier: Tier, message: Message, except_client: u64, members: &[u64]) {
         let conversation = message.conversation;
         let accepted_ms = crate::snowflake::parts(message.id).unix_ms;
@@ -525,7 +548,9 @@ impl Engine {
                 }
                 Err(e) => {
                     self.metrics.publish_failures.inc();
-                    tracing::warn!(conversation, error = %e, "routing table unavailable; devices catch up by sync");
+                    tracing::warn!(conversation, error = %e, "routing table unavailable; publishing in the background");
+                    let k = (conversation % u64::from(self.cfg.node_channels)) as u16;
+                    self.publish_late(Late::HostingEdges { conversation, k }, payload);
                     return;
                 }
             },
@@ -556,7 +581,8 @@ impl Engine {
                 }
                 Err(e) => {
                     self.metrics.publish_failures.inc();
-                    tracing::warn!(%channel, error = %e, "publish failed; devices catch up from the store");
+                    tracing::warn!(%channel, error = %e, "publish failed; tried again in the background");
+                    self.publish_late(Late::Channel(channel), payload.clone());
                 }
             }
         }
@@ -566,6 +592,77 @@ impl Engine {
         self.metrics
             .publish_delay_seconds
             .observe(delay_ms as f64 / 1e3);
+    }
+
+    /// A publish that failed for `engine.publish_retry_ms`, tried again in
+    /// the background (1 s doubling to 10 s, for up to
+    /// [`LATE_PUBLISH_FOR`]) without holding up the conversation's later
+    /// messages. Given up, the message would sit below the cursors those
+    /// later messages move on devices that stay connected, and no resume
+    /// would look for it; published late, they get it late (the SDK takes
+    /// it by id). At most [`LATE_PUBLISHES_MAX`] wait at once; the task
+    /// holds the backplane weakly, so it ends with the engine.
+    fn publish_late(&self, target: Late, payload: Bytes) {
+        let waiting = self.late_waiting.clone();
+        if waiting.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= LATE_PUBLISHES_MAX {
+            waiting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            self.metrics.late_publishes_dropped.inc();
+            return;
+        }
+        let backplane = Arc::downgrade(&self.backplane);
+        let routes = Arc::downgrade(&self.routes);
+        let (done, dropped) = (
+            self.metrics.late_publishes.clone(),
+            self.metrics.late_publishes_dropped.clone(),
+        );
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + LATE_PUBLISH_FOR;
+            let mut backoff = Duration::from_secs(1);
+            // The channels still to publish on (a routing failure: unknown
+            // until the routing table answers).
+            let mut channels: Option<Vec<String>> = match &target {
+                Late::Channel(c) => Some(vec![c.clone()]),
+                Late::HostingEdges { .. } => None,
+            };
+            let published = loop {
+                tokio::time::sleep(backoff).await;
+                let (Some(bp), Some(routes)) = (backplane.upgrade(), routes.upgrade()) else {
+                    break false;
+                };
+                if channels.is_none()
+                    && let Late::HostingEdges { conversation, k } = &target
+                    && let Ok(edges) = routes.hosting_edges(*conversation).await
+                {
+                    channels = Some(edges.into_iter().map(|e| node_channel(e, *k)).collect());
+                }
+                if let Some(list) = channels.as_mut() {
+                    let mut left = Vec::new();
+                    for c in list.drain(..) {
+                        if bp.publish(&c, payload.clone()).await.is_err() {
+                            left.push(c);
+                        }
+                    }
+                    if left.is_empty() {
+                        break true;
+                    }
+                    *list = left;
+                }
+                if tokio::time::Instant::now() + backoff > deadline {
+                    break false;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            };
+            if published {
+                done.inc();
+            } else {
+                dropped.inc();
+                tracing::warn!(
+                    ?target,
+                    "publish given up; devices catch up on their next resume"
+                );
+            }
+            waiting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
     }
 
     /// One publish, tried again with backoff (50 ms doubling to 1 s) while

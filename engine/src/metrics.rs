@@ -36,6 +36,10 @@ pub struct EngineMetrics {
     pub publish_failures: Counter,
     pub publish_retries: Counter,
     pub republished: Counter,
+    /// Publishes given up within `engine.publish_retry_ms` that went out
+    /// later from the background, and those dropped for good.
+    pub late_publishes: Counter,
+    pub late_publishes_dropped: Counter,
     /// One message's store commit (insert with its inboxes and dedupe key).
     pub store_commit_seconds: Histogram,
     /// From a message's id (taken as the send was accepted) to the end of
@@ -54,6 +58,8 @@ impl Default for EngineMetrics {
             publish_failures: Counter::default(),
             publish_retries: Counter::default(),
             republished: Counter::default(),
+            late_publishes: Counter::default(),
+            late_publishes_dropped: Counter::default(),
             store_commit_seconds: seconds_histogram(),
             publish_delay_seconds: seconds_histogram(),
         }
@@ -103,6 +109,16 @@ impl EngineMetrics {
             "republished",
             "Messages published again because their sender retried (the first attempt may have stored the message and died before publishing it)",
             m.republished.clone(),
+        );
+        r.register(
+            "late_publishes",
+            "Publishes that failed within engine.publish_retry_ms and went out later from the background (devices connected meanwhile get the message late, not never)",
+            m.late_publishes.clone(),
+        );
+        r.register(
+            "late_publishes_dropped",
+            "Failed publishes given up for good (the backplane away for 10 minutes, too many waiting, or the engine stopped): devices catch up on their next resume",
+            m.late_publishes_dropped.clone(),
         );
         r.register(
             "store_commit_seconds",

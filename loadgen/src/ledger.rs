@@ -141,6 +141,35 @@ impl Audience {
         out
     }
 
+    /// Per window of `windows` (microseconds from `send_start_us`, e.g. a
+    /// scenario's stages): the messages scheduled in it, their deliveries
+    /// and those deliveries' latencies.
+    pub fn tally_windows<R: Receipts>(
+        &self,
+        sent: &[Sent],
+        logs: &[R],
+        send_start_us: u64,
+        windows: &[(u64, u64)],
+    ) -> Vec<WindowTally> {
+        let mut out: Vec<WindowTally> = windows.iter().map(|_| WindowTally::default()).collect();
+        for m in sent {
+            let at = m.scheduled_us.saturating_sub(send_start_us);
+            let Some(w) = windows.iter().position(|&(a, b)| a <= at && at < b) else {
+                continue;
+            };
+            let t = &mut out[w];
+            t.sends += 1;
+            for d in self.recipients(m) {
+                if let Some(arrived) = self.arrival(m, &logs[d]) {
+                    t.deliveries += 1;
+                    t.latency
+                        .saturating_record(arrived.saturating_sub(m.scheduled_us).max(1));
+                }
+            }
+        }
+        out
+    }
+
     /// Expected against received, per tier, with latencies of the measured
     /// (not warm-up) messages and a per-second timeline from
     /// `send_start_us`.
@@ -177,6 +206,24 @@ impl Audience {
             }
         }
         t
+    }
+}
+
+/// What [`Audience::tally_windows`] counts per window.
+#[derive(Debug, Clone)]
+pub struct WindowTally {
+    pub sends: u64,
+    pub deliveries: u64,
+    pub latency: Histogram<u64>,
+}
+
+impl Default for WindowTally {
+    fn default() -> Self {
+        Self {
+            sends: 0,
+            deliveries: 0,
+            latency: histogram(),
+        }
     }
 }
 

@@ -14,7 +14,11 @@
 //! - [`scenario`], [`target`], [`run`]: `tiercast loadgen run`, open-loop
 //!   scenarios against a self-hosted or given deployment; [`hgrm`] and
 //!   [`plot`] write its histograms and picture.
+//! - [`merge`]: `tiercast loadgen merge`, several generators' reports as
+//!   one, their histograms merged.
 //! - [`plan`]: `tiercast loadgen plan`, fleet sizes from a measured run.
+//! - [`predict`]: `tiercast loadgen predict`, a run on one edge's CPU and
+//!   latency carried to N edges, against runs measured there.
 //! - [`report`]: the figures as text and JSON.
 
 pub mod compare;
@@ -22,8 +26,10 @@ pub mod demo;
 pub mod fanout;
 pub mod hgrm;
 pub mod ledger;
+pub mod merge;
 pub mod plan;
 pub mod plot;
+pub mod predict;
 pub mod report;
 pub mod run;
 pub mod scenario;

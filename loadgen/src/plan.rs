@@ -361,7 +361,80 @@ pub struct Plan {
     pub lines: Vec<Line>,
 }
 
+/// What one Redis shard's primary spends per SPUBLISH, measured by
+/// `scripts/redis-capacity.sh` (its JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisCapacity {
+    #[serde(default)]
+    pub source: String,
+    pub redis_version: String,
+    pub rows: Vec<RedisRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisRow {
+    pub payload_bytes: u64,
+    pub pipeline: u64,
+    pub server_cpu_us_per_publish: f64,
+}
+
+impl RedisCapacity {
+    /// Reads the script's JSON; refused without unpipelined rows.
+    pub fn parse(text: &str, source: &str) -> Result<Self, String> {
+        let mut r: RedisCapacity = serde_json::from_str(text)
+            .map_err(|e| format!("not a scripts/redis-capacity.sh JSON: {e}"))?;
+        r.source = source.to_owned();
+        r.rows
+            .retain(|row| row.pipeline == 1 && row.server_cpu_us_per_publish > 0.0);
+        r.rows.sort_by_key(|row| row.payload_bytes);
+        if r.rows.len() < 2 {
+            return Err("needs unpipelined (pipeline 1) rows at two payload sizes or more".into());
+        }
+        Ok(r)
+    }
+
+    /// CPU microseconds per publish of `bytes`, unpipelined (the worse
+    /// case: the engine's publishes pipeline only as far as they are
+    /// concurrent), interpolated between the measured sizes and carried
+    /// on linearly past the largest; and whether it extrapolated.
+    pub fn cpu_us(&self, bytes: f64) -> (f64, bool) {
+        let pts: Vec<(f64, f64)> = self
+            .rows
+            .iter()
+            .map(|r| (r.payload_bytes as f64, r.server_cpu_us_per_publish))
+            .collect();
+        let seg = pts
+            .windows(2)
+            .find(|w| bytes <= w[1].0)
+            .unwrap_or(&pts[pts.len() - 2..]);
+        let (x0, y0) = seg[0];
+        let (x1, y1) = seg[1];
+        let y = if bytes <= x0 {
+            y0
+        } else {
+            y0 + (y1 - y0) * (bytes - x0) / (x1 - x0)
+        };
+        (y.max(0.0), bytes > pts[pts.len() - 1].0)
+    }
+}
+
 pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
+    plan_with(w, cals, None)
+}
+
+/// A rate for the plan's lines: whole numbers, and two decimals below 10
+/// (a broadcast every 2 s is 0.50/s, not 0).
+fn rate(per_s: f64) -> String {
+    if per_s < 10.0 {
+        format!("{per_s:.2}")
+    } else {
+        format!("{per_s:.0}")
+    }
+}
+
+/// [`plan`], with the Redis shards sized from a measured capacity instead
+/// of the workload's assumption.
+pub fn plan_with(w: &Workload, cals: &[Calibration], redis: Option<&RedisCapacity>) -> Plan {
     let a = &w.assumptions;
     let mut lines = Vec::new();
     let mut warnings = Vec::new();
@@ -541,6 +614,9 @@ pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
     // Redis: publishes per message by tier (counted, docs/fanout.md).
     let mut publishes = 0.0;
     let mut redis_bytes = 0.0;
+    // Redis primary CPU (microseconds per second) and how it was had.
+    let mut redis_cpu_us = 0.0;
+    let mut redis_how = Vec::new();
     let mut egress = 0.0;
     let mut writes = msgs; // one message row each
     let mut pulls = 0.0;
@@ -570,7 +646,8 @@ pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
             m * per_msg,
             "/s",
             format!(
-                "{m:.0} messages/s x {per_msg:.0} publishes each ({})",
+                "{} messages/s x {per_msg:.0} publishes each ({})",
+                rate(m),
                 match t.tier {
                     1 => "one per member, counted",
                     2 => "one per hosting edge, counted",
@@ -580,11 +657,27 @@ pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
         );
         publishes += p;
         redis_bytes += p * bytes;
+        if let Some(r) = redis {
+            let (us, past) = r.cpu_us(bytes);
+            redis_cpu_us += p * us;
+            redis_how.push(format!("tier {} {bytes:.0} B: {us:.2} us", t.tier));
+            if past {
+                warnings.push(format!(
+                    "Redis CPU per publish of tier {} ({bytes:.0} B) carried past the largest payload measured ({} B) in `{}`",
+                    t.tier,
+                    r.rows.last().map_or(0, |x| x.payload_bytes),
+                    r.source
+                ));
+            }
+        }
         let e = line(
             &format!("tier {} edge egress", t.tier),
             m * recipients * edge_bytes * 8.0 / 1e9,
             "Gbit/s",
-            format!("{m:.0} messages/s x {recipients:.0} devices x {edge_bytes:.0} B per delivery"),
+            format!(
+                "{} messages/s x {recipients:.0} devices x {edge_bytes:.0} B per delivery",
+                rate(m)
+            ),
         );
         egress += e;
         if t.tier == 1 {
@@ -608,17 +701,32 @@ pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
         "publishes x (body + ~100 B envelope), notifications 56 B".into(),
     );
     line("edge egress", egress, "Gbit/s", "sum of the tiers".into());
-    let shards = line(
-        "Redis shards",
-        (publishes / (a.redis_publishes_per_shard * a.utilization))
-            .ceil()
-            .max(1.0),
-        "",
-        format!(
-            "publishes/s / ({} per shard (assumed; measure with redis-benchmark) x {} utilisation); sharded pub/sub spreads by hash slot",
-            a.redis_publishes_per_shard, a.utilization
+    let shards = match redis {
+        Some(r) => line(
+            "Redis shards",
+            (redis_cpu_us / 1e6 / a.utilization).ceil().max(1.0),
+            "",
+            format!(
+                "publishes/s x CPU per SPUBLISH measured by scripts/redis-capacity.sh (`{}`, Redis {}, one subscriber, unpipelined: {}) = {:.2} cores of shard primaries / {} utilisation (one core each); sharded pub/sub spreads by hash slot",
+                r.source,
+                r.redis_version,
+                redis_how.join(", "),
+                redis_cpu_us / 1e6,
+                a.utilization
+            ),
         ),
-    );
+        None => line(
+            "Redis shards",
+            (publishes / (a.redis_publishes_per_shard * a.utilization))
+                .ceil()
+                .max(1.0),
+            "",
+            format!(
+                "publishes/s / ({} per shard (assumed: give --redis-calibration from scripts/redis-capacity.sh to measure it) x {} utilisation); sharded pub/sub spreads by hash slot",
+                a.redis_publishes_per_shard, a.utilization
+            ),
+        ),
+    };
     let writes = line(
         "database row writes/s",
         writes,
@@ -638,7 +746,7 @@ pub fn plan(w: &Workload, cals: &[Calibration]) -> Plan {
             .max(3.0),
         "",
         format!(
-            "row writes/s / ({} per node (assumed) x {} utilisation), at least 3 for quorum",
+            "row writes/s / ({} per node (an input: `db_writes_per_node` in the workload's [assumptions]; no ScyllaDB can run here to measure it) x {} utilisation), at least 3 for quorum",
             a.db_writes_per_node, a.utilization
         ),
     );
@@ -755,6 +863,47 @@ mod tests {
         let p = plan(&w, &[calibration()]);
         assert!(p.edges >= 2 && p.redis_shards >= 1 && p.db_nodes >= 3);
         assert!(render(&w, &[calibration()], &p).contains("answer:"));
+    }
+
+    #[test]
+    fn redis_shards_come_from_the_measured_cpu_per_publish() {
+        let r = RedisCapacity::parse(
+            r#"{"redis_version": "7.0.15", "rows": [
+                {"payload_bytes": 56, "pipeline": 1, "server_cpu_us_per_publish": 4.0},
+                {"payload_bytes": 56, "pipeline": 16, "server_cpu_us_per_publish": 1.0},
+                {"payload_bytes": 352, "pipeline": 1, "server_cpu_us_per_publish": 6.0}
+            ]}"#,
+            "r.json",
+        )
+        .unwrap();
+        assert_eq!(r.rows.len(), 2, "pipelined rows are not used");
+        assert_eq!(r.cpu_us(56.0), (4.0, false));
+        assert_eq!(r.cpu_us(204.0), (5.0, false), "interpolated");
+        assert_eq!(r.cpu_us(10.0), (4.0, false));
+        let (past, extrapolated) = r.cpu_us(648.0);
+        assert!((past - 8.0).abs() < 1e-9 && extrapolated);
+        assert!(RedisCapacity::parse(r#"{"redis_version": "7", "rows": []}"#, "x").is_err());
+
+        // 1,000 tier-1 messages/s to 10 members of 100-byte bodies (200 B
+        // publishes): 10,000 publishes/s x 4.97 us = 0.0497 cores; at 0.5
+        // utilisation, one shard.
+        let mut w =
+            Workload::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/10m-mixed.toml"))
+                .unwrap();
+        w.assumptions.utilization = 0.5;
+        let p = plan_with(&w, &[calibration()], Some(&r));
+        let line = p.lines.iter().find(|l| l.what == "Redis shards").unwrap();
+        assert!(line.how.contains("r.json"), "{}", line.how);
+        let publishes = p
+            .lines
+            .iter()
+            .filter(|l| l.what.ends_with("Redis publishes/s") && l.what.starts_with("tier"))
+            .map(|l| l.value)
+            .sum::<f64>();
+        assert!(publishes > 0.0);
+        // At least the cheapest publish's cost, at most the dearest's.
+        let lo = (publishes * 4.0 / 1e6 / 0.5).ceil();
+        assert!(p.redis_shards as f64 >= lo, "{} < {lo}", p.redis_shards);
     }
 
     #[test]

@@ -221,6 +221,9 @@ pub struct ConnectFigures {
 pub struct ServerProcess {
     pub role: String,
     pub pid: u32,
+    /// This process's CPU seconds over the servers' window (restarts
+    /// included).
+    pub cpu_s: Option<f64>,
 }
 
 /// The servers' CPU and memory (self-hosted only; null otherwise).
@@ -322,6 +325,34 @@ pub struct LostDelivery {
     /// The newest id of the conversation the device did receive.
     pub device_newest_id: u64,
     pub device_errors: BTreeMap<String, u64>,
+    /// The device's SDK at the end: connections made, resumes finished
+    /// (fewer than connections: the last resume had not caught up when
+    /// the run ended) and resume syncs retried.
+    pub device_connects: u64,
+    pub device_resumes: u64,
+    pub device_resume_retries: u64,
+}
+
+/// One rate step of a scenario with stages: the messages scheduled in it,
+/// their deliveries and those deliveries' latencies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StageFigures {
+    pub stage: usize,
+    /// Seconds from the first send.
+    pub start_s: f64,
+    pub end_s: f64,
+    /// The rate the scenario asked for.
+    pub messages_per_s: f64,
+    pub sends: u64,
+    pub sends_per_s: f64,
+    /// Deliveries of the messages sent in the step (per second of the
+    /// step's length).
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
 }
 
 /// One second of the run.
@@ -366,8 +397,14 @@ pub struct RunReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_sample: Vec<LostDelivery>,
     pub timeline: Vec<TimelinePoint>,
+    /// Per stage, for a scenario with `[[stages]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageFigures>,
     /// Seconds from the first send to the last.
     pub run_seconds: f64,
+    /// A report `loadgen merge` made: the generators it combined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
 }
 
 fn lenient_scenario<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Scenario>, D::Error> {
@@ -498,6 +535,23 @@ impl RunReport {
                 "injected loss: devices dropped {:.2} % of what the edges sent them ({} datagrams)",
                 self.loadgen.client_loss * 100.0,
                 self.loadgen.datagrams_dropped
+            );
+        }
+        for st in &self.stages {
+            let _ = writeln!(
+                out,
+                "stage {} ({:.1}-{:.1} s, {} msg/s asked): {} sent ({:.1}/s), their {} deliveries ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                st.stage,
+                st.start_s,
+                st.end_s,
+                st.messages_per_s,
+                st.sends,
+                st.sends_per_s,
+                st.deliveries,
+                st.deliveries_per_s,
+                st.p50_us as f64 / 1e3,
+                st.p99_us as f64 / 1e3,
+                st.max_us as f64 / 1e3
             );
         }
         if let Some(st) = &self.reconnect_storm {

@@ -310,6 +310,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     // Server and loadgen CPU over the same window: from here (everyone
     // connected) to the end of the settle.
     let server_cpu0 = target.server_cpu_now(&http).await;
+    let process_cpu0: Vec<Option<f64>> = target.servers.iter().map(|p| p.cpu_seconds()).collect();
     let loadgen_cpu0 = cpu_seconds(std::process::id());
 
     // The open-loop send schedule.
@@ -464,6 +465,12 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         .await
         .zip(server_cpu0)
         .map(|(b, a)| b - a);
+    let process_cpu: Vec<Option<f64>> = target
+        .servers
+        .iter()
+        .zip(&process_cpu0)
+        .map(|(p, &a)| p.cpu_seconds().zip(a).map(|(b, a)| b - a))
+        .collect();
     let loadgen_cpu = cpu_seconds(std::process::id())
         .zip(loadgen_cpu0)
         .map(|(b, a)| b - a);
@@ -512,9 +519,11 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         processes: target
             .servers
             .iter()
-            .map(|p| ServerProcess {
+            .zip(&process_cpu)
+            .map(|(p, &cpu_s)| ServerProcess {
                 role: p.role.clone(),
                 pid: p.pid(),
+                cpu_s,
             })
             .collect(),
         cpu_s: server_cpu,
@@ -542,6 +551,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             .into_iter()
             .map(|(d, m)| {
                 let l = &logs[d];
+                let st = fleet.devices[d].session.stats();
                 LostDelivery {
                     device: d,
                     user: fleet.devices[d].sim.user,
@@ -552,6 +562,9 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                     device_connects_s: l.connected_at_us.iter().map(|&t| secs(t)).collect(),
                     device_newest_id: l.newest.get(&m.conversation).copied().unwrap_or(0),
                     device_errors: l.errors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    device_connects: st.connects.load(Ordering::Relaxed),
+                    device_resumes: st.resumes.load(Ordering::Relaxed),
+                    device_resume_retries: st.resume_retries.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -637,6 +650,7 @@ fn tally_into(
             },
         })
         .collect();
+    report.stages = stage_figures(s, audience, sent, fleet, send_start_us);
     report.connect = ConnectFigures {
         connections: s.devices(),
         connected: fleet.connected,
@@ -654,6 +668,52 @@ fn tally_into(
         .collect();
     histograms.push(("all".into(), tally.all));
     histograms
+}
+
+/// Each stage's figures: the messages scheduled in it, their deliveries
+/// and those deliveries' latencies.
+fn stage_figures(
+    s: &Scenario,
+    audience: &Audience,
+    sent: &[Sent],
+    fleet: &Fleet,
+    send_start_us: u64,
+) -> Vec<crate::report::StageFigures> {
+    let windows = s.stage_windows();
+    let us: Vec<(u64, u64)> = windows
+        .iter()
+        .map(|&(a, b)| ((a * 1e6) as u64, (b * 1e6) as u64))
+        .collect();
+    let tallies = audience.tally_windows(sent, &fleet.logs(), send_start_us, &us);
+    windows
+        .into_iter()
+        .zip(&s.stages)
+        .zip(tallies)
+        .enumerate()
+        .map(|(i, (((start, end), st), t))| {
+            let len = (end - start).max(1e-9);
+            let q = |p: f64| {
+                if t.latency.is_empty() {
+                    0
+                } else {
+                    t.latency.value_at_quantile(p)
+                }
+            };
+            crate::report::StageFigures {
+                stage: i + 1,
+                start_s: start,
+                end_s: end,
+                messages_per_s: st.messages_per_s,
+                sends: t.sends,
+                sends_per_s: t.sends as f64 / len,
+                deliveries: t.deliveries,
+                deliveries_per_s: t.deliveries as f64 / len,
+                p50_us: q(0.5),
+                p99_us: q(0.99),
+                max_us: t.latency.max(),
+            }
+        })
+        .collect()
 }
 
 /// The storm's and the fault's figures into `report`.

@@ -31,6 +31,10 @@ pub struct Scenario {
     #[serde(default = "default_settle")]
     pub settle_s: f64,
     pub rate: Rate,
+    /// Rate steps after the warm-up, in order (their durations add up to
+    /// `duration_s`); empty: `rate` throughout. The warm-up runs at `rate`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
     pub conversations: Vec<Group>,
     #[serde(default)]
     pub reconnect_storm: Option<Storm>,
@@ -69,6 +73,16 @@ pub enum RateKind {
 pub struct Rate {
     pub kind: RateKind,
     /// Messages per second over all conversations.
+    pub messages_per_s: f64,
+}
+
+/// One rate step of a scenario (`[[stages]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub duration_s: f64,
+    /// Messages per second over all conversations during the step (drawn
+    /// as `rate.kind` says).
     pub messages_per_s: f64,
 }
 
@@ -188,6 +202,25 @@ impl Scenario {
         if !(self.rate.messages_per_s > 0.0 && self.rate.messages_per_s <= 1_000_000.0) {
             return Err("rate.messages_per_s must be in (0, 1000000]".into());
         }
+        if !self.stages.is_empty() {
+            if let Some((i, _)) = self.stages.iter().enumerate().find(|(_, st)| {
+                !(st.duration_s > 0.0
+                    && st.messages_per_s > 0.0
+                    && st.messages_per_s <= 1_000_000.0)
+            }) {
+                return Err(format!(
+                    "stage {}: duration_s must be positive and messages_per_s in (0, 1000000]",
+                    i + 1
+                ));
+            }
+            let total: f64 = self.stages.iter().map(|st| st.duration_s).sum();
+            if (total - self.duration_s).abs() > 1e-6 {
+                return Err(format!(
+                    "the stages last {total} s but duration_s is {}: they must add up to it",
+                    self.duration_s
+                ));
+            }
+        }
         if self.conversations.is_empty() {
             return Err("at least one [[conversations]] group is needed".into());
         }
@@ -218,6 +251,43 @@ impl Scenario {
 
     pub fn devices(&self) -> u64 {
         self.users * self.devices_per_user
+    }
+
+    /// The send rate at `t` seconds from the first send, and when that
+    /// rate ends (infinity for the last).
+    pub fn rate_at(&self, t: f64) -> (f64, f64) {
+        if self.stages.is_empty() {
+            return (self.rate.messages_per_s, f64::INFINITY);
+        }
+        if t < self.warmup_s {
+            return (self.rate.messages_per_s, self.warmup_s);
+        }
+        let mut end = self.warmup_s;
+        for (i, st) in self.stages.iter().enumerate() {
+            end += st.duration_s;
+            if t < end || i + 1 == self.stages.len() {
+                let end = if i + 1 == self.stages.len() {
+                    f64::INFINITY
+                } else {
+                    end
+                };
+                return (st.messages_per_s, end);
+            }
+        }
+        (self.rate.messages_per_s, f64::INFINITY)
+    }
+
+    /// Each stage's window, seconds from the first send: (start, end).
+    pub fn stage_windows(&self) -> Vec<(f64, f64)> {
+        let mut start = self.warmup_s;
+        self.stages
+            .iter()
+            .map(|st| {
+                let w = (start, start + st.duration_s);
+                start = w.1;
+                w
+            })
+            .collect()
     }
 }
 

@@ -86,14 +86,25 @@ impl<'a, R: Rng> Schedule<'a, R> {
     /// The next send, `None` once past the scenario's end.
     fn next_send(&mut self) -> Option<(f64, Step)> {
         let s = self.scenario;
-        let gap = match s.rate.kind {
-            RateKind::Constant => 1.0 / s.rate.messages_per_s,
-            RateKind::Poisson => {
-                let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
-                -u.ln() / s.rate.messages_per_s
+        // A gap drawn at the rate of the moment; one that crosses into the
+        // next stage starts again there at that stage's rate (exact for
+        // Poisson, which has no memory).
+        loop {
+            let (rate, until) = s.rate_at(self.t);
+            let gap = match s.rate.kind {
+                RateKind::Constant => 1.0 / rate,
+                RateKind::Poisson => {
+                    let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+                    -u.ln() / rate
+                }
+            };
+            if self.t + gap >= until {
+                self.t = until;
+                continue;
             }
-        };
-        self.t += gap;
+            self.t += gap;
+            break;
+        }
         if self.t >= s.warmup_s + s.duration_s {
             return None;
         }
@@ -175,6 +186,35 @@ mod tests {
         let s: Scenario = toml::from_str(&text).unwrap();
         s.validate().unwrap();
         s
+    }
+
+    #[test]
+    fn stages_step_the_rate_after_the_warm_up() {
+        let s = scenario(
+            "stages = [{ duration_s = 4, messages_per_s = 10 }, { duration_s = 6, messages_per_s = 100 }]",
+        );
+        let plans = crate::scenario::layout(&s, 100);
+        let times: Vec<f64> = Schedule::new(&s, &plans, StdRng::seed_from_u64(7))
+            .unwrap()
+            .map(|(t, _)| t)
+            .collect();
+        let count = |a: f64, b: f64| times.iter().filter(|&&t| a <= t && t < b).count();
+        // Warm-up at the scenario's rate (50/s x 2 s), then 10/s x 4 s,
+        // then 100/s x 6 s (constant: exact up to the boundaries).
+        assert!((99..=100).contains(&count(0.0, 2.0)), "{}", count(0.0, 2.0));
+        assert!((39..=41).contains(&count(2.0, 6.0)), "{}", count(2.0, 6.0));
+        assert!(
+            (599..=600).contains(&count(6.0, 12.0)),
+            "{}",
+            count(6.0, 12.0)
+        );
+        assert_eq!(s.stage_windows(), vec![(2.0, 6.0), (6.0, 12.0)]);
+        let bad = "stages = [{ duration_s = 4, messages_per_s = 10 }]";
+        let text = format!(
+            "name = \"t\"\nusers = 4\nduration_s = 10\n{bad}\nrate = {{ kind = \"constant\", messages_per_s = 1 }}\n[[conversations]]\nname = \"c\"\ncount = 1\nsize_min = 2\n"
+        );
+        let s: Scenario = toml::from_str(&text).unwrap();
+        assert!(s.validate().unwrap_err().contains("add up"));
     }
 
     #[test]

@@ -26,6 +26,57 @@ enum LoadgenCommand {
     /// What changed between two runs (`--json` reports), per tier and for
     /// the servers, judged against the run-to-run noise.
     Compare(LoadgenCompareArgs),
+    /// Combine several generators' reports of one run (each with its own
+    /// --user-offset and --run-id) into one: counts added, latencies from
+    /// their histograms merged (`run --hdr`).
+    Merge(LoadgenMergeArgs),
+    /// Predict a scenario's server CPU and latency on N edges from a run on
+    /// fewer (self-hosted on a Redis Cluster), and compare with runs
+    /// measured at those sizes.
+    Predict(LoadgenPredictArgs),
+}
+
+#[derive(Args)]
+struct LoadgenPredictArgs {
+    /// The calibration: a `run --json` report from `--self-hosted --redis`
+    /// (an engine service and its edges; per-process CPU).
+    #[arg(long)]
+    calibration: PathBuf,
+    /// A run of the same scenario at another edge count: what each further
+    /// edge costs is learnt from it (without it, nothing).
+    #[arg(long)]
+    learn: Option<PathBuf>,
+    /// Edge counts to predict (repeatable).
+    #[arg(long)]
+    edges: Vec<usize>,
+    /// Runs measured at other edge counts, compared with their prediction
+    /// (repeatable).
+    #[arg(long)]
+    measured: Vec<PathBuf>,
+    /// Write the prediction as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LoadgenMergeArgs {
+    /// The generators' `run --json` reports.
+    #[arg(required = true, num_args = 2..)]
+    reports: Vec<PathBuf>,
+    /// Each report's histograms (`run --hdr`), one per report, in the same
+    /// order.
+    #[arg(long, required = true)]
+    hdr: Vec<PathBuf>,
+    /// Write the merged report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the merged histograms as HdrHistogram percentile
+    /// distributions.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Write the merged histograms as an HdrHistogram interval log.
+    #[arg(long)]
+    out_hdr: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -131,6 +182,10 @@ struct LoadgenRunArgs {
     /// Write HdrHistogram percentile distributions per tier.
     #[arg(long)]
     hgrm: Option<PathBuf>,
+    /// Write the latency histograms (per tier and overall) as an
+    /// HdrHistogram interval log: what `loadgen merge` combines.
+    #[arg(long)]
+    hdr: Option<PathBuf>,
     /// Draw latency percentiles and throughput over time as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -149,6 +204,11 @@ struct LoadgenPlanArgs {
     /// each tier's cost comes from the run that measured it).
     #[arg(long, required = true)]
     calibration: Vec<PathBuf>,
+    /// Redis CPU per SPUBLISH measured by scripts/redis-capacity.sh (its
+    /// JSON): the shards are sized from it instead of the workload's
+    /// assumed publishes per shard.
+    #[arg(long)]
+    redis_calibration: Option<PathBuf>,
     /// Write the sizes as terraform.tfvars.json for terraform/.
     #[arg(long)]
     tfvars: Option<PathBuf>,
@@ -162,6 +222,8 @@ pub async fn run(a: LoadgenArgs) -> anyhow::Result<ExitCode> {
         LoadgenCommand::Run(a) => run_scenario(*a).await,
         LoadgenCommand::Plan(a) => plan(a),
         LoadgenCommand::Compare(a) => compare(a),
+        LoadgenCommand::Merge(a) => merge(a),
+        LoadgenCommand::Predict(a) => predict(a),
     }
 }
 
@@ -169,6 +231,11 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
     use tiercast_loadgen::scenario::Scenario;
     use tiercast_loadgen::target::TargetSpec;
     let mut scenario = Scenario::load(&a.scenario).map_err(usage)?;
+    if !scenario.stages.is_empty() && (a.duration.is_some() || a.rate.is_some()) {
+        return Err(usage(
+            "the scenario has [[stages]]: they set its duration and rates (drop --duration and --rate, or edit the stages)",
+        ));
+    }
     if let Some(d) = a.duration {
         scenario.duration_s = d;
     }
@@ -273,6 +340,11 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &a.hgrm {
         write_file(path, tiercast_loadgen::hgrm::render(&outcome.histograms))?;
     }
+    if let Some(path) = &a.hdr {
+        let log = tiercast_loadgen::merge::write_log(&outcome.histograms, report.run_seconds)
+            .map_err(anyhow::Error::msg)?;
+        std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &a.plot {
         tiercast_loadgen::plot::draw(
             path,
@@ -318,7 +390,22 @@ fn plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
         );
         cals.push(cal);
     }
-    let p = plan::plan(&workload, &cals);
+    let redis = match &a.redis_calibration {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("--redis-calibration {}: {e}", path.display())))?;
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            );
+            Some(
+                plan::RedisCapacity::parse(&text, &name)
+                    .map_err(|e| usage(format!("--redis-calibration {}: {e}", path.display())))?,
+            )
+        }
+        None => None,
+    };
+    let p = plan::plan_with(&workload, &cals, redis.as_ref());
     print!("{}", plan::render(&workload, &cals, &p));
     if let Some(path) = &a.tfvars {
         write_json(path, &plan::tfvars(&workload, &p))?;
@@ -328,6 +415,81 @@ fn plan(a: LoadgenPlanArgs) -> anyhow::Result<ExitCode> {
         write_json(path, &v)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn predict(a: LoadgenPredictArgs) -> anyhow::Result<ExitCode> {
+    use tiercast_loadgen::predict::{Model, Split};
+    let split = |path: &std::path::Path| -> anyhow::Result<Split> {
+        let r = read_report(path)?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        Split::of(&r, &name).map_err(usage)
+    };
+    if a.edges.is_empty() && a.measured.is_empty() {
+        return Err(usage("give --edges N or --measured RUN.json (repeatable)"));
+    }
+    if let Some(n) = a.edges.iter().find(|&&n| n == 0 || n > 1_000) {
+        return Err(usage(format!("--edges {n}: must be 1..=1000")));
+    }
+    let cal = split(&a.calibration)?;
+    let learn = a.learn.as_deref().map(split).transpose()?;
+    let measured = a
+        .measured
+        .iter()
+        .map(|p| split(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let model = Model::calibrate(&cal, learn.as_ref()).map_err(usage)?;
+    let rows = tiercast_loadgen::predict::predict(&model, &cal, &a.edges, &measured);
+    print!("{}", tiercast_loadgen::predict::render(&model, &cal, &rows));
+    if let Some(path) = &a.json {
+        let v =
+            serde_json::json!({"calibration": cal, "learnt": learn, "model": model, "rows": rows});
+        write_json(path, &v)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(a: LoadgenMergeArgs) -> anyhow::Result<ExitCode> {
+    if a.hdr.len() != a.reports.len() {
+        return Err(usage(format!(
+            "{} reports and {} --hdr files: give each report's histograms (run --hdr), in the same order",
+            a.reports.len(),
+            a.hdr.len()
+        )));
+    }
+    let mut runs = Vec::new();
+    for (report, hdr) in a.reports.iter().zip(&a.hdr) {
+        let r = read_report(report)?;
+        let bytes =
+            std::fs::read(hdr).map_err(|e| usage(format!("--hdr {}: {e}", hdr.display())))?;
+        let h = tiercast_loadgen::merge::read_log(&bytes)
+            .map_err(|e| usage(format!("--hdr {}: {e}", hdr.display())))?;
+        runs.push((r, h));
+    }
+    let (report, histograms) = tiercast_loadgen::merge::merge(&runs).map_err(usage)?;
+    print!("{}", report.render());
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+    }
+    if let Some(path) = &a.hgrm {
+        write_file(path, tiercast_loadgen::hgrm::render(&histograms))?;
+    }
+    if let Some(path) = &a.out_hdr {
+        let log = tiercast_loadgen::merge::write_log(&histograms, report.run_seconds)
+            .map_err(anyhow::Error::msg)?;
+        std::fs::write(path, log).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "tiercast loadgen: {} deliveries lost, {} sends failed (all generators)",
+            report.total.lost, report.send_errors
+        );
+        ExitCode::FAILURE
+    })
 }
 
 fn read_report(path: &std::path::Path) -> anyhow::Result<tiercast_loadgen::report::RunReport> {

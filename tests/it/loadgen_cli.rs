@@ -54,6 +54,17 @@ fn a_short_scenario_reports_every_delivery_and_plans_a_fleet() {
     assert_eq!(v["lost"], 0);
     assert!(v["messages_sent"].as_u64().unwrap() > 0);
     assert_eq!(v["deliveries"], v["expected_deliveries"]);
+    // The scenario's two rate steps, each with its own results.
+    let stages = v["stages"].as_array().expect("per-stage results");
+    assert_eq!(stages.len(), 2, "{stages:?}");
+    let sends = |i: usize| stages[i]["sends"].as_u64().unwrap();
+    assert_eq!(stages[1]["messages_per_s"], 60.0);
+    assert!(
+        sends(1) > sends(0),
+        "60 msg/s sends more than 20 msg/s: {stages:?}"
+    );
+    assert!(sends(0) + sends(1) <= v["messages_sent"].as_u64().unwrap());
+    assert!(stages.iter().all(|s| s["p99_us"].as_u64().unwrap() > 0));
     let tiers = v["tiers"].as_object().unwrap();
     assert_eq!(
         tiers.keys().cloned().collect::<Vec<_>>(),
@@ -251,6 +262,7 @@ fn two_generators_share_a_deployment_without_colliding() {
     let ready = node.ready();
     let port = ready.quic.unwrap().port();
     let generator = |offset: &str, run_id: &str, json: &std::path::Path, extra: &[String]| {
+        let hdr = json.with_extension("hdr");
         std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"))
             .args(extra)
             .arg(repo().join("tests/scenarios/smoke.toml"))
@@ -265,6 +277,8 @@ fn two_generators_share_a_deployment_without_colliding() {
             .args(["--user-offset", offset, "--run-id", run_id])
             .arg("--json")
             .arg(json)
+            .arg("--hdr")
+            .arg(hdr)
             .spawn()
             .expect("loadgen starts")
     };
@@ -318,6 +332,63 @@ fn two_generators_share_a_deployment_without_colliding() {
     );
     let sent = va["messages_sent"].as_u64().unwrap() + vb["messages_sent"].as_u64().unwrap();
     assert_eq!(stored, sent, "each generator's messages, none shared");
+
+    // One report of the two: counts added, latencies from the merged
+    // histograms (a quantile of the mixture lies between the generators').
+    let merged = dir.path().join("merged.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"))
+        .args(["loadgen", "merge"])
+        .args([&a, &b])
+        .arg("--hdr")
+        .arg(a.with_extension("hdr"))
+        .arg("--hdr")
+        .arg(b.with_extension("hdr"))
+        .arg("--json")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vm = read(&merged);
+    for key in ["messages_sent", "expected_deliveries", "deliveries", "lost"] {
+        assert_eq!(
+            vm[key].as_u64().unwrap(),
+            va[key].as_u64().unwrap() + vb[key].as_u64().unwrap(),
+            "{key}"
+        );
+    }
+    for key in ["p50_us", "p99_us"] {
+        let (x, y) = (va[key].as_u64().unwrap(), vb[key].as_u64().unwrap());
+        let m = vm[key].as_u64().unwrap();
+        assert!(
+            x.min(y) <= m && m <= x.max(y),
+            "{key}: {m} not within {x}..{y}"
+        );
+    }
+    assert_eq!(
+        vm["max_us"].as_u64().unwrap(),
+        va["max_us"]
+            .as_u64()
+            .unwrap()
+            .max(vb["max_us"].as_u64().unwrap())
+    );
+    assert_eq!(vm["merged_from"].as_array().unwrap().len(), 2);
+    // A generator merged with itself shared its users: refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiercast"))
+        .args(["loadgen", "merge"])
+        .args([&a, &a])
+        .arg("--hdr")
+        .arg(a.with_extension("hdr"))
+        .arg("--hdr")
+        .arg(a.with_extension("hdr"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run id") && err.lines().count() == 1, "{err}");
 }
 
 /// A plain HTTP/1.1 GET on loopback (bounded by timeouts): the body.
