@@ -87,14 +87,10 @@ pub fn read_log(bytes: &[u8]) -> Result<Named, String> {
     Ok(out)
 }
 
-/// Adds `b`'s counts to `a`'s (latencies are set afterwards).
+/// Adds `b`'s counts and rate to `a`'s (the generators ran at once; the
+/// latencies are set afterwards from the merged histograms).
 fn add_counts(a: &mut RunFigures, b: &RunFigures) {
-    a.messages_sent += b.messages_sent;
-    a.expected_deliveries += b.expected_deliveries;
-    a.deliveries += b.deliveries;
-    a.lost += b.lost;
-    a.duplicates += b.duplicates;
-    a.out_of_order += b.out_of_order;
+    a.add_counts(b);
     a.deliveries_per_s += b.deliveries_per_s;
 }
 

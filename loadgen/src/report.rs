@@ -103,6 +103,17 @@ pub struct RunFigures {
 }
 
 impl RunFigures {
+    /// Adds `other`'s counts (messages, deliveries, losses, duplicates,
+    /// out of order); latencies and rates are set apart.
+    pub fn add_counts(&mut self, other: &RunFigures) {
+        self.messages_sent += other.messages_sent;
+        self.expected_deliveries += other.expected_deliveries;
+        self.deliveries += other.deliveries;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+        self.out_of_order += other.out_of_order;
+    }
+
     /// Fills the latency quantiles from `h` (left at 0 when it is empty).
     pub fn set_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
         if h.is_empty() {

@@ -805,13 +805,7 @@ fn total<'a>(
 ) -> RunFigures {
     let mut total = RunFigures::default();
     for t in tiers {
-        let f = &t.figures;
-        total.messages_sent += f.messages_sent;
-        total.expected_deliveries += f.expected_deliveries;
-        total.deliveries += f.deliveries;
-        total.lost += f.lost;
-        total.duplicates += f.duplicates;
-        total.out_of_order += f.out_of_order;
+        total.add_counts(&t.figures);
     }
     total.set_latency(all);
     total.deliveries_per_s = all.len() as f64 / measured_s;
