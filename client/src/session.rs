@@ -205,6 +205,9 @@ struct State {
     listed_from_ms: Option<u64>,
     /// The cursors a resume started from, until it completes.
     resume_from: Option<HashMap<u64, u64>>,
+    /// Per conversation, the id the last resume synced from (for
+    /// diagnosis: [`Session::resumed_from`]).
+    synced_from: HashMap<u64, u64>,
 }
 
 /// Moves a per-conversation high-water mark (a cursor, a read marker) to
@@ -312,6 +315,17 @@ impl Session {
 
     pub fn stats(&self) -> Arc<SessionStats> {
         self.inner.stats.clone()
+    }
+
+    /// The id the last resume synced `conversation` from (messages after
+    /// it were asked for), and the device's cursor there now: what a lost
+    /// message is checked against.
+    pub fn resumed_from(&self, conversation: u64) -> (Option<u64>, Option<u64>) {
+        let st = self.inner.state.lock().expect("state lock");
+        (
+            st.synced_from.get(&conversation).copied(),
+            st.cursors.get(&conversation).copied(),
+        )
     }
 
     /// This device's id: 0 until the edge has issued one (a new device
@@ -885,6 +899,7 @@ async fn resume_inner(
                     continue;
                 }
             };
+            st.synced_from.insert(e.conversation, cursor);
             cursors.push(Cursor {
                 conversation: e.conversation,
                 last_id: cursor,

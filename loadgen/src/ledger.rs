@@ -24,6 +24,11 @@ pub struct Sent {
     pub sender: Option<usize>,
     /// Sent during the warm-up: counted for loss, not for latency.
     pub warm: bool,
+    /// When the sender had its id, microseconds since the run's base, and
+    /// whether the engine answered from its deduplication record (a retry
+    /// of a send that was stored already).
+    pub acked_us: u64,
+    pub duplicate: bool,
 }
 
 /// What one device received, as the ledger reads it.
@@ -310,6 +315,8 @@ mod tests {
             scheduled_us: id * 1_000,
             sender,
             warm,
+            acked_us: id * 1_000,
+            duplicate: false,
         }
     }
 

@@ -329,8 +329,11 @@ pub struct LostDelivery {
     pub tier: u8,
     pub message_id: u64,
     /// When it was scheduled and when the sender had its id, seconds
-    /// since the run began.
+    /// since the run began, and whether the id came from the engine's
+    /// deduplication record (a retried send stored by an earlier attempt).
     pub scheduled_s: f64,
+    pub acked_s: f64,
+    pub acked_as_duplicate: bool,
     /// When the device's connections came up, seconds since the run began.
     pub device_connects_s: Vec<f64>,
     /// The newest id of the conversation the device did receive.
@@ -342,6 +345,10 @@ pub struct LostDelivery {
     pub device_connects: u64,
     pub device_resumes: u64,
     pub device_resume_retries: u64,
+    /// The id the device's last resume synced this conversation from
+    /// (0: it did not sync it), and its cursor there at the end.
+    pub device_resumed_from_id: u64,
+    pub device_cursor_id: u64,
 }
 
 /// One rate step of a scenario with stages: the messages scheduled in it,

@@ -403,6 +403,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                             scheduled_us,
                             sender: Some(di),
                             warm,
+                            acked_us: now_us(base),
+                            duplicate: ok.duplicate,
                         }),
                         Err(e) => outbox.failed(tier, code_name(&e)),
                     }
@@ -420,6 +422,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                             scheduled_us,
                             sender: None,
                             warm,
+                            acked_us: now_us(base),
+                            duplicate: false,
                         }),
                         Err(code) => outbox.failed(tier, code),
                     }
@@ -552,6 +556,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             .map(|(d, m)| {
                 let l = &logs[d];
                 let st = fleet.devices[d].session.stats();
+                let (from, cursor) = fleet.devices[d].session.resumed_from(m.conversation);
                 LostDelivery {
                     device: d,
                     user: fleet.devices[d].sim.user,
@@ -559,12 +564,16 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                     tier: audience.tier(m.conversation),
                     message_id: m.id,
                     scheduled_s: secs(m.scheduled_us),
+                    acked_s: secs(m.acked_us),
+                    acked_as_duplicate: m.duplicate,
                     device_connects_s: l.connected_at_us.iter().map(|&t| secs(t)).collect(),
                     device_newest_id: l.newest.get(&m.conversation).copied().unwrap_or(0),
                     device_errors: l.errors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
                     device_connects: st.connects.load(Ordering::Relaxed),
                     device_resumes: st.resumes.load(Ordering::Relaxed),
                     device_resume_retries: st.resume_retries.load(Ordering::Relaxed),
+                    device_resumed_from_id: from.unwrap_or(0),
+                    device_cursor_id: cursor.unwrap_or(0),
                 }
             })
             .collect();
