@@ -235,6 +235,12 @@ impl State {
         })
     }
 
+    /// Records the device's own sent message as seen (a sync or live copy
+    /// of it is a duplicate) without moving the cursor.
+    fn seen_own(&mut self, conversation: u64, id: u64) {
+        self.seen.entry(conversation).or_default().insert(id);
+    }
+
     /// Records a message; false if it was seen before.
     fn accept(&mut self, m: &Message, window_ids: u64) -> bool {
         let seen = self.seen.entry(m.conversation).or_default();
@@ -365,20 +371,17 @@ impl Session {
             let client = self.client(left).await?;
             match client.send(conversation, client_msg_id, body.clone()).await {
                 Ok(ok) => {
-                    // The device has its own message; a later sync must
-                    // not hand it back as new.
-                    let m = Message {
-                        id: ok.message_id,
-                        conversation,
-                        sender: client.user_id,
-                        sender_client: client.client_id,
-                        body: Bytes::new(),
-                    };
+                    // The device has its own message: a later sync must not
+                    // hand it back as new. Seen, but the cursor stays: it
+                    // moves only with what arrived, and others' messages
+                    // older than this one may still be on their way (a
+                    // cursor moved past them would let a resume skip them
+                    // if this connection ended first).
                     self.inner
                         .state
                         .lock()
                         .expect("state lock")
-                        .accept(&m, self.inner.window_ids());
+                        .seen_own(conversation, ok.message_id);
                     return Ok(ok);
                 }
                 Err(e) if is_retryable(&e) && tokio::time::Instant::now() < deadline => {
@@ -1079,6 +1082,27 @@ mod tests {
             st.new_conversation_since(3_000),
             Some(min_id_at(t0 + 67_000))
         );
+    }
+
+    #[test]
+    fn a_devices_own_send_is_seen_but_does_not_move_its_cursor() {
+        let mut st = State::default();
+        let other = |id| Message {
+            id,
+            conversation: 9,
+            sender: 2,
+            sender_client: 20,
+            body: Bytes::new(),
+        };
+        assert!(st.accept(&other(100), 0));
+        // Its own message 500 acked while 300 (someone else's) is still on
+        // its way: the cursor stays at 100, so a resume after a lost
+        // connection syncs from before 300.
+        st.seen_own(9, 500);
+        assert_eq!(st.cursors[&9], 100);
+        assert!(st.accept(&other(300), 0), "the older message still arrives");
+        assert!(!st.accept(&other(500), 0), "its own message is a duplicate");
+        assert_eq!(st.cursors[&9], 300);
     }
 
     #[test]

@@ -306,6 +306,11 @@ pub struct FaultFigures {
     pub back_p50_ms: f64,
     pub back_p99_ms: f64,
     pub back_max_ms: f64,
+    /// A single node killed and restarted: its delivery-path counters read
+    /// from its `/metrics` just before the kill (they start again at 0
+    /// after it): backplane drops and gaps, gap repairs, slow consumers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters_before: BTreeMap<String, f64>,
 }
 
 /// The SDK's reorder window, summed over the devices: live messages held

@@ -276,6 +276,8 @@ struct Incidents {
     /// restart), and when.
     fault: Option<(Vec<usize>, u64)>,
     restart: Option<tokio::task::JoinHandle<(anyhow::Result<()>, Instant)>>,
+    /// A killed single node's counters just before the kill.
+    counters_before: std::collections::BTreeMap<String, f64>,
 }
 
 /// The driver: conversations, devices, the schedule's steps at their
@@ -356,6 +358,9 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                     }));
                     fleet.on_edge(None)
                 } else if f.signal == FaultSignal::KillRestart {
+                    if target.servers.len() == 1 {
+                        incidents.counters_before = target.delivery_counters(&http).await;
+                    }
                     let restart = target.kill_restart(f.edge)?;
                     let on_edge = fleet.on_edge(Some(f.edge));
                     incidents.restart = Some(tokio::task::spawn_blocking(move || {
@@ -758,6 +763,7 @@ fn incidents_into(
             back_p50_ms: quantile(&mut back, 0.5) as f64 / 1e3,
             back_p99_ms: quantile(&mut back, 0.99) as f64 / 1e3,
             back_max_ms: quantile(&mut back, 1.0) as f64 / 1e3,
+            counters_before: incidents.counters_before.clone(),
         });
     }
     let mut reconnect_us: Vec<u64> = logs

@@ -408,6 +408,40 @@ impl Target {
         })
     }
 
+    /// A self-hosted single node's delivery-path counters (its `/metrics`,
+    /// one read, 3 s at most): what a kill would take with it.
+    pub async fn delivery_counters(
+        &self,
+        http: &reqwest::Client,
+    ) -> std::collections::BTreeMap<String, f64> {
+        const NAMES: [&str; 7] = [
+            "tiercast_backplane_local_dropped_total",
+            "tiercast_edge_backplane_gaps_total",
+            "tiercast_edge_gap_repairs_total",
+            "tiercast_edge_gap_repair_frames_total",
+            "tiercast_edge_slow_consumers_total",
+            "tiercast_edge_seam_duplicates_total",
+            "tiercast_edge_deliveries_total",
+        ];
+        let url = format!("{}/metrics", self.api);
+        let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(3), async {
+            http.get(&url).send().await?.text().await
+        })
+        .await
+        else {
+            return Default::default();
+        };
+        NAMES
+            .iter()
+            .filter_map(|name| {
+                text.lines()
+                    .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                    .map(|v| ((*name).to_owned(), v))
+            })
+            .collect()
+    }
+
     /// The sum of metric `name` over `urls` (each a `/metrics`), if every
     /// one answered with it.
     async fn scrape(http: &reqwest::Client, urls: &[String], name: &str) -> Option<f64> {
