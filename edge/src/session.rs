@@ -188,7 +188,7 @@ async fn subscribe(
     }
     // Index the user's conversations and announce this edge for them, so
     // tier 2/3 traffic for them reaches it.
-    let convs = match shared.engine.store().conversations_of(peer.user).await {
+    let convs = match shared.engine.conversations_of(peer.user).await {
         Ok(c) => c,
         Err(e) => {
             shared.sessions.remove(peer.user, conn_id);

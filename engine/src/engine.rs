@@ -12,6 +12,7 @@ use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
 
 use crate::backplane::{Backplane, Routes, node_channel, user_channel};
+use crate::batch::Batcher;
 use crate::config::EngineConfig;
 use crate::metrics::{CodeLabel, EngineMetrics, TierLabel};
 use crate::planner;
@@ -19,8 +20,8 @@ use crate::reads::{LocalReadQueue, ReadQueue};
 use crate::sequencer::Sequencer;
 use crate::snowflake::{IdError, IdGenerator, IdPoll, now_unix_ms};
 use crate::store::{
-    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Store,
-    StoreError,
+    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
+    Registration, Store, StoreError,
 };
 
 /// Everything the engine refuses, each with its wire code.
@@ -54,6 +55,7 @@ impl From<StoreError> for EngineError {
             StoreError::NoSuchConversation(c) => Self::UnknownConversation(c),
             StoreError::ConversationExists(c) => Self::ConversationExists(c),
             StoreError::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            StoreError::UnknownDevice { client, .. } => Self::UnknownDevice(client),
             e => Self::Store(e),
         }
     }
@@ -152,6 +154,28 @@ pub struct Engine {
     sequencer: Sequencer<PublishJob>,
     /// Failed publishes waiting to go out late (see `publish_late`).
     late_waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Device registrations at connect, coalesced into store batches.
+    registrations: Batcher<Registration, Result<Registered, StoreError>>,
+    /// Conversation listings at connect, coalesced likewise.
+    listings: Batcher<u64, Result<Vec<u64>, StoreError>>,
+    /// Inbox pages (the check at connect, and the drain), likewise.
+    inbox_pages: Batcher<(Device, u64), Result<Vec<Message>, StoreError>>,
+}
+
+/// Calls one coalesced store batch carries at most.
+const MAX_STORE_BATCH: usize = 256;
+/// Coalesced store batches of one kind in flight at once.
+const STORE_BATCHES_IN_FLIGHT: usize = 4;
+
+fn closed() -> StoreError {
+    StoreError::Backend("the store is closed".into())
+}
+
+/// The same outcome for every entry of a batch whose call failed.
+fn each_failed<T>(e: &StoreError, n: usize) -> Vec<Result<T, StoreError>> {
+    (0..n)
+        .map(|_| Err(StoreError::Backend(e.to_string())))
+        .collect()
 }
 
 /// A stored message waiting for its turn to be published.
@@ -248,15 +272,79 @@ impl Engine {
             ids = ids.with_lease(gate);
         }
         Ok(Self {
+            reads: OnceLock::new(),
+            sequencer: Sequencer::default(),
+            late_waiting: Arc::default(),
+            // The batchers' workers hold the store weakly: it closes when
+            // the engine goes, not when a worker task notices.
+            registrations: {
+                let store = Arc::downgrade(&store);
+                let (max, evict) = (cfg.max_devices, cfg.evict_oldest_device);
+                Batcher::new(
+                    MAX_STORE_BATCH,
+                    STORE_BATCHES_IN_FLIGHT,
+                    metrics.batch_counters("register_clients"),
+                    move |regs: Vec<Registration>| {
+                        let store = store.upgrade();
+                        Box::pin(async move {
+                            let Some(store) = store else {
+                                return each_failed(&closed(), regs.len());
+                            };
+                            store
+                                .register_clients(&regs, max, evict)
+                                .await
+                                .unwrap_or_else(|e| each_failed(&e, regs.len()))
+                        })
+                    },
+                )
+            },
+            listings: {
+                let store = Arc::downgrade(&store);
+                Batcher::new(
+                    MAX_STORE_BATCH,
+                    STORE_BATCHES_IN_FLIGHT,
+                    metrics.batch_counters("conversations_of_users"),
+                    move |users: Vec<u64>| {
+                        let store = store.upgrade();
+                        Box::pin(async move {
+                            let Some(store) = store else {
+                                return each_failed(&closed(), users.len());
+                            };
+                            match store.conversations_of_users(&users).await {
+                                Ok(lists) => lists.into_iter().map(Ok).collect(),
+                                Err(e) => each_failed(&e, users.len()),
+                            }
+                        })
+                    },
+                )
+            },
+            inbox_pages: {
+                let store = Arc::downgrade(&store);
+                let limit = cfg.max_page;
+                Batcher::new(
+                    MAX_STORE_BATCH,
+                    STORE_BATCHES_IN_FLIGHT,
+                    metrics.batch_counters("inboxes"),
+                    move |devices: Vec<(Device, u64)>| {
+                        let store = store.upgrade();
+                        Box::pin(async move {
+                            let Some(store) = store else {
+                                return each_failed(&closed(), devices.len());
+                            };
+                            match store.inboxes(&devices, limit).await {
+                                Ok(pages) => pages.into_iter().map(Ok).collect(),
+                                Err(e) => each_failed(&e, devices.len()),
+                            }
+                        })
+                    },
+                )
+            },
             cfg,
             ids,
             store,
             backplane,
             routes,
             metrics,
-            reads: OnceLock::new(),
-            sequencer: Sequencer::default(),
-            late_waiting: Arc::default(),
         })
     }
 
@@ -879,36 +967,47 @@ impl Engine {
         if user == 0 {
             return Err(EngineError::Invalid("user id 0 is reserved".into()));
         }
-        let client_id = if client_id == 0 {
-            issue_device_id()
+        // A returning device must be the user's: checked and refreshed in
+        // one step of the store, coalesced with the other connects.
+        let (client_id, returning) = if client_id == 0 {
+            (issue_device_id(), false)
         } else {
-            let owned = self
-                .store
-                .clients_of(user)
-                .await?
-                .iter()
-                .any(|c| c.client_id == client_id);
-            if !owned {
-                return Err(EngineError::UnknownDevice(client_id));
-            }
-            client_id
+            (client_id, true)
         };
-        let rec = ClientRecord {
-            client_id,
-            user,
-            device: device.to_owned(),
-            last_seen_ms: now_unix_ms(),
+        let reg = Registration {
+            client: ClientRecord {
+                client_id,
+                user,
+                device: device.to_owned(),
+                last_seen_ms: now_unix_ms(),
+            },
+            returning,
         };
-        self.store
-            .register_client(&rec, self.cfg.max_devices, self.cfg.evict_oldest_device)
-            .await?;
+        self.registrations
+            .call(reg)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Backend("registration batch lost".into())))?;
         Ok(client_id)
+    }
+
+    /// The conversations `user` is a member of, read with the other
+    /// connects' (a store call per batch, not per device).
+    pub async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, EngineError> {
+        Ok(self
+            .listings
+            .call(user)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Backend("listing batch lost".into())))?)
     }
 
     /// The oldest pending inbox entries of a device above `after`, cut to
     /// fit one frame.
     pub async fn pending(&self, device: Device, after: u64) -> Result<Vec<Message>, EngineError> {
-        let mut page = self.store.inbox(device, after, self.cfg.max_page).await?;
+        let mut page = self
+            .inbox_pages
+            .call((device, after))
+            .await
+            .unwrap_or_else(|| Err(StoreError::Backend("inbox batch lost".into())))?;
         fit_to_frame(&mut page);
         Ok(page)
     }
@@ -1051,8 +1150,7 @@ impl Engine {
         }
         let listing = cursors.is_empty();
         let cursors: Vec<Cursor> = if listing {
-            self.store
-                .conversations_of(user)
+            self.conversations_of(user)
                 .await?
                 .into_iter()
                 .take(self.cfg.max_sync_cursors)

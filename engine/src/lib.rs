@@ -9,6 +9,7 @@
 //!   rules every backend passes.
 //! - [`planner`]: which fan-out tier a conversation gets (pure).
 //! - [`sequencer`]: per-conversation publish order (pure).
+//! - [`batch`]: coalescing of small store calls that arrive together.
 //! - [`backplane`]: the `Backplane` and `Routes` traits, in-process and
 //!   Redis (Cluster, sharded pub/sub) backends.
 //! - [`lease`]: node-id leases through Redis.
@@ -24,6 +25,7 @@
 
 pub mod auth;
 pub mod backplane;
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod http;

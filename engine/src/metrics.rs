@@ -22,6 +22,11 @@ pub struct TierLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: &'static str,
 }
@@ -45,6 +50,21 @@ pub struct EngineMetrics {
     /// From a message's id (taken as the send was accepted) to the end of
     /// its publish to the backplane: what a send waits for before fan-out.
     pub publish_delay_seconds: Histogram,
+    /// Store calls made for coalesced calls (see `crate::batch`), by op:
+    /// `store_batched_calls / store_batches` is the batching factor.
+    pub store_batches: Family<OpLabel, Counter>,
+    pub store_batched_calls: Family<OpLabel, Counter>,
+}
+
+impl EngineMetrics {
+    /// The counters of one coalesced op.
+    pub fn batch_counters(&self, op: &'static str) -> crate::batch::BatchCounters {
+        let label = OpLabel { op };
+        crate::batch::BatchCounters {
+            batches: self.store_batches.get_or_create(&label).clone(),
+            calls: self.store_batched_calls.get_or_create(&label).clone(),
+        }
+    }
 }
 
 impl Default for EngineMetrics {
@@ -62,6 +82,8 @@ impl Default for EngineMetrics {
             late_publishes_dropped: Counter::default(),
             store_commit_seconds: seconds_histogram(),
             publish_delay_seconds: seconds_histogram(),
+            store_batches: Family::default(),
+            store_batched_calls: Family::default(),
         }
     }
 }
@@ -129,6 +151,16 @@ impl EngineMetrics {
             "publish_delay_seconds",
             "From a message's id (the send accepted) to its publish to the backplane done: store, ordering and publish",
             m.publish_delay_seconds.clone(),
+        );
+        r.register(
+            "store_batches",
+            "Store calls made for coalesced calls, by op (register_clients: device registrations at connect; conversations_of_users: the conversation listings at connect; inboxes: inbox pages at connect and while a device drains its inbox)",
+            m.store_batches.clone(),
+        );
+        r.register(
+            "store_batched_calls",
+            "Calls coalesced into those store calls, by op (divided by store_batches: the batching factor)",
+            m.store_batched_calls.clone(),
         );
         m
     }

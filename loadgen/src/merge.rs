@@ -296,6 +296,17 @@ pub fn merge(runs: &[(RunReport, Named)]) -> Result<(RunReport, Named), String> 
             max_opt(cpu, r.servers.cpu_s)
         };
         rss_end = max_opt(rss_end, r.servers.rss_bytes_end);
+        // Store batches: each generator's own servers add up; against one
+        // deployment every generator read the same edges' counters.
+        for (op, b) in &r.servers.store_batches {
+            let e = m.servers.store_batches.entry(op.clone()).or_default();
+            if self_hosted {
+                e.batches += b.batches;
+                e.calls += b.calls;
+            } else if b.calls > e.calls {
+                *e = *b;
+            }
+        }
         if self_hosted {
             m.servers
                 .processes

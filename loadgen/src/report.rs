@@ -252,6 +252,20 @@ pub struct ServerFigures {
     pub edge_rss_bytes_connected: Option<u64>,
     pub rss_per_connection_bytes: Option<u64>,
     pub rss_bytes_end: Option<u64>,
+    /// The edges' coalesced store calls at the end of the run, by op
+    /// (`register_clients`, `conversations_of_users`, `inboxes`): how many store
+    /// calls (`batches`) carried how many connects' calls (`calls`). An
+    /// edge killed and restarted counts from its restart: its resume storm.
+    #[serde(default)]
+    pub store_batches: std::collections::BTreeMap<String, StoreBatches>,
+}
+
+/// Store calls made for coalesced calls ([`ServerFigures::store_batches`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreBatches {
+    pub batches: u64,
+    pub calls: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -550,6 +550,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             _ => None,
         },
         rss_bytes_end: target.server_rss_now(&http).await,
+        store_batches: target.store_batches(&http).await,
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
     if report.total.lost > 0 {

@@ -296,6 +296,8 @@ pub struct Target {
     /// A deployment's edges' and other servers' `/metrics` URLs: where a
     /// run against it reads the servers' CPU and memory.
     pub edge_metrics: Vec<String>,
+    /// The HTTP address of each edge started here (self-hosted).
+    pub edge_http: Vec<String>,
     pub server_metrics: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -312,6 +314,7 @@ impl Target {
                 server_metrics,
             } => Ok(Self {
                 edge_metrics: edge_metrics.clone(),
+                edge_http: Vec::new(),
                 server_metrics: server_metrics.clone(),
                 mode: "external".into(),
                 edges: edges.clone(),
@@ -440,6 +443,56 @@ impl Target {
                     .map(|v| ((*name).to_owned(), v))
             })
             .collect()
+    }
+
+    /// The edges' coalesced store calls by op, summed over the edges that
+    /// answered (`tiercast_engine_store_batches_total` and
+    /// `..._batched_calls_total`).
+    pub async fn store_batches(
+        &self,
+        http: &reqwest::Client,
+    ) -> std::collections::BTreeMap<String, crate::report::StoreBatches> {
+        let urls: Vec<String> = if self.edge_metrics.is_empty() {
+            self.edge_http
+                .iter()
+                .map(|h| format!("{h}/metrics"))
+                .collect()
+        } else {
+            self.edge_metrics.clone()
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for url in urls {
+            let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), async {
+                http.get(&url).send().await?.text().await
+            })
+            .await
+            else {
+                continue;
+            };
+            for (prefix, batches) in [
+                ("tiercast_engine_store_batches_total{op=\"", true),
+                ("tiercast_engine_store_batched_calls_total{op=\"", false),
+            ] {
+                for line in text.lines() {
+                    let Some(rest) = line.strip_prefix(prefix) else {
+                        continue;
+                    };
+                    let Some((op, value)) = rest.split_once("\"} ") else {
+                        continue;
+                    };
+                    let Ok(v) = value.trim().parse::<f64>() else {
+                        continue;
+                    };
+                    let e: &mut crate::report::StoreBatches = out.entry(op.to_owned()).or_default();
+                    if batches {
+                        e.batches += v as u64;
+                    } else {
+                        e.calls += v as u64;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The sum of metric `name` over `urls` (each a `/metrics`), if every
@@ -610,6 +663,7 @@ fn self_hosted(
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
     let mut pems = Vec::new();
+    let mut edge_http = Vec::new();
     let api;
     // An edge's QUIC address and certificate, from its ready line.
     let edge_of = |r: &Ready| -> anyhow::Result<(SocketAddr, String)> {
@@ -631,6 +685,7 @@ fn self_hosted(
         addrs.push(quic);
         pems.push(pem);
         api = ready.http;
+        edge_http.push(api.clone());
         servers.push(Arc::new(p));
     } else {
         let mut args = vec!["engine".to_owned(), "--ready-json".to_owned()];
@@ -643,7 +698,9 @@ fn self_hosted(
             args.extend(common(&format!("edge{i}")));
             args.extend(["--set".to_owned(), format!("node.store_url={api}")]);
             let p = ServerProc::spawn(exe, &format!("edge {i}"), &args, cpus)?;
-            let (quic, pem) = edge_of(&p.wait_ready()?)?;
+            let ready = p.wait_ready()?;
+            let (quic, pem) = edge_of(&ready)?;
+            edge_http.push(ready.http.clone());
             addrs.push(quic);
             pems.push(pem);
             servers.push(Arc::new(p));
@@ -661,6 +718,7 @@ fn self_hosted(
         trusted_pem: pems.join("\n"),
         servers,
         edge_metrics: Vec::new(),
+        edge_http,
         server_metrics: Vec::new(),
         _dir: Some(dir),
     })

@@ -1332,3 +1332,21 @@ async fn hello(shared: Arc<Shared>, conn: ConnRef, first: ClientFrame) {
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    /// A connection's slot is quinn-proto's `Connection` (6,160 B in
+    /// quinn-proto 0.11) plus the edge's own state, inline: the edge's part
+    /// of the per-connection memory budget (docs/benchmarks.md, "RSS per
+    /// connection") stays under 1 KiB (528 B when this was written).
+    #[test]
+    fn the_edges_own_share_of_a_connection_slot_stays_small() {
+        let slot = std::mem::size_of::<Option<super::Conn>>();
+        let quic = std::mem::size_of::<quinn_proto::Connection>();
+        assert!(
+            slot - quic <= 1024,
+            "Conn adds {} B to quinn-proto's {quic} B",
+            slot - quic
+        );
+    }
+}

@@ -11,12 +11,13 @@ use tiercast_schemas::wire::Message;
 
 use super::{
     ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Store, StoreError,
+    Registration, Store, StoreError,
 };
 
 pub async fn run_all(store: &dyn Store) {
     conversations_and_members(store).await;
     device_registry(store).await;
+    batched_registrations(store).await;
     messages_history_and_paging(store).await;
     history_across_days(store).await;
     inbox_and_acks(store).await;
@@ -280,6 +281,114 @@ async fn device_registry(store: &dyn Store) {
     assert_eq!(store.devices_of(&[500, 501]).await.unwrap(), mine);
 }
 
+/// A batch of registrations gives each entry what a lone call would, in
+/// order (an entry sees the ones before it); a returning device that is not
+/// the user's writes nothing; listings come one per user, in order.
+async fn batched_registrations(store: &dyn Store) {
+    let dev = |user, client_id, seen| ClientRecord {
+        client_id,
+        user,
+        device: format!("b{client_id}"),
+        last_seen_ms: seen,
+    };
+    let new = |user, client, seen| Registration {
+        client: dev(user, client, seen),
+        returning: false,
+    };
+    let back = |user, client, seen| Registration {
+        client: dev(user, client, seen),
+        returning: true,
+    };
+    assert!(
+        store
+            .register_clients(&[], 2, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let out = store
+        .register_clients(
+            &[
+                new(700, 1, 10),
+                back(700, 1, 11),
+                // Another user's device id, named as one's own: refused.
+                back(701, 1, 12),
+                new(701, 5, 13),
+                new(700, 2, 14),
+                new(700, 3, 15),
+                back(702, 9, 16),
+                back(701, 5, 17),
+            ],
+            2,
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 8);
+    assert_eq!(out[0].as_ref().unwrap(), &Registered::New);
+    assert_eq!(out[1].as_ref().unwrap(), &Registered::Known);
+    assert!(matches!(
+        out[2],
+        Err(StoreError::UnknownDevice {
+            user: 701,
+            client: 1
+        })
+    ));
+    assert_eq!(out[3].as_ref().unwrap(), &Registered::New);
+    assert_eq!(out[4].as_ref().unwrap(), &Registered::New);
+    assert!(matches!(
+        out[5],
+        Err(StoreError::TooManyDevices { user: 700, max: 2 })
+    ));
+    assert!(matches!(
+        out[6],
+        Err(StoreError::UnknownDevice {
+            user: 702,
+            client: 9
+        })
+    ));
+    assert_eq!(out[7].as_ref().unwrap(), &Registered::Known);
+    // What is stored: the refused entries wrote nothing, the returning ones
+    // refreshed their last-seen time.
+    let seen = |user| async move {
+        let mut v: Vec<(u64, u64)> = store
+            .clients_of(user)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| (c.client_id, c.last_seen_ms))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(seen(700).await, vec![(1, 11), (2, 14)]);
+    assert_eq!(seen(701).await, vec![(5, 17)]);
+    assert!(seen(702).await.is_empty());
+    // With eviction, inside one batch: the third device of 700 evicts the
+    // least recently seen (2 at 14 is newer than 1 at 11).
+    let out = store
+        .register_clients(&[back(700, 2, 20), new(700, 3, 21)], 2, true)
+        .await
+        .unwrap();
+    assert_eq!(out[0].as_ref().unwrap(), &Registered::Known);
+    assert_eq!(out[1].as_ref().unwrap(), &Registered::Evicted(1));
+    assert_eq!(seen(700).await, vec![(2, 20), (3, 21)]);
+
+    store.create_conversation(&conv(710)).await.unwrap();
+    store.create_conversation(&conv(711)).await.unwrap();
+    store.add_members(710, &[700, 701]).await.unwrap();
+    store.add_members(711, &[700]).await.unwrap();
+    let mut lists = store
+        .conversations_of_users(&[701, 702, 700])
+        .await
+        .unwrap();
+    for l in &mut lists {
+        l.sort_unstable();
+    }
+    assert_eq!(lists, vec![vec![710], vec![], vec![710, 711]]);
+    assert!(store.conversations_of_users(&[]).await.unwrap().is_empty());
+}
+
 async fn messages_history_and_paging(store: &dyn Store) {
     let ids = seed_history(store, 20, 25).await;
     let everything = store.history(20, all()).await.unwrap();
@@ -379,6 +488,22 @@ async fn inbox_and_acks(store: &dyn Store) {
         .map(|m| m.id)
         .collect();
     assert_eq!(rest, vec![302]);
+    // Several inboxes in one call: each as its own call would give it (a
+    // device named with another's user reads nothing).
+    let ids = |pages: Vec<Vec<Message>>| -> Vec<Vec<u64>> {
+        pages
+            .iter()
+            .map(|p| p.iter().map(|m| m.id).collect())
+            .collect()
+    };
+    assert_eq!(
+        ids(store
+            .inboxes(&[(d(7, 72), 300), (d(8, 71), 0), (d(7, 71), 0)], 2)
+            .await
+            .unwrap()),
+        vec![vec![301, 302], vec![], vec![300, 301]]
+    );
+    assert!(store.inboxes(&[], 10).await.unwrap().is_empty());
     assert_eq!(store.ack(d(7, 71), &[300, 302, 999]).await.unwrap(), 2);
     assert_eq!(store.ack(d(7, 71), &[300]).await.unwrap(), 0);
     let pending: Vec<u64> = store

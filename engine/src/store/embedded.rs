@@ -26,8 +26,8 @@ use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    ClientRecord, Conversation, Device, NewMessage, Page, Persisted, ReadMark, Registered, Store,
-    StoreError,
+    ClientRecord, Conversation, Device, NewMessage, Page, Persisted, ReadMark, Registered,
+    Registration, Store, StoreError,
 };
 
 const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
@@ -374,6 +374,55 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
     }
 }
 
+/// A device's pending inbox above `after`, oldest first, in `txn`.
+fn read_inbox(
+    txn: &redb::ReadTransaction,
+    device: Device,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let Device { user, client } = device;
+    if after == u64::MAX {
+        return Ok(Vec::new());
+    }
+    let inbox = txn.open_table(INBOX)?;
+    let messages = txn.open_table(MESSAGES)?;
+    let mut out = Vec::new();
+    for row in inbox
+        .range((user, client, after + 1)..=(user, client, u64::MAX))?
+        .take(limit)
+    {
+        let (k, conv) = row?;
+        if let Some(m) = read_message(&messages, conv.value(), k.value().2)? {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// Registers `client` inside `txn` (see [`super::registration_of`]); a
+/// refused entry writes nothing.
+fn register_in(
+    txn: &WriteTransaction,
+    client: &ClientRecord,
+    returning: bool,
+    max_devices: usize,
+    evict_oldest: bool,
+) -> Result<Registered, StoreError> {
+    let mut t = txn.open_table(CLIENTS)?;
+    let mut existing: Vec<ClientRecord> = Vec::new();
+    for row in t.range(keys_of(client.user))? {
+        existing.push(json(row?.1.value())?);
+    }
+    let outcome = super::registration_of(&existing, client, returning, max_devices, evict_oldest)?;
+    if let Registered::Evicted(oldest) = outcome {
+        t.remove((client.user, oldest))?;
+        clear_inbox(txn, client.user, oldest)?;
+    }
+    t.insert((client.user, client.client_id), to_json(client).as_slice())?;
+    Ok(outcome)
+}
+
 /// Removes a device's whole pending inbox.
 fn clear_inbox(txn: &WriteTransaction, user: u64, client: u64) -> Result<(), StoreError> {
     Ok(txn
@@ -538,22 +587,47 @@ impl Store for EmbeddedStore {
         evict_oldest: bool,
     ) -> Result<Registered, StoreError> {
         let client = client.clone();
-        self.write(move |txn| {
-            let outcome = {
-                let mut t = txn.open_table(CLIENTS)?;
-                let mut existing: Vec<ClientRecord> = Vec::new();
-                for row in t.range(keys_of(client.user))? {
-                    existing.push(json(row?.1.value())?);
+        self.write(move |txn| register_in(txn, &client, false, max_devices, evict_oldest))
+            .await
+    }
+
+    /// One write transaction for the whole batch. Returning devices only
+    /// refresh a row that exists (a last-seen time and a name, whose loss
+    /// in a crash is harmless), so a batch of only those commits without
+    /// an fsync, as acks do; a new device's id must survive a crash.
+    async fn register_clients(
+        &self,
+        regs: &[Registration],
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Vec<Result<Registered, StoreError>>, StoreError> {
+        let regs = regs.to_vec();
+        let durable = regs.iter().any(|r| !r.returning);
+        self.write_with(durable, move |txn| {
+            let mut out = Vec::with_capacity(regs.len());
+            for r in &regs {
+                match register_in(txn, &r.client, r.returning, max_devices, evict_oldest) {
+                    Err(e @ (StoreError::Backend(_) | StoreError::Corrupt(_))) => return Err(e),
+                    o => out.push(o),
                 }
-                let outcome = super::registration(&existing, &client, max_devices, evict_oldest)?;
-                if let Registered::Evicted(oldest) = outcome {
-                    t.remove((client.user, oldest))?;
-                    clear_inbox(txn, client.user, oldest)?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn conversations_of_users(&self, users: &[u64]) -> Result<Vec<Vec<u64>>, StoreError> {
+        let users = users.to_vec();
+        self.read(USER_CONVERSATIONS, move |t| {
+            let mut out = Vec::with_capacity(users.len());
+            for user in users {
+                let mut convs = Vec::new();
+                for row in t.range(keys_of(user))? {
+                    convs.push(row?.0.value().1);
                 }
-                t.insert((client.user, client.client_id), to_json(&client).as_slice())?;
-                outcome
-            };
-            Ok(outcome)
+                out.push(convs);
+            }
+            Ok(out)
         })
         .await
     }
@@ -769,25 +843,26 @@ impl Store for EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let Device { user, client } = device;
-        if after == u64::MAX {
-            return Ok(Vec::new());
-        }
         self.run(move |db| {
             let txn = db.begin_read()?;
-            let inbox = txn.open_table(INBOX)?;
-            let messages = txn.open_table(MESSAGES)?;
-            let mut out = Vec::new();
-            for row in inbox
-                .range((user, client, after + 1)..=(user, client, u64::MAX))?
-                .take(limit)
-            {
-                let (k, conv) = row?;
-                if let Some(m) = read_message(&messages, conv.value(), k.value().2)? {
-                    out.push(m);
-                }
-            }
-            Ok(out)
+            read_inbox(&txn, device, after, limit)
+        })
+        .await
+    }
+
+    /// One read transaction for every device of the batch.
+    async fn inboxes(
+        &self,
+        devices: &[(Device, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        let devices = devices.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            devices
+                .into_iter()
+                .map(|(d, after)| read_inbox(&txn, d, after, limit))
+                .collect()
         })
         .await
     }

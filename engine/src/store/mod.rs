@@ -89,8 +89,20 @@ pub struct ClientRecord {
     pub last_seen_ms: u64,
 }
 
+/// One device registration of a batch ([`Store::register_clients`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Registration {
+    pub client: ClientRecord,
+    /// A returning device (its Hello named an id): it must be registered to
+    /// `client.user` already, or the entry fails with
+    /// [`StoreError::UnknownDevice`] and writes nothing. The check and the
+    /// refresh are one step, so a device expired meanwhile is not revived.
+    pub returning: bool,
+}
+
 /// What registering a device did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Registered {
     /// Already registered: its last-seen time was refreshed.
     Known,
@@ -118,8 +130,24 @@ pub(crate) fn registration(
     max_devices: usize,
     evict_oldest: bool,
 ) -> Result<Registered, StoreError> {
+    registration_of(existing, client, false, max_devices, evict_oldest)
+}
+
+/// [`registration`], where a `returning` device must be among `existing`.
+pub(crate) fn registration_of(
+    existing: &[ClientRecord],
+    client: &ClientRecord,
+    returning: bool,
+    max_devices: usize,
+    evict_oldest: bool,
+) -> Result<Registered, StoreError> {
     if existing.iter().any(|c| c.client_id == client.client_id) {
         Ok(Registered::Known)
+    } else if returning {
+        Err(StoreError::UnknownDevice {
+            user: client.user,
+            client: client.client_id,
+        })
     } else if existing.len() < max_devices {
         Ok(Registered::New)
     } else if let (true, Some(oldest)) =
@@ -196,6 +224,8 @@ pub enum StoreError {
     NoSuchConversation(u64),
     #[error("user {user} already has {max} devices")]
     TooManyDevices { user: u64, max: usize },
+    #[error("device {client} is not registered to user {user}")]
+    UnknownDevice { user: u64, client: u64 },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("storage backend failed: {0}")]
@@ -246,6 +276,85 @@ pub trait Store: Send + Sync + 'static {
         evict_oldest: bool,
     ) -> Result<Registered, StoreError>;
     async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError>;
+
+    /// Registers several devices in one call, in order (an entry sees the
+    /// ones before it): one outcome per entry, as [`Self::register_client`]
+    /// would give it, or [`StoreError::UnknownDevice`] for a returning
+    /// device that is not the user's. The call fails as a whole only when
+    /// the backend does. What a reconnect storm's registrations cost: one
+    /// call for many devices (a backend without batches runs the users
+    /// concurrently, each user's entries in order).
+    async fn register_clients(
+        &self,
+        regs: &[Registration],
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Vec<Result<Registered, StoreError>>, StoreError> {
+        use futures::StreamExt;
+        let mut by_user: Vec<(u64, Vec<usize>)> = Vec::new();
+        for (i, r) in regs.iter().enumerate() {
+            match by_user.iter_mut().find(|(u, _)| *u == r.client.user) {
+                Some((_, idx)) => idx.push(i),
+                None => by_user.push((r.client.user, vec![i])),
+            }
+        }
+        let groups = futures::stream::iter(by_user)
+            .map(|(user, idx)| async move {
+                let mut out = Vec::with_capacity(idx.len());
+                for i in idx {
+                    let r = &regs[i];
+                    let outcome = if r.returning {
+                        let known = self
+                            .clients_of(user)
+                            .await?
+                            .iter()
+                            .any(|c| c.client_id == r.client.client_id);
+                        if known {
+                            self.register_client(&r.client, max_devices, evict_oldest)
+                                .await
+                        } else {
+                            Err(StoreError::UnknownDevice {
+                                user,
+                                client: r.client.client_id,
+                            })
+                        }
+                    } else {
+                        self.register_client(&r.client, max_devices, evict_oldest)
+                            .await
+                    };
+                    match outcome {
+                        Err(e @ StoreError::Backend(_)) => return Err(e),
+                        o => out.push((i, o)),
+                    }
+                }
+                Ok::<_, StoreError>(out)
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+        let mut slots: Vec<Option<Result<Registered, StoreError>>> =
+            (0..regs.len()).map(|_| None).collect();
+        for g in groups {
+            for (i, o) in g? {
+                slots[i] = Some(o);
+            }
+        }
+        Ok(slots
+            .into_iter()
+            .map(|o| o.expect("every entry answered"))
+            .collect())
+    }
+
+    /// The conversations of several users in one call: one list per user,
+    /// in the order given.
+    async fn conversations_of_users(&self, users: &[u64]) -> Result<Vec<Vec<u64>>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(users.iter().copied())
+            .map(|u| self.conversations_of(u))
+            .buffered(32)
+            .try_collect()
+            .await
+    }
     /// The registered devices of several users, in one read.
     async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError>;
 
@@ -288,6 +397,21 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
+    /// The pending inboxes of several devices in one call (each as
+    /// [`Self::inbox`] with its own `after`), one list per entry, in order:
+    /// the inbox checks of many devices connecting at once.
+    async fn inboxes(
+        &self,
+        devices: &[(Device, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(devices.iter().copied())
+            .map(|(d, after)| self.inbox(d, after, limit))
+            .buffered(32)
+            .try_collect()
+            .await
+    }
     /// Removes acked ids from a device's inbox; returns how many were
     /// pending.
     async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError>;

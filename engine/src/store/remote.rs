@@ -16,7 +16,7 @@ use tiercast_schemas::wire::Message;
 
 use super::{
     ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Store, StoreError,
+    Registration, Store, StoreError,
 };
 
 /// A message as JSON.
@@ -104,6 +104,14 @@ pub enum Call {
     ClientsOf {
         user: u64,
     },
+    RegisterClients {
+        regs: Vec<Registration>,
+        max_devices: usize,
+        evict_oldest: bool,
+    },
+    ConversationsOfUsers {
+        users: Vec<u64>,
+    },
     DevicesOf {
         users: Vec<u64>,
     },
@@ -140,6 +148,10 @@ pub enum Call {
         device: Device,
         ids: Vec<u64>,
     },
+    Inboxes {
+        devices: Vec<(Device, u64)>,
+        limit: usize,
+    },
     TouchClients {
         clients: Vec<(u64, u64)>,
         now_ms: u64,
@@ -164,6 +176,7 @@ pub enum ErrorJson {
     ConversationExists { id: u64 },
     NoSuchConversation { id: u64 },
     TooManyDevices { user: u64, max: usize },
+    UnknownDevice { user: u64, client: u64 },
     Corrupt { reason: String },
     Backend { reason: String },
 }
@@ -174,6 +187,7 @@ impl From<StoreError> for ErrorJson {
             StoreError::ConversationExists(id) => Self::ConversationExists { id },
             StoreError::NoSuchConversation(id) => Self::NoSuchConversation { id },
             StoreError::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            StoreError::UnknownDevice { user, client } => Self::UnknownDevice { user, client },
             StoreError::Corrupt(reason) => Self::Corrupt { reason },
             StoreError::Backend(reason) => Self::Backend { reason },
         }
@@ -186,6 +200,7 @@ impl From<ErrorJson> for StoreError {
             ErrorJson::ConversationExists { id } => Self::ConversationExists(id),
             ErrorJson::NoSuchConversation { id } => Self::NoSuchConversation(id),
             ErrorJson::TooManyDevices { user, max } => Self::TooManyDevices { user, max },
+            ErrorJson::UnknownDevice { user, client } => Self::UnknownDevice { user, client },
             ErrorJson::Corrupt { reason } => Self::Corrupt(reason),
             ErrorJson::Backend { reason } => Self::Backend(reason),
         }
@@ -226,6 +241,21 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
             },
         ),
         Call::ClientsOf { user } => to_value(store.clients_of(user).await?),
+        Call::RegisterClients {
+            regs,
+            max_devices,
+            evict_oldest,
+        } => to_value(
+            store
+                .register_clients(&regs, max_devices, evict_oldest)
+                .await?
+                .into_iter()
+                .map(|o| o.map_err(ErrorJson::from))
+                .collect::<Vec<_>>(),
+        ),
+        Call::ConversationsOfUsers { users } => {
+            to_value(store.conversations_of_users(&users).await?)
+        }
         Call::DevicesOf { users } => to_value(store.devices_of(&users).await?),
         Call::ExpireDedupe { now_ms, limit } => to_value(store.expire_dedupe(now_ms, limit).await?),
         Call::InsertMessage {
@@ -283,6 +313,14 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
                 .collect::<Vec<_>>(),
         ),
         Call::Ack { device, ids } => to_value(store.ack(device, &ids).await?),
+        Call::Inboxes { devices, limit } => to_value(
+            store
+                .inboxes(&devices, limit)
+                .await?
+                .iter()
+                .map(|page| page.iter().map(MessageJson::from).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        ),
         Call::Since { conv, after, limit } => to_value(
             store
                 .since(conv, after, limit)
@@ -442,6 +480,46 @@ impl Store for RemoteStore {
     async fn clients_of(&self, user: u64) -> Result<Vec<ClientRecord>, StoreError> {
         self.call(Call::ClientsOf { user }).await
     }
+    async fn register_clients(
+        &self,
+        regs: &[Registration],
+        max_devices: usize,
+        evict_oldest: bool,
+    ) -> Result<Vec<Result<Registered, StoreError>>, StoreError> {
+        let out: Vec<Result<Registered, ErrorJson>> = self
+            .call(Call::RegisterClients {
+                regs: regs.to_vec(),
+                max_devices,
+                evict_oldest,
+            })
+            .await?;
+        if out.len() != regs.len() {
+            return Err(StoreError::Backend(format!(
+                "{} outcomes for {} registrations",
+                out.len(),
+                regs.len()
+            )));
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.map_err(StoreError::from))
+            .collect())
+    }
+    async fn conversations_of_users(&self, users: &[u64]) -> Result<Vec<Vec<u64>>, StoreError> {
+        let out: Vec<Vec<u64>> = self
+            .call(Call::ConversationsOfUsers {
+                users: users.to_vec(),
+            })
+            .await?;
+        if out.len() != users.len() {
+            return Err(StoreError::Backend(format!(
+                "{} lists for {} users",
+                out.len(),
+                users.len()
+            )));
+        }
+        Ok(out)
+    }
     async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         self.call(Call::DevicesOf {
             users: users.to_vec(),
@@ -493,6 +571,29 @@ impl Store for RemoteStore {
             })
             .await?;
         Ok(ms.into_iter().map(Message::from).collect())
+    }
+    async fn inboxes(
+        &self,
+        devices: &[(Device, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        let pages: Vec<Vec<MessageJson>> = self
+            .call(Call::Inboxes {
+                devices: devices.to_vec(),
+                limit,
+            })
+            .await?;
+        if pages.len() != devices.len() {
+            return Err(StoreError::Backend(format!(
+                "{} inboxes for {} devices",
+                pages.len(),
+                devices.len()
+            )));
+        }
+        Ok(pages
+            .into_iter()
+            .map(|p| p.into_iter().map(Message::from).collect())
+            .collect())
     }
     async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError> {
         self.call(Call::Ack {

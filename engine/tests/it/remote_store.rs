@@ -10,7 +10,7 @@ use tiercast_engine::backplane::{LocalBackplane, LocalRoutes};
 use tiercast_engine::config::EngineConfig;
 use tiercast_engine::http::{self, HttpState};
 use tiercast_engine::metrics::EngineMetrics;
-use tiercast_engine::store::{EmbeddedStore, RemoteStore, conformance};
+use tiercast_engine::store::{EmbeddedStore, RemoteStore, Store, conformance};
 
 const TOKEN_SECRET: &[u8] = b"remote-store-test-secret-0123456789";
 
@@ -142,5 +142,153 @@ async fn remote_store_conforms_over_tls() {
     assert!(plain.conversation(1).await.is_err());
 
     let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A connect storm against a remote store: every device's registration
+/// and conversation listing is answered as a lone call would be (a device
+/// named by another user is refused), while the store calls are batched:
+/// the counters show how many store calls carried how many connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
+    let mut registry = Registry::default();
+    let metrics = EngineMetrics::register(&mut registry);
+    let edge = Engine::new(
+        EngineConfig::default(),
+        remote.clone(),
+        Arc::new(LocalBackplane::new()),
+        Arc::new(LocalRoutes::default()),
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    const USERS: u64 = 100;
+    // New devices: 3 per user, all at once.
+    let first =
+        futures::future::join_all((1..=USERS).flat_map(|u| (0..3).map(move |_| u)).map(|u| {
+            let edge = &edge;
+            async move { (u, edge.register_device(u, 0, "phone").await) }
+        }))
+        .await;
+    let mut devices = Vec::new();
+    for (u, r) in first {
+        devices.push((u, r.expect("a new device is registered")));
+    }
+    let mut ids: Vec<u64> = devices.iter().map(|d| d.1).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "every device got its own id");
+    // A fourth device of a user who has three: refused, alone.
+    assert!(matches!(
+        edge.register_device(1, 0, "fourth").await,
+        Err(tiercast_engine::EngineError::TooManyDevices { user: 1, max: 3 })
+    ));
+    for u in 1..=USERS {
+        remote
+            .create_conversation(&tiercast_engine::store::Conversation {
+                id: 10_000 + u,
+                name: format!("c{u}"),
+                created_ms: 1,
+                pinned_tier: None,
+                tier: tiercast_schemas::envelope::Tier::Direct,
+                member_count: 0,
+            })
+            .await
+            .unwrap();
+        remote.add_members(10_000 + u, &[u]).await.unwrap();
+    }
+    // The storm: every device back at once, with 20 devices named by a
+    // user they do not belong to, and each user's conversations listed.
+    let returning = devices.iter().map(|&(u, c)| (u, c, true));
+    let hostile = devices
+        .iter()
+        .take(20)
+        .map(|&(u, c)| (u % USERS + 1, c, false));
+    let storm: Vec<(u64, u64, bool)> = returning.chain(hostile).collect();
+    // One message waits in the inbox of user 1's devices.
+    remote
+        .insert_message(&tiercast_engine::store::NewMessage {
+            message: tiercast_schemas::wire::Message {
+                id: 77,
+                conversation: 10_001,
+                sender: 2,
+                sender_client: 0,
+                body: bytes::Bytes::from_static(b"waiting"),
+            },
+            dedupe: None,
+            inbox: devices
+                .iter()
+                .filter(|d| d.0 == 1)
+                .map(|&(user, client)| tiercast_engine::store::Device { user, client })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let (regs, lists, pages) = tokio::join!(
+        futures::future::join_all(storm.iter().map(|&(u, c, own)| {
+            let edge = &edge;
+            async move { (own, c, edge.register_device(u, c, "phone").await) }
+        })),
+        futures::future::join_all((1..=USERS).map(|u| {
+            let edge = &edge;
+            async move { (u, edge.conversations_of(u).await) }
+        })),
+        futures::future::join_all(storm.iter().map(|&(u, c, _)| {
+            let edge = &edge;
+            async move {
+                let device = tiercast_engine::store::Device { user: u, client: c };
+                (device, edge.pending(device, 0).await)
+            }
+        })),
+    );
+    let owners: std::collections::HashMap<u64, u64> =
+        devices.iter().map(|&(u, c)| (c, u)).collect();
+    for (device, page) in pages {
+        let ids: Vec<u64> = page.unwrap().iter().map(|m| m.id).collect();
+        // Only user 1's own devices hold the message; a device named with
+        // another user reads nothing.
+        let expected = if device.user == 1 && owners[&device.client] == 1 {
+            vec![77]
+        } else {
+            vec![]
+        };
+        assert_eq!(ids, expected, "{device:?}");
+    }
+    for (own, c, r) in regs {
+        match (own, r) {
+            (true, Ok(id)) => assert_eq!(id, c),
+            (false, Err(tiercast_engine::EngineError::UnknownDevice(id))) => assert_eq!(id, c),
+            (own, r) => panic!("device {c} (its own user: {own}) got {r:?}"),
+        }
+    }
+    for (u, l) in lists {
+        assert_eq!(l.unwrap(), vec![10_000 + u]);
+    }
+    let reg = metrics.batch_counters("register_clients");
+    let list = metrics.batch_counters("conversations_of_users");
+    // 300 new + 1 refused + 320 in the storm; 100 listings.
+    assert_eq!(reg.calls.get(), 621);
+    assert_eq!(list.calls.get(), 100);
+    let inboxes = metrics.batch_counters("inboxes");
+    assert_eq!(inboxes.calls.get(), 320);
+    eprintln!(
+        "register_clients: {} calls in {} store calls; conversations_of_users: {} in {}; inboxes: {} in {}",
+        reg.calls.get(),
+        reg.batches.get(),
+        list.calls.get(),
+        list.batches.get(),
+        inboxes.calls.get(),
+        inboxes.batches.get()
+    );
+    assert!(
+        reg.batches.get() < reg.calls.get()
+            && list.batches.get() < list.calls.get()
+            && inboxes.batches.get() < inboxes.calls.get(),
+        "calls that arrived together were batched"
+    );
+    stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
