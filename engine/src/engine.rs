@@ -162,6 +162,9 @@ pub struct Engine {
     inbox_pages: Batcher<(Device, u64), Result<Vec<Message>, StoreError>>,
 }
 
+/// Pages a Sync reads from the store in one call.
+const SYNC_PAGES_PER_READ: usize = 8;
+
 /// Calls one coalesced store batch carries at most.
 const MAX_STORE_BATCH: usize = 256;
 /// Coalesced store batches of one kind in flight at once.
@@ -1163,16 +1166,32 @@ impl Engine {
             cursors.to_vec()
         };
         let convs: Vec<u64> = cursors.iter().map(|c| c.conversation).collect();
-        let reads: std::collections::HashMap<u64, u64> = self
-            .store
-            .read_marks(user, &convs)
-            .await?
-            .into_iter()
-            .collect();
+        // What the store says of every cursor's conversation (whether it
+        // exists, whether the user may see it, its newest id) and the
+        // user's read markers: two calls for the whole Sync.
+        self.metrics.syncs.inc();
+        self.metrics.sync_store_calls.inc_by(2);
+        let (reads, states) = futures::try_join!(
+            self.store.read_marks(user, &convs),
+            self.store.conversation_states(user, &convs),
+        )?;
+        let reads: std::collections::HashMap<u64, u64> = reads.into_iter().collect();
+        if states.len() != cursors.len() {
+            return Err(EngineError::Store(StoreError::Backend(format!(
+                "{} states for {} conversations",
+                states.len(),
+                cursors.len()
+            ))));
+        }
         let limit = (limit as usize).clamp(1, self.cfg.max_page);
-        let mut budget = FrameBudget::sync(cursors.len());
-        let mut out = Vec::with_capacity(cursors.len());
-        for c in cursors {
+        let mut planned = Vec::with_capacity(cursors.len());
+        for (c, st) in cursors.iter().zip(states) {
+            let visible = match &st.conversation {
+                Some(_) if listing => true,
+                Some(_) => st.member,
+                None => false,
+            };
+            let tier = st.conversation.as_ref().map_or(Tier::Direct, |c| c.tier);
             let mut entry = SyncEntry {
                 conversation: c.conversation,
                 tier: 0,
@@ -1181,28 +1200,58 @@ impl Engine {
                 read_id: 0,
                 more: false,
             };
-            // What the store says: the conversation, whether the user may
-            // see it, its newest id.
-            let conv = self.store.conversation(c.conversation).await?;
-            let visible = match &conv {
-                Some(_) if listing => true,
-                Some(_) => self.store.is_member(c.conversation, user).await?,
-                None => false,
-            };
-            let tier = conv.as_ref().map_or(Tier::Direct, |c| c.tier);
             if visible {
                 entry.tier = tier.into();
                 entry.read_id = reads.get(&c.conversation).copied().unwrap_or(0);
-                entry.latest_id = self.latest_id(c.conversation).await?;
+                entry.latest_id = st.latest_id;
             }
-            match plan_entry(listing, visible, tier, entry.latest_id, c.last_id, &budget) {
+            planned.push((entry, visible, tier, c.last_id));
+        }
+        // The entries that would read a page with the frame still empty;
+        // the budget only shrinks, so every page read below is one of them.
+        // They are read a few at a time, in order, so that a frame that
+        // fills up early leaves the rest unread.
+        let fresh = FrameBudget::sync(cursors.len());
+        let candidates: Vec<usize> = planned
+            .iter()
+            .enumerate()
+            .filter(|(_, (e, visible, tier, last))| {
+                plan_entry(listing, *visible, *tier, e.latest_id, *last, &fresh) == EntryPlan::Page
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut fetched: std::collections::HashMap<usize, Vec<Message>> =
+            std::collections::HashMap::new();
+        let mut next_candidate = 0;
+        let mut budget = FrameBudget::sync(cursors.len());
+        let mut out = Vec::with_capacity(cursors.len());
+        for (i, (mut entry, visible, tier, last)) in planned.into_iter().enumerate() {
+            match plan_entry(listing, visible, tier, entry.latest_id, last, &budget) {
                 EntryPlan::Refused | EntryPlan::Summary => {}
                 EntryPlan::OutOfFrame => entry.more = true,
                 EntryPlan::Page => {
-                    let mut page = self.store.since(c.conversation, c.last_id, limit).await?;
-                    let last = page.last().map_or(0, |m| m.id);
+                    if !fetched.contains_key(&i) {
+                        while next_candidate < candidates.len() && candidates[next_candidate] < i {
+                            next_candidate += 1;
+                        }
+                        let chunk: Vec<usize> = candidates[next_candidate..]
+                            .iter()
+                            .copied()
+                            .take(SYNC_PAGES_PER_READ)
+                            .collect();
+                        next_candidate += chunk.len();
+                        let reads: Vec<(u64, u64)> = chunk
+                            .iter()
+                            .map(|&j| (convs[j], cursors[j].last_id))
+                            .collect();
+                        self.metrics.sync_store_calls.inc();
+                        let pages = self.store.since_many(&reads, limit).await?;
+                        fetched.extend(chunk.into_iter().zip(pages));
+                    }
+                    let mut page = fetched.remove(&i).unwrap_or_default();
+                    let newest = page.last().map_or(0, |m| m.id);
                     let n = budget.take(page.iter().map(|m| m.body.len()));
-                    entry.more = n < page.len() || last < entry.latest_id;
+                    entry.more = n < page.len() || newest < entry.latest_id;
                     page.truncate(n);
                     entry.messages = page;
                 }
@@ -1210,23 +1259,6 @@ impl Engine {
             out.push(entry);
         }
         Ok(out)
-    }
-
-    /// The newest message id of a conversation (0 without messages).
-    async fn latest_id(&self, conversation: u64) -> Result<u64, EngineError> {
-        Ok(self
-            .store
-            .history(
-                conversation,
-                Page {
-                    before: 0,
-                    after: 0,
-                    limit: 1,
-                },
-            )
-            .await?
-            .first()
-            .map_or(0, |m| m.id))
     }
 
     pub async fn create_conversation(

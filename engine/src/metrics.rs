@@ -54,6 +54,10 @@ pub struct EngineMetrics {
     /// `store_batched_calls / store_batches` is the batching factor.
     pub store_batches: Family<OpLabel, Counter>,
     pub store_batched_calls: Family<OpLabel, Counter>,
+    /// Syncs answered, and the store calls they made (their ratio: store
+    /// calls per Sync, 2 plus one per 8 pages read).
+    pub syncs: Counter,
+    pub sync_store_calls: Counter,
 }
 
 impl EngineMetrics {
@@ -84,6 +88,8 @@ impl Default for EngineMetrics {
             publish_delay_seconds: seconds_histogram(),
             store_batches: Family::default(),
             store_batched_calls: Family::default(),
+            syncs: Counter::default(),
+            sync_store_calls: Counter::default(),
         }
     }
 }
@@ -161,6 +167,12 @@ impl EngineMetrics {
             "store_batched_calls",
             "Calls coalesced into those store calls, by op (divided by store_batches: the batching factor)",
             m.store_batched_calls.clone(),
+        );
+        r.register("syncs", "Syncs answered", m.syncs.clone());
+        r.register(
+            "sync_store_calls",
+            "Store calls made by Syncs: the read markers and conversation states, then one per 8 pages",
+            m.sync_store_calls.clone(),
         );
         m
     }

@@ -10,8 +10,8 @@ use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Registration, Store, StoreError,
+    ClientRecord, Conversation, ConversationState, Dedupe, Device, NewMessage, Page, Persisted,
+    ReadMark, Registered, Registration, Store, StoreError,
 };
 
 pub async fn run_all(store: &dyn Store) {
@@ -589,6 +589,51 @@ async fn since_pages_forward(store: &dyn Store) {
     assert!(store.since(70, ids[6], 3).await.unwrap().is_empty());
     assert!(store.since(70, u64::MAX, 3).await.unwrap().is_empty());
     assert!(store.since(71, 0, 3).await.unwrap().is_empty());
+
+    // Several pages in one call: each as its own call would give it.
+    let pages = store
+        .since_many(&[(70, ids[2]), (71, 0), (70, 0), (70, u64::MAX)], 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        pages.into_iter().map(ms).collect::<Vec<_>>(),
+        vec![ids[3..6].to_vec(), vec![], ids[..3].to_vec(), vec![]]
+    );
+    assert!(store.since_many(&[], 3).await.unwrap().is_empty());
+
+    // What a Sync reads of each conversation, in one call: the
+    // conversation, the user's membership, the newest id.
+    store.create_conversation(&conv(72)).await.unwrap();
+    store.add_members(70, &[901]).await.unwrap();
+    store.add_members(72, &[902]).await.unwrap();
+    let states = store.conversation_states(901, &[72, 70, 73]).await.unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ConversationState {
+                conversation: Some(store.conversation(72).await.unwrap().unwrap()),
+                member: false,
+                latest_id: 0,
+            },
+            ConversationState {
+                conversation: Some(store.conversation(70).await.unwrap().unwrap()),
+                member: true,
+                latest_id: ids[6],
+            },
+            ConversationState {
+                conversation: None,
+                member: false,
+                latest_id: 0,
+            },
+        ]
+    );
+    assert!(
+        store
+            .conversation_states(901, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn read_markers(store: &dyn Store) {

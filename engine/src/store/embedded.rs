@@ -26,8 +26,8 @@ use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    ClientRecord, Conversation, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Registration, Store, StoreError,
+    ClientRecord, Conversation, ConversationState, Device, NewMessage, Page, Persisted, ReadMark,
+    Registered, Registration, Store, StoreError,
 };
 
 const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
@@ -372,6 +372,24 @@ fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, boo
     {
         tracing::error!(error = %e, "final commit failed");
     }
+}
+
+/// The oldest `limit` messages of `conv` above `after`.
+fn read_since(
+    t: &redb::ReadOnlyTable<(u64, u64), &[u8]>,
+    conv: u64,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Message>, StoreError> {
+    if after == u64::MAX {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(limit.min(256));
+    for row in t.range((conv, after + 1)..=(conv, u64::MAX))?.take(limit) {
+        let (k, v) = row?;
+        out.push(decode_message(conv, k.value().1, v.value())?);
+    }
+    Ok(out)
 }
 
 /// A device's pending inbox above `after`, oldest first, in `txn`.
@@ -780,16 +798,62 @@ impl Store for EmbeddedStore {
     }
 
     async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
-        if after == u64::MAX {
-            return Ok(Vec::new());
-        }
+        self.read(MESSAGES, move |t| read_since(t, conv, after, limit))
+            .await
+    }
+
+    /// One read snapshot for every page.
+    async fn since_many(
+        &self,
+        reads: &[(u64, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        let reads = reads.to_vec();
         self.read(MESSAGES, move |t| {
-            let mut out = Vec::with_capacity(limit.min(256));
-            for row in t.range((conv, after + 1)..=(conv, u64::MAX))?.take(limit) {
-                let (k, v) = row?;
-                out.push(decode_message(conv, k.value().1, v.value())?);
-            }
-            Ok(out)
+            reads
+                .into_iter()
+                .map(|(conv, after)| read_since(t, conv, after, limit))
+                .collect()
+        })
+        .await
+    }
+
+    /// One read snapshot for every conversation.
+    async fn conversation_states(
+        &self,
+        user: u64,
+        convs: &[u64],
+    ) -> Result<Vec<ConversationState>, StoreError> {
+        let convs = convs.to_vec();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let conversations = txn.open_table(CONVERSATIONS)?;
+            let members = txn.open_table(MEMBERS)?;
+            let messages = txn.open_table(MESSAGES)?;
+            convs
+                .into_iter()
+                .map(|c| {
+                    let conversation: Option<Conversation> =
+                        conversations.get(c)?.map(|v| json(v.value())).transpose()?;
+                    if conversation.is_none() {
+                        return Ok(ConversationState {
+                            conversation,
+                            member: false,
+                            latest_id: 0,
+                        });
+                    }
+                    let member = members.get((c, user))?.is_some();
+                    let latest_id = match messages.range((c, 1)..=(c, u64::MAX))?.next_back() {
+                        Some(row) => row?.0.value().1,
+                        None => 0,
+                    };
+                    Ok(ConversationState {
+                        conversation,
+                        member,
+                        latest_id,
+                    })
+                })
+                .collect()
         })
         .await
     }

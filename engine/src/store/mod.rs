@@ -89,6 +89,17 @@ pub struct ClientRecord {
     pub last_seen_ms: u64,
 }
 
+/// What a Sync needs of one conversation for one user
+/// ([`Store::conversation_states`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConversationState {
+    pub conversation: Option<Conversation>,
+    /// Whether the user is a member (false without the conversation).
+    pub member: bool,
+    /// The newest message id (0 without messages or conversation).
+    pub latest_id: u64,
+}
+
 /// One device registration of a batch ([`Store::register_clients`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registration {
@@ -389,6 +400,63 @@ pub trait Store: Send + Sync + 'static {
     /// The oldest `limit` messages with ids above `after`, oldest first (a
     /// device catching up from its cursor).
     async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
+
+    /// For each of `convs`: the conversation, whether `user` is a member
+    /// and its newest message id, in one call (a Sync's cursors; a backend
+    /// without batches reads them concurrently).
+    async fn conversation_states(
+        &self,
+        user: u64,
+        convs: &[u64],
+    ) -> Result<Vec<ConversationState>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(convs.iter().copied())
+            .map(|c| async move {
+                let conversation = self.conversation(c).await?;
+                if conversation.is_none() {
+                    return Ok(ConversationState {
+                        conversation,
+                        member: false,
+                        latest_id: 0,
+                    });
+                }
+                let member = self.is_member(c, user).await?;
+                let latest_id = self
+                    .history(
+                        c,
+                        Page {
+                            before: 0,
+                            after: 0,
+                            limit: 1,
+                        },
+                    )
+                    .await?
+                    .first()
+                    .map_or(0, |m| m.id);
+                Ok(ConversationState {
+                    conversation,
+                    member,
+                    latest_id,
+                })
+            })
+            .buffered(16)
+            .try_collect()
+            .await
+    }
+    /// [`Self::since`] for several `(conversation, after)`, one list per
+    /// entry, in one call: a Sync's pages.
+    async fn since_many(
+        &self,
+        reads: &[(u64, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(reads.iter().copied())
+            .map(|(c, after)| self.since(c, after, limit))
+            .buffered(16)
+            .try_collect()
+            .await
+    }
 
     /// Pending inbox of a device, oldest first, ids above `after`.
     async fn inbox(

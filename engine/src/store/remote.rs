@@ -15,8 +15,8 @@ use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 
 use super::{
-    ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Registration, Store, StoreError,
+    ClientRecord, Conversation, ConversationState, Dedupe, Device, NewMessage, Page, Persisted,
+    ReadMark, Registered, Registration, Store, StoreError,
 };
 
 /// A message as JSON.
@@ -150,6 +150,14 @@ pub enum Call {
     },
     Inboxes {
         devices: Vec<(Device, u64)>,
+        limit: usize,
+    },
+    ConversationStates {
+        user: u64,
+        convs: Vec<u64>,
+    },
+    SinceMany {
+        reads: Vec<(u64, u64)>,
         limit: usize,
     },
     TouchClients {
@@ -313,6 +321,17 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
                 .collect::<Vec<_>>(),
         ),
         Call::Ack { device, ids } => to_value(store.ack(device, &ids).await?),
+        Call::ConversationStates { user, convs } => {
+            to_value(store.conversation_states(user, &convs).await?)
+        }
+        Call::SinceMany { reads, limit } => to_value(
+            store
+                .since_many(&reads, limit)
+                .await?
+                .iter()
+                .map(|page| page.iter().map(MessageJson::from).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        ),
         Call::Inboxes { devices, limit } => to_value(
             store
                 .inboxes(&devices, limit)
@@ -571,6 +590,49 @@ impl Store for RemoteStore {
             })
             .await?;
         Ok(ms.into_iter().map(Message::from).collect())
+    }
+    async fn conversation_states(
+        &self,
+        user: u64,
+        convs: &[u64],
+    ) -> Result<Vec<ConversationState>, StoreError> {
+        let out: Vec<ConversationState> = self
+            .call(Call::ConversationStates {
+                user,
+                convs: convs.to_vec(),
+            })
+            .await?;
+        if out.len() != convs.len() {
+            return Err(StoreError::Backend(format!(
+                "{} states for {} conversations",
+                out.len(),
+                convs.len()
+            )));
+        }
+        Ok(out)
+    }
+    async fn since_many(
+        &self,
+        reads: &[(u64, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<Message>>, StoreError> {
+        let pages: Vec<Vec<MessageJson>> = self
+            .call(Call::SinceMany {
+                reads: reads.to_vec(),
+                limit,
+            })
+            .await?;
+        if pages.len() != reads.len() {
+            return Err(StoreError::Backend(format!(
+                "{} pages for {} reads",
+                pages.len(),
+                reads.len()
+            )));
+        }
+        Ok(pages
+            .into_iter()
+            .map(|p| p.into_iter().map(Message::from).collect())
+            .collect())
     }
     async fn inboxes(
         &self,

@@ -292,3 +292,111 @@ async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// A Sync over a remote store: every cursor gets what it did when each
+/// conversation took its own calls (pages past the cursor, summaries, a
+/// refusal for a conversation the user is not in), with two store calls
+/// for all cursors plus one per 8 pages, counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
+    use tiercast_schemas::wire::Cursor;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
+    let mut registry = Registry::default();
+    let metrics = EngineMetrics::register(&mut registry);
+    let edge = Engine::new(
+        EngineConfig::default(),
+        remote.clone(),
+        Arc::new(LocalBackplane::new()),
+        Arc::new(LocalRoutes::default()),
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    // User 1 is in conversations 1..=20, with 3 messages in each of the
+    // first 12; conversation 21 is someone else's; 22 does not exist.
+    for c in 1..=21u64 {
+        remote
+            .create_conversation(&tiercast_engine::store::Conversation {
+                id: c,
+                name: format!("c{c}"),
+                created_ms: 1,
+                pinned_tier: None,
+                tier: tiercast_schemas::envelope::Tier::Direct,
+                member_count: 0,
+            })
+            .await
+            .unwrap();
+        remote
+            .add_members(c, if c <= 20 { &[1, 2] } else { &[2, 3] })
+            .await
+            .unwrap();
+    }
+    let id = |c: u64, i: u64| c * 1_000 + i;
+    for c in (1..=12u64).chain([21]) {
+        for i in 1..=3 {
+            remote
+                .insert_message(&tiercast_engine::store::NewMessage {
+                    message: tiercast_schemas::wire::Message {
+                        id: id(c, i),
+                        conversation: c,
+                        sender: 2,
+                        sender_client: 0,
+                        body: bytes::Bytes::from_static(b"m"),
+                    },
+                    dedupe: None,
+                    inbox: vec![],
+                })
+                .await
+                .unwrap();
+        }
+    }
+    // The first 5 are behind (cursor at their first message), the rest up
+    // to date or empty; then the stranger's and a missing one.
+    let cursor = |c: u64| Cursor {
+        conversation: c,
+        last_id: match c {
+            1..=5 => id(c, 1),
+            6..=12 => id(c, 3),
+            _ => 0,
+        },
+    };
+    let cursors: Vec<Cursor> = (1..=22).map(cursor).collect();
+    let entries = edge.sync(1, &cursors, 50).await.unwrap();
+    assert_eq!(entries.len(), 22);
+    for e in &entries {
+        let c = e.conversation;
+        let ids: Vec<u64> = e.messages.iter().map(|m| m.id).collect();
+        match c {
+            1..=5 => assert_eq!(ids, vec![id(c, 2), id(c, 3)], "conversation {c}"),
+            _ => assert!(ids.is_empty(), "conversation {c}: {ids:?}"),
+        }
+        let latest = match c {
+            1..=12 => id(c, 3),
+            _ => 0,
+        };
+        assert_eq!(e.latest_id, latest, "conversation {c}");
+        assert!(!e.more, "conversation {c}");
+        // The stranger's conversation and the missing one say nothing.
+        assert_eq!(e.tier == 0, c > 20, "conversation {c}");
+    }
+    assert_eq!(metrics.syncs.get(), 1);
+    assert_eq!(
+        metrics.sync_store_calls.get(),
+        3,
+        "markers and states, then 5 pages in one call (before: 69, the markers and three or four calls per conversation)"
+    );
+    // Twelve behind: two page calls.
+    let behind: Vec<Cursor> = (1..=12)
+        .map(|c| Cursor {
+            conversation: c,
+            last_id: 0,
+        })
+        .collect();
+    let entries = edge.sync(1, &behind, 50).await.unwrap();
+    assert!(entries.iter().all(|e| e.messages.len() == 3));
+    assert_eq!(metrics.sync_store_calls.get(), 3 + 4);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
