@@ -216,6 +216,10 @@ pub fn merge(runs: &[(RunReport, Named)]) -> Result<(RunReport, Named), String> 
         l.sockets += r.loadgen.sockets;
         l.pulls += r.loadgen.pulls;
         l.datagrams_dropped += r.loadgen.datagrams_dropped;
+        l.receive_drops = match (l.receive_drops, r.loadgen.receive_drops) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         l.user_offset = l.user_offset.min(r.loadgen.user_offset);
         m.reorder.held += r.reorder.held;
         m.reorder.reordered += r.reorder.reordered;

@@ -280,6 +280,12 @@ pub struct LoadgenFigures {
     /// (`--client-loss-pct`), and how many that was.
     pub client_loss: f64,
     pub datagrams_dropped: u64,
+    /// Datagrams the kernel dropped at loadgen's own sockets because their
+    /// receive buffers were full, read at the end of the run: loss on the
+    /// measuring side, which QUIC recovered at the price of latency.
+    /// `None` where `/proc/net/udp` cannot be read.
+    #[serde(default)]
+    pub receive_drops: Option<u64>,
     /// This generator's users are `user_offset + 1 ..= user_offset + users`.
     #[serde(default)]
     pub user_offset: u64,
@@ -565,6 +571,12 @@ impl RunReport {
         }
         if let Some(cpu) = self.loadgen.cpu_s {
             let _ = writeln!(out, "loadgen: {cpu:.2} CPU s");
+        }
+        if let Some(n) = self.loadgen.receive_drops.filter(|&n| n > 0) {
+            let _ = writeln!(
+                out,
+                "loadgen's sockets dropped {n} datagrams (full receive buffers): the measuring side lost packets, QUIC recovered them, latencies include it (more --sockets spread the load)"
+            );
         }
         if self.loadgen.client_loss > 0.0 {
             let _ = writeln!(

@@ -154,9 +154,11 @@ struct LoadgenRunArgs {
     /// Override the scenario's user count.
     #[arg(long)]
     users: Option<u64>,
-    /// Client UDP sockets to spread the devices over.
-    #[arg(long, default_value_t = 8)]
-    sockets: usize,
+    /// Client UDP sockets to spread the devices over [default: one per 250
+    /// devices, at least 8]. Too few drop datagrams in a reconnect storm
+    /// (the report's `loadgen.receive_drops`).
+    #[arg(long)]
+    sockets: Option<usize>,
     /// The SDK's reorder window per device, in ms (its default: 20; 0 never
     /// holds a message).
     #[arg(long, default_value_t = 20)]
@@ -307,7 +309,7 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..=50.0).contains(&a.client_loss_pct) {
         return Err(usage("--client-loss-pct must be 0..=50"));
     }
-    if a.sockets == 0 {
+    if a.sockets == Some(0) {
         return Err(usage("--sockets must be at least 1"));
     }
     eprintln!(
@@ -323,7 +325,9 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
     let outcome = tiercast_loadgen::run::run(tiercast_loadgen::run::RunOptions {
         scenario: scenario.clone(),
         target,
-        sockets: a.sockets,
+        sockets: a
+            .sockets
+            .unwrap_or_else(|| tiercast_loadgen::run::default_sockets(scenario.devices())),
         reorder_window: std::time::Duration::from_millis(a.reorder_window_ms),
         client_loss: a.client_loss_pct / 100.0,
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
