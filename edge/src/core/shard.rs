@@ -993,19 +993,23 @@ fn app_timeout(ctx: &mut Ctx, key: usize, c: &mut Conn) {
             tracing::debug!("handshake not done in time");
             close(ctx, key, c, None, "handshake not done in time");
         }
+        // A device that is only slow (a bad link, or a storm where its
+        // packets wait) must come back: `unavailable`, which the SDK
+        // reconnects after, not `protocol_violation`, which ends its
+        // session for good. Its state goes either way.
         Phase::AwaitStream => fatal(
             ctx,
             key,
             c,
-            ErrorCode::ProtocolViolation,
-            "no control stream in time".into(),
+            ErrorCode::Unavailable,
+            "no control stream within edge.hello_timeout_ms; reconnect".into(),
         ),
         Phase::AwaitHello => fatal(
             ctx,
             key,
             c,
-            ErrorCode::ProtocolViolation,
-            "no Hello in time".into(),
+            ErrorCode::Unavailable,
+            "no Hello within edge.hello_timeout_ms; reconnect".into(),
         ),
         Phase::Live => fatal(
             ctx,

@@ -175,3 +175,44 @@ async fn hand_built_frames_follow_the_documented_layout() {
     ep.wait_idle().await;
     t.node.shutdown().await;
 }
+
+/// A client that opens no stream, or opens one and says nothing, is closed
+/// after `edge.hello_timeout_ms` with `unavailable` (25): it may only be
+/// slow, and the SDK reconnects after that code, where
+/// `protocol_violation` would end its session for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_past_the_hello_timeout_is_told_to_come_back() {
+    let t = common::start(&[("edge.hello_timeout_ms", "1000")]).await;
+    let crypto = tiercast_client::tls::client_crypto(&t.node.cert_pem).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(crypto));
+    for opens_stream in [false, true] {
+        let conn = ep
+            .connect(t.node.quic_addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        // A stream is only seen by the edge once something is written on
+        // it; one byte of a frame's length prefix, then nothing.
+        let _stream = if opens_stream {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&[0]).await.unwrap();
+            Some((send, recv))
+        } else {
+            None
+        };
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), conn.closed())
+            .await
+            .expect("closed by the edge");
+        match why {
+            quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+                u64::from(c.error_code),
+                tiercast_schemas::wire::ErrorCode::Unavailable as u64,
+                "opens a stream: {opens_stream}: {c:?}"
+            ),
+            other => panic!("opens a stream: {opens_stream}: {other:?}"),
+        }
+    }
+    ep.close(0u32.into(), b"bye");
+    t.node.shutdown().await;
+}
