@@ -155,11 +155,11 @@ pub struct Engine {
     /// Failed publishes waiting to go out late (see `publish_late`).
     late_waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// Device registrations at connect, coalesced into store batches.
-    registrations: Batcher<Registration, Result<Registered, StoreError>>,
+    registrations: StoreBatcher<Registration, Registered>,
     /// Conversation listings at connect, coalesced likewise.
-    listings: Batcher<u64, Result<Vec<u64>, StoreError>>,
+    listings: StoreBatcher<u64, Vec<u64>>,
     /// Inbox pages (the check at connect, and the drain), likewise.
-    inbox_pages: Batcher<(Device, u64), Result<Vec<Message>, StoreError>>,
+    inbox_pages: StoreBatcher<(Device, u64), Vec<Message>>,
 }
 
 /// Pages a Sync reads from the store in one call.
@@ -170,15 +170,62 @@ const MAX_STORE_BATCH: usize = 256;
 /// Coalesced store batches of one kind in flight at once.
 const STORE_BATCHES_IN_FLIGHT: usize = 4;
 
-fn closed() -> StoreError {
-    StoreError::Backend("the store is closed".into())
+/// Store calls of one kind, coalesced (see `crate::batch`), each answered
+/// with its own outcome.
+type StoreBatcher<Req, T> = Batcher<Req, Result<T, StoreError>>;
+
+/// A [`StoreBatcher`] whose `call` makes one store call for a batch and
+/// gives one outcome per request, in order. It holds the store weakly: the
+/// store closes when the engine goes, not when a worker task notices. A
+/// batch whose call fails (or that finds the store closed) fails every one
+/// of its requests with that error.
+fn store_batcher<Req, T, F, Fut>(
+    store: &Arc<dyn Store>,
+    counters: crate::batch::BatchCounters,
+    call: F,
+) -> StoreBatcher<Req, T>
+where
+    Req: Send + 'static,
+    T: Send + 'static,
+    F: Fn(Arc<dyn Store>, Vec<Req>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Vec<Result<T, StoreError>>, StoreError>>
+        + Send
+        + 'static,
+{
+    let store = Arc::downgrade(store);
+    Batcher::new(
+        MAX_STORE_BATCH,
+        STORE_BATCHES_IN_FLIGHT,
+        counters,
+        move |reqs: Vec<Req>| {
+            let n = reqs.len();
+            let pending = store.upgrade().map(|store| call(store, reqs));
+            Box::pin(async move {
+                let outcome = match pending {
+                    Some(pending) => pending.await,
+                    None => Err(StoreError::Backend("the store is closed".into())),
+                };
+                outcome.unwrap_or_else(|e| {
+                    (0..n)
+                        .map(|_| Err(StoreError::Backend(e.to_string())))
+                        .collect()
+                })
+            })
+        },
+    )
 }
 
-/// The same outcome for every entry of a batch whose call failed.
-fn each_failed<T>(e: &StoreError, n: usize) -> Vec<Result<T, StoreError>> {
-    (0..n)
-        .map(|_| Err(StoreError::Backend(e.to_string())))
-        .collect()
+/// `req`'s outcome from `batcher`; `what` names the batch if it was lost
+/// (its task panicked, or the runtime is stopping).
+async fn batched<Req: Send + 'static, T: Send + 'static>(
+    batcher: &StoreBatcher<Req, T>,
+    req: Req,
+    what: &str,
+) -> Result<T, StoreError> {
+    batcher
+        .call(req)
+        .await
+        .unwrap_or_else(|| Err(StoreError::Backend(format!("{what} batch lost"))))
 }
 
 /// A stored message waiting for its turn to be published.
@@ -278,67 +325,32 @@ impl Engine {
             reads: OnceLock::new(),
             sequencer: Sequencer::default(),
             late_waiting: Arc::default(),
-            // The batchers' workers hold the store weakly: it closes when
-            // the engine goes, not when a worker task notices.
             registrations: {
-                let store = Arc::downgrade(&store);
                 let (max, evict) = (cfg.max_devices, cfg.evict_oldest_device);
-                Batcher::new(
-                    MAX_STORE_BATCH,
-                    STORE_BATCHES_IN_FLIGHT,
+                store_batcher(
+                    &store,
                     metrics.batch_counters("register_clients"),
-                    move |regs: Vec<Registration>| {
-                        let store = store.upgrade();
-                        Box::pin(async move {
-                            let Some(store) = store else {
-                                return each_failed(&closed(), regs.len());
-                            };
-                            store
-                                .register_clients(&regs, max, evict)
-                                .await
-                                .unwrap_or_else(|e| each_failed(&e, regs.len()))
-                        })
+                    move |store, regs: Vec<Registration>| async move {
+                        store.register_clients(&regs, max, evict).await
                     },
                 )
             },
-            listings: {
-                let store = Arc::downgrade(&store);
-                Batcher::new(
-                    MAX_STORE_BATCH,
-                    STORE_BATCHES_IN_FLIGHT,
-                    metrics.batch_counters("conversations_of_users"),
-                    move |users: Vec<u64>| {
-                        let store = store.upgrade();
-                        Box::pin(async move {
-                            let Some(store) = store else {
-                                return each_failed(&closed(), users.len());
-                            };
-                            match store.conversations_of_users(&users).await {
-                                Ok(lists) => lists.into_iter().map(Ok).collect(),
-                                Err(e) => each_failed(&e, users.len()),
-                            }
-                        })
-                    },
-                )
-            },
+            listings: store_batcher(
+                &store,
+                metrics.batch_counters("conversations_of_users"),
+                |store, users: Vec<u64>| async move {
+                    let lists = store.conversations_of_users(&users).await?;
+                    Ok(lists.into_iter().map(Ok).collect())
+                },
+            ),
             inbox_pages: {
-                let store = Arc::downgrade(&store);
                 let limit = cfg.max_page;
-                Batcher::new(
-                    MAX_STORE_BATCH,
-                    STORE_BATCHES_IN_FLIGHT,
+                store_batcher(
+                    &store,
                     metrics.batch_counters("inboxes"),
-                    move |devices: Vec<(Device, u64)>| {
-                        let store = store.upgrade();
-                        Box::pin(async move {
-                            let Some(store) = store else {
-                                return each_failed(&closed(), devices.len());
-                            };
-                            match store.inboxes(&devices, limit).await {
-                                Ok(pages) => pages.into_iter().map(Ok).collect(),
-                                Err(e) => each_failed(&e, devices.len()),
-                            }
-                        })
+                    move |store, devices: Vec<(Device, u64)>| async move {
+                        let pages = store.inboxes(&devices, limit).await?;
+                        Ok(pages.into_iter().map(Ok).collect())
                     },
                 )
             },
@@ -986,31 +998,20 @@ impl Engine {
             },
             returning,
         };
-        self.registrations
-            .call(reg)
-            .await
-            .unwrap_or_else(|| Err(StoreError::Backend("registration batch lost".into())))?;
+        batched(&self.registrations, reg, "registration").await?;
         Ok(client_id)
     }
 
     /// The conversations `user` is a member of, read with the other
     /// connects' (a store call per batch, not per device).
     pub async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, EngineError> {
-        Ok(self
-            .listings
-            .call(user)
-            .await
-            .unwrap_or_else(|| Err(StoreError::Backend("listing batch lost".into())))?)
+        Ok(batched(&self.listings, user, "listing").await?)
     }
 
     /// The oldest pending inbox entries of a device above `after`, cut to
     /// fit one frame.
     pub async fn pending(&self, device: Device, after: u64) -> Result<Vec<Message>, EngineError> {
-        let mut page = self
-            .inbox_pages
-            .call((device, after))
-            .await
-            .unwrap_or_else(|| Err(StoreError::Backend("inbox batch lost".into())))?;
+        let mut page = batched(&self.inbox_pages, (device, after), "inbox").await?;
         fit_to_frame(&mut page);
         Ok(page)
     }
@@ -1176,13 +1177,7 @@ impl Engine {
             self.store.conversation_states(user, &convs),
         )?;
         let reads: std::collections::HashMap<u64, u64> = reads.into_iter().collect();
-        if states.len() != cursors.len() {
-            return Err(EngineError::Store(StoreError::Backend(format!(
-                "{} states for {} conversations",
-                states.len(),
-                cursors.len()
-            ))));
-        }
+        let states = crate::store::one_each(states, cursors.len(), ("states", "conversations"))?;
         let limit = (limit as usize).clamp(1, self.cfg.max_page);
         let mut planned = Vec::with_capacity(cursors.len());
         for (c, st) in cursors.iter().zip(states) {

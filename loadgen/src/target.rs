@@ -234,6 +234,14 @@ impl KillRestart {
     }
 }
 
+/// A `/metrics` page, or `None` if it does not come within `within`.
+async fn metrics_text(http: &reqwest::Client, url: &str, within: Duration) -> Option<String> {
+    tokio::time::timeout(within, async { http.get(url).send().await?.text().await })
+        .await
+        .ok()?
+        .ok()
+}
+
 /// Whether process `pid` has exited (a zombie or gone).
 fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -427,11 +435,7 @@ impl Target {
             "tiercast_edge_deliveries_total",
         ];
         let url = format!("{}/metrics", self.api);
-        let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(3), async {
-            http.get(&url).send().await?.text().await
-        })
-        .await
-        else {
+        let Some(text) = metrics_text(http, &url, Duration::from_secs(3)).await else {
             return Default::default();
         };
         NAMES
@@ -462,11 +466,7 @@ impl Target {
         };
         let mut out = std::collections::BTreeMap::new();
         for url in urls {
-            let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), async {
-                http.get(&url).send().await?.text().await
-            })
-            .await
-            else {
+            let Some(text) = metrics_text(http, &url, Duration::from_secs(5)).await else {
                 continue;
             };
             for (prefix, batches) in [

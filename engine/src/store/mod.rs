@@ -89,6 +89,22 @@ pub struct ClientRecord {
     pub last_seen_ms: u64,
 }
 
+/// `out` if it holds one answer per request (`n` of them), else a backend
+/// error: a batch answer that cannot be matched to its requests. `what`
+/// names the answers and the requests ("states for conversations").
+pub(crate) fn one_each<T>(out: Vec<T>, n: usize, what: (&str, &str)) -> Result<Vec<T>, StoreError> {
+    if out.len() == n {
+        Ok(out)
+    } else {
+        Err(StoreError::Backend(format!(
+            "{} {} for {n} {}",
+            out.len(),
+            what.0,
+            what.1
+        )))
+    }
+}
+
 /// What a Sync needs of one conversation for one user
 /// ([`Store::conversation_states`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

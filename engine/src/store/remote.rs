@@ -512,13 +512,7 @@ impl Store for RemoteStore {
                 evict_oldest,
             })
             .await?;
-        if out.len() != regs.len() {
-            return Err(StoreError::Backend(format!(
-                "{} outcomes for {} registrations",
-                out.len(),
-                regs.len()
-            )));
-        }
+        let out = super::one_each(out, regs.len(), ("outcomes", "registrations"))?;
         Ok(out
             .into_iter()
             .map(|o| o.map_err(StoreError::from))
@@ -530,14 +524,7 @@ impl Store for RemoteStore {
                 users: users.to_vec(),
             })
             .await?;
-        if out.len() != users.len() {
-            return Err(StoreError::Backend(format!(
-                "{} lists for {} users",
-                out.len(),
-                users.len()
-            )));
-        }
-        Ok(out)
+        super::one_each(out, users.len(), ("lists", "users"))
     }
     async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         self.call(Call::DevicesOf {
@@ -602,14 +589,7 @@ impl Store for RemoteStore {
                 convs: convs.to_vec(),
             })
             .await?;
-        if out.len() != convs.len() {
-            return Err(StoreError::Backend(format!(
-                "{} states for {} conversations",
-                out.len(),
-                convs.len()
-            )));
-        }
-        Ok(out)
+        super::one_each(out, convs.len(), ("states", "conversations"))
     }
     async fn since_many(
         &self,
@@ -622,13 +602,7 @@ impl Store for RemoteStore {
                 limit,
             })
             .await?;
-        if pages.len() != reads.len() {
-            return Err(StoreError::Backend(format!(
-                "{} pages for {} reads",
-                pages.len(),
-                reads.len()
-            )));
-        }
+        let pages = super::one_each(pages, reads.len(), ("pages", "reads"))?;
         Ok(pages
             .into_iter()
             .map(|p| p.into_iter().map(Message::from).collect())
@@ -645,13 +619,7 @@ impl Store for RemoteStore {
                 limit,
             })
             .await?;
-        if pages.len() != devices.len() {
-            return Err(StoreError::Backend(format!(
-                "{} inboxes for {} devices",
-                pages.len(),
-                devices.len()
-            )));
-        }
+        let pages = super::one_each(pages, devices.len(), ("inboxes", "devices"))?;
         Ok(pages
             .into_iter()
             .map(|p| p.into_iter().map(Message::from).collect())

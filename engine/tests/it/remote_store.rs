@@ -145,6 +145,23 @@ async fn remote_store_conforms_over_tls() {
     server.await.unwrap().unwrap();
 }
 
+/// An engine as an edge process has it: on the remote store `remote`,
+/// with its own metrics.
+fn engine_over(remote: Arc<RemoteStore>) -> (Engine, EngineMetrics) {
+    let mut registry = Registry::default();
+    let metrics = EngineMetrics::register(&mut registry);
+    let engine = Engine::new(
+        EngineConfig::default(),
+        remote,
+        Arc::new(LocalBackplane::new()),
+        Arc::new(LocalRoutes::default()),
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    (engine, metrics)
+}
+
 /// A connect storm against a remote store: every device's registration
 /// and conversation listing is answered as a lone call would be (a device
 /// named by another user is refused), while the store calls are batched:
@@ -154,17 +171,7 @@ async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
-    let mut registry = Registry::default();
-    let metrics = EngineMetrics::register(&mut registry);
-    let edge = Engine::new(
-        EngineConfig::default(),
-        remote.clone(),
-        Arc::new(LocalBackplane::new()),
-        Arc::new(LocalRoutes::default()),
-        metrics.clone(),
-        None,
-    )
-    .unwrap();
+    let (edge, metrics) = engine_over(remote.clone());
     const USERS: u64 = 100;
     // New devices: 3 per user, all at once.
     let first =
@@ -303,17 +310,7 @@ async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
-    let mut registry = Registry::default();
-    let metrics = EngineMetrics::register(&mut registry);
-    let edge = Engine::new(
-        EngineConfig::default(),
-        remote.clone(),
-        Arc::new(LocalBackplane::new()),
-        Arc::new(LocalRoutes::default()),
-        metrics.clone(),
-        None,
-    )
-    .unwrap();
+    let (edge, metrics) = engine_over(remote.clone());
     // User 1 is in conversations 1..=20, with 3 messages in each of the
     // first 12; conversation 21 is someone else's; 22 does not exist.
     for c in 1..=21u64 {
