@@ -107,7 +107,9 @@ impl ClientError {
     }
 }
 
-fn closed(e: &quinn::ConnectionError) -> ClientError {
+/// The error an app sees for a connection that ended with `e` (the edge's
+/// close code and reason, when it gave them).
+pub fn closed(e: &quinn::ConnectionError) -> ClientError {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => ClientError::Closed {
             code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),

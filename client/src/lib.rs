@@ -18,12 +18,15 @@
 //!   resumes (inbox, cursor sync) and deduplicates by itself.
 //! - [`reorder`]: the reorder window that presents each conversation in id
 //!   order when several engine nodes publish to it.
+//! - [`resume`]: the rules of a resume (cursors, dedupe, where each
+//!   conversation syncs from), shared by the session and loadgen's core.
 //! - [`tls`]: trusting an edge's certificate.
 
 pub mod connection;
 pub mod lossy;
 pub mod reconnect;
 pub mod reorder;
+pub mod resume;
 pub mod session;
 pub mod tls;
 

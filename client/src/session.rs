@@ -18,20 +18,23 @@
 //! live would otherwise sit below the cursor, and if that connection then
 //! ended, no resume would look for it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tiercast_schemas::ids::min_id_at;
-use tiercast_schemas::wire::{Cursor, ErrorCode, Message, SyncEntry};
+use tiercast_schemas::wire::{Cursor, ErrorCode, Message};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::connection::{Client, ClientConfig, ClientError, Delivery, SendOk};
 use crate::reconnect::Reconnect;
 use crate::reorder::Reorder;
+use crate::resume::{
+    Pinned, ResumePlan, SYNC_BATCH, State, advance, ends_session, is_fatal, is_retryable,
+    resume_snapshot,
+};
 
 /// Gives the token for the next (re)connect: a long-lived device refreshes
 /// its token here.
@@ -149,112 +152,6 @@ pub struct SessionStats {
     /// Tier-3 notifications dropped: their id was not newer than the
     /// conversation's cursor (a repeat, or older than one already shown).
     pub notifies_dropped: AtomicU64,
-}
-
-/// Errors after which reconnecting cannot help.
-fn is_fatal(e: &ClientError) -> bool {
-    matches!(
-        e.code(),
-        Some(
-            ErrorCode::Unauthenticated
-                | ErrorCode::TokenExpired
-                | ErrorCode::TooManyDevices
-                | ErrorCode::UnsupportedVersion
-                | ErrorCode::ProtocolViolation
-                | ErrorCode::UnknownDevice
-                | ErrorCode::ConnectionReplaced
-        )
-    )
-}
-
-/// Errors that end a live connection for good: another connection of this
-/// device took over (reconnecting would take it back, and so on).
-fn ends_session(e: &ClientError) -> bool {
-    matches!(e.code(), Some(ErrorCode::ConnectionReplaced))
-}
-
-/// Errors a request is retried after (on the next connection).
-fn is_retryable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Connect(_) | ClientError::Closed { .. } | ClientError::Timeout(_) => true,
-        ClientError::Refused { code, .. } => *code == ErrorCode::Unavailable,
-        ClientError::RateLimited { .. } => true,
-        ClientError::Protocol(_) => false,
-    }
-}
-
-/// Per-conversation resume state.
-#[derive(Debug, Default)]
-struct State {
-    cursors: HashMap<u64, u64>,
-    /// Recently seen ids per conversation (pruned below the cursor minus the
-    /// window).
-    seen: HashMap<u64, BTreeSet<u64>>,
-    tiers: HashMap<u64, u8>,
-    read: HashMap<u64, u64>,
-    /// When the last connection ended (Unix ms, the edge's time); `None`
-    /// until one has.
-    disconnected_at_ms: Option<u64>,
-    /// When the current connection began (Unix ms, the edge's time, taken
-    /// before its handshake): the live path reaches the device from then.
-    connected_at_ms: Option<u64>,
-    /// When the first connection began (the same clock).
-    first_connected_ms: Option<u64>,
-    /// The start of the connection whose listing of conversations last
-    /// completed: every conversation listed then has a cursor since.
-    listed_from_ms: Option<u64>,
-    /// The cursors a resume started from, until it completes.
-    resume_from: Option<HashMap<u64, u64>>,
-    /// Per conversation, the id the last resume synced from (for
-    /// diagnosis: [`Session::resumed_from`]).
-    synced_from: HashMap<u64, u64>,
-}
-
-/// Moves a per-conversation high-water mark (a cursor, a read marker) to
-/// `id` if that is newer; true if it moved.
-fn advance(marks: &mut HashMap<u64, u64>, conversation: u64, id: u64) -> bool {
-    let mark = marks.entry(conversation).or_insert(0);
-    let newer = id > *mark;
-    *mark = (*mark).max(id);
-    newer
-}
-
-/// Ids to keep per conversation before pruning.
-const SEEN_PRUNE_AT: usize = 4_096;
-
-impl State {
-    /// Where a conversation without a cursor syncs from on this
-    /// connection: `None` on the first (it starts at the connection's
-    /// start); afterwards the start of the connection whose listing last
-    /// completed, or of the first connection if none did, less the window
-    /// (see `resume_inner`).
-    fn new_conversation_since(&self, window_ms: u64) -> Option<u64> {
-        self.disconnected_at_ms.map(|_| {
-            let from = self.listed_from_ms.or(self.first_connected_ms).unwrap_or(0);
-            min_id_at(from.saturating_sub(window_ms))
-        })
-    }
-
-    /// Records the device's own sent message as seen (a sync or live copy
-    /// of it is a duplicate) without moving the cursor.
-    fn seen_own(&mut self, conversation: u64, id: u64) {
-        self.seen.entry(conversation).or_default().insert(id);
-    }
-
-    /// Records a message; false if it was seen before.
-    fn accept(&mut self, m: &Message, window_ids: u64) -> bool {
-        let seen = self.seen.entry(m.conversation).or_default();
-        if !seen.insert(m.id) {
-            return false;
-        }
-        advance(&mut self.cursors, m.conversation, m.id);
-        if seen.len() > SEEN_PRUNE_AT {
-            let cursor = self.cursors[&m.conversation];
-            let keep_from = cursor.saturating_sub(window_ids.saturating_mul(2));
-            *seen = seen.split_off(&keep_from);
-        }
-        true
-    }
 }
 
 struct Inner {
@@ -453,7 +350,7 @@ impl Inner {
     }
 
     fn window_ids(&self) -> u64 {
-        min_id_at(tiercast_schemas::ids::EPOCH_MS + self.cfg.resync_window.as_millis() as u64)
+        crate::resume::window_ids(self.cfg.resync_window)
     }
 
     fn closing(&self) -> bool {
@@ -750,26 +647,6 @@ async fn flush_acks(inner: &Inner, client: &Client) {
     }
 }
 
-/// The cursors a connection's resume starts from: those the last
-/// connection ended with (`now`), except where an earlier resume that did
-/// not finish started lower (its gap is still open). A conversation the
-/// unfinished resume did not know (met on the live path since) starts at
-/// the cursor the last connection ended with: everything up to it came in
-/// order. Never the cursors as this connection's live traffic moves them:
-/// those lie past whatever the last connection had in flight when it
-/// ended.
-fn resume_snapshot(
-    resume_from: &mut Option<HashMap<u64, u64>>,
-    now: HashMap<u64, u64>,
-) -> HashMap<u64, u64> {
-    let pinned = resume_from.get_or_insert_with(HashMap::new);
-    for (conversation, id) in now {
-        let c = pinned.entry(conversation).or_insert(id);
-        *c = (*c).min(id);
-    }
-    pinned.clone()
-}
-
 /// After (re)connecting: list the user's conversations, then sync every
 /// cursor from a little before it, page by page. The cursors are those the
 /// previous connection ended with (taken before any live message of this
@@ -809,44 +686,6 @@ async fn resume(
     }
 }
 
-/// What a resume's retries start from: the listing and the cursors as they
-/// were at its first attempt.
-#[derive(Default)]
-struct Pinned {
-    listing: Option<Vec<SyncEntry>>,
-    cursors: Option<HashMap<u64, u64>>,
-}
-
-/// Where a resume takes up one listed conversation.
-#[derive(Debug, PartialEq, Eq)]
-enum ResumeStart {
-    /// Sync the conversation's messages after this id.
-    SyncFrom(u64),
-    /// Nothing to sync: the cursor starts at this id.
-    StartAt(u64),
-}
-
-/// The resume's start for `entry`: from a little before the cursor the
-/// device had (`current`); for a conversation new to it, from `since` on a
-/// reconnect (see `resume_inner`), and on the first connect at the
-/// connection's start for messages (nothing earlier is synced, and nothing
-/// later is skipped: the live path reaches the device from then) or at the
-/// latest id for tier-3 notifications (which carry only the newest id).
-fn resume_start(
-    current: Option<u64>,
-    since: Option<u64>,
-    entry: &SyncEntry,
-    window_ids: u64,
-    connected_at_ms: Option<u64>,
-) -> ResumeStart {
-    match (current, since) {
-        (Some(c), _) => ResumeStart::SyncFrom(c.saturating_sub(window_ids)),
-        (None, Some(from)) => ResumeStart::SyncFrom(from),
-        (None, None) if entry.tier == 3 => ResumeStart::StartAt(entry.latest_id),
-        (None, None) => ResumeStart::StartAt(connected_at_ms.map_or(entry.latest_id, min_id_at)),
-    }
-}
-
 async fn resume_inner(
     inner: &Inner,
     client: &Client,
@@ -854,7 +693,6 @@ async fn resume_inner(
     pinned: &mut Pinned,
 ) -> Result<(), ClientError> {
     let cfg = &inner.cfg;
-    let window = inner.window_ids();
     let listing = match &pinned.listing {
         Some(l) => l.clone(),
         None => {
@@ -864,275 +702,47 @@ async fn resume_inner(
             l
         }
     };
-    let mut markers = Vec::new();
-    let mut cursors = Vec::new();
-    {
-        let mut st = inner.state.lock().expect("state lock");
-        // A conversation without a cursor: on the first connection it
-        // starts at the connection's start (see `resume_start`). On a later
-        // one it syncs from the start of the connection whose listing last
-        // completed (the device joined it after that listing, and the live
-        // path may have been carrying its messages since), or from the
-        // first connection's start if no listing ever completed (then every
-        // conversation is new, and the live path has been reaching the
-        // device since then). Not from the last disconnect: messages in
-        // flight when that connection ended were sent before it.
-        let since = st.new_conversation_since(cfg.resync_window.as_millis() as u64);
-        st.listed_from_ms = st.connected_at_ms;
-        // The cursors as they were when this resume began (see `resume`).
-        let snapshot = pinned
-            .cursors
-            .get_or_insert_with(|| st.cursors.clone())
-            .clone();
-        for e in &listing {
-            st.tiers.insert(e.conversation, e.tier);
-            if e.read_id > st.read.get(&e.conversation).copied().unwrap_or(0) {
-                markers.push((e.conversation, e.read_id));
-            }
-            // Not the cursor as live traffic on this connection has moved
-            // it (see `resume_snapshot`): a conversation without one in
-            // the snapshot is new to the device.
-            let current = snapshot.get(&e.conversation).copied();
-            let cursor = match resume_start(current, since, e, window, st.connected_at_ms) {
-                ResumeStart::SyncFrom(id) => id,
-                ResumeStart::StartAt(id) => {
-                    // Live traffic may have moved it on already: kept.
-                    let c = st.cursors.entry(e.conversation).or_insert(id);
-                    *c = (*c).max(id);
-                    continue;
-                }
-            };
-            st.synced_from.insert(e.conversation, cursor);
-            cursors.push(Cursor {
-                conversation: e.conversation,
-                last_id: cursor,
-            });
-        }
-    }
+    let ResumePlan {
+        markers,
+        mut cursors,
+    } = inner.state.lock().expect("state lock").plan_resume(
+        &listing,
+        pinned,
+        inner.window_ids(),
+        cfg.resync_window.as_millis() as u64,
+    );
     for (conversation, id) in markers {
         read_marker(inner, conversation, id, events).await;
     }
     while !cursors.is_empty() {
-        let batch: Vec<Cursor> = cursors.drain(..cursors.len().min(64)).collect();
+        let batch: Vec<Cursor> = cursors.drain(..cursors.len().min(SYNC_BATCH)).collect();
         let entries = client.sync(&batch, cfg.sync_limit).await?;
         inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        for SyncEntry {
-            conversation,
-            tier,
-            messages,
-            latest_id,
-            more,
-            ..
-        } in entries
-        {
+        for entry in entries {
             let from = batch
                 .iter()
-                .find(|c| c.conversation == conversation)
+                .find(|c| c.conversation == entry.conversation)
                 .map_or(0, |c| c.last_id);
-            inner
+            let out = inner
                 .state
                 .lock()
                 .expect("state lock")
-                .tiers
-                .insert(conversation, tier);
-            if tier == 3 {
-                let newer = advance(
-                    &mut inner.state.lock().expect("state lock").cursors,
-                    conversation,
-                    latest_id,
-                );
-                if newer {
-                    let _ = events
-                        .send(Event::Notify {
-                            conversation,
-                            message_id: latest_id,
-                        })
-                        .await;
-                }
-                continue;
+                .take_entry(entry, from);
+            if let Some((conversation, message_id)) = out.notify {
+                let _ = events
+                    .send(Event::Notify {
+                        conversation,
+                        message_id,
+                    })
+                    .await;
             }
-            let last = messages.last().map_or(from, |m| m.id);
-            for m in messages {
+            for m in out.messages {
                 if !deliver(inner, m, events).await {
                     return Ok(());
                 }
             }
-            if more {
-                cursors.push(Cursor {
-                    conversation,
-                    last_id: last,
-                });
-            }
+            cursors.extend(out.more);
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(tier: u8, latest_id: u64) -> SyncEntry {
-        SyncEntry {
-            conversation: 9,
-            tier,
-            messages: Vec::new(),
-            latest_id,
-            read_id: 0,
-            more: false,
-        }
-    }
-
-    #[test]
-    fn a_first_connect_starts_messages_at_the_connection_not_at_the_listing() {
-        // The listing ran after a message was stored (its latest id) but
-        // before that message arrived live: the cursor must stay below it,
-        // so that if this connection ends first, the next resume syncs it.
-        let connected_ms = tiercast_schemas::ids::EPOCH_MS + 1_000_000;
-        let in_flight = min_id_at(connected_ms + 2_000) + 7;
-        let window = min_id_at(tiercast_schemas::ids::EPOCH_MS + 3_000);
-        let start = resume_start(None, None, &entry(2, in_flight), window, Some(connected_ms));
-        assert_eq!(start, ResumeStart::StartAt(min_id_at(connected_ms)));
-        assert!(min_id_at(connected_ms) < in_flight);
-        // The next resume, with no message received meanwhile, syncs from
-        // before the in-flight message.
-        let ResumeStart::SyncFrom(from) = resume_start(
-            Some(min_id_at(connected_ms)),
-            None,
-            &entry(2, in_flight),
-            window,
-            None,
-        ) else {
-            panic!("a known cursor syncs");
-        };
-        assert!(from < in_flight);
-        // Tier 3 carries only the newest id: it starts there.
-        assert_eq!(
-            resume_start(None, None, &entry(3, in_flight), window, Some(connected_ms)),
-            ResumeStart::StartAt(in_flight)
-        );
-        // A conversation met on a reconnect syncs from `since` (see
-        // `resume_inner`).
-        assert_eq!(
-            resume_start(
-                None,
-                Some(42),
-                &entry(1, in_flight),
-                window,
-                Some(connected_ms)
-            ),
-            ResumeStart::SyncFrom(42)
-        );
-    }
-
-    #[test]
-    fn a_resume_after_an_unfinished_one_keeps_its_gap_and_learns_new_conversations() {
-        // The first connection's resume never finished (it pinned no
-        // cursors: a first connect); live traffic then took conversation 1
-        // to 50 and the connection was lost with 51 in flight.
-        let mut resume_from = Some(HashMap::new());
-        let ended = HashMap::from([(1, 50)]);
-        let s = resume_snapshot(&mut resume_from, ended);
-        assert_eq!(
-            s,
-            HashMap::from([(1, 50)]),
-            "from where the connection ended"
-        );
-        // That resume fails too; meanwhile live traffic on the second
-        // connection took 1 to 90 and met conversation 2 at 70. The third
-        // connection still starts conversation 1 at 50 (51 is in the gap)
-        // and conversation 2 at 70.
-        let s = resume_snapshot(&mut resume_from, HashMap::from([(1, 90), (2, 70)]));
-        assert_eq!(s, HashMap::from([(1, 50), (2, 70)]));
-        // A finished resume clears it: the next starts where the last
-        // connection ended.
-        let mut done = None;
-        assert_eq!(
-            resume_snapshot(&mut done, HashMap::from([(1, 95)])),
-            HashMap::from([(1, 95)])
-        );
-    }
-
-    #[test]
-    fn a_conversation_without_a_cursor_on_a_reconnect_syncs_from_a_connection_start() {
-        let t0 = tiercast_schemas::ids::EPOCH_MS + 1_000_000;
-        let mut st = State {
-            first_connected_ms: Some(t0),
-            connected_at_ms: Some(t0),
-            ..State::default()
-        };
-        assert_eq!(
-            st.new_conversation_since(3_000),
-            None,
-            "the first connection"
-        );
-        // The first connection ended before its listing completed (60 s
-        // in): every conversation is new, and the live path has reached
-        // the device since it began, so that is where they sync from (not
-        // the disconnect: messages in flight then were sent before it).
-        st.disconnected_at_ms = Some(t0 + 60_000);
-        assert_eq!(
-            st.new_conversation_since(3_000),
-            Some(min_id_at(t0 - 3_000))
-        );
-        // A later connection's listing completed: conversations joined
-        // since sync from that connection's start.
-        st.listed_from_ms = Some(t0 + 70_000);
-        assert_eq!(
-            st.new_conversation_since(3_000),
-            Some(min_id_at(t0 + 67_000))
-        );
-    }
-
-    #[test]
-    fn a_devices_own_send_is_seen_but_does_not_move_its_cursor() {
-        let mut st = State::default();
-        let other = |id| Message {
-            id,
-            conversation: 9,
-            sender: 2,
-            sender_client: 20,
-            body: Bytes::new(),
-        };
-        assert!(st.accept(&other(100), 0));
-        // Its own message 500 acked while 300 (someone else's) is still on
-        // its way: the cursor stays at 100, so a resume after a lost
-        // connection syncs from before 300.
-        st.seen_own(9, 500);
-        assert_eq!(st.cursors[&9], 100);
-        assert!(st.accept(&other(300), 0), "the older message still arrives");
-        assert!(!st.accept(&other(500), 0), "its own message is a duplicate");
-        assert_eq!(st.cursors[&9], 300);
-    }
-
-    #[test]
-    fn marks_only_move_forward() {
-        let mut marks = HashMap::new();
-        assert!(advance(&mut marks, 1, 5));
-        assert!(!advance(&mut marks, 1, 5), "the same id is not newer");
-        assert!(!advance(&mut marks, 1, 3), "an older one neither");
-        assert_eq!(marks[&1], 5);
-        assert!(advance(&mut marks, 1, 9));
-        assert!(advance(&mut marks, 2, 1), "per conversation");
-    }
-
-    #[test]
-    fn messages_are_accepted_once_and_move_the_cursor() {
-        let mut st = State::default();
-        let m = |id| Message {
-            id,
-            conversation: 9,
-            sender: 1,
-            sender_client: 1,
-            body: Bytes::new(),
-        };
-        assert!(st.accept(&m(5), 1));
-        assert!(!st.accept(&m(5), 1));
-        assert!(st.accept(&m(3), 1), "an older id is still new");
-        assert_eq!(st.cursors[&9], 5);
-        for id in 10..(10 + SEEN_PRUNE_AT as u64 + 10) {
-            assert!(st.accept(&m(id), 4));
-        }
-        assert!(st.seen[&9].len() <= SEEN_PRUNE_AT);
-    }
 }

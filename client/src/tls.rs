@@ -15,6 +15,28 @@ pub use tiercast_schemas::ALPN;
 pub fn client_crypto(
     trusted_pem: &str,
 ) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
+    with_own_tickets(&client_tls(trusted_pem)?)
+}
+
+/// A device's own QUIC crypto from a shared rustls configuration: the
+/// trust roots are shared, the session-ticket store is its own (a device
+/// resumes with the tickets its edge gave it, never another device's).
+pub fn with_own_tickets(
+    tls: &rustls::ClientConfig,
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, String> {
+    let mut tls = tls.clone();
+    // Session tickets, kept in this config: a config used for a device's
+    // every connection resumes after the first. A device talks to one
+    // fleet name; a few entries are plenty.
+    tls.resumption = rustls::client::Resumption::in_memory_sessions(4);
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    Ok(Arc::new(quic))
+}
+
+/// The rustls configuration that trusts exactly the certificates in
+/// `trusted_pem` (TLS 1.3, ALPN `tiercast/1`), without a ticket store of
+/// its own: see [`with_own_tickets`].
+pub fn client_tls(trusted_pem: &str) -> Result<rustls::ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(trusted_pem.as_bytes()) {
         let cert = cert.map_err(|e| format!("bad certificate PEM: {e}"))?;
@@ -41,12 +63,7 @@ pub fn client_crypto(
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    // Session tickets, kept in this config: a config used for a device's
-    // every connection resumes after the first. A device talks to one
-    // fleet name; a few entries are plenty.
-    tls.resumption = rustls::client::Resumption::in_memory_sessions(4);
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    Ok(Arc::new(quic))
+    Ok(tls)
 }
 
 /// A device's TLS state (its trust roots and the session tickets it holds),

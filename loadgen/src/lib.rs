@@ -20,6 +20,8 @@
 //! - [`predict`]: `tiercast loadgen predict`, a run on one edge's CPU and
 //!   latency carried to N edges, against runs measured there.
 //! - [`report`]: the figures as text and JSON.
+//! - [`swarm`]: loadgen's devices on an I/O core (many SDK sessions per
+//!   socket, one loop each, no task per device).
 
 pub mod compare;
 pub mod demo;
@@ -35,5 +37,6 @@ pub mod run;
 pub mod scenario;
 pub mod schedule;
 pub mod sim;
+pub mod swarm;
 pub mod target;
 pub mod tracker;

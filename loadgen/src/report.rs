@@ -273,6 +273,13 @@ pub struct StoreBatches {
 pub struct LoadgenFigures {
     /// Loadgen's own CPU over the servers' window.
     pub cpu_s: Option<f64>,
+    /// Loadgen's CPU per delivery its devices received (the same count as
+    /// `servers.cpu_us_per_delivery`): the measuring side's cost.
+    #[serde(default)]
+    pub cpu_us_per_delivery: Option<f64>,
+    /// What drove the devices: `core` or `sessions` (`--driver`).
+    #[serde(default)]
+    pub driver: String,
     pub sockets: usize,
     /// Tier-3 bodies pulled.
     pub pulls: u64,
@@ -570,7 +577,17 @@ impl RunReport {
             );
         }
         if let Some(cpu) = self.loadgen.cpu_s {
-            let _ = writeln!(out, "loadgen: {cpu:.2} CPU s");
+            let per = self
+                .loadgen
+                .cpu_us_per_delivery
+                .map(|x| format!(", {x:.1} us per delivery"))
+                .unwrap_or_default();
+            let driver = if self.loadgen.driver.is_empty() {
+                String::new()
+            } else {
+                format!(" (devices on {})", self.loadgen.driver)
+            };
+            let _ = writeln!(out, "loadgen: {cpu:.2} CPU s{per}{driver}");
         }
         if let Some(n) = self.loadgen.receive_drops.filter(|&n| n > 0) {
             let _ = writeln!(

@@ -34,6 +34,7 @@ use crate::report::{
 use crate::scenario::{ConversationPlan, FaultSignal, Scenario, layout};
 use crate::schedule::{Schedule, SendAs, Step};
 use crate::sim::{SimDevice, publish, stamp_of, stamped_body};
+use crate::swarm::{DeviceSpec, Reaction, Sink, Swarm, SwarmConfig};
 use crate::target::{Target, TargetSpec, cpu_seconds};
 use tiercast_bench::udp_floor::UdpFloor;
 
@@ -58,6 +59,29 @@ pub struct RunOptions {
     pub run_id: Option<u16>,
     /// The name the edges' certificate is checked against.
     pub server_name: String,
+    /// What drives the devices.
+    pub driver: Driver,
+}
+
+/// What drives loadgen's devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Driver {
+    /// Many devices per socket on one loop each ([`crate::swarm`]): what a
+    /// large run needs.
+    #[default]
+    Core,
+    /// An SDK [`Session`] per device (tasks per device on quinn): the
+    /// application's own code path.
+    Sessions,
+}
+
+impl Driver {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::Sessions => "sessions",
+        }
+    }
 }
 
 /// One device's receipts, written by its event task.
@@ -118,10 +142,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     result
 }
 
-/// A simulated device of the run: its session and its log.
+/// A simulated device of the run: its session (none on the core, where
+/// the swarm holds it) and its log.
 struct Device {
     sim: SimDevice,
-    session: Session,
+    session: Option<Session>,
     log: Arc<Mutex<DeviceLog>>,
     started_us: u64,
 }
@@ -129,6 +154,8 @@ struct Device {
 /// The run's devices, connected.
 struct Fleet {
     devices: Vec<Device>,
+    /// The devices' core, with `Driver::Core`.
+    swarm: Option<Arc<Swarm>>,
     connected: u64,
     connect_elapsed: Duration,
     pulls: Arc<AtomicU64>,
@@ -139,6 +166,61 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Drops device `i`'s connection as a network blip would.
+    fn reconnect(&self, i: usize) {
+        match (&self.devices[i].session, &self.swarm) {
+            (Some(s), _) => s.reconnect(),
+            (None, Some(swarm)) => swarm.reconnect(i),
+            (None, None) => {}
+        }
+    }
+
+    async fn send(
+        &self,
+        i: usize,
+        conversation: u64,
+        client_msg_id: u64,
+        body: bytes::Bytes,
+        within: Duration,
+    ) -> Result<tiercast_client::SendOk, ClientError> {
+        match (&self.devices[i].session, &self.swarm) {
+            (Some(s), _) => s.send(conversation, client_msg_id, body, within).await,
+            (None, Some(swarm)) => {
+                swarm
+                    .send(i, conversation, client_msg_id, body, within)
+                    .await
+            }
+            (None, None) => Err(ClientError::Connect("no session".into())),
+        }
+    }
+
+    fn stats(&self, i: usize) -> Arc<tiercast_client::SessionStats> {
+        match (&self.devices[i].session, &self.swarm) {
+            (Some(s), _) => s.stats(),
+            (None, Some(swarm)) => swarm.stats(i),
+            (None, None) => Arc::default(),
+        }
+    }
+
+    async fn resumed_from(&self, i: usize, conversation: u64) -> (Option<u64>, Option<u64>) {
+        match (&self.devices[i].session, &self.swarm) {
+            (Some(s), _) => s.resumed_from(conversation),
+            (None, Some(swarm)) => swarm.resumed_from(i, conversation).await,
+            (None, None) => (None, None),
+        }
+    }
+
+    async fn close(&self) {
+        for d in &self.devices {
+            if let Some(s) = &d.session {
+                s.close();
+            }
+        }
+        if let Some(swarm) = &self.swarm {
+            swarm.close().await;
+        }
+    }
+
     fn logs(&self) -> Vec<MutexGuard<'_, DeviceLog>> {
         self.devices
             .iter()
@@ -215,7 +297,8 @@ fn drops_in(table: &str, ports: &[u16]) -> u64 {
 }
 
 /// Connects every device of the scenario at its connect rate, spread over
-/// the target's edges and `opts.sockets` UDP sockets.
+/// the target's edges and `opts.sockets` UDP sockets: on the devices' core
+/// ([`Driver::Core`]) or as one SDK session each ([`Driver::Sessions`]).
 async fn connect(
     s: &Scenario,
     opts: &RunOptions,
@@ -226,67 +309,107 @@ async fn connect(
 ) -> anyhow::Result<Fleet> {
     let now = tiercast_engine::auth::now_unix();
     let dropped = Arc::new(AtomicU64::new(0));
-    let sockets: Vec<quinn::Endpoint> = (0..opts.sockets.max(1))
-        .map(|_| {
-            let bind = "127.0.0.1:0".parse().expect("literal");
-            if opts.client_loss > 0.0 {
-                tiercast_client::lossy::lossy_client_endpoint(
-                    bind,
-                    4 << 20,
-                    opts.client_loss,
-                    dropped.clone(),
-                )
-            } else {
-                tiercast_client::client_endpoint(bind, 4 << 20)
-            }
-        })
-        .collect::<Result<_, _>>()
-        .context("binding client sockets")?;
-    let ports = sockets
-        .iter()
-        .map(|e| e.local_addr().map(|a| a.port()))
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading the client sockets' ports")?;
     let pulls = Arc::new(AtomicU64::new(0));
-    let mut devices = Vec::with_capacity(s.devices() as usize);
-    let gap = Duration::from_secs_f64(1.0 / s.connect_rate);
-    let connect_start = Instant::now();
     let offset = opts.user_offset;
-    for (i, sim) in SimDevice::all(s.users, s.devices_per_user)
+    let sims: Vec<SimDevice> = SimDevice::all(s.users, s.devices_per_user)
         .map(|d| SimDevice {
             user: d.user + offset,
             ..d
         })
-        .enumerate()
-    {
+        .collect();
+    let logs: Vec<Arc<Mutex<DeviceLog>>> = sims.iter().map(|_| Arc::default()).collect();
+    let mut sockets: Vec<quinn::Endpoint> = Vec::new();
+    let mut swarm = None;
+    let ports = match opts.driver {
+        Driver::Sessions => {
+            sockets = (0..opts.sockets.max(1))
+                .map(|_| {
+                    let bind = "127.0.0.1:0".parse().expect("literal");
+                    if opts.client_loss > 0.0 {
+                        tiercast_client::lossy::lossy_client_endpoint(
+                            bind,
+                            4 << 20,
+                            opts.client_loss,
+                            dropped.clone(),
+                        )
+                    } else {
+                        tiercast_client::client_endpoint(bind, 4 << 20)
+                    }
+                })
+                .collect::<Result<_, _>>()
+                .context("binding client sockets")?;
+            sockets
+                .iter()
+                .map(|e| e.local_addr().map(|a| a.port()))
+                .collect::<Result<Vec<_>, _>>()
+                .context("reading the client sockets' ports")?
+        }
+        Driver::Core => {
+            let tls = tiercast_client::tls::client_tls(&target.trusted_pem)
+                .map_err(|e| anyhow::anyhow!("the edges' certificate: {e}"))?;
+            let mut cfg = SwarmConfig::new(tls);
+            cfg.server_name = opts.server_name.clone();
+            cfg.report_duplicates = true;
+            cfg.reorder_window = opts.reorder_window;
+            cfg.loss = opts.client_loss;
+            cfg.dropped = dropped.clone();
+            let sink = Arc::new(LogSink {
+                logs: logs.clone(),
+                base,
+                progress: progress.clone(),
+                edges: target.edges.clone(),
+                fractions: pull_fraction.clone(),
+                pulls: pulls.clone(),
+            });
+            let ipv6 = target.edges.first().is_some_and(SocketAddr::is_ipv6);
+            let started =
+                Swarm::start(cfg, opts.sockets, ipv6, sink).context("binding client sockets")?;
+            let ports = started.ports().to_vec();
+            swarm = Some(Arc::new(started));
+            ports
+        }
+    };
+    let mut devices = Vec::with_capacity(sims.len());
+    let gap = Duration::from_secs_f64(1.0 / s.connect_rate);
+    let connect_start = Instant::now();
+    for (i, (sim, log)) in sims.into_iter().zip(logs).enumerate() {
         let e = i % target.edges.len();
         let mut order = target.edges[e..].to_vec();
         order.extend_from_slice(&target.edges[..e]);
-        let mut cfg = SessionConfig::new(
-            order,
-            target.trusted_pem.clone(),
-            target.keys.mint_user(sim.user, now, 24 * 3600),
-            0,
-        );
-        cfg.endpoint = Some(sockets[i % sockets.len()].clone());
-        cfg.report_duplicates = true;
-        cfg.reorder_window = opts.reorder_window;
-        cfg.client.device = sim.label("loadgen");
-        cfg.client.server_name = opts.server_name.clone();
-        let (session, events) = Session::start(cfg);
-        let log = Arc::new(Mutex::new(DeviceLog::default()));
-        tokio::spawn(consume(
-            events,
-            log.clone(),
-            base,
-            progress.clone(),
-            target.edges.clone(),
-            PullCtx {
-                session: session_client_getter(&session),
-                fractions: pull_fraction.clone(),
-                pulls: pulls.clone(),
-            },
-        ));
+        let token = target.keys.mint_user(sim.user, now, 24 * 3600);
+        let session = match &swarm {
+            Some(swarm) => {
+                swarm.add(DeviceSpec {
+                    edges: order,
+                    token,
+                    device: sim.label("loadgen"),
+                    client_id: 0,
+                });
+                None
+            }
+            None => {
+                let mut cfg = SessionConfig::new(order, target.trusted_pem.clone(), token, 0);
+                cfg.endpoint = Some(sockets[i % sockets.len()].clone());
+                cfg.report_duplicates = true;
+                cfg.reorder_window = opts.reorder_window;
+                cfg.client.device = sim.label("loadgen");
+                cfg.client.server_name = opts.server_name.clone();
+                let (session, events) = Session::start(cfg);
+                tokio::spawn(consume(
+                    events,
+                    log.clone(),
+                    base,
+                    progress.clone(),
+                    target.edges.clone(),
+                    PullCtx {
+                        session: session_client_getter(&session),
+                        fractions: pull_fraction.clone(),
+                        pulls: pulls.clone(),
+                    },
+                ));
+                Some(session)
+            }
+        };
         devices.push(Device {
             sim,
             session,
@@ -305,6 +428,7 @@ async fn connect(
     }
     Ok(Fleet {
         devices,
+        swarm,
         connected: progress.connected.load(Ordering::Relaxed),
         connect_elapsed: connect_start.elapsed(),
         pulls,
@@ -385,7 +509,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 let edge = s.reconnect_storm.as_ref().map_or(0, |st| st.edge);
                 let on_edge = fleet.on_edge(Some(edge));
                 for &i in &on_edge {
-                    fleet.devices[i].session.reconnect();
+                    fleet.reconnect(i);
                 }
                 incidents.storm = Some(on_edge.len());
                 continue;
@@ -443,9 +567,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
                 let cmid = client_msg_id;
                 let fleet = fleet.clone();
                 in_flight.push(tokio::spawn(async move {
-                    let session = &fleet.devices[di].session;
-                    match session
-                        .send(conversation, cmid, body, Duration::from_secs(30))
+                    match fleet
+                        .send(di, conversation, cmid, body, Duration::from_secs(30))
                         .await
                     {
                         Ok(ok) => outbox.sent.lock().expect("sent").push(Sent {
@@ -550,6 +673,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         send_errors: send_errors.values().sum(),
         loadgen: LoadgenFigures {
             cpu_s: loadgen_cpu,
+            cpu_us_per_delivery: None,
+            driver: opts.driver.name().into(),
             sockets: opts.sockets,
             pulls: fleet.pulls.load(Ordering::Relaxed),
             client_loss: opts.client_loss,
@@ -571,6 +696,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         send_start_us,
     );
     let deliveries = report.total.deliveries.max(1) as f64;
+    report.loadgen.cpu_us_per_delivery = loadgen_cpu.map(|c| c / deliveries * 1e6);
     report.servers = ServerFigures {
         processes: target
             .servers
@@ -601,15 +727,19 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
     if report.total.lost > 0 {
+        let missing = audience.missing_sample(&sent, &fleet.logs(), 20);
+        let mut resumed = Vec::with_capacity(missing.len());
+        for (d, m) in &missing {
+            resumed.push(fleet.resumed_from(*d, m.conversation).await);
+        }
         let logs = fleet.logs();
         let secs = |us: u64| us as f64 / 1e6;
-        report.lost_sample = audience
-            .missing_sample(&sent, &logs, 20)
+        report.lost_sample = missing
             .into_iter()
-            .map(|(d, m)| {
+            .zip(resumed)
+            .map(|((d, m), (from, cursor))| {
                 let l = &logs[d];
-                let st = fleet.devices[d].session.stats();
-                let (from, cursor) = fleet.devices[d].session.resumed_from(m.conversation);
+                let st = fleet.stats(d);
                 LostDelivery {
                     device: d,
                     user: fleet.devices[d].sim.user,
@@ -631,9 +761,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             })
             .collect();
     }
-    for d in &fleet.devices {
-        d.session.close();
-    }
+    fleet.close().await;
     Ok(RunOutcome { report, histograms })
 }
 
@@ -673,7 +801,7 @@ fn tally_into(
         *report.errors.entry(code.clone()).or_default() += n;
     }
     let mut connect_us = Vec::new();
-    for (d, log) in fleet.devices.iter().zip(fleet.logs()) {
+    for (i, (d, log)) in fleet.devices.iter().zip(fleet.logs()).enumerate() {
         for (conv, n) in &log.duplicates {
             let tier = audience.tier(*conv).to_string();
             report.tiers.entry(tier).or_default().figures.duplicates += n;
@@ -688,7 +816,7 @@ fn tally_into(
         for (k, v) in &log.errors {
             *report.errors.entry(k.clone()).or_default() += v;
         }
-        let st = d.session.stats();
+        let st = fleet.stats(i);
         report.reorder.held += st.held.load(Ordering::Relaxed);
         report.reorder.reordered += st.reordered.load(Ordering::Relaxed);
         report.reorder.late += st.late.load(Ordering::Relaxed);
@@ -1032,80 +1160,135 @@ async fn consume(
 ) {
     while let Some(e) = events.recv().await {
         let at = now_us(base);
-        let mut l = log.lock().expect("log");
-        match e {
-            Event::Connected { edge, .. } => {
-                l.edge = edges.iter().position(|e| *e == edge);
-                if l.connected_at_us.is_empty() {
-                    progress.connected.fetch_add(1, Ordering::Relaxed);
+        let wanted = record(
+            &mut log.lock().expect("log"),
+            e,
+            at,
+            &progress,
+            &edges,
+            &pull.fractions,
+        );
+        if let Some((conversation, message_id)) = wanted
+            && let Some(client) = (pull.session)()
+        {
+            let pulls = pull.pulls.clone();
+            tokio::spawn(async move {
+                if client.pull(conversation, message_id).await.is_ok() {
+                    pulls.fetch_add(1, Ordering::Relaxed);
                 }
-                l.connected_at_us.push(at);
-                if let Some(lost) = l.lost_at_us.take() {
-                    l.reconnect_us.push(at - lost);
-                }
-            }
-            Event::Disconnected { error } => {
-                l.lost_at_us = Some(at);
-                l.edge = None;
-                *l.errors
-                    .entry(format!("disconnect_{}", code_name(&error)))
-                    .or_default() += 1;
-            }
-            Event::Stopped { error } => {
-                *l.errors
-                    .entry(format!("stopped_{}", code_name(&error)))
-                    .or_default() += 1;
-            }
-            Event::Message(m) => {
-                let newest = l.newest.get(&m.conversation).copied().unwrap_or(0);
-                if m.id < newest {
-                    *l.out_of_order.entry(m.conversation).or_default() += 1;
-                }
-                l.newest.insert(m.conversation, newest.max(m.id));
-                l.arrivals.entry(m.id).or_insert(at);
-                progress.delivered(stamp_of(&m.body).map(|s| at.saturating_sub(s)));
-            }
-            Event::Duplicate {
-                conversation,
-                message_id,
-            } => {
-                // A tier-3 notification the SDK dropped is out of order when
-                // it is older than the newest one shown, else a repeat.
-                let newest_notified = l
-                    .notifies
-                    .get(&conversation)
-                    .and_then(|n| n.iter().map(|(id, _)| *id).max());
-                if newest_notified.is_some_and(|n| message_id < n) {
-                    *l.out_of_order.entry(conversation).or_default() += 1;
-                } else {
-                    *l.duplicates.entry(conversation).or_default() += 1;
-                }
-            }
-            Event::Notify {
-                conversation,
-                message_id,
-            } => {
-                l.notifies
-                    .entry(conversation)
-                    .or_default()
-                    .push((message_id, at));
-                progress.delivered(None);
-                let f = pull.fractions.get(&conversation).copied().unwrap_or(0.0);
-                if f > 0.0
-                    && rand::rng().random_bool(f)
-                    && let Some(client) = (pull.session)()
-                {
-                    let pulls = pull.pulls.clone();
-                    tokio::spawn(async move {
-                        if client.pull(conversation, message_id).await.is_ok() {
-                            pulls.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
-                }
-            }
-            Event::ReadMarker { .. } => {}
+            });
         }
     }
+}
+
+/// The devices' events on the core into their logs.
+struct LogSink {
+    logs: Vec<Arc<Mutex<DeviceLog>>>,
+    base: Instant,
+    progress: Arc<Progress>,
+    edges: Vec<SocketAddr>,
+    fractions: Arc<HashMap<u64, f64>>,
+    pulls: Arc<AtomicU64>,
+}
+
+impl Sink for LogSink {
+    fn event(&self, device: usize, event: Event) -> Reaction {
+        let at = now_us(self.base);
+        let mut l = self.logs[device].lock().expect("log");
+        match record(
+            &mut l,
+            event,
+            at,
+            &self.progress,
+            &self.edges,
+            &self.fractions,
+        ) {
+            Some(_) => Reaction::Pull,
+            None => Reaction::Nothing,
+        }
+    }
+
+    fn pulled(&self, _device: usize) {
+        self.pulls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One event of a device into its log; a tier-3 notification the device
+/// pulls (its conversation's `pull_fraction`) comes back as
+/// (conversation, message id).
+fn record(
+    l: &mut DeviceLog,
+    e: Event,
+    at: u64,
+    progress: &Progress,
+    edges: &[SocketAddr],
+    fractions: &HashMap<u64, f64>,
+) -> Option<(u64, u64)> {
+    match e {
+        Event::Connected { edge, .. } => {
+            l.edge = edges.iter().position(|e| *e == edge);
+            if l.connected_at_us.is_empty() {
+                progress.connected.fetch_add(1, Ordering::Relaxed);
+            }
+            l.connected_at_us.push(at);
+            if let Some(lost) = l.lost_at_us.take() {
+                l.reconnect_us.push(at - lost);
+            }
+        }
+        Event::Disconnected { error } => {
+            l.lost_at_us = Some(at);
+            l.edge = None;
+            *l.errors
+                .entry(format!("disconnect_{}", code_name(&error)))
+                .or_default() += 1;
+        }
+        Event::Stopped { error } => {
+            *l.errors
+                .entry(format!("stopped_{}", code_name(&error)))
+                .or_default() += 1;
+        }
+        Event::Message(m) => {
+            let newest = l.newest.get(&m.conversation).copied().unwrap_or(0);
+            if m.id < newest {
+                *l.out_of_order.entry(m.conversation).or_default() += 1;
+            }
+            l.newest.insert(m.conversation, newest.max(m.id));
+            l.arrivals.entry(m.id).or_insert(at);
+            progress.delivered(stamp_of(&m.body).map(|s| at.saturating_sub(s)));
+        }
+        Event::Duplicate {
+            conversation,
+            message_id,
+        } => {
+            // A tier-3 notification the SDK dropped is out of order when
+            // it is older than the newest one shown, else a repeat.
+            let newest_notified = l
+                .notifies
+                .get(&conversation)
+                .and_then(|n| n.iter().map(|(id, _)| *id).max());
+            if newest_notified.is_some_and(|n| message_id < n) {
+                *l.out_of_order.entry(conversation).or_default() += 1;
+            } else {
+                *l.duplicates.entry(conversation).or_default() += 1;
+            }
+        }
+        Event::Notify {
+            conversation,
+            message_id,
+        } => {
+            l.notifies
+                .entry(conversation)
+                .or_default()
+                .push((message_id, at));
+            progress.delivered(None);
+            let f = fractions.get(&conversation).copied().unwrap_or(0.0);
+            if f > 0.0 && rand::rng().random_bool(f) {
+                return Some((conversation, message_id));
+            }
+        }
+        Event::ReadMarker { .. } => {}
+    }
+    None
 }
 
 /// Live counters and the progress bar.

@@ -159,6 +159,11 @@ struct LoadgenRunArgs {
     /// (the report's `loadgen.receive_drops`).
     #[arg(long)]
     sockets: Option<usize>,
+    /// What drives the devices: `core` (many devices per socket on one
+    /// loop each, what a large run needs) or `sessions` (an SDK session per
+    /// device, the application's own code path).
+    #[arg(long, default_value = "core", value_parser = ["core", "sessions"])]
+    driver: String,
     /// The SDK's reorder window per device, in ms (its default: 20; 0 never
     /// holds a message).
     #[arg(long, default_value_t = 20)]
@@ -334,6 +339,11 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
         user_offset: a.user_offset,
         run_id: a.run_id,
         server_name: a.server_name.clone(),
+        driver: if a.driver == "sessions" {
+            tiercast_loadgen::run::Driver::Sessions
+        } else {
+            tiercast_loadgen::run::Driver::Core
+        },
     })
     .await?;
     let report = &outcome.report;

@@ -5,3 +5,4 @@ mod demo_cli;
 mod edge_faults;
 mod listen_cli;
 mod loadgen_cli;
+mod swarm_core;

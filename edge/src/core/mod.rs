@@ -42,6 +42,16 @@ use tiercast_schemas::wire::ErrorCode;
 use tokio::sync::mpsc;
 
 pub(crate) use shard::{Cmd, Limits, Shard};
+
+/// The loop's I/O parts, for another loop of many QUIC connections on one
+/// socket (loadgen's device core): the batched UDP socket, the timer wheel
+/// and the frame reader.
+#[doc(hidden)]
+pub mod io {
+    pub use super::frames::FrameReader;
+    pub use super::udp::{Batch, Sent, Socket};
+    pub use super::wheel::Wheel;
+}
 pub use udp::bind as bind_sockets;
 
 /// A connection as seen from outside its shard: what closes it.
