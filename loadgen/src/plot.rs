@@ -1,6 +1,8 @@
 //! `--plot FILE.svg`: one picture of a run. Top: deliveries and sends per
-//! second over the run. Middle: p99 latency per second. Bottom: the latency
-//! percentile spectrum per tier (x = "nines": 90 %, 99 %, 99.9 % ...).
+//! second over the run. Middle: p99 latency per second. Then the latency
+//! percentile spectrum per tier (x = "nines": 90 %, 99 %, 99.9 % ...). A run
+//! with a reconnect storm or a restarted edge adds a last panel: devices
+//! back per second, from the storm (or from the edge listening again).
 
 use std::path::Path;
 
@@ -22,11 +24,13 @@ pub fn draw(
     title: &str,
     timeline: &[TimelinePoint],
     histograms: &[(String, Histogram<u64>)],
+    reconnects_per_s: &[u64],
 ) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1000, 1100)).into_drawing_area();
+    let rows = if reconnects_per_s.is_empty() { 3 } else { 4 };
+    let root = SVGBackend::new(path, (1000, 370 * rows as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 22))?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((rows, 1));
     let t_max = timeline.iter().map(|p| p.t_s).max().unwrap_or(1).max(1) as f64;
 
     // Throughput: deliveries (left axis) and scheduled sends (right axis).
@@ -143,6 +147,37 @@ pub fn draw(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
+    if !reconnects_per_s.is_empty() {
+        reconnect_curve(&panels[3], reconnects_per_s)?;
+    }
     root.present()?;
+    Ok(())
+}
+
+/// Devices back per second after a storm or a restart, as bars.
+fn reconnect_curve(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    per_s: &[u64],
+) -> anyhow::Result<()> {
+    let n_max = per_s.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+    let mut c = ChartBuilder::on(area)
+        .caption(
+            "devices back per second (from the storm, or from the edge listening again)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..per_s.len() as f64, 0f64..n_max)?;
+    c.configure_mesh()
+        .x_desc("seconds")
+        .y_desc("devices back")
+        .draw()?;
+    c.draw_series(per_s.iter().enumerate().map(|(i, &n)| {
+        Rectangle::new(
+            [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, n as f64)],
+            COLORS[2].filled(),
+        )
+    }))?;
     Ok(())
 }

@@ -353,6 +353,7 @@ async fn connect(
             cfg.reorder_window = opts.reorder_window;
             cfg.loss = opts.client_loss;
             cfg.dropped = dropped.clone();
+            cfg.idle_timeout = Duration::from_secs_f64(s.device_idle_timeout_s);
             let sink = Arc::new(LogSink {
                 logs: logs.clone(),
                 base,
@@ -394,6 +395,7 @@ async fn connect(
                 cfg.reorder_window = opts.reorder_window;
                 cfg.client.device = sim.label("loadgen");
                 cfg.client.server_name = opts.server_name.clone();
+                cfg.client.idle_timeout = Duration::from_secs_f64(s.device_idle_timeout_s);
                 let (session, events) = Session::start(cfg);
                 tokio::spawn(consume(
                     events,

@@ -860,7 +860,12 @@ impl Shard {
         at(d.connect_at);
         at(d.reorder.next_due());
         at(d.sends.iter().map(|s| s.deadline).min());
-        at(d.sends.iter().filter_map(|s| s.not_before).min());
+        let live = d.link.as_ref().is_some_and(|l| l.phase == Phase::Live);
+        if live {
+            // Without a connection the Welcome brings the device back (a
+            // pause long past must not spin the loop meanwhile).
+            at(d.sends.iter().filter_map(|s| s.not_before).min());
+        }
         if let Some(l) = &d.link {
             if l.phase != Phase::Live {
                 at(Some(l.connect_deadline));

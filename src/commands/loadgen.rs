@@ -365,6 +365,10 @@ async fn run_scenario(a: LoadgenRunArgs) -> anyhow::Result<ExitCode> {
             &format!("tiercast loadgen: {}", scenario.name),
             &report.timeline,
             &outcome.histograms,
+            report
+                .reconnect_storm
+                .as_ref()
+                .map_or(&[][..], |s| &s.reconnects_per_s),
         )
         .with_context(|| format!("drawing {}", path.display()))?;
     }
