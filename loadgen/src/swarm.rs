@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
-    ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, ReadError, StreamEvent,
-    StreamId, VarInt,
+    ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, StreamEvent, StreamId,
+    VarInt,
 };
 use rand::Rng;
 use tiercast_client::reconnect::Reconnect;
@@ -1263,34 +1263,15 @@ impl Shard {
         }
     }
 
-    /// Reads what the stream `id` has into `reader`; true if it ended.
-    fn read_stream(
-        proto: &mut quinn_proto::Connection,
-        id: StreamId,
-        reader: &mut FrameReader,
-    ) -> bool {
-        let mut ended = false;
-        match proto.recv_stream(id).read(true) {
-            Ok(mut chunks) => {
-                loop {
-                    match chunks.next(usize::MAX) {
-                        Ok(Some(chunk)) => reader.push(&chunk.bytes),
-                        Ok(None) => {
-                            ended = true;
-                            break;
-                        }
-                        Err(ReadError::Blocked) => break,
-                        Err(ReadError::Reset(_)) => {
-                            ended = true;
-                            break;
-                        }
-                    }
-                }
-                let _ = chunks.finalize();
+    /// Reads what the stream `id` has into `reader`. Its end (or a reset)
+    /// needs nothing here: the connection's close follows.
+    fn read_stream(proto: &mut quinn_proto::Connection, id: StreamId, reader: &mut FrameReader) {
+        if let Ok(mut chunks) = proto.recv_stream(id).read(true) {
+            while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+                reader.push(&chunk.bytes);
             }
-            Err(_) => ended = true,
+            let _ = chunks.finalize();
         }
-        ended
     }
 
     /// A bad frame from the edge: the connection closes with its code.
@@ -1330,33 +1311,7 @@ impl Shard {
     }
 
     fn read_control(&mut self, local: usize) {
-        let Some((proto, l)) = self.proto_of(local) else {
-            return;
-        };
-        let Some(id) = l.control else { return };
-        let ended = Self::read_stream(proto, id, &mut l.ctl_in);
-        let ch = l.ch.0;
-        if let Some(s) = self.slots[ch].as_mut() {
-            mark(&mut self.dirty, ch, s);
-        }
-        loop {
-            let frame = match self.next_frame(local, true) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err((code, why)) => {
-                    self.bad_frame(local, code, why);
-                    return;
-                }
-            };
-            self.answer(local, frame);
-            if self.devs[local].link.is_none() {
-                return;
-            }
-        }
-        if ended {
-            // The edge closes next; its close code says why.
-            tracing::trace!("control stream ended");
-        }
+        self.read(local, true);
     }
 
     /// Reads the delivery stream, once the device is welcomed: the resume
@@ -1364,20 +1319,32 @@ impl Shard {
     /// session does), so frames that come before the Welcome wait in the
     /// stream.
     fn read_deliveries(&mut self, local: usize) {
+        self.read(local, false);
+    }
+
+    /// Reads the control stream (`control`) or the delivery stream and
+    /// hands over each whole frame; a bad one closes the connection. An
+    /// ended control stream needs nothing: the edge closes next, and its
+    /// close code says why.
+    fn read(&mut self, local: usize, control: bool) {
         let Some((proto, l)) = self.proto_of(local) else {
             return;
         };
-        if l.phase != Phase::Live {
+        let (id, reader) = if control {
+            (l.control, &mut l.ctl_in)
+        } else if l.phase == Phase::Live {
+            (l.delivery, &mut l.dlv_in)
+        } else {
             return;
-        }
-        let Some(id) = l.delivery else { return };
-        let _ = Self::read_stream(proto, id, &mut l.dlv_in);
+        };
+        let Some(id) = id else { return };
+        Self::read_stream(proto, id, reader);
         let ch = l.ch.0;
         if let Some(s) = self.slots[ch].as_mut() {
             mark(&mut self.dirty, ch, s);
         }
         loop {
-            let frame = match self.next_frame(local, false) {
+            let frame = match self.next_frame(local, control) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err((code, why)) => {
@@ -1385,7 +1352,11 @@ impl Shard {
                     return;
                 }
             };
-            self.delivery(local, frame.body);
+            if control {
+                self.answer(local, frame);
+            } else {
+                self.delivery(local, frame.body);
+            }
             if self.devs[local].link.is_none() {
                 return;
             }
