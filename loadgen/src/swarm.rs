@@ -809,16 +809,7 @@ impl Shard {
                 l.ack_at = Some(now + ACK_EVERY);
             } else if l.ack_at.is_some_and(|t| t <= now) {
                 l.ack_at = None;
-                let ids = std::mem::take(&mut d.acks);
-                for chunk in ids.chunks(ACK_CHUNK) {
-                    self.request(
-                        local,
-                        Req::Ack,
-                        ClientBody::Ack {
-                            message_ids: chunk.to_vec(),
-                        },
-                    );
-                }
+                self.flush_acks(local);
             }
             // Sends waiting for a connection or their pause.
             let mut ready = Vec::new();
@@ -1060,6 +1051,17 @@ impl Shard {
         self.dirty_devs.push(local);
     }
 
+    /// The device's queued acks go out, up to `ACK_CHUNK` ids per request.
+    fn flush_acks(&mut self, local: usize) {
+        let ids = std::mem::take(&mut self.devs[local].acks);
+        for chunk in ids.chunks(ACK_CHUNK) {
+            let body = ClientBody::Ack {
+                message_ids: chunk.to_vec(),
+            };
+            self.request(local, Req::Ack, body);
+        }
+    }
+
     /// Writes a request on the device's control stream.
     fn request(&mut self, local: usize, req: Req, body: ClientBody) {
         let now = self.now;
@@ -1104,17 +1106,7 @@ impl Shard {
     }
 
     fn send_batch(&mut self) -> bool {
-        if self.batch.is_empty() {
-            return true;
-        }
-        match self.socket.flush(&mut self.batch) {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                tracing::debug!(error = %e, "send failed");
-                true
-            }
-        }
+        self.socket.send(&mut self.batch)
     }
 
     /// One connection: its events into its device, its transmits into the
@@ -1609,16 +1601,7 @@ impl Shard {
                 reconnect_after_ms, ..
             } => {
                 // Acks first, then away (the edge spreads its devices).
-                let ids = std::mem::take(&mut self.devs[local].acks);
-                for chunk in ids.chunks(ACK_CHUNK) {
-                    self.request(
-                        local,
-                        Req::Ack,
-                        ClientBody::Ack {
-                            message_ids: chunk.to_vec(),
-                        },
-                    );
-                }
+                self.flush_acks(local);
                 let after = Duration::from_millis(u64::from(reconnect_after_ms));
                 self.end_link(local, Ended::Drain(after), Some((0, b"bye")));
             }

@@ -779,17 +779,7 @@ impl Shard {
 
     /// Sends the batch; false if the socket would block (the rest waits).
     fn send_batch(&mut self) -> bool {
-        if self.batch.is_empty() {
-            return true;
-        }
-        match self.socket.flush(&mut self.batch) {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "send failed");
-                true
-            }
-        }
+        self.socket.send(&mut self.batch)
     }
 
     fn drive(&mut self, key: usize) {

@@ -202,6 +202,23 @@ impl Socket {
 
     /// Sends the batch. Err `WouldBlock` leaves the unsent rest in it (wait
     /// for the socket to be writable and flush again).
+    /// Sends what `batch` holds; false if the socket would block (the rest
+    /// waits in the batch for the socket to be writable again). Any other
+    /// error is logged and the batch counts as sent (QUIC recovers it).
+    pub fn send(&self, batch: &mut Batch) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        match self.flush(batch) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "send failed");
+                true
+            }
+        }
+    }
+
     pub fn flush(&self, batch: &mut Batch) -> io::Result<Sent> {
         let before = batch.totals;
         while batch.sent < batch.outs.len() {
