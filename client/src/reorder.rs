@@ -17,7 +17,7 @@
 //! a larger id was already released (it was later than the window) is
 //! released at once and counted as late; nothing is ever dropped here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tiercast_schemas::ids::{NODE_BITS, SEQ_BITS};
@@ -58,7 +58,7 @@ pub struct ReorderStats {
 #[derive(Debug)]
 pub struct Reorder {
     window: Duration,
-    convs: HashMap<u64, Conv>,
+    convs: crate::resume::IdMap<Conv>,
     pub stats: ReorderStats,
 }
 
@@ -67,7 +67,7 @@ impl Reorder {
     pub fn new(window: Duration) -> Self {
         Self {
             window,
-            convs: HashMap::new(),
+            convs: crate::resume::IdMap::default(),
             stats: ReorderStats::default(),
         }
     }

@@ -18,7 +18,6 @@
 //! live would otherwise sit below the cursor, and if that connection then
 //! ended, no resume would look for it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -658,7 +657,7 @@ async fn resume(
     inner: Arc<Inner>,
     client: Client,
     events: mpsc::Sender<Event>,
-    cursors: HashMap<u64, u64>,
+    cursors: crate::resume::IdMap<u64>,
 ) {
     let mut pinned = Pinned {
         listing: None,

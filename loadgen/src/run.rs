@@ -24,6 +24,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use tiercast_client::resume::IdMap;
 use tiercast_client::{ClientError, Event, Session, SessionConfig};
 
 use crate::ledger::{Audience, Receipts, Sent, histogram};
@@ -88,12 +89,12 @@ impl Driver {
 #[derive(Debug, Default)]
 struct DeviceLog {
     /// First receipt of each message id: microseconds since the run base.
-    arrivals: HashMap<u64, u64>,
+    arrivals: IdMap<u64>,
     /// Tier-3 notifications per conversation, in arrival order.
-    notifies: HashMap<u64, Vec<(u64, u64)>>,
-    duplicates: HashMap<u64, u64>,
-    out_of_order: HashMap<u64, u64>,
-    newest: HashMap<u64, u64>,
+    notifies: IdMap<Vec<(u64, u64)>>,
+    duplicates: IdMap<u64>,
+    out_of_order: IdMap<u64>,
+    newest: IdMap<u64>,
     /// When the last connection was lost (for reconnect times).
     lost_at_us: Option<u64>,
     reconnect_us: Vec<u64>,
@@ -632,13 +633,14 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         fleet.devices.iter().map(|d| d.sim.user),
     );
     let settle_deadline = Instant::now() + Duration::from_secs_f64(s.settle_s);
+    let mut missing = audience.missing_list(&sent, &fleet.logs());
     loop {
-        let missing = audience.missing(&sent, &fleet.logs());
-        progress.set_missing(missing);
-        if missing == 0 || Instant::now() >= settle_deadline {
+        progress.set_missing(missing.len() as u64);
+        if missing.is_empty() || Instant::now() >= settle_deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+        audience.still_missing(&mut missing, &sent, &fleet.logs());
     }
     let server_cpu = target
         .server_cpu_now(&http)
@@ -1250,13 +1252,14 @@ fn record(
                 .or_default() += 1;
         }
         Event::Message(m) => {
-            let newest = l.newest.get(&m.conversation).copied().unwrap_or(0);
-            if m.id < newest {
+            let newest = l.newest.entry(m.conversation).or_insert(0);
+            let older = m.id < *newest;
+            *newest = (*newest).max(m.id);
+            if older {
                 *l.out_of_order.entry(m.conversation).or_default() += 1;
             }
-            l.newest.insert(m.conversation, newest.max(m.id));
             l.arrivals.entry(m.id).or_insert(at);
-            progress.delivered(stamp_of(&m.body).map(|s| at.saturating_sub(s)));
+            progress.delivered(|| stamp_of(&m.body).map(|s| at.saturating_sub(s)));
         }
         Event::Duplicate {
             conversation,
@@ -1282,7 +1285,7 @@ fn record(
                 .entry(conversation)
                 .or_default()
                 .push((message_id, at));
-            progress.delivered(None);
+            progress.delivered(|| None);
             let f = fractions.get(&conversation).copied().unwrap_or(0.0);
             if f > 0.0 && rand::rng().random_bool(f) {
                 return Some((conversation, message_id));
@@ -1339,9 +1342,15 @@ impl Progress {
         p
     }
 
-    fn delivered(&self, latency_us: Option<u64>) {
+    /// One delivery, for the bar. Without a bar nothing is kept: these are
+    /// shared by every device loop, and a lock and a contended counter per
+    /// delivery showed in loadgen's own CPU.
+    fn delivered(&self, latency_us: impl FnOnce() -> Option<u64>) {
+        if self.bar.is_none() {
+            return;
+        }
         self.deliveries.fetch_add(1, Ordering::Relaxed);
-        if let Some(l) = latency_us {
+        if let Some(l) = latency_us() {
             self.live.lock().expect("live").saturating_record(l.max(1));
         }
     }

@@ -697,10 +697,20 @@ impl Shard {
                 let ch = key / 2;
                 if let Some(s) = self.slots.get_mut(ch).and_then(Option::as_mut) {
                     s.armed = None;
-                    if s.proto.poll_timeout().is_some_and(|t| t <= now) {
-                        s.proto.handle_timeout(now);
+                    match s.proto.poll_timeout() {
+                        Some(t) if t <= now => {
+                            s.proto.handle_timeout(now);
+                            mark(&mut self.dirty, ch, s);
+                        }
+                        // Armed for a deadline that moved later (an ack
+                        // sent early, the idle timer pushed back): nothing
+                        // changed, so no drive, only the new deadline.
+                        Some(t) => {
+                            self.wheel.insert(t, conn_key(ch));
+                            s.armed = Some(t);
+                        }
+                        None => {}
                     }
-                    mark(&mut self.dirty, ch, s);
                 }
             } else {
                 let local = key / 2;
@@ -1113,10 +1123,10 @@ impl Shard {
     /// batch, its endpoint events, its next deadline.
     fn drive(&mut self, ch: usize) {
         let now = self.now;
-        let Some(s) = self.slots.get_mut(ch).and_then(Option::as_mut) else {
-            return;
-        };
-        s.dirty = false;
+        // The connection stays marked while its events are handled: what
+        // they write (a stream read, an answer) goes out in this drive's
+        // transmits below, not in a second drive of the connection (that
+        // was one more pass per delivery, its transmit poll empty).
         loop {
             let Some(s) = self.slots.get_mut(ch).and_then(Option::as_mut) else {
                 return;
@@ -1128,6 +1138,7 @@ impl Shard {
         let Some(s) = self.slots.get_mut(ch).and_then(Option::as_mut) else {
             return;
         };
+        s.dirty = false;
         let mut n = 0;
         loop {
             if n == TRANSMITS_PER_ROUND {
@@ -1562,10 +1573,14 @@ impl Shard {
     fn delivery(&mut self, local: usize, body: ServerBody) {
         match body {
             ServerBody::Message(m) => {
-                let ready = self.devs[local].reorder.push(m, self.now);
+                let d = &mut self.devs[local];
+                let ready = d.reorder.push(m, self.now);
                 // A message held for the window is released by the
-                // device's timer: armed in its next pass.
-                self.dirty_devs.push(local);
+                // device's timer: armed in its next pass. Nothing held,
+                // no pass (one per delivery showed in the core's CPU).
+                if d.reorder.next_due().is_some() {
+                    self.dirty_devs.push(local);
+                }
                 self.reorder_stats(local);
                 for m in ready {
                     self.deliver(local, m);

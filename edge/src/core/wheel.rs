@@ -125,17 +125,25 @@ impl Wheel {
                 break;
             }
             let slot = (tick % SLOTS as u64) as usize;
-            let entries = std::mem::take(&mut self.slots[slot]);
+            let mut entries = std::mem::take(&mut self.slots[slot]);
             self.occupied[slot / 64] &= !(1 << (slot % 64));
             self.now_tick = tick + 1;
-            for (t, key) in entries {
+            for &(t, key) in &entries {
                 if t <= end {
                     due.push(key);
                     self.len -= 1;
                 } else {
-                    // A far deadline reached the end of the span: onwards.
+                    // A far deadline reached the end of the span: onwards
+                    // (into this same slot, now the span's last).
                     self.file(t, key);
                 }
+            }
+            // The slot keeps its buffer for its next tick (an allocation
+            // per tick and slot showed in a busy loop's profile), unless
+            // far deadlines were filed into it meanwhile.
+            if self.slots[slot].is_empty() {
+                entries.clear();
+                self.slots[slot] = entries;
             }
         }
     }
