@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Counts quinn-proto's Connection::{poll_transmit,handle_event,handle_timeout}
-# calls with uprobes over a window of a self-hosted run, in loadgen's process
+# Counts quinn-proto's Connection::{poll_transmit,handle_event,handle_timeout,
+# poll_endpoint_events} calls (the last once per drive of a connection) with uprobes over a window of a self-hosted run, in loadgen's process
 # and in the edge's (both run this binary), each on its own:
 #
 #   scripts/count-quinn-calls.sh [BINARY] [SCENARIO] [START_S] [WINDOW_S]
@@ -15,7 +15,7 @@ start=${3:-9}
 window=${4:-10}
 tracing=/sys/kernel/tracing
 # A symbol's file offset: its address less the text segment's (vaddr - offset).
-seg=$(readelf -lW "$bin" | awk '$1 == "LOAD" && $7 ~ /E/ {print $3, $2; exit}')
+seg=$(readelf -lW "$bin" | awk '$1 == "LOAD" && / R E / {print $3, $2; exit}')
 delta=$(( $(echo "$seg" | awk '{print $1}') - $(echo "$seg" | awk '{print $2}') ))
 offset() {
     local addr
@@ -29,13 +29,14 @@ echo > "$tracing/uprobe_events"
 echo "p:uprobes/qpoll $bin:$(offset _ZN11quinn_proto10connection10Connection13poll_transmit17h)" >> "$tracing/uprobe_events"
 echo "p:uprobes/qevent $bin:$(offset _ZN11quinn_proto10connection10Connection12handle_event17h)" >> "$tracing/uprobe_events"
 echo "p:uprobes/qtimeout $bin:$(offset _ZN11quinn_proto10connection10Connection14handle_timeout17h)" >> "$tracing/uprobe_events"
+echo "p:uprobes/qdrive $bin:$(offset _ZN11quinn_proto10connection10Connection20poll_endpoint_events17h)" >> "$tracing/uprobe_events"
 out=$(mktemp -d)
 "$bin" loadgen run --self-hosted --scenario "$scenario" --json "$out/run.json" > "$out/run.txt" 2>&1 &
 run=$!
 sleep "$start"
 loadgen=$(pgrep -f "$bin loadgen run" | head -1)
 edge=$(pgrep -f "$bin edge --ready-json" | head -1)
-events=(-e uprobes:qpoll -e uprobes:qevent -e uprobes:qtimeout)
+events=(-e uprobes:qpoll -e uprobes:qevent -e uprobes:qtimeout -e uprobes:qdrive)
 perf stat "${events[@]}" -p "$loadgen" -o "$out/loadgen.stat" -- sleep "$window" &
 counting=$!
 perf stat "${events[@]}" -p "$edge" -o "$out/edge.stat" -- sleep "$window"

@@ -737,20 +737,33 @@ impl Shard {
         due.clear();
         self.wheel.expire(now, &mut due);
         for &key in &due {
-            let Self { conns, ctx, .. } = self;
+            let Self {
+                conns, ctx, wheel, ..
+            } = self;
             let Some(c) = conns.get_mut(key).and_then(Option::as_mut) else {
                 continue;
             };
             c.armed = None;
+            let mut fired = false;
             if c.proto.poll_timeout().is_some_and(|t| t <= now) {
                 c.proto.handle_timeout(now);
+                fired = true;
             }
             if c.app_deadline.is_some_and(|t| t <= now) {
                 c.app_deadline = None;
                 app_timeout(ctx, key, c);
+                fired = true;
             }
             c.seam.watching();
-            ctx.mark(key, c);
+            if fired {
+                ctx.mark(key, c);
+            } else if let Some(at) = c.next_deadline() {
+                // Filed for a deadline that has moved later (a probe timer
+                // pushed back by an ACK): nothing changed that a drive would
+                // send, so only the new deadline is filed.
+                wheel.insert(at, key);
+                c.armed = Some(at);
+            }
         }
         self.due = due;
     }
