@@ -114,8 +114,12 @@ impl Pair {
             3600,
             counts.clone(),
         ));
-        let crypto = tiercast_edge::tls::server_crypto_with_tickets(id, Some(ticketer))
-            .expect("server crypto");
+        let crypto = tiercast_edge::tls::server_crypto_with_tickets(
+            id,
+            Some(ticketer),
+            EdgeConfig::default().tickets_per_handshake,
+        )
+        .expect("server crypto");
         let mut server = ServerConfig::with_crypto(crypto);
         server.transport_config(Arc::new(tiercast_edge::node::transport_config(
             &EdgeConfig::default(),

@@ -182,8 +182,11 @@ pub fn bind_listener(
             counts.clone(),
         )) as Arc<dyn rustls::server::ProducesTickets>
     });
-    let mut server =
-        quinn::ServerConfig::with_crypto(tls::server_crypto_with_tickets(id, tickets)?);
+    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto_with_tickets(
+        id,
+        tickets,
+        cfg.tickets_per_handshake,
+    )?);
     server.transport_config(Arc::new(transport_config(cfg)));
     let bind_err = |e: std::io::Error| StartError::Bind {
         what: "the QUIC listener",

@@ -90,15 +90,17 @@ impl Identity {
 pub fn server_crypto(
     id: Identity,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
-    server_crypto_with_tickets(id, None)
+    server_crypto_with_tickets(id, None, 0)
 }
 
 /// [`server_crypto`], issuing and accepting session tickets sealed by
 /// `tickets` (see [`crate::tickets`]): a device that comes back resumes,
-/// skipping the certificate signature.
+/// skipping the certificate signature. `per_handshake` tickets go out
+/// after each handshake (see `edge.tickets_per_handshake`).
 pub fn server_crypto_with_tickets(
     id: Identity,
     tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    per_handshake: usize,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     // TLS_AES_128_GCM_SHA256 first (ring's default puts AES-256/SHA-384
     // first): QUIC's Initial packets use it anyway, and SHA-256 has
@@ -122,6 +124,7 @@ pub fn server_crypto_with_tickets(
     tls.max_early_data_size = 0;
     if let Some(t) = tickets {
         tls.ticketer = t;
+        tls.send_tls13_tickets = per_handshake;
     }
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;

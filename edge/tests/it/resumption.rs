@@ -102,3 +102,22 @@ async fn with_tickets_off_every_handshake_is_a_full_one() {
     }
     assert_eq!(counts(&node), (0, 0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_handshake_brings_the_configured_number_of_tickets() {
+    // Four by default: a device spends one on every connect attempt, also
+    // on one refused before TLS in a storm, and still resumes after three.
+    for (set, want) in [(None, 4), (Some("1"), 1), (Some("8"), 8)] {
+        let settings: Vec<(&str, &str)> = set
+            .map(|n| vec![("edge.tickets_per_handshake", n)])
+            .unwrap_or_default();
+        let node = common::start(&settings).await;
+        node.chat(1, &[1, 2]).await;
+        let tls = ClientTls::new(&node.node.cert_pem).unwrap();
+        drop(connect_with(&node, 1, &tls).await);
+        assert_eq!(counts(&node).0, want, "tickets after one handshake");
+        // The next connect resumes, and brings as many again.
+        drop(connect_with(&node, 1, &tls).await);
+        assert_eq!(counts(&node), (2 * want, 1, 0), "resumed, {want} more");
+    }
+}
