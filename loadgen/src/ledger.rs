@@ -95,13 +95,8 @@ impl Audience {
         }
     }
 
-    /// Deliveries still missing, over every device (the settle waits for
-    /// 0).
-    pub fn missing<R: Receipts>(&self, sent: &[Sent], logs: &[R]) -> u64 {
-        self.missing_list(sent, logs).len() as u64
-    }
-
-    /// The deliveries missing now, as (index into `sent`, device).
+    /// The deliveries missing now, over every device, as (index into
+    /// `sent`, device): the settle waits for none.
     pub fn missing_list<R: Receipts>(&self, sent: &[Sent], logs: &[R]) -> Vec<(usize, usize)> {
         // Tier 3: a device is complete for a channel once notified of its
         // newest message.
@@ -382,8 +377,8 @@ mod tests {
         logs[3].notifies.push((30, 3, 3_100));
         // Missing: tier 1 devices 3 (msg 1) and 1 (msg 2); tier 3 only the
         // newest counts: device 3.
-        assert_eq!(a.missing(&msgs, &logs), 3);
         let mut list = a.missing_list(&msgs, &logs);
+        assert_eq!(list.len(), 3);
         list.sort_unstable();
         assert_eq!(list, vec![(0, 3), (1, 1), (3, 3)]);
         // What arrives later leaves the list; nothing else changes it.
