@@ -7,15 +7,15 @@
 #   scripts/sample-edge-metrics.sh 400 > samples.txt &
 #   tiercast loadgen run --self-hosted --scenario docs/runs/edge-restart-20k.toml ...
 #
-# Needs ss (iproute2) and curl. docs/runs/edge-restart-20k-core-2-edge-metrics.txt
-# is such a sampling, turned into rates per second.
+# Needs ss (iproute2) and curl. scripts/edge-metrics-table.py turns the
+# samples into a table per second (docs/runs/edge-restart-20k-*-edge-metrics.txt).
 set -uo pipefail
 end=$((SECONDS + ${1:-400}))
 pid=""
 port=""
-names='^tiercast_edge_(connections|handshakes_in_flight|handshakes_refused_total|retries_sent_total|handshakes_total|tls_resumptions_total) '
+names='^tiercast_edge_(connections|handshakes_in_flight|handshakes_refused_total|retries_sent_total|handshakes_total|tls_resumptions_total|setups_abandoned_total\{[^}]*\}|(handshake|hello|hello_wait|hello_register|hello_attach)_seconds_(sum|count|bucket\{[^}]*\})) '
 while [ "$SECONDS" -lt "$end" ]; do
-    p=$(pgrep -f "tiercast edge --ready-json" | head -1)
+    p=$(pgrep -f "tiercast[^ ]* edge --ready-json" | head -1)
     if [ -z "$p" ]; then
         sleep 0.2
         continue

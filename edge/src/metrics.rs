@@ -1,5 +1,6 @@
 //! Prometheus metrics of an edge.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,6 +37,28 @@ pub struct EdgeMetrics {
     pub fanout_delay_seconds: Histogram,
     /// One device request (Send, Fetch, Sync, Read, Ack) answered.
     pub request_seconds: Histogram,
+    /// A connection's first packet accepted to its TLS handshake done.
+    pub handshake_seconds: Histogram,
+    /// TLS handshake done to the Hello frame read: the device's side
+    /// (control stream opened, Hello sent) and the packets' way.
+    pub hello_wait_seconds: Histogram,
+    /// Hello read to Welcome written: the edge's work for a connect.
+    pub hello_seconds: Histogram,
+    /// The Hello's first step: token checked, device registered (a
+    /// batched store write).
+    pub hello_register_seconds: Histogram,
+    /// The Hello's second step: the user's channel subscribed, their
+    /// conversations listed (a batched store read) and routed.
+    pub hello_attach_seconds: Histogram,
+    /// Accepted connections that ended before Welcome, by stage and why.
+    pub setups_abandoned: Family<StageLabel, Counter>,
+}
+
+/// Where an accepted connection's setup ended without a Welcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// `tls_timeout`, `tls_lost`, `hello_timeout` or `hello_lost`.
+    pub stage: &'static str,
 }
 
 impl Default for EdgeMetrics {
@@ -65,6 +88,12 @@ impl Default for EdgeMetrics {
             tickets: crate::fleet::TicketCounts::default(),
             fanout_delay_seconds: seconds_histogram(),
             request_seconds: seconds_histogram(),
+            handshake_seconds: seconds_histogram(),
+            hello_wait_seconds: seconds_histogram(),
+            hello_seconds: seconds_histogram(),
+            hello_register_seconds: seconds_histogram(),
+            hello_attach_seconds: seconds_histogram(),
+            setups_abandoned: Family::default(),
         }
     }
 }
@@ -102,6 +131,36 @@ impl EdgeMetrics {
             "request_seconds",
             "Time to answer one device request",
             m.request_seconds.clone(),
+        );
+        r.register(
+            "handshake_seconds",
+            "From a connection's first packet accepted to its TLS handshake done",
+            m.handshake_seconds.clone(),
+        );
+        r.register(
+            "hello_wait_seconds",
+            "From a connection's TLS handshake done to its Hello read (the device's side)",
+            m.hello_wait_seconds.clone(),
+        );
+        r.register(
+            "hello_seconds",
+            "From a connection's Hello read to its Welcome written (the edge's work for a connect)",
+            m.hello_seconds.clone(),
+        );
+        r.register(
+            "hello_register_seconds",
+            "A Hello's token check and device registration (a batched store write)",
+            m.hello_register_seconds.clone(),
+        );
+        r.register(
+            "hello_attach_seconds",
+            "A Hello's subscription, conversation listing (a batched store read) and routes",
+            m.hello_attach_seconds.clone(),
+        );
+        r.register(
+            "setups_abandoned",
+            "Accepted connections that ended before Welcome: in TLS or before Hello, by the edge's timeout or lost",
+            m.setups_abandoned.clone(),
         );
         r.register(
             "tls_tickets_issued",
@@ -192,6 +251,12 @@ impl EdgeMetrics {
         r.register("syncs", "Sync requests served", m.syncs.clone());
         r.register("reads", "Read markers accepted", m.reads.clone());
         m
+    }
+
+    pub fn abandoned(&self, stage: &'static str) {
+        self.setups_abandoned
+            .get_or_create(&StageLabel { stage })
+            .inc();
     }
 
     pub fn error(&self, code: tiercast_schemas::wire::ErrorCode) {

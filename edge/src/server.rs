@@ -26,10 +26,18 @@ use crate::conversations::LocalConversations;
 use crate::metrics::EdgeMetrics;
 use crate::sessions::Sessions;
 
-/// Locks that serialise subscribe/unsubscribe per user (and route changes
-/// per conversation), striped so that unrelated ones do not wait on each
-/// other.
+/// Locks that serialise route changes per conversation, striped so that
+/// unrelated ones do not wait on each other.
 const STRIPES: usize = 64;
+
+/// Locks that serialise subscribe/unsubscribe per user, striped likewise.
+/// A connect holds its stripe across a batched store read (the user's
+/// conversations), so a stripe shared by many connecting users makes them
+/// take turns at that read: with 64 stripes a reconnect storm's 2,000
+/// Hellos in flight queued some 30 deep behind each (p90 of
+/// `tiercast_edge_hello_attach_seconds` 3.3 s, docs/benchmarks.md).
+/// 4,096 stripes cost about 160 KiB per edge.
+const USER_STRIPES: usize = 4096;
 
 /// The edge's liveness lease in the routing table. Renewed every third of
 /// it: a dead edge stops receiving tier 2/3 traffic within 6 s.
@@ -91,7 +99,7 @@ impl Shared {
     }
 
     pub fn subscription_lock(&self, user: u64) -> &tokio::sync::Mutex<()> {
-        &self.subscription_locks[(user % STRIPES as u64) as usize]
+        &self.subscription_locks[(user % USER_STRIPES as u64) as usize]
     }
 
     /// This edge's id in the routing table and node channels: its engine's
@@ -253,7 +261,7 @@ impl Edge {
                 .subscribe(&node_channel(engine.node_id(), k))
                 .await?;
         }
-        let stripes = || (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        let stripes = |n| (0..n).map(|_| tokio::sync::Mutex::new(())).collect();
         let user_limits = crate::limits::UserLimits::new(&cfg.rates);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -262,12 +270,12 @@ impl Edge {
                 cfg,
                 sessions: Sessions::new(),
                 subscriber,
-                subscription_locks: stripes(),
+                subscription_locks: stripes(USER_STRIPES),
                 metrics,
                 conversations: LocalConversations::new(),
                 announced: std::sync::Mutex::new(HashSet::new()),
                 route_retry: std::sync::Mutex::new(HashSet::new()),
-                route_locks: stripes(),
+                route_locks: stripes(STRIPES),
                 pull_cache: moka::future::Cache::builder()
                     .max_capacity(PULL_CACHE_ENTRIES)
                     .time_to_live(PULL_CACHE_TTL)

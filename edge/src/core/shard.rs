@@ -177,6 +177,9 @@ struct Conn {
     handshake: Option<OwnedSemaphorePermit>,
     slot: Option<OwnedSemaphorePermit>,
     counted: bool,
+    /// When the phase before Welcome began: accepted, TLS done, Hello
+    /// read (`handshake_seconds`, `hello_wait_seconds`, `hello_seconds`).
+    since: Instant,
 }
 
 impl Conn {
@@ -462,6 +465,7 @@ impl Shard {
                     handshake: Some(permit),
                     slot: None,
                     counted: false,
+                    since: now,
                 };
                 self.live += 1;
                 if self.conns.len() <= ch.0 {
@@ -687,7 +691,10 @@ impl Shard {
             detaches.spawn(async move { session::detach(&shared, &peer, conn_id).await });
             return;
         };
-        ctx.shared.metrics.handshakes.inc();
+        let m = &ctx.shared.metrics;
+        m.handshakes.inc();
+        m.hello_seconds
+            .observe(ctx.now.saturating_duration_since(c.since).as_secs_f64());
         c.phase = Phase::Live;
         c.busy = false;
         // The connection lives as long as its token: then it ends with
@@ -922,6 +929,10 @@ fn on_event(ctx: &mut Ctx, limits: &Limits, key: usize, c: &mut Conn, event: Eve
             if c.handshake.take().is_some() {
                 ctx.shared.metrics.handshakes_in_flight.dec();
             }
+            let m = &ctx.shared.metrics;
+            m.handshake_seconds
+                .observe(now.saturating_duration_since(c.since).as_secs_f64());
+            c.since = now;
             // A connection slot only once the handshake is done.
             let Ok(slot) = limits.slots.clone().try_acquire_owned() else {
                 let m = &ctx.shared.metrics;
@@ -947,6 +958,13 @@ fn on_event(ctx: &mut Ctx, limits: &Limits, key: usize, c: &mut Conn, event: Eve
         }
         Event::ConnectionLost { reason } => {
             tracing::debug!(conn_id = c.conn_id, %reason, "connection lost");
+            match c.phase {
+                Phase::Handshaking => ctx.shared.metrics.abandoned("tls_lost"),
+                Phase::AwaitStream | Phase::AwaitHello | Phase::Attaching => {
+                    ctx.shared.metrics.abandoned("hello_lost")
+                }
+                Phase::Live | Phase::Ending => {}
+            }
             c.closed = true;
         }
         Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
@@ -994,26 +1012,33 @@ fn app_timeout(ctx: &mut Ctx, key: usize, c: &mut Conn) {
     match c.phase {
         Phase::Handshaking => {
             tracing::debug!("handshake not done in time");
+            ctx.shared.metrics.abandoned("tls_timeout");
             close(ctx, key, c, None, "handshake not done in time");
         }
         // A device that is only slow (a bad link, or a storm where its
         // packets wait) must come back: `unavailable`, which the SDK
         // reconnects after, not `protocol_violation`, which ends its
         // session for good. Its state goes either way.
-        Phase::AwaitStream => fatal(
-            ctx,
-            key,
-            c,
-            ErrorCode::Unavailable,
-            "no control stream within edge.hello_timeout_ms; reconnect".into(),
-        ),
-        Phase::AwaitHello => fatal(
-            ctx,
-            key,
-            c,
-            ErrorCode::Unavailable,
-            "no Hello within edge.hello_timeout_ms; reconnect".into(),
-        ),
+        Phase::AwaitStream => {
+            ctx.shared.metrics.abandoned("hello_timeout");
+            fatal(
+                ctx,
+                key,
+                c,
+                ErrorCode::Unavailable,
+                "no control stream within edge.hello_timeout_ms; reconnect".into(),
+            )
+        }
+        Phase::AwaitHello => {
+            ctx.shared.metrics.abandoned("hello_timeout");
+            fatal(
+                ctx,
+                key,
+                c,
+                ErrorCode::Unavailable,
+                "no Hello within edge.hello_timeout_ms; reconnect".into(),
+            )
+        }
         Phase::Live => fatal(
             ctx,
             key,
@@ -1221,6 +1246,11 @@ fn read_requests(ctx: &mut Ctx, key: usize, c: &mut Conn) {
             }
         };
         if c.phase == Phase::AwaitHello {
+            ctx.shared
+                .metrics
+                .hello_wait_seconds
+                .observe(ctx.now.saturating_duration_since(c.since).as_secs_f64());
+            c.since = ctx.now;
             c.phase = Phase::Attaching;
             c.app_deadline = None;
             c.busy = true;
@@ -1284,6 +1314,7 @@ fn request(ctx: &mut Ctx, key: usize, c: &mut Conn, frame: ClientFrame) {
 /// (in the shard's index first), attach it, and hand Welcome back.
 async fn hello(shared: Arc<Shared>, conn: ConnRef, first: ClientFrame) {
     let (tx, key, conn_id) = (conn.tx.clone(), conn.key, conn.conn_id);
+    let started = Instant::now();
     let peer = match session::hello(&shared, first).await {
         Ok(p) => p,
         Err(end) => {
@@ -1297,6 +1328,11 @@ async fn hello(shared: Arc<Shared>, conn: ConnRef, first: ClientFrame) {
             return;
         }
     };
+    let registered = Instant::now();
+    shared
+        .metrics
+        .hello_register_seconds
+        .observe((registered - started).as_secs_f64());
     let _ = tx
         .send(Cmd::Registered {
             key,
@@ -1318,6 +1354,10 @@ async fn hello(shared: Arc<Shared>, conn: ConnRef, first: ClientFrame) {
             .await;
         return;
     }
+    shared
+        .metrics
+        .hello_attach_seconds
+        .observe(registered.elapsed().as_secs_f64());
     let welcome = ServerFrame::new(
         0,
         ServerBody::Welcome {

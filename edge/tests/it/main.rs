@@ -16,5 +16,6 @@ mod redis_failover;
 mod redis_security;
 mod resumption;
 mod sdk_bad_frames;
+mod setup_timing;
 mod tier1_chat;
 mod tier_fanout;

@@ -213,6 +213,20 @@ async fn a_client_silent_past_the_hello_timeout_is_told_to_come_back() {
             other => panic!("opens a stream: {opens_stream}: {other:?}"),
         }
     }
+    // Both finished TLS, neither said Hello: counted where they stopped.
+    let m = t.node.metrics();
+    assert_eq!(
+        common::metric(
+            &m,
+            "tiercast_edge_setups_abandoned_total{stage=\"hello_timeout\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        common::metric(&m, "tiercast_edge_handshake_seconds_count"),
+        2
+    );
+    assert_eq!(common::metric(&m, "tiercast_edge_hello_seconds_count"), 0);
     ep.close(0u32.into(), b"bye");
     t.node.shutdown().await;
 }
