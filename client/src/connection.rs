@@ -233,11 +233,17 @@ impl Client {
         endpoint: &quinn::Endpoint,
         cfg: ClientConfig,
     ) -> Result<(Self, Deliveries), ClientError> {
-        let crypto = match &cfg.tls {
-            Some(t) => t.0.clone(),
-            None => crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?,
+        let (crypto, tokens) = match &cfg.tls {
+            Some(t) => (t.0.clone(), Some(t.tokens())),
+            None => (
+                crate::tls::client_crypto(&cfg.trusted_pem).map_err(ClientError::Connect)?,
+                None,
+            ),
         };
         let mut qcfg = quinn::ClientConfig::new(crypto);
+        if let Some(tokens) = tokens {
+            qcfg.token_store(tokens);
+        }
         let mut transport = quinn::TransportConfig::default();
         // Pings well inside the idle timeout, so an idle device stays up and
         // a dead edge is noticed within the timeout.

@@ -66,14 +66,32 @@ pub fn client_tls(trusted_pem: &str) -> Result<rustls::ClientConfig, String> {
     Ok(tls)
 }
 
-/// A device's TLS state (its trust roots and the session tickets it holds),
-/// kept across its connections so that they resume.
+/// A device's TLS state (its trust roots and the session tickets it holds)
+/// and its QUIC address-validation tokens, kept across its connections so
+/// that they resume, and skip the edge's Retry in a reconnect storm.
 #[derive(Clone)]
-pub struct ClientTls(pub Arc<quinn::crypto::rustls::QuicClientConfig>);
+pub struct ClientTls(
+    pub Arc<quinn::crypto::rustls::QuicClientConfig>,
+    Arc<quinn::TokenMemoryCache>,
+);
 
 impl ClientTls {
     pub fn new(trusted_pem: &str) -> Result<Self, String> {
-        client_crypto(trusted_pem).map(Self)
+        client_crypto(trusted_pem).map(Self::from_crypto)
+    }
+
+    /// The state of a device that uses `crypto` (with its own ticket
+    /// store: [`with_own_tickets`]), with no tokens yet. Up to 8 tokens
+    /// per edge name are kept (an edge sends `edge.address_tokens`, 4 by
+    /// default, per connection; every connect attempt spends one).
+    pub fn from_crypto(crypto: Arc<quinn::crypto::rustls::QuicClientConfig>) -> Self {
+        Self(crypto, Arc::new(quinn::TokenMemoryCache::new(2, 8)))
+    }
+
+    /// The device's address-validation tokens (a QUIC client
+    /// configuration's token store).
+    pub fn tokens(&self) -> Arc<dyn quinn::TokenStore> {
+        self.1.clone()
     }
 }
 

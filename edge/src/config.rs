@@ -127,6 +127,15 @@ pub struct EdgeConfig {
     /// twice came back with a full handshake. Each is a ChaCha20-Poly1305
     /// seal and about 150 bytes after the handshake.
     pub tickets_per_handshake: usize,
+    /// QUIC address-validation tokens (NEW_TOKEN) sent on each connection
+    /// (0-8; 0: none). A device presents one when it connects again, and is
+    /// then not asked for a Retry above `retry_above_per_s`: in a reconnect
+    /// storm the returning devices skip that round trip and the second
+    /// Initial, while an unknown source still gets the Retry. Keyed by the
+    /// fleet secret, so they hold across restarts and edges. 4 by default,
+    /// as with tickets: a device spends one on every connect attempt, also
+    /// on one the edge refuses.
+    pub address_tokens: u32,
     /// Request rate limits per connection and per user.
     pub rates: crate::limits::Rates,
 }
@@ -152,6 +161,7 @@ impl Default for EdgeConfig {
             shards: 0,
             ticket_rotation_s: 6 * 3600,
             tickets_per_handshake: 4,
+            address_tokens: 4,
             rates: crate::limits::Rates::default(),
         }
     }
@@ -245,6 +255,9 @@ impl EdgeConfig {
                 "edge.tickets_per_handshake",
                 "must be 1..=8",
             ));
+        }
+        if self.address_tokens > 8 {
+            return Err(InvalidSetting::new("edge.address_tokens", "must be 0..=8"));
         }
         self.rates.validate()?;
         Ok(())
@@ -653,6 +666,11 @@ mod tests {
                 "invalid setting `edge.tickets_per_handshake`: must be 1..=8"
             );
         }
+        let e = load(&[], &[("edge.address_tokens", "9")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting `edge.address_tokens`: must be 0..=8"
+        );
         let e = load(&[], &[("edge.no_such_thing", "1")]).unwrap_err();
         assert!(e.to_string().contains("no_such_thing"), "{e}");
         let e = load(&[], &[("nosection", "1")]).unwrap_err();

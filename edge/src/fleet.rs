@@ -199,6 +199,19 @@ pub fn endpoint_config(secret: &[u8]) -> quinn_proto::EndpointConfig {
 }
 
 /// The stateless-reset key and the connection-id check key of the fleet.
+/// The key of the fleet's QUIC address-validation tokens (Retry tokens,
+/// and the NEW_TOKEN tokens an edge gives each device for its next
+/// connect), derived from the fleet secret like the endpoint keys: a token
+/// from before a restart, or from another edge of the fleet, still proves
+/// the device's address, so a reconnect storm needs no Retry round trip
+/// for returning devices (docs/benchmarks.md, "Where a reconnect waits").
+pub fn address_token_key(
+    secret: &[u8],
+) -> std::sync::Arc<dyn quinn_proto::crypto::HandshakeTokenKey> {
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tiercast/address-tokens/v1");
+    std::sync::Arc::new(salt.extract(secret))
+}
+
 fn endpoint_keys(secret: &[u8]) -> (ring::hmac::Key, u64) {
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tiercast/endpoint-keys/v1");
     let prk = salt.extract(secret);

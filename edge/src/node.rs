@@ -188,6 +188,16 @@ pub fn bind_listener(
         cfg.tickets_per_handshake,
     )?);
     server.transport_config(Arc::new(transport_config(cfg)));
+    // Address validation across restarts: each device gets tokens for its
+    // next connect, which skip the Retry the edge asks for above
+    // `edge.retry_above_per_s`; a token is good for a day, once (the
+    // Bloom-filter log refuses a replay).
+    server.token_key(crate::fleet::address_token_key(fleet_secret));
+    let mut tokens = quinn::ValidationTokenConfig::default();
+    tokens
+        .sent(cfg.address_tokens)
+        .lifetime(std::time::Duration::from_secs(24 * 3600));
+    server.validation_token_config(tokens);
     let bind_err = |e: std::io::Error| StartError::Bind {
         what: "the QUIC listener",
         addr: cfg.listen,

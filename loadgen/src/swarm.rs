@@ -374,6 +374,9 @@ struct Dev {
     token: String,
     label: String,
     tls: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    /// The device's QUIC address-validation tokens, kept across its
+    /// connects as its TLS tickets are.
+    tokens: Arc<quinn_proto::TokenMemoryCache>,
     policy: Reconnect,
     addr: SocketAddr,
     client_id: u64,
@@ -550,6 +553,7 @@ impl Shard {
                     token: spec.token,
                     label: spec.device,
                     tls,
+                    tokens: Arc::new(quinn_proto::TokenMemoryCache::new(2, 8)),
                     policy,
                     addr,
                     client_id: spec.client_id,
@@ -892,6 +896,7 @@ impl Shard {
         let d = &mut self.devs[local];
         let mut qcfg = quinn_proto::ClientConfig::new(d.tls.clone());
         qcfg.transport_config(self.transport.clone());
+        qcfg.token_store(d.tokens.clone());
         let addr = d.addr;
         let started_ms = unix_ms();
         match self

@@ -121,3 +121,54 @@ async fn each_handshake_brings_the_configured_number_of_tickets() {
         assert_eq!(counts(&node), (2 * want, 1, 0), "resumed, {want} more");
     }
 }
+
+fn retries(node: &TestNode) -> u64 {
+    common::metric(&node.node.metrics(), "tiercast_edge_retries_sent_total")
+}
+
+/// With every unvalidated connect asked for a Retry (`retry_above_per_s`
+/// 0), a device's first connect gets one; its next connects present the
+/// address-validation token the edge gave it and get none, on a restarted
+/// edge too (the token key comes from the fleet secret). With
+/// `edge.address_tokens` 0 every connect is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_device_skips_the_retry_with_its_token_also_after_a_restart() {
+    let node = common::start(&[("edge.retry_above_per_s", "0")]).await;
+    node.chat(1, &[1, 2]).await;
+    let tls = ClientTls::new(&node.node.cert_pem).unwrap();
+    drop(connect_with(&node, 1, &tls).await);
+    assert_eq!(retries(&node), 1, "the first connect proves its address");
+    drop(connect_with(&node, 1, &tls).await);
+    drop(connect_with(&node, 1, &tls).await);
+    assert_eq!(retries(&node), 1, "the next ones present a token");
+    // Another device, without a token, is still asked.
+    let stranger = ClientTls::new(&node.node.cert_pem).unwrap();
+    drop(connect_with(&node, 2, &stranger).await);
+    assert_eq!(retries(&node), 2, "no token: a Retry");
+
+    let TestNode { node: running, dir } = node;
+    running.shutdown().await;
+    let node = TestNode {
+        node: tiercast_edge::Node::start(common::config(
+            dir.path(),
+            &[("edge.retry_above_per_s", "0")],
+        ))
+        .await
+        .unwrap(),
+        dir,
+    };
+    drop(connect_with(&node, 1, &tls).await);
+    assert_eq!(retries(&node), 0, "a token from before the restart holds");
+
+    let node = common::start(&[
+        ("edge.retry_above_per_s", "0"),
+        ("edge.address_tokens", "0"),
+    ])
+    .await;
+    node.chat(1, &[1, 2]).await;
+    let tls = ClientTls::new(&node.node.cert_pem).unwrap();
+    for _ in 0..2 {
+        drop(connect_with(&node, 1, &tls).await);
+    }
+    assert_eq!(retries(&node), 2, "no tokens given: every connect is asked");
+}
