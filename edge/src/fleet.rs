@@ -198,7 +198,6 @@ pub fn endpoint_config(secret: &[u8]) -> quinn_proto::EndpointConfig {
     cfg
 }
 
-/// The stateless-reset key and the connection-id check key of the fleet.
 /// The key of the fleet's QUIC address-validation tokens (Retry tokens,
 /// and the NEW_TOKEN tokens an edge gives each device for its next
 /// connect), derived from the fleet secret like the endpoint keys: a token
@@ -212,6 +211,7 @@ pub fn address_token_key(
     std::sync::Arc::new(salt.extract(secret))
 }
 
+/// The stateless-reset key and the connection-id check key of the fleet.
 fn endpoint_keys(secret: &[u8]) -> (ring::hmac::Key, u64) {
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tiercast/endpoint-keys/v1");
     let prk = salt.extract(secret);

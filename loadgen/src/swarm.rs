@@ -373,10 +373,9 @@ struct Dev {
     index: usize,
     token: String,
     label: String,
-    tls: Arc<quinn::crypto::rustls::QuicClientConfig>,
-    /// The device's QUIC address-validation tokens, kept across its
-    /// connects as its TLS tickets are.
-    tokens: Arc<quinn_proto::TokenMemoryCache>,
+    /// The device's TLS tickets and QUIC address-validation tokens, kept
+    /// across its connects as the SDK keeps them.
+    tls: tiercast_client::tls::ClientTls,
     policy: Reconnect,
     addr: SocketAddr,
     client_id: u64,
@@ -552,8 +551,7 @@ impl Shard {
                     index,
                     token: spec.token,
                     label: spec.device,
-                    tls,
-                    tokens: Arc::new(quinn_proto::TokenMemoryCache::new(2, 8)),
+                    tls: tiercast_client::tls::ClientTls::from_crypto(tls),
                     policy,
                     addr,
                     client_id: spec.client_id,
@@ -894,9 +892,9 @@ impl Shard {
     fn connect(&mut self, local: usize) {
         let now = self.now;
         let d = &mut self.devs[local];
-        let mut qcfg = quinn_proto::ClientConfig::new(d.tls.clone());
+        let mut qcfg = quinn_proto::ClientConfig::new(d.tls.0.clone());
         qcfg.transport_config(self.transport.clone());
-        qcfg.token_store(d.tokens.clone());
+        qcfg.token_store(d.tls.tokens());
         let addr = d.addr;
         let started_ms = unix_ms();
         match self

@@ -2,6 +2,7 @@
 //! state in a table by connection handle, a timer wheel, and the loop that
 //! drives them all. See the module above for the design.
 
+use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -185,6 +186,12 @@ struct Conn {
 impl Conn {
     fn client_id(&self) -> u64 {
         self.registered.map_or(0, |(_, c)| c)
+    }
+
+    /// A setup stage ended at `now`: its time since the last one into `h`.
+    fn stage_done(&mut self, now: Instant, h: &Histogram) {
+        h.observe(now.saturating_duration_since(self.since).as_secs_f64());
+        self.since = now;
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
@@ -691,10 +698,8 @@ impl Shard {
             detaches.spawn(async move { session::detach(&shared, &peer, conn_id).await });
             return;
         };
-        let m = &ctx.shared.metrics;
-        m.handshakes.inc();
-        m.hello_seconds
-            .observe(ctx.now.saturating_duration_since(c.since).as_secs_f64());
+        ctx.shared.metrics.handshakes.inc();
+        c.stage_done(ctx.now, &ctx.shared.metrics.hello_seconds);
         c.phase = Phase::Live;
         c.busy = false;
         // The connection lives as long as its token: then it ends with
@@ -929,10 +934,7 @@ fn on_event(ctx: &mut Ctx, limits: &Limits, key: usize, c: &mut Conn, event: Eve
             if c.handshake.take().is_some() {
                 ctx.shared.metrics.handshakes_in_flight.dec();
             }
-            let m = &ctx.shared.metrics;
-            m.handshake_seconds
-                .observe(now.saturating_duration_since(c.since).as_secs_f64());
-            c.since = now;
+            c.stage_done(now, &ctx.shared.metrics.handshake_seconds);
             // A connection slot only once the handshake is done.
             let Ok(slot) = limits.slots.clone().try_acquire_owned() else {
                 let m = &ctx.shared.metrics;
@@ -1019,24 +1021,19 @@ fn app_timeout(ctx: &mut Ctx, key: usize, c: &mut Conn) {
         // packets wait) must come back: `unavailable`, which the SDK
         // reconnects after, not `protocol_violation`, which ends its
         // session for good. Its state goes either way.
-        Phase::AwaitStream => {
+        Phase::AwaitStream | Phase::AwaitHello => {
             ctx.shared.metrics.abandoned("hello_timeout");
+            let missing = if c.phase == Phase::AwaitStream {
+                "control stream"
+            } else {
+                "Hello"
+            };
             fatal(
                 ctx,
                 key,
                 c,
                 ErrorCode::Unavailable,
-                "no control stream within edge.hello_timeout_ms; reconnect".into(),
-            )
-        }
-        Phase::AwaitHello => {
-            ctx.shared.metrics.abandoned("hello_timeout");
-            fatal(
-                ctx,
-                key,
-                c,
-                ErrorCode::Unavailable,
-                "no Hello within edge.hello_timeout_ms; reconnect".into(),
+                format!("no {missing} within edge.hello_timeout_ms; reconnect"),
             )
         }
         Phase::Live => fatal(
@@ -1246,11 +1243,7 @@ fn read_requests(ctx: &mut Ctx, key: usize, c: &mut Conn) {
             }
         };
         if c.phase == Phase::AwaitHello {
-            ctx.shared
-                .metrics
-                .hello_wait_seconds
-                .observe(ctx.now.saturating_duration_since(c.since).as_secs_f64());
-            c.since = ctx.now;
+            c.stage_done(ctx.now, &ctx.shared.metrics.hello_wait_seconds);
             c.phase = Phase::Attaching;
             c.app_deadline = None;
             c.busy = true;
