@@ -107,14 +107,29 @@ impl ClientError {
     }
 }
 
+/// What a refused connection reports (QUIC's `CONNECTION_REFUSED` has no
+/// reason of its own).
+pub const REFUSED: &str = "the edge refused the connection: no room for another handshake now";
+
 /// The error an app sees for a connection that ended with `e` (the edge's
-/// close code and reason, when it gave them).
+/// close code and reason, when it gave them). QUIC's own
+/// `CONNECTION_REFUSED`, which an edge sends to a new connection it has no
+/// room for, is [`ErrorCode::Unavailable`]: the edge shed load
+/// ([`crate::resume::is_shed`]).
 pub fn closed(e: &quinn::ConnectionError) -> ClientError {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => ClientError::Closed {
             code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),
             reason: String::from_utf8_lossy(&c.reason).into_owned(),
         },
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            ClientError::Refused {
+                code: ErrorCode::Unavailable,
+                message: REFUSED.into(),
+            }
+        }
         e => ClientError::Closed {
             code: ErrorCode::Unspecified,
             reason: e.to_string(),
@@ -261,7 +276,10 @@ impl Client {
         let conn = tokio::time::timeout(cfg.request_timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout(cfg.request_timeout))?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|e| match closed(&e) {
+                shed @ ClientError::Refused { .. } => shed,
+                _ => ClientError::Connect(e.to_string()),
+            })?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
         let hello = ClientFrame::new(
             0,

@@ -4,8 +4,12 @@
 //! tries the next edge in the list; a drain moves on after the edge's own
 //! delay; a lost connection goes to a random *other* edge, so the devices
 //! of an edge that died spread over the rest instead of all moving to the
-//! next one in their lists. Time and chance come in as arguments: the
-//! caller sleeps, and the tests draw from a seeded generator.
+//! next one in their lists; an edge that shed load (it refused the
+//! connection: no room) is left for longer, on a second backoff with a
+//! higher base and cap, so that a storm of devices spreads out instead of
+//! coming back to be refused again and again. Time and chance come in as
+//! arguments: the caller sleeps, and the tests draw from a seeded
+//! generator.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,12 +25,23 @@ pub fn full_jitter(rng: &mut impl Rng, base: Duration, cap: Duration, attempt: u
     Duration::from_millis(if ms == 0 { 0 } else { rng.random_range(0..=ms) })
 }
 
+/// The shed backoff's defaults: a refused device's first retry comes
+/// within 2 s, and after five refusals in a row it waits up to a minute
+/// (a refused attempt costs the device a whole connection built and
+/// dropped, and the edge a packet decrypted and answered: at 100,000
+/// devices, refusals at the failure backoff's 5 s cap take both processes'
+/// CPU, docs/benchmarks.md).
+pub const SHED_BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const SHED_BACKOFF_CAP: Duration = Duration::from_secs(60);
+
 /// Where and when to connect next.
 #[derive(Debug, Clone)]
 pub struct Reconnect {
     edges: Vec<SocketAddr>,
     base: Duration,
     cap: Duration,
+    shed_base: Duration,
+    shed_cap: Duration,
     /// Index (modulo the edges) of the edge to try.
     edge: usize,
     /// Consecutive failures since the last connection.
@@ -41,9 +56,20 @@ impl Reconnect {
             edges,
             base,
             cap,
+            shed_base: SHED_BACKOFF_BASE,
+            shed_cap: SHED_BACKOFF_CAP,
             edge: 0,
             failures: 0,
         }
+    }
+
+    /// The backoff after the edge shed load ([`Reconnect::shed`]) instead
+    /// of [`SHED_BACKOFF_BASE`] and [`SHED_BACKOFF_CAP`].
+    #[must_use]
+    pub fn with_shed_backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.shed_base = base;
+        self.shed_cap = cap;
+        self
     }
 
     /// The edge to try now.
@@ -62,6 +88,16 @@ impl Reconnect {
         self.failures = self.failures.saturating_add(1);
         self.edge += 1;
         let delay = full_jitter(rng, self.base, self.cap, self.failures);
+        (self.edge(), delay)
+    }
+
+    /// The edge shed load (it refused the connect, `unavailable`): the next
+    /// edge, after the shed backoff, whose ceiling grows with the same
+    /// count of consecutive failures.
+    pub fn shed(&mut self, rng: &mut impl Rng) -> (SocketAddr, Duration) {
+        self.failures = self.failures.saturating_add(1);
+        self.edge += 1;
+        let delay = full_jitter(rng, self.shed_base, self.shed_cap, self.failures);
         (self.edge(), delay)
     }
 
@@ -136,6 +172,46 @@ mod tests {
             let mut again = r.clone();
             assert!(again.connect_failed(&mut rng).1 <= Duration::from_millis(200));
         }
+    }
+
+    #[test]
+    fn a_shed_device_waits_on_the_longer_backoff_and_a_connection_ends_it() {
+        let e = edges(2);
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        let fresh = Reconnect::new(
+            e.clone(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        );
+        assert_eq!(fresh.shed_base, SHED_BACKOFF_BASE);
+        assert_eq!(fresh.shed_cap, SHED_BACKOFF_CAP);
+        let mut tried = Vec::new();
+        let mut longest = [Duration::ZERO; 9];
+        for seed in 0..200 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut r = fresh.clone().with_shed_backoff(base, cap);
+            for (n, most) in longest.iter_mut().enumerate() {
+                let (addr, delay) = r.shed(&mut rng);
+                if seed == 0 {
+                    tried.push(addr);
+                }
+                // Under the shed ceiling: base * 2^n, capped.
+                let ceiling = (base * (1 << (n + 1))).min(cap);
+                assert!(delay <= ceiling, "refusal {}: {delay:?}", n + 1);
+                *most = (*most).max(delay);
+            }
+            // A connection starts the count over; a plain failure after it
+            // is on the short backoff again.
+            r.connected();
+            assert!(r.connect_failed(&mut rng).1 <= Duration::from_millis(200));
+        }
+        // Refusals also walk the list of edges.
+        assert_eq!(tried[..4], [e[1], e[0], e[1], e[0]]);
+        // The waits use their range: past the failure backoff's 5 s cap from
+        // the third refusal on, and up to the shed cap at the end.
+        assert!(longest[2] > Duration::from_secs(5), "{longest:?}");
+        assert!(longest[8] > Duration::from_secs(50), "{longest:?}");
+        assert!(longest.iter().all(|d| *d <= cap));
     }
 
     #[test]

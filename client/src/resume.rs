@@ -40,6 +40,15 @@ pub fn ends_session(e: &ClientError) -> bool {
     matches!(e.code(), Some(ErrorCode::ConnectionReplaced))
 }
 
+/// The edge shed load: it refused a new connection (QUIC's
+/// `CONNECTION_REFUSED`, past its handshakes in flight), closed one it had
+/// no slot for, or could not serve the Hello. Coming back soon only adds
+/// to its load, so a reconnect waits on the longer shed backoff
+/// ([`crate::reconnect::Reconnect::shed`]).
+pub fn is_shed(e: &ClientError) -> bool {
+    e.code() == Some(ErrorCode::Unavailable)
+}
+
 /// Errors a request is retried after (on the next connection).
 pub fn is_retryable(e: &ClientError) -> bool {
     match e {

@@ -31,7 +31,7 @@ use crate::connection::{Client, ClientConfig, ClientError, Delivery, SendOk};
 use crate::reconnect::Reconnect;
 use crate::reorder::Reorder;
 use crate::resume::{
-    Pinned, ResumePlan, SYNC_BATCH, State, advance, ends_session, is_fatal, is_retryable,
+    Pinned, ResumePlan, SYNC_BATCH, State, advance, ends_session, is_fatal, is_retryable, is_shed,
     resume_snapshot,
 };
 
@@ -56,6 +56,11 @@ pub struct SessionConfig {
     /// `0..=min(cap, base * 2^n)` ("full jitter").
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// The backoff after an edge shed load (it refused the connect:
+    /// `unavailable`), the same full jitter with its own base and cap
+    /// (defaults 1 s and 60 s, [`crate::reconnect::SHED_BACKOFF_BASE`]).
+    pub shed_backoff_base: Duration,
+    pub shed_backoff_cap: Duration,
     /// Messages per conversation per Sync page.
     pub sync_limit: u32,
     /// How far before a cursor a resume syncs from.
@@ -94,6 +99,8 @@ impl SessionConfig {
             token: Arc::new(move || token.clone()),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
+            shed_backoff_base: crate::reconnect::SHED_BACKOFF_BASE,
+            shed_backoff_cap: crate::reconnect::SHED_BACKOFF_CAP,
             sync_limit: 200,
             resync_window: Duration::from_secs(3),
             endpoint: None,
@@ -131,6 +138,9 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct SessionStats {
     pub connects: AtomicU64,
+    /// Connects the edge shed (refused for load), each followed by the
+    /// shed backoff.
+    pub shed: AtomicU64,
     /// Message frames received (live, inbox or sync), before deduplication.
     pub received: AtomicU64,
     /// Of those, dropped as already seen.
@@ -394,7 +404,8 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
         Some(t) => Some(t.clone()),
         None => crate::tls::ClientTls::new(&cfg.client.trusted_pem).ok(),
     };
-    let mut policy = Reconnect::new(cfg.edges.clone(), cfg.backoff_base, cfg.backoff_cap);
+    let mut policy = Reconnect::new(cfg.edges.clone(), cfg.backoff_base, cfg.backoff_cap)
+        .with_shed_backoff(cfg.shed_backoff_base, cfg.shed_backoff_cap);
     let mut addr = policy.edge();
     let mut delay = Duration::ZERO;
     while !inner.closing() {
@@ -417,6 +428,12 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             Err(e) if is_fatal(&e) => {
                 let _ = events.send(Event::Stopped { error: e }).await;
                 return;
+            }
+            Err(e) if is_shed(&e) => {
+                tracing::debug!(%addr, error = %e, "edge shed load; backing off longer");
+                inner.stats.shed.fetch_add(1, Ordering::Relaxed);
+                (addr, delay) = policy.shed(&mut rand::rng());
+                continue;
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "connect failed; backing off");

@@ -225,6 +225,9 @@ pub struct ConnectFigures {
     pub max_ms: f64,
     pub rate_per_s: f64,
     pub seconds: f64,
+    /// Connects over the whole run that an edge shed (refused for load,
+    /// `unavailable`), each followed by the devices' shed backoff.
+    pub shed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -548,6 +551,13 @@ impl RunReport {
             "connect: {}/{} in {:.1} s ({:.0}/s), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             c.connected, c.connections, c.seconds, c.rate_per_s, c.p50_ms, c.p99_ms, c.max_ms
         );
+        if c.shed > 0 {
+            let _ = writeln!(
+                out,
+                "connects shed by the edges (refused for load, then the shed backoff): {}",
+                c.shed
+            );
+        }
         let sv = &self.servers;
         if let Some(cpu) = sv.cpu_s {
             let rss_per_connection = sv

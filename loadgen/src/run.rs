@@ -355,6 +355,8 @@ async fn connect(
             cfg.loss = opts.client_loss;
             cfg.dropped = dropped.clone();
             cfg.idle_timeout = Duration::from_secs_f64(s.device_idle_timeout_s);
+            cfg.shed_backoff_base = Duration::from_secs_f64(s.device_shed_backoff_base_s);
+            cfg.shed_backoff_cap = Duration::from_secs_f64(s.device_shed_backoff_cap_s);
             let sink = Arc::new(LogSink {
                 logs: logs.clone(),
                 base,
@@ -397,6 +399,8 @@ async fn connect(
                 cfg.client.device = sim.label("loadgen");
                 cfg.client.server_name = opts.server_name.clone();
                 cfg.client.idle_timeout = Duration::from_secs_f64(s.device_idle_timeout_s);
+                cfg.shed_backoff_base = Duration::from_secs_f64(s.device_shed_backoff_base_s);
+                cfg.shed_backoff_cap = Duration::from_secs_f64(s.device_shed_backoff_cap_s);
                 let (session, events) = Session::start(cfg);
                 tokio::spawn(consume(
                     events,
@@ -854,6 +858,9 @@ fn tally_into(
         max_ms: quantile(&mut connect_us, 1.0) as f64 / 1e3,
         rate_per_s: fleet.connected as f64 / fleet.connect_elapsed.as_secs_f64(),
         seconds: fleet.connect_elapsed.as_secs_f64(),
+        shed: (0..fleet.devices.len())
+            .map(|d| fleet.stats(d).shed.load(Ordering::Relaxed))
+            .sum(),
     };
     let mut histograms: Vec<(String, Histogram<u64>)> = tally
         .latency

@@ -36,6 +36,12 @@ pub struct Scenario {
     /// it (100,000 devices at the default 4 s: 75,000 packets/s each way).
     #[serde(default = "default_idle")]
     pub device_idle_timeout_s: f64,
+    /// Each device's shed backoff (after an edge refused it for load), as
+    /// the SDK's `SessionConfig::shed_backoff_base` and `_cap`.
+    #[serde(default = "default_shed_base")]
+    pub device_shed_backoff_base_s: f64,
+    #[serde(default = "default_shed_cap")]
+    pub device_shed_backoff_cap_s: f64,
     pub rate: Rate,
     /// Rate steps after the warm-up, in order (their durations add up to
     /// `duration_s`); empty: `rate` throughout. The warm-up runs at `rate`.
@@ -63,6 +69,12 @@ fn default_settle() -> f64 {
 }
 fn default_idle() -> f64 {
     4.0
+}
+fn default_shed_base() -> f64 {
+    tiercast_client::reconnect::SHED_BACKOFF_BASE.as_secs_f64()
+}
+fn default_shed_cap() -> f64 {
+    tiercast_client::reconnect::SHED_BACKOFF_CAP.as_secs_f64()
 }
 fn one_f() -> f64 {
     1.0
@@ -205,6 +217,16 @@ impl Scenario {
         if !(1.0..=30.0).contains(&self.device_idle_timeout_s) {
             return Err(
                 "device_idle_timeout_s must be 1..=30 (the edge's own idle timeout caps it)".into(),
+            );
+        }
+        let (base, cap) = (
+            self.device_shed_backoff_base_s,
+            self.device_shed_backoff_cap_s,
+        );
+        if !(0.01..=600.0).contains(&base) || !(base..=600.0).contains(&cap) {
+            return Err(
+                "device_shed_backoff_base_s must be 0.01..=600 and device_shed_backoff_cap_s base..=600"
+                    .into(),
             );
         }
         if !(self.connect_rate.is_finite() && self.connect_rate > 0.0) {
@@ -380,6 +402,18 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("bogus"), "{e}");
+        let group = "[[conversations]]\nname = \"g\"\ncount = 1\nsize_min = 2\n";
+        let e = scenario(&format!(
+            "{base}\ndevice_shed_backoff_base_s = 2\ndevice_shed_backoff_cap_s = 1\n{group}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("device_shed_backoff_cap_s"), "{e}");
+        let s = scenario(&format!("{base}\n{group}")).unwrap();
+        assert_eq!(
+            (s.device_shed_backoff_base_s, s.device_shed_backoff_cap_s),
+            (1.0, 60.0),
+            "the SDK's shed backoff by default"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tiercast_client::reconnect::Reconnect;
 use tiercast_client::reorder::Reorder;
 use tiercast_client::resume::{
     self, Pinned, ResumePlan, SYNC_BATCH, State, advance, ends_session, is_fatal, is_retryable,
-    resume_snapshot,
+    is_shed, resume_snapshot,
 };
 use tiercast_client::{ClientError, Event, SendOk, SessionStats};
 use tiercast_edge::core::io::{Batch, FrameReader, Socket, Wheel};
@@ -58,6 +58,10 @@ pub struct SwarmConfig {
     pub request_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// The backoff after an edge shed load (the SDK's
+    /// `SessionConfig::shed_backoff_base` and `_cap`).
+    pub shed_backoff_base: Duration,
+    pub shed_backoff_cap: Duration,
     pub sync_limit: u32,
     pub resync_window: Duration,
     pub reorder_window: Duration,
@@ -81,6 +85,8 @@ impl SwarmConfig {
             request_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
+            shed_backoff_base: tiercast_client::reconnect::SHED_BACKOFF_BASE,
+            shed_backoff_cap: tiercast_client::reconnect::SHED_BACKOFF_CAP,
             sync_limit: 200,
             resync_window: Duration::from_secs(3),
             reorder_window: Duration::from_millis(20),
@@ -545,7 +551,8 @@ impl Shard {
                     spec.edges.clone(),
                     self.cfg.backoff_base,
                     self.cfg.backoff_cap,
-                );
+                )
+                .with_shed_backoff(self.cfg.shed_backoff_base, self.cfg.shed_backoff_cap);
                 let addr = policy.edge();
                 self.devs.push(Dev {
                     index,
@@ -977,6 +984,13 @@ impl Shard {
             match ended {
                 Ended::Lost(e) if is_fatal(&e) => self.stop(local, e),
                 Ended::Closed => {}
+                Ended::Lost(e) if is_shed(&e) => {
+                    let d = &mut self.devs[local];
+                    d.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    let (addr, delay) = d.policy.shed(&mut self.rng);
+                    d.addr = addr;
+                    d.connect_at = Some(now + delay);
+                }
                 _ => {
                     let d = &mut self.devs[local];
                     let (addr, delay) = d.policy.connect_failed(&mut self.rng);

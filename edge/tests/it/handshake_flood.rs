@@ -22,6 +22,11 @@ const SOURCES: usize = 64;
 
 /// `INITIALS` first datagrams of new client connections to `edge`.
 fn initials(edge: std::net::SocketAddr, pem: &str) -> Vec<Vec<u8>> {
+    some_initials(edge, pem, INITIALS)
+}
+
+/// `n` first datagrams of new client connections to `edge`.
+fn some_initials(edge: std::net::SocketAddr, pem: &str, n: usize) -> Vec<Vec<u8>> {
     let crypto = tiercast_client::tls::client_crypto(pem).unwrap();
     let mut ep = quinn_proto::Endpoint::new(
         Arc::new(quinn_proto::EndpointConfig::default()),
@@ -30,8 +35,8 @@ fn initials(edge: std::net::SocketAddr, pem: &str) -> Vec<Vec<u8>> {
         None,
     );
     let now = Instant::now();
-    let mut out = Vec::with_capacity(INITIALS);
-    for _ in 0..INITIALS {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
         let cfg = quinn_proto::ClientConfig::new(crypto.clone());
         let (_, mut conn) = ep.connect(now, cfg, edge, "localhost").unwrap();
         let mut buf = Vec::with_capacity(1500);
@@ -175,4 +180,97 @@ async fn a_handshake_flood_keeps_memory_bounded_and_devices_served() {
         capped["handshakes_refused"].as_u64().unwrap() > 0,
         "{capped}"
     );
+}
+
+/// An edge with no room for another handshake refuses a new connection
+/// with QUIC's CONNECTION_REFUSED. The SDK reports it as `unavailable`
+/// (the edge shed load, `is_shed`), and a session counts every such
+/// refusal and retries on its shed backoff (the policy's delays are
+/// checked in `reconnect`'s unit tests) until there is room: each of the
+/// edge's refusals after the flood is one of the session's, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_refused_for_load_is_told_unavailable_and_waits_on_the_shed_backoff() {
+    use tiercast_client::ClientError;
+    use tiercast_client::resume::is_shed;
+    use tiercast_schemas::wire::ErrorCode;
+
+    const SLOTS: u64 = 8;
+    const FLOOD: usize = 24;
+    let t = start(&[
+        ("edge.retry_above_per_s", "1000000"),
+        ("edge.max_handshakes_in_flight", "8"),
+        ("edge.hello_timeout_ms", "3000"),
+    ])
+    .await;
+    t.chat(1, &[1, 2]).await;
+    let metrics = |name: &str| common::metric(&t.node.metrics(), name);
+    // Handshakes that never finish take every slot; the rest are refused.
+    flood_slots(&t, FLOOD);
+    let refused_by_flood = FLOOD as u64 - SLOTS;
+    wait_for("the flood to fill the slots", &|| {
+        metrics("tiercast_edge_handshakes_in_flight ") == SLOTS
+            && metrics("tiercast_edge_handshakes_refused_total") == refused_by_flood
+    })
+    .await;
+
+    // A connect now: refused, and told why.
+    let e = match tiercast_client::Client::connect(t.client_config(1, 10).await).await {
+        Err(e) => e,
+        Ok(_) => panic!("connected with no slot free"),
+    };
+    assert_eq!(
+        e,
+        ClientError::Refused {
+            code: ErrorCode::Unavailable,
+            message: tiercast_client::connection::REFUSED.into(),
+        }
+    );
+    assert!(is_shed(&e));
+    assert_eq!(
+        metrics("tiercast_edge_handshakes_refused_total"),
+        refused_by_flood + 1
+    );
+
+    // A session: refused while the flood holds the slots, then in once the
+    // flood's handshakes give up (hello_timeout_ms).
+    let mut cfg = t.session_config(2, 20).await;
+    cfg.shed_backoff_base = Duration::from_millis(100);
+    cfg.shed_backoff_cap = Duration::from_millis(400);
+    let device = common::Device::start(cfg);
+    device
+        .wait_until("the session in, after the flood", WAIT, |l| l.connects == 1)
+        .await;
+    let shed = device.session.stats().shed.load(Ordering::Relaxed);
+    assert!(shed >= 1, "the session was never refused");
+    assert_eq!(
+        metrics("tiercast_edge_handshakes_refused_total"),
+        refused_by_flood + 1 + shed,
+        "every refusal after the flood was one of the session's, counted as shed"
+    );
+    // And it is served.
+    let (a, _ra) = t.device(1, 11).await;
+    let sent = a.send(1, 1, Bytes::from_static(b"in")).await.unwrap();
+    device
+        .wait_until("the message", WAIT, |l| {
+            l.messages.iter().any(|m| m.id == sent.message_id)
+        })
+        .await;
+    t.node.shutdown().await;
+}
+
+/// Sends `n` first packets of handshakes that never go further.
+fn flood_slots(t: &common::TestNode, n: usize) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for p in some_initials(t.node.quic_addr, &t.node.cert_pem, n) {
+        socket.send_to(&p, t.node.quic_addr).unwrap();
+    }
+}
+
+/// Polls `ok` until it holds (bounded by `WAIT`).
+async fn wait_for(what: &str, ok: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
