@@ -108,8 +108,9 @@ impl ClientError {
 }
 
 /// What a refused connection reports (QUIC's `CONNECTION_REFUSED` has no
-/// reason of its own).
-pub const REFUSED: &str = "the edge refused the connection: no room for another handshake now";
+/// reason of its own: the edge's handshake slots were full, or it is
+/// shutting down).
+pub const REFUSED: &str = "the edge refused the connection: no room for it now";
 
 /// The error an app sees for a connection that ended with `e` (the edge's
 /// close code and reason, when it gave them). QUIC's own

@@ -979,21 +979,21 @@ impl Shard {
         let d = &mut self.devs[local];
         d.resume = ResumeStep::Idle;
         if !was_live {
-            // A failed connect: no event, the next edge after a backoff;
-            // a refusal no reconnect can help ends the session.
+            // A failed connect: no event, the next edge after a backoff (the
+            // longer one if the edge shed load); a refusal no reconnect can
+            // help ends the session.
             match ended {
                 Ended::Lost(e) if is_fatal(&e) => self.stop(local, e),
                 Ended::Closed => {}
-                Ended::Lost(e) if is_shed(&e) => {
+                ended => {
                     let d = &mut self.devs[local];
-                    d.stats.shed.fetch_add(1, Ordering::Relaxed);
-                    let (addr, delay) = d.policy.shed(&mut self.rng);
-                    d.addr = addr;
-                    d.connect_at = Some(now + delay);
-                }
-                _ => {
-                    let d = &mut self.devs[local];
-                    let (addr, delay) = d.policy.connect_failed(&mut self.rng);
+                    let (addr, delay) = match ended {
+                        Ended::Lost(e) if is_shed(&e) => {
+                            d.stats.shed.fetch_add(1, Ordering::Relaxed);
+                            d.policy.shed(&mut self.rng)
+                        }
+                        _ => d.policy.connect_failed(&mut self.rng),
+                    };
                     d.addr = addr;
                     d.connect_at = Some(now + delay);
                 }
