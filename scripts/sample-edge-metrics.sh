@@ -13,7 +13,7 @@ set -uo pipefail
 end=$((SECONDS + ${1:-400}))
 pid=""
 port=""
-names='^tiercast_edge_(connections|handshakes_in_flight|handshakes_refused_total|retries_sent_total|handshakes_total|tls_resumptions_total|setups_abandoned_total\{[^}]*\}|(handshake|hello|hello_wait|hello_register|hello_attach)_seconds_(sum|count|bucket\{[^}]*\})) '
+names='^tiercast_edge_(datagrams_received_total|datagrams_sent_total|send_calls_total|deliveries_total|connections|handshakes_in_flight|handshakes_refused_total|retries_sent_total|handshakes_total|tls_resumptions_total|setups_abandoned_total\{[^}]*\}|(handshake|hello|hello_wait|hello_register|hello_attach)_seconds_(sum|count|bucket\{[^}]*\})) '
 while [ "$SECONDS" -lt "$end" ]; do
     p=$(pgrep -f "tiercast[^ ]* edge --ready-json" | head -1)
     if [ -z "$p" ]; then

@@ -79,8 +79,14 @@ pub enum ClientError {
     Connect(String),
     /// The edge refused the request (or, for connection-level codes, the
     /// connection).
+    /// `retry_after`: when the edge said it will have room (a connection
+    /// it refused for load, `retry-after-ms=` in QUIC's reason phrase).
     #[error("refused: {code}: {message}")]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        code: ErrorCode,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// `rate_limited`: the request may be made again after `retry_after`.
     #[error("rate limited (retry after {retry_after:?}): {message}")]
     RateLimited {
@@ -107,10 +113,24 @@ impl ClientError {
     }
 }
 
-/// What a refused connection reports (QUIC's `CONNECTION_REFUSED` has no
-/// reason of its own: the edge's handshake slots were full, or it is
-/// shutting down).
+/// What a refused connection reports (QUIC's `CONNECTION_REFUSED`: the
+/// edge's handshake slots were full, or it is shutting down).
 pub const REFUSED: &str = "the edge refused the connection: no room for it now";
+
+/// The wait an edge put in the reason phrase of its `CONNECTION_REFUSED`
+/// (`retry-after-ms=N`: when its handshake slots will have room for this
+/// device). None for any other reason, or a number out of range.
+pub fn refusal_retry_after(reason: &[u8]) -> Option<Duration> {
+    let digits = reason.strip_prefix(RETRY_AFTER_PREFIX.as_bytes())?;
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ms: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// The prefix of a paced refusal's reason phrase (`edge/src/core/pacer.rs`).
+pub const RETRY_AFTER_PREFIX: &str = "retry-after-ms=";
 
 /// The error an app sees for a connection that ended with `e` (the edge's
 /// close code and reason, when it gave them). QUIC's own
@@ -129,6 +149,7 @@ pub fn closed(e: &quinn::ConnectionError) -> ClientError {
             ClientError::Refused {
                 code: ErrorCode::Unavailable,
                 message: REFUSED.into(),
+                retry_after: refusal_retry_after(&c.reason),
             }
         }
         e => ClientError::Closed {
@@ -312,7 +333,13 @@ impl Client {
             Ok(Some(ServerFrame {
                 body: ServerBody::Error { code, message, .. },
                 ..
-            })) => return Err(ClientError::Refused { code, message }),
+            })) => {
+                return Err(ClientError::Refused {
+                    code,
+                    message,
+                    retry_after: None,
+                });
+            }
             Ok(other) => {
                 return Err(match conn.close_reason() {
                     Some(e) => closed(&e),
@@ -379,9 +406,11 @@ impl Client {
                 retry_after: Duration::from_millis(u64::from(retry_after_ms)),
                 message,
             }),
-            Ok(Ok(ServerBody::Error { code, message, .. })) => {
-                Err(ClientError::Refused { code, message })
-            }
+            Ok(Ok(ServerBody::Error { code, message, .. })) => Err(ClientError::Refused {
+                code,
+                message,
+                retry_after: None,
+            }),
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(self.close_error()),
             Err(_) => {
@@ -714,4 +743,63 @@ pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_turn_is_read_only_from_its_exact_form() {
+        let turn = |r: &str| refusal_retry_after(r.as_bytes());
+        assert_eq!(turn("retry-after-ms=0"), Some(Duration::ZERO));
+        assert_eq!(
+            turn("retry-after-ms=59999"),
+            Some(Duration::from_millis(59_999))
+        );
+        // Anything else is a refusal without a turn: the shed backoff.
+        for bad in [
+            "",
+            "retry-after-ms=",
+            "retry-after-ms=-5",
+            "retry-after-ms=1.5",
+            "retry-after-ms=12 ms",
+            "retry-after-ms=1234567890",
+            "Retry-After-Ms=10",
+            " retry-after-ms=10",
+            "edge full; try another edge",
+        ] {
+            assert_eq!(turn(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn quics_refusal_is_unavailable_with_the_edges_turn_if_it_gave_one() {
+        let refused = |reason: &'static [u8]| {
+            closed(&quinn::ConnectionError::ConnectionClosed(
+                quinn::ConnectionClose {
+                    error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+                    frame_type: None,
+                    reason: bytes::Bytes::from_static(reason),
+                },
+            ))
+        };
+        assert_eq!(
+            refused(b"retry-after-ms=250"),
+            ClientError::Refused {
+                code: ErrorCode::Unavailable,
+                message: REFUSED.into(),
+                retry_after: Some(Duration::from_millis(250)),
+            }
+        );
+        let bare = refused(b"");
+        assert_eq!(bare.code(), Some(ErrorCode::Unavailable));
+        assert!(matches!(
+            bare,
+            ClientError::Refused {
+                retry_after: None,
+                ..
+            }
+        ));
+    }
 }

@@ -101,6 +101,18 @@ impl Reconnect {
         (self.edge(), delay)
     }
 
+    /// The edge shed load and said when it will have room for this device
+    /// (`after`, the turn its pacer handed out): the same edge then, plus
+    /// up to a tenth more of jitter, at most the shed backoff's cap. It
+    /// still counts as a failure, so a refusal without a turn that follows
+    /// waits on the grown shed backoff.
+    pub fn shed_until(&mut self, rng: &mut impl Rng, after: Duration) -> (SocketAddr, Duration) {
+        self.failures = self.failures.saturating_add(1);
+        let spread = u64::try_from(after.as_micros() / 10).unwrap_or(u64::MAX);
+        let jitter = Duration::from_micros(rng.random_range(0..=spread));
+        (self.edge(), (after + jitter).min(self.shed_cap))
+    }
+
     /// The edge drained this device: the next edge, after the delay the
     /// edge chose (it spreads its devices over time).
     pub fn drained(&mut self, after: Duration) -> (SocketAddr, Duration) {
@@ -172,6 +184,43 @@ mod tests {
             let mut again = r.clone();
             assert!(again.connect_failed(&mut rng).1 <= Duration::from_millis(200));
         }
+    }
+
+    #[test]
+    fn a_device_told_when_to_come_back_comes_back_then_to_the_same_edge() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let e = edges(3);
+        let mut r = Reconnect::new(
+            e.clone(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        )
+        .with_shed_backoff(Duration::from_secs(1), Duration::from_secs(60));
+        let after = Duration::from_millis(2_500);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let (addr, delay) = r.clone().shed_until(&mut rng, after);
+            assert_eq!(addr, e[0], "the edge that handed out the turn");
+            assert!(
+                (after..=after + after / 10).contains(&delay),
+                "{delay:?} outside the turn and its tenth"
+            );
+            seen.insert(delay);
+        }
+        assert!(seen.len() > 100, "jittered: {} distinct waits", seen.len());
+        // Never past the shed cap, whatever the edge says.
+        assert_eq!(
+            r.clone().shed_until(&mut rng, Duration::from_secs(600)).1,
+            Duration::from_secs(60)
+        );
+        // It counts as a failure: a refusal without a turn next waits on
+        // the shed backoff grown by one step (ceiling 1 s * 2^2).
+        r.shed_until(&mut rng, after);
+        for _ in 0..50 {
+            assert!(r.clone().shed(&mut rng).1 <= Duration::from_secs(4));
+        }
+        let max = (0..400).map(|_| r.clone().shed(&mut rng).1).max().unwrap();
+        assert!(max > Duration::from_secs(2), "ceiling not grown: {max:?}");
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub struct SessionStats {
     /// Connects the edge shed (refused for load), each followed by the
     /// shed backoff.
     pub shed: AtomicU64,
+    /// Of those, refusals that said when to come back (the edge's turn,
+    /// waited for instead of the shed backoff).
+    pub paced: AtomicU64,
     /// Message frames received (live, inbox or sync), before deduplication.
     pub received: AtomicU64,
     /// Of those, dropped as already seen.
@@ -432,7 +435,16 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             Err(e) if is_shed(&e) => {
                 tracing::debug!(%addr, error = %e, "edge shed load; backing off longer");
                 inner.stats.shed.fetch_add(1, Ordering::Relaxed);
-                (addr, delay) = policy.shed(&mut rand::rng());
+                (addr, delay) = match e {
+                    ClientError::Refused {
+                        retry_after: Some(after),
+                        ..
+                    } => {
+                        inner.stats.paced.fetch_add(1, Ordering::Relaxed);
+                        policy.shed_until(&mut rand::rng(), after)
+                    }
+                    _ => policy.shed(&mut rand::rng()),
+                };
                 continue;
             }
             Err(e) => {

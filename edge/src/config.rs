@@ -95,6 +95,12 @@ pub struct EdgeConfig {
     /// and a few KiB: 2,048 in flight is a second of both cores of a small
     /// edge, and bounded memory under a flood.
     pub max_handshakes_in_flight: usize,
+    /// A connection refused past `max_handshakes_in_flight` is told when
+    /// to come back (`retry-after-ms=N` in the refusal's reason phrase):
+    /// the next free turn at the rate the slots turn over, so the refused
+    /// devices return spread out, in order (`core::pacer`, ADR 0015).
+    /// false: a bare refusal, and the devices wait on their shed backoff.
+    pub pace_refusals: bool,
     /// Above this many new connections a second, a client must prove its
     /// address first (a QUIC Retry: one extra round trip) before the edge
     /// spends any crypto or state on it: a spoofed-source flood then costs
@@ -102,11 +108,18 @@ pub struct EdgeConfig {
     pub retry_above_per_s: u32,
     /// QUIC ACK frequency (draft-ietf-quic-ack-frequency, which quinn
     /// clients support): ask each device to acknowledge only every this
-    /// many ack-eliciting packets (or after its ack delay, at most 25 ms
-    /// on a short path). 0 keeps QUIC's default (every second packet). A
+    /// many ack-eliciting packets, or after `ack_delay_ms`. 0 keeps QUIC's
+    /// default (every second packet, and `ack_delay_ms` is not asked). A
     /// broadcast receiver's ACKs are most of what an edge receives; loss
     /// recovery still runs on the ACKs that come.
     pub ack_every: u32,
+    /// With `ack_every`: the longest a device may hold its ACK, asked as
+    /// is even where it exceeds the path's RTT (the patched quinn-proto,
+    /// ADR 0015). At 20 frames a second a device's packets come 50 ms
+    /// apart, so only a delay past that lets one ACK cover several. A
+    /// lost packet's retransmission and the probe timeout wait up to this
+    /// much longer.
+    pub ack_delay_ms: u64,
     /// I/O shards: each owns a UDP socket on the listen port
     /// (`SO_REUSEPORT`), its connections' QUIC state and one loop. 0: one
     /// per core. A client's connection stays on the shard its address
@@ -156,8 +169,10 @@ impl Default for EdgeConfig {
             drain_spread_ms: 5_000,
             drain_deadline_ms: 10_000,
             max_handshakes_in_flight: 2_048,
+            pace_refusals: true,
             retry_above_per_s: 2_000,
             ack_every: 0,
+            ack_delay_ms: 25,
             shards: 0,
             ticket_rotation_s: 6 * 3600,
             tickets_per_handshake: 4,
@@ -218,6 +233,9 @@ impl EdgeConfig {
         }
         if self.ack_every > 1_000 {
             return Err(InvalidSetting::new("edge.ack_every", "must be 0..=1000"));
+        }
+        if !(1..=1_000).contains(&self.ack_delay_ms) {
+            return Err(InvalidSetting::new("edge.ack_delay_ms", "must be 1..=1000"));
         }
         if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
             return Err(InvalidSetting::new(

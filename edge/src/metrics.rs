@@ -30,6 +30,11 @@ pub struct EdgeMetrics {
     pub reads: Counter,
     pub handshakes_in_flight: Gauge,
     pub handshakes_refused: Counter,
+    /// UDP datagrams the shards received and sent (a GSO batch counts
+    /// its segments), and the send calls that carried them.
+    pub datagrams_received: Counter,
+    pub datagrams_sent: Counter,
+    pub send_calls: Counter,
     pub retries_sent: Counter,
     pub tickets: crate::fleet::TicketCounts,
     /// From a message's acceptance (its id) to this edge handing it to
@@ -84,6 +89,9 @@ impl Default for EdgeMetrics {
             reads: Counter::default(),
             handshakes_in_flight: Gauge::default(),
             handshakes_refused: Counter::default(),
+            datagrams_received: Counter::default(),
+            datagrams_sent: Counter::default(),
+            send_calls: Counter::default(),
             retries_sent: Counter::default(),
             tickets: crate::fleet::TicketCounts::default(),
             fanout_delay_seconds: seconds_histogram(),
@@ -121,6 +129,21 @@ impl EdgeMetrics {
             "handshakes_refused",
             "Connection attempts refused: too many handshakes in flight, or the edge full",
             m.handshakes_refused.clone(),
+        );
+        r.register(
+            "datagrams_received",
+            "UDP datagrams received by the QUIC shards",
+            m.datagrams_received.clone(),
+        );
+        r.register(
+            "datagrams_sent",
+            "UDP datagrams sent by the QUIC shards (GSO segments counted one by one)",
+            m.datagrams_sent.clone(),
+        );
+        r.register(
+            "send_calls",
+            "Send system calls of the QUIC shards (sendmmsg, or one GSO send)",
+            m.send_calls.clone(),
         );
         r.register(
             "fanout_delay_seconds",

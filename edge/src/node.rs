@@ -151,9 +151,11 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
         let mut ack = quinn::AckFrequencyConfig::default();
         // The threshold is the packets a receiver may take without acking.
         ack.ack_eliciting_threshold((cfg.ack_every - 1).into());
-        // quinn-proto clamps what it requests to max(RTT, 25 ms): a longer
-        // delay would not be asked for on a short path anyway.
-        ack.max_ack_delay(Some(Duration::from_millis(25)));
+        // Asked as configured even above the RTT (a loopback or LAN path's
+        // RTT is far below a broadcast's frame interval): the patch of ADR
+        // 0015, without which quinn-proto asks max(RTT, 25 ms) at most.
+        ack.max_ack_delay(Some(Duration::from_millis(cfg.ack_delay_ms)));
+        ack.max_ack_delay_above_rtt(true);
         t.ack_frequency_config(Some(ack));
     }
     t

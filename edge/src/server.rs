@@ -19,6 +19,7 @@ use tiercast_schemas::envelope::{Envelope, Payload, Tier};
 use tiercast_schemas::wire::{ErrorCode, Message, ServerBody, ServerFrame};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::core::pacer::Pacer;
 use crate::core::{Cmd, ConnRef, Limits, Listener, Shard, Shards};
 
 use crate::config::EdgeConfig;
@@ -306,6 +307,10 @@ impl Edge {
         let limits = Limits {
             slots: Arc::new(Semaphore::new(shared.cfg.max_connections)),
             handshakes: Arc::new(Semaphore::new(shared.cfg.max_handshakes_in_flight)),
+            pacer: Arc::new(Pacer::new(
+                shared.cfg.max_handshakes_in_flight,
+                crate::core::pacer::HORIZON,
+            )),
             // New connections per second before addresses must be
             // validated (a stateless Retry, no crypto spent).
             unvalidated: (shared.cfg.retry_above_per_s > 0).then(|| {

@@ -228,6 +228,9 @@ pub struct ConnectFigures {
     /// Connects over the whole run that an edge shed (refused for load,
     /// `unavailable`), each followed by the devices' shed backoff.
     pub shed: u64,
+    /// Of those, refusals that carried the edge's turn (`retry-after-ms`),
+    /// waited for instead of the shed backoff.
+    pub paced: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -554,8 +557,8 @@ impl RunReport {
         if c.shed > 0 {
             let _ = writeln!(
                 out,
-                "connects shed by the edges (refused for load, then the shed backoff): {}",
-                c.shed
+                "connects shed by the edges (refused for load): {}, of which {} told when to come back (the rest waited on the shed backoff)",
+                c.shed, c.paced
             );
         }
         let sv = &self.servers;

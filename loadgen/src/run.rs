@@ -861,6 +861,9 @@ fn tally_into(
         shed: (0..fleet.devices.len())
             .map(|d| fleet.stats(d).shed.load(Ordering::Relaxed))
             .sum(),
+        paced: (0..fleet.devices.len())
+            .map(|d| fleet.stats(d).paced.load(Ordering::Relaxed))
+            .sum(),
     };
     let mut histograms: Vec<(String, Histogram<u64>)> = tally
         .latency

@@ -990,7 +990,16 @@ impl Shard {
                     let (addr, delay) = match ended {
                         Ended::Lost(e) if is_shed(&e) => {
                             d.stats.shed.fetch_add(1, Ordering::Relaxed);
-                            d.policy.shed(&mut self.rng)
+                            match e {
+                                ClientError::Refused {
+                                    retry_after: Some(after),
+                                    ..
+                                } => {
+                                    d.stats.paced.fetch_add(1, Ordering::Relaxed);
+                                    d.policy.shed_until(&mut self.rng, after)
+                                }
+                                _ => d.policy.shed(&mut self.rng),
+                            }
                         }
                         _ => d.policy.connect_failed(&mut self.rng),
                     };
@@ -1397,7 +1406,11 @@ impl Shard {
                 ServerBody::Error { code, message, .. } => {
                     self.end_link(
                         local,
-                        Ended::Lost(ClientError::Refused { code, message }),
+                        Ended::Lost(ClientError::Refused {
+                            code,
+                            message,
+                            retry_after: None,
+                        }),
                         Some((0, b"")),
                     );
                 }
@@ -1433,7 +1446,15 @@ impl Shard {
                 },
             ),
             ServerBody::Error { code, message, .. } => {
-                self.failed(local, req, ClientError::Refused { code, message });
+                self.failed(
+                    local,
+                    req,
+                    ClientError::Refused {
+                        code,
+                        message,
+                        retry_after: None,
+                    },
+                );
             }
             body => self.answered(local, req, body),
         }

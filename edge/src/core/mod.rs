@@ -28,6 +28,7 @@
 
 mod frames;
 mod outbox;
+pub mod pacer;
 #[doc(hidden)]
 pub mod rig;
 mod shard;

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use super::ConnRef;
 use super::frames::FrameReader;
 use super::outbox::{Offer, Outbox};
+use super::pacer::{self, Pacer};
 use super::udp::{Batch, Socket};
 use super::wheel::Wheel;
 use crate::limits::ConnLimits;
@@ -99,6 +100,8 @@ pub(crate) struct Limits {
     pub slots: Arc<Semaphore>,
     pub handshakes: Arc<Semaphore>,
     pub unvalidated: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    /// When a device refused for `handshakes` should come back.
+    pub pacer: Arc<Pacer>,
 }
 
 /// How long an error frame may take to be acknowledged before the close.
@@ -367,6 +370,8 @@ impl Shard {
                 }
             }
             self.ctx.now = Instant::now();
+            let n = received.len() as u64;
+            self.ctx.shared.metrics.datagrams_received.inc_by(n);
             for (from, local, ecn, data) in received.drain(..) {
                 self.datagram(from, local, ecn, data);
             }
@@ -431,7 +436,17 @@ impl Shard {
         let Ok(permit) = self.limits.handshakes.clone().try_acquire_owned() else {
             metrics.handshakes_refused.inc();
             metrics.error(ErrorCode::Unavailable);
-            let t = self.endpoint.refuse(incoming, self.batch.next_buf());
+            // With the turn at which the slots will have room for it.
+            let t = if self.ctx.shared.cfg.pace_refusals {
+                let wait = self.limits.pacer.refused(self.ctx.now);
+                self.endpoint.refuse_with_reason(
+                    incoming,
+                    &pacer::reason(wait),
+                    self.batch.next_buf(),
+                )
+            } else {
+                self.endpoint.refuse(incoming, self.batch.next_buf())
+            };
             self.batch.push(&t);
             return;
         };
@@ -804,7 +819,14 @@ impl Shard {
 
     /// Sends the batch; false if the socket would block (the rest waits).
     fn send_batch(&mut self) -> bool {
-        self.socket.send(&mut self.batch)
+        let before = self.batch.totals;
+        let all_out = self.socket.send(&mut self.batch);
+        let m = &self.ctx.shared.metrics;
+        m.datagrams_sent
+            .inc_by(self.batch.totals.datagrams - before.datagrams);
+        m.send_calls
+            .inc_by(self.batch.totals.syscalls - before.syscalls);
+        all_out
     }
 
     fn drive(&mut self, key: usize) {
@@ -855,7 +877,7 @@ impl Shard {
         }
         if (c.closed || c.proto.is_closed()) && !c.ended {
             c.closed = true;
-            teardown(ctx, key, c, users, detaches);
+            teardown(ctx, &self.limits, key, c, users, detaches);
             *live -= 1;
             if *live == 0
                 && let Some(done) = draining.take()
@@ -891,6 +913,7 @@ fn live(conns: &mut [Option<Conn>], key: usize, conn_id: u64) -> Option<&mut Con
 /// slots back, and the device detached (a task).
 fn teardown(
     ctx: &mut Ctx,
+    limits: &Limits,
     key: usize,
     c: &mut Conn,
     users: &mut HashMap<u64, Vec<usize>>,
@@ -913,6 +936,9 @@ fn teardown(
     }
     if c.handshake.take().is_some() {
         m.handshakes_in_flight.dec();
+        limits
+            .pacer
+            .left(ctx.now.saturating_duration_since(c.since));
     }
     c.slot = None;
     c.outbox = Outbox::new(0);
@@ -933,6 +959,7 @@ fn on_event(ctx: &mut Ctx, limits: &Limits, key: usize, c: &mut Conn, event: Eve
         Event::Connected => {
             if c.handshake.take().is_some() {
                 ctx.shared.metrics.handshakes_in_flight.dec();
+                limits.pacer.left(now.saturating_duration_since(c.since));
             }
             c.stage_done(now, &ctx.shared.metrics.handshake_seconds);
             // A connection slot only once the handshake is done.

@@ -183,13 +183,17 @@ async fn a_handshake_flood_keeps_memory_bounded_and_devices_served() {
 }
 
 /// An edge with no room for another handshake refuses a new connection
-/// with QUIC's CONNECTION_REFUSED. The SDK reports it as `unavailable`
-/// (the edge shed load, `is_shed`), and a session counts every such
-/// refusal and retries on its shed backoff (the policy's delays are
+/// with QUIC's CONNECTION_REFUSED, its reason phrase the device's turn
+/// (`retry-after-ms`, ADR 0015). The SDK reports it as `unavailable` (the
+/// edge shed load, `is_shed`) with that turn, and a session counts every
+/// such refusal and comes back at its turn (the policy's delays are
 /// checked in `reconnect`'s unit tests) until there is room: each of the
-/// edge's refusals after the flood is one of the session's, exactly.
+/// edge's refusals after the flood is one of the session's, exactly, and
+/// every one carried a turn. The flood's handshakes never finish, so no
+/// slot frees for 3 s: a stall, through which the session is sent away
+/// for longer each time rather than every few milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_refused_for_load_is_told_unavailable_and_waits_on_the_shed_backoff() {
+async fn a_device_refused_for_load_is_told_unavailable_and_when_to_come_back() {
     use tiercast_client::ClientError;
     use tiercast_client::resume::is_shed;
     use tiercast_schemas::wire::ErrorCode;
@@ -218,13 +222,18 @@ async fn a_device_refused_for_load_is_told_unavailable_and_waits_on_the_shed_bac
         Err(e) => e,
         Ok(_) => panic!("connected with no slot free"),
     };
-    assert_eq!(
-        e,
-        ClientError::Refused {
-            code: ErrorCode::Unavailable,
-            message: tiercast_client::connection::REFUSED.into(),
-        }
-    );
+    // Told when to come back: a turn from the edge's pacer, at most its
+    // horizon ahead.
+    let ClientError::Refused {
+        code: ErrorCode::Unavailable,
+        ref message,
+        retry_after: Some(after),
+    } = e
+    else {
+        panic!("not a paced refusal: {e:?}");
+    };
+    assert_eq!(message, tiercast_client::connection::REFUSED);
+    assert!(after <= tiercast_edge::core::pacer::HORIZON, "{after:?}");
     assert!(is_shed(&e));
     assert_eq!(
         metrics("tiercast_edge_handshakes_refused_total"),
@@ -247,6 +256,15 @@ async fn a_device_refused_for_load_is_told_unavailable_and_waits_on_the_shed_bac
         refused_by_flood + 1 + shed,
         "every refusal after the flood was one of the session's, counted as shed"
     );
+    assert_eq!(
+        device.session.stats().paced.load(Ordering::Relaxed),
+        shed,
+        "every refusal carried a turn"
+    );
+    // Without the stall rule the turn is 50 ms over 8 slots, about 6 ms,
+    // and the session would have been refused some 400 times in the 3 s;
+    // with it (and the session's 400 ms cap) about a dozen.
+    assert!(shed <= 40, "{shed} refusals across the stall");
     // And it is served.
     let (a, _ra) = t.device(1, 11).await;
     let sent = a.send(1, 1, Bytes::from_static(b"in")).await.unwrap();
@@ -255,6 +273,40 @@ async fn a_device_refused_for_load_is_told_unavailable_and_waits_on_the_shed_bac
             l.messages.iter().any(|m| m.id == sent.message_id)
         })
         .await;
+    t.node.shutdown().await;
+}
+
+/// With `edge.pace_refusals = false` the refusal is bare: `unavailable`
+/// with no turn, and the SDK falls back on its shed backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_does_not_pace_refuses_without_a_turn() {
+    use tiercast_client::ClientError;
+    use tiercast_schemas::wire::ErrorCode;
+
+    let t = start(&[
+        ("edge.retry_above_per_s", "1000000"),
+        ("edge.max_handshakes_in_flight", "2"),
+        ("edge.pace_refusals", "false"),
+    ])
+    .await;
+    let metrics = |name: &str| common::metric(&t.node.metrics(), name);
+    flood_slots(&t, 2);
+    wait_for("the flood to fill the slots", &|| {
+        metrics("tiercast_edge_handshakes_in_flight ") == 2
+    })
+    .await;
+    let e = match tiercast_client::Client::connect(t.client_config(1, 10).await).await {
+        Err(e) => e,
+        Ok(_) => panic!("connected with no slot free"),
+    };
+    assert_eq!(
+        e,
+        ClientError::Refused {
+            code: ErrorCode::Unavailable,
+            message: tiercast_client::connection::REFUSED.into(),
+            retry_after: None,
+        }
+    );
     t.node.shutdown().await;
 }
 

@@ -35,6 +35,7 @@ async fn send_until_delivered(sender: &Client, rx: &mut Deliveries, tag: &str) -
             Err(ClientError::Refused {
                 code: ErrorCode::Unavailable,
                 message,
+                ..
             }) => {
                 eprintln!("{tag}: send refused for now: {message}");
                 tokio::time::sleep(Duration::from_millis(200)).await;

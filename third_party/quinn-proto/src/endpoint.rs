@@ -729,6 +729,21 @@ impl Endpoint {
 
     /// Reject this incoming connection attempt
     pub fn refuse(&mut self, incoming: Incoming, buf: &mut Vec<u8>) -> Transmit {
+        self.refuse_with_reason(incoming, "", buf)
+    }
+
+    /// Respond with a transport-level `CONNECTION_REFUSED` error carrying a reason phrase, and
+    /// shut down the [`Incoming`]
+    ///
+    /// As [`refuse`](Self::refuse); `reason` goes in the CONNECTION_CLOSE frame's reason phrase
+    /// (cut to what fits in the packet), where a client reads it as
+    /// `ConnectionError::ConnectionClosed(close).reason`. (Tiercast patch, see `PATCHES.md`.)
+    pub fn refuse_with_reason(
+        &mut self,
+        incoming: Incoming,
+        reason: &str,
+        buf: &mut Vec<u8>,
+    ) -> Transmit {
         self.clean_up_incoming(&incoming);
         incoming.improper_drop_warner.dismiss();
 
@@ -737,7 +752,7 @@ impl Endpoint {
             incoming.addresses,
             &incoming.crypto,
             &incoming.packet.header.src_cid,
-            TransportError::CONNECTION_REFUSED(""),
+            TransportError::CONNECTION_REFUSED(reason),
             buf,
         )
     }

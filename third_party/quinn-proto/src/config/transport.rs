@@ -487,6 +487,7 @@ impl fmt::Debug for TransportConfig {
 pub struct AckFrequencyConfig {
     pub(crate) ack_eliciting_threshold: VarInt,
     pub(crate) max_ack_delay: Option<Duration>,
+    pub(crate) max_ack_delay_above_rtt: bool,
     pub(crate) reordering_threshold: VarInt,
 }
 
@@ -521,6 +522,20 @@ impl AckFrequencyConfig {
         self
     }
 
+    /// Whether the configured `max_ack_delay` is requested even where it exceeds the path's RTT
+    ///
+    /// By default the requested delay is at most the greater of the RTT and 25ms, which keeps
+    /// loss detection and congestion control responsive. A sender whose traffic is sparse and
+    /// latency-tolerant (many receivers, each getting a packet every few tens of milliseconds) may
+    /// prefer fewer ACKs: with this set, the configured `max_ack_delay` is requested as is (still
+    /// at least the peer's `min_ack_delay`). Probe timeouts grow by the same delay.
+    ///
+    /// Defaults to `false`. (Tiercast patch, see `PATCHES.md`.)
+    pub fn max_ack_delay_above_rtt(&mut self, value: bool) -> &mut Self {
+        self.max_ack_delay_above_rtt = value;
+        self
+    }
+
     /// The reordering threshold we will request the peer to use
     ///
     /// This threshold represents the amount of out-of-order packets that will trigger an endpoint
@@ -545,6 +560,7 @@ impl Default for AckFrequencyConfig {
         Self {
             ack_eliciting_threshold: VarInt(1),
             max_ack_delay: None,
+            max_ack_delay_above_rtt: false,
             reordering_threshold: VarInt(2),
         }
     }

@@ -46,12 +46,14 @@ impl AckFrequencyState {
         // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the config
         let candidate = config.max_ack_delay.unwrap_or(self.peer_max_ack_delay);
 
+        // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`), unless an
+        // explicit delay was configured to be requested as is (Tiercast patch, `PATCHES.md`)
+        let bounded = match config.max_ack_delay {
+            Some(delay) if config.max_ack_delay_above_rtt => delay,
+            _ => Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
+        };
         // Must be no smaller than the `min_ack_delay` advertised by the peer
-        Ord::max(
-            // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`)
-            Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
-            min_ack_delay,
-        )
+        Ord::max(bounded, min_ack_delay)
     }
 
     /// Returns the `max_ack_delay` for the purposes of calculating the PTO
@@ -163,6 +165,29 @@ const MIN_AUTOMATIC_ACK_DELAY: Duration = Duration::from_millis(25);
 mod tests {
     use super::*;
     use crate::Side;
+
+    #[test]
+    fn an_explicit_delay_may_be_requested_above_the_rtt() {
+        let params = TransportParameters {
+            min_ack_delay: Some(1_000u32.into()),
+            ..TransportParameters::default()
+        };
+        let state = AckFrequencyState::new(Duration::from_millis(25));
+        let mut config = AckFrequencyConfig::default();
+        config.max_ack_delay(Some(Duration::from_millis(200)));
+        let rtt = Duration::from_millis(1);
+        // Clamped to max(RTT, 25 ms) by default...
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            MIN_AUTOMATIC_ACK_DELAY
+        );
+        // ...and requested as configured when asked for.
+        config.max_ack_delay_above_rtt(true);
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(200)
+        );
+    }
 
     #[test]
     fn peer_min_ack_delay_can_exceed_rtt() {

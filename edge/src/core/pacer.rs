@@ -1,0 +1,208 @@
+//! When a device the edge refuses should come back.
+//!
+//! Past `edge.max_handshakes_in_flight` the edge refuses a new connection
+//! before TLS (QUIC's `CONNECTION_REFUSED`). Left to its own backoff, a
+//! refused device guesses: too soon and it is refused again (a whole
+//! connection built and dropped on both sides), too late and the edge
+//! idles while devices sleep. The edge knows better: its handshake slots
+//! are a queue whose throughput is the slots over the time a handshake
+//! holds one (Little's law). The pacer hands each refusal the next free
+//! turn at that throughput, so the refused devices come back spread at
+//! the rate the edge admits them, in the order they were refused: a
+//! queue kept by the devices, costing the edge a counter. The turn goes
+//! in the refusal's reason phrase (`retry-after-ms=N`, patched
+//! quinn-proto, ADR 0015), which the SDK honours.
+//!
+//! An underestimate of the time a handshake takes (early in a storm, the
+//! first handshakes finish fast) gives turns too soon: those devices are
+//! refused again and handed a later turn. So does a stall: handshakes that
+//! never finish (a flood of Initials that go no further holds every slot
+//! until the Hello timeout) leave no departure to measure. While no slot
+//! has freed since the refusals began, a refused device waits at least the
+//! time since they began (its own wait; the queue's turns are not pushed
+//! out): one that comes back into the same stall is sent away for about
+//! twice as long each time, instead of every few milliseconds. The turns never run further ahead than `horizon`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The reason phrase of a paced refusal: this, then the wait in decimal
+/// milliseconds. A client that does not know it sees a plain refusal.
+pub const RETRY_AFTER_PREFIX: &str = "retry-after-ms=";
+
+/// The furthest ahead a turn is handed out: the SDK's shed backoff cap.
+pub const HORIZON: Duration = Duration::from_secs(60);
+
+/// Before any handshake has finished: a guess that errs short.
+const FIRST_GUESS: Duration = Duration::from_millis(50);
+
+/// The weight of the newest handshake in the running mean (1/32).
+const EWMA_SHIFT: u32 = 5;
+
+pub(crate) struct Pacer {
+    slots: u32,
+    horizon: Duration,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The latest turn handed out.
+    next: Option<Instant>,
+    /// Running mean of the time a handshake holds its slot, in ns.
+    mean_ns: Option<u64>,
+    /// The first refusal since a slot last freed.
+    stalled_since: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new(slots: usize, horizon: Duration) -> Self {
+        Self {
+            slots: u32::try_from(slots.max(1)).unwrap_or(u32::MAX),
+            horizon,
+            state: Mutex::new(State {
+                next: None,
+                mean_ns: None,
+                stalled_since: None,
+            }),
+        }
+    }
+
+    /// A handshake left its slot (done, failed or abandoned) after `held`.
+    pub fn left(&self, held: Duration) {
+        let ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        let mut s = self.state.lock().expect("pacer lock");
+        s.stalled_since = None;
+        s.mean_ns = Some(match s.mean_ns {
+            None => ns,
+            Some(m) => {
+                let m = i128::from(m);
+                let step = (i128::from(ns) - m) >> EWMA_SHIFT;
+                u64::try_from(m + step).unwrap_or(0)
+            }
+        });
+    }
+
+    /// The time between two admissions at the current throughput.
+    fn interval(&self, s: &State) -> Duration {
+        s.mean_ns
+            .map_or(FIRST_GUESS, Duration::from_nanos)
+            .checked_div(self.slots)
+            .unwrap_or_default()
+    }
+
+    /// A connection refused at `now`: how long the device should wait.
+    pub fn refused(&self, now: Instant) -> Duration {
+        let mut s = self.state.lock().expect("pacer lock");
+        let stalled = now.saturating_duration_since(*s.stalled_since.get_or_insert(now));
+        let interval = self.interval(&s);
+        let turn = s.next.map_or(now, |n| n.max(now)) + interval;
+        // A stall lengthens this device's wait, not the queue: the first
+        // handshakes of a storm may take a while to finish, and the devices
+        // refused meanwhile must not push everybody's turns out.
+        let wait = (turn - now).max(stalled);
+        if wait > self.horizon {
+            // Past the horizon the turn is not taken: the device comes back
+            // at the horizon and is handed a turn then.
+            return self.horizon;
+        }
+        s.next = Some(turn);
+        wait
+    }
+}
+
+/// The reason phrase for a refusal with this wait.
+pub fn reason(wait: Duration) -> String {
+    format!("{RETRY_AFTER_PREFIX}{}", wait.as_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_spread_at_the_rate_the_slots_turn_over() {
+        // 100 slots, each handshake holding one for 200 ms: 500 admissions
+        // a second, one every 2 ms.
+        let p = Pacer::new(100, Duration::from_secs(60));
+        for _ in 0..64 {
+            p.left(Duration::from_millis(200));
+        }
+        let now = Instant::now();
+        let waits: Vec<Duration> = (0..1_000).map(|_| p.refused(now)).collect();
+        assert_eq!(waits[0], Duration::from_millis(2));
+        assert_eq!(waits[999], Duration::from_millis(2_000));
+        assert!(
+            waits
+                .windows(2)
+                .all(|w| w[1] - w[0] == Duration::from_millis(2))
+        );
+        // Time moving on (and handshakes finishing, as they do) uses up
+        // the turns: a refusal a second later is handed the turn after the
+        // last, not one a second further.
+        p.left(Duration::from_millis(200));
+        let later = p.refused(now + Duration::from_secs(1));
+        assert_eq!(later, Duration::from_millis(1_002));
+        // Past the last turn, the queue is empty again.
+        p.left(Duration::from_millis(200));
+        assert_eq!(
+            p.refused(now + Duration::from_secs(10)),
+            Duration::from_millis(2)
+        );
+    }
+
+    #[test]
+    fn the_mean_follows_the_handshakes_and_the_horizon_caps_the_wait() {
+        let p = Pacer::new(10, Duration::from_secs(1));
+        let now = Instant::now();
+        // No handshake seen: the first guess, 50 ms over 10 slots.
+        assert_eq!(p.refused(now), Duration::from_millis(5));
+        // Slower handshakes lengthen the interval, moving by 1/32 each.
+        p.left(Duration::from_millis(100));
+        p.left(Duration::from_millis(420));
+        assert_eq!(
+            p.state.lock().unwrap().mean_ns,
+            Some(110_000_000),
+            "100 ms + (420 - 100) / 32"
+        );
+        // A turn beyond the horizon is not taken: the wait is the horizon
+        // and the next refusal gets the same.
+        for _ in 0..100 {
+            p.refused(now);
+        }
+        assert_eq!(p.refused(now), Duration::from_secs(1));
+        assert_eq!(p.refused(now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn while_no_slot_frees_a_device_refused_again_waits_about_twice_as_long() {
+        // Slots held by handshakes that never finish: nothing leaves.
+        let p = Pacer::new(8, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let first = p.refused(t0);
+        assert_eq!(first, Duration::from_micros(6_250), "50 ms over 8 slots");
+        // One device, back at each turn it is handed, into the same stall:
+        // each wait at least the stall so far, so the stall is crossed in a
+        // handful of refusals, not one every 6 ms.
+        let mut at = t0 + first;
+        let mut refusals = 1;
+        while at < t0 + Duration::from_secs(3) {
+            let wait = p.refused(at);
+            assert!(wait >= at - t0, "{wait:?} shorter than the stall");
+            at += wait;
+            refusals += 1;
+        }
+        assert!(refusals <= 12, "{refusals} refusals across a 3 s stall");
+        // A slot frees: the stall is over, and turns follow the handshakes.
+        p.left(Duration::from_millis(80));
+        let after = p.refused(at + Duration::from_secs(60));
+        assert_eq!(after, Duration::from_millis(10), "80 ms over 8 slots");
+    }
+
+    #[test]
+    fn the_reason_phrase_carries_the_wait_in_milliseconds() {
+        assert_eq!(
+            reason(Duration::from_micros(1_234_567)),
+            "retry-after-ms=1234"
+        );
+    }
+}
