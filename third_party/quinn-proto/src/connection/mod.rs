@@ -2189,14 +2189,9 @@ impl Connection {
             "already reached packet space {space:?}"
         );
         trace!("{:?} keys ready", space);
-        if space == SpaceId::Data {
-            // Precompute the first key update
-            self.next_crypto = Some(
-                self.crypto
-                    .next_1rtt_keys()
-                    .expect("handshake should be complete"),
-            );
-        }
+        // The first key update's keys are derived when first needed (`next_crypto_keys`), not
+        // here: most connections never update their keys, and the derived keys cost about 1.2 KB
+        // per connection for their whole life. (Tiercast patch, `PATCHES.md`.)
 
         self.spaces[space].crypto = Some(crypto);
         debug_assert!(space as usize > self.highest_space as usize);
@@ -3533,11 +3528,39 @@ impl Connection {
         );
     }
 
+    /// The next key phase's keys, derived from the TLS session on first use
+    ///
+    /// `next_1rtt_keys` advances the session's secrets, so it is called once per key phase, in
+    /// order: here for the phase after the current one, and in `update_keys` for the one after
+    /// that. (Tiercast patch, `PATCHES.md`.)
+    fn next_crypto_keys(&mut self) -> &mut KeyPair<Box<dyn PacketKey>> {
+        if self.next_crypto.is_none() {
+            self.next_crypto = Some(
+                self.crypto
+                    .next_1rtt_keys()
+                    .expect("only called once 1-RTT keys exist"),
+            );
+        }
+        self.next_crypto.as_mut().unwrap()
+    }
+
+    /// Whether `packet` may need the next key phase's keys to be decrypted
+    fn may_need_next_keys(&self, packet: &Packet) -> bool {
+        packet.header.is_protected()
+            && !packet.header.is_0rtt()
+            && packet.header.space() == SpaceId::Data
+            && packet.header.key_phase() != self.key_phase
+            && self.spaces[SpaceId::Data].crypto.is_some()
+    }
+
     fn decrypt_packet(
         &mut self,
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        if self.next_crypto.is_none() && self.may_need_next_keys(packet) {
+            self.next_crypto_keys();
+        }
         let result = packet_crypto::decrypt_packet_body(
             packet,
             &self.spaces,
@@ -3573,10 +3596,14 @@ impl Connection {
         // Generate keys for the key phase after the one we're switching to, store them in
         // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
         // `prev_crypto`.
+        // The keys this update switches to (derived now if no packet needed them yet), then
+        // the ones after
+        self.next_crypto_keys();
         let new = self
             .crypto
             .next_1rtt_keys()
             .expect("only called for `Data` packets");
+        let next = self.next_crypto.as_mut().unwrap();
         self.key_phase_size = new
             .local
             .confidentiality_limit()
@@ -3587,7 +3614,7 @@ impl Connection {
                 .as_mut()
                 .unwrap() // safe because update_keys() can only be triggered by short packets
                 .packet,
-            mem::replace(self.next_crypto.as_mut().unwrap(), new),
+            mem::replace(next, new),
         );
         self.spaces[SpaceId::Data].sent_with_keys = 0;
         self.prev_crypto = Some(PrevCrypto {

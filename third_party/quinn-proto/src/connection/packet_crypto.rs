@@ -101,7 +101,8 @@ pub(super) fn decrypt_packet_body(
         // lower-numbered packet. The key phase mismatch must therefore represent a new
         // remotely-initiated key update.
         crypto_update = true;
-        &next_crypto.unwrap().remote
+        // Derived before this is called where it may be needed (Tiercast patch, `PATCHES.md`)
+        &next_crypto.ok_or(None)?.remote
     };
 
     crypto
