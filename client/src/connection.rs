@@ -103,6 +103,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// When the edge said to come back, for a connection it refused for
+    /// load with its turn (`Refused { retry_after }`).
+    pub fn turn(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The wire code behind this error, if the edge gave one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -117,20 +126,9 @@ impl ClientError {
 /// edge's handshake slots were full, or it is shutting down).
 pub const REFUSED: &str = "the edge refused the connection: no room for it now";
 
-/// The wait an edge put in the reason phrase of its `CONNECTION_REFUSED`
-/// (`retry-after-ms=N`: when its handshake slots will have room for this
-/// device). None for any other reason, or a number out of range.
-pub fn refusal_retry_after(reason: &[u8]) -> Option<Duration> {
-    let digits = reason.strip_prefix(RETRY_AFTER_PREFIX.as_bytes())?;
-    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let ms: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(Duration::from_millis(ms))
-}
-
-/// The prefix of a paced refusal's reason phrase (`edge/src/core/pacer.rs`).
-pub const RETRY_AFTER_PREFIX: &str = "retry-after-ms=";
+/// The wait in a paced refusal's reason phrase; the wire format is the
+/// schemas crate's, shared with the edge that writes it.
+pub use tiercast_schemas::wire::refusal_retry_after;
 
 /// The error an app sees for a connection that ended with `e` (the edge's
 /// close code and reason, when it gave them). QUIC's own

@@ -101,6 +101,19 @@ impl Reconnect {
         (self.edge(), delay)
     }
 
+    /// The edge shed load: at the turn it gave (`turn`, [`Reconnect::shed_until`]),
+    /// or without one on the shed backoff ([`Reconnect::shed`]).
+    pub fn refused(
+        &mut self,
+        rng: &mut impl Rng,
+        turn: Option<Duration>,
+    ) -> (SocketAddr, Duration) {
+        match turn {
+            Some(after) => self.shed_until(rng, after),
+            None => self.shed(rng),
+        }
+    }
+
     /// The edge shed load and said when it will have room for this device
     /// (`after`, the turn its pacer handed out): the same edge then, plus
     /// up to a tenth more of jitter, at most the shed backoff's cap. It

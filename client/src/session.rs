@@ -435,16 +435,11 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             Err(e) if is_shed(&e) => {
                 tracing::debug!(%addr, error = %e, "edge shed load; backing off longer");
                 inner.stats.shed.fetch_add(1, Ordering::Relaxed);
-                (addr, delay) = match e {
-                    ClientError::Refused {
-                        retry_after: Some(after),
-                        ..
-                    } => {
-                        inner.stats.paced.fetch_add(1, Ordering::Relaxed);
-                        policy.shed_until(&mut rand::rng(), after)
-                    }
-                    _ => policy.shed(&mut rand::rng()),
-                };
+                let turn = e.turn();
+                if turn.is_some() {
+                    inner.stats.paced.fetch_add(1, Ordering::Relaxed);
+                }
+                (addr, delay) = policy.refused(&mut rand::rng(), turn);
                 continue;
             }
             Err(e) => {

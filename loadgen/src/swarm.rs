@@ -990,16 +990,11 @@ impl Shard {
                     let (addr, delay) = match ended {
                         Ended::Lost(e) if is_shed(&e) => {
                             d.stats.shed.fetch_add(1, Ordering::Relaxed);
-                            match e {
-                                ClientError::Refused {
-                                    retry_after: Some(after),
-                                    ..
-                                } => {
-                                    d.stats.paced.fetch_add(1, Ordering::Relaxed);
-                                    d.policy.shed_until(&mut self.rng, after)
-                                }
-                                _ => d.policy.shed(&mut self.rng),
+                            let turn = e.turn();
+                            if turn.is_some() {
+                                d.stats.paced.fetch_add(1, Ordering::Relaxed);
                             }
+                            d.policy.refused(&mut self.rng, turn)
                         }
                         _ => d.policy.connect_failed(&mut self.rng),
                     };

@@ -836,11 +836,49 @@ impl ServerFrame {
     }
 }
 
+/// The reason phrase of QUIC's `CONNECTION_REFUSED` when an edge paces
+/// its refusals: this, then the device's wait in decimal milliseconds
+/// (docs/protocol.md, code 25; ADR 0015).
+pub const RETRY_AFTER_PREFIX: &str = "retry-after-ms=";
+
+/// The reason phrase an edge puts in a refusal that tells the device to
+/// come back after `wait`.
+pub fn refusal_reason(wait: std::time::Duration) -> String {
+    format!("{RETRY_AFTER_PREFIX}{}", wait.as_millis())
+}
+
+/// The wait an edge put in the reason phrase of its `CONNECTION_REFUSED`
+/// (`retry-after-ms=N`: when its handshake slots will have room for this
+/// device). None for any other reason, or a number out of range.
+pub fn refusal_retry_after(reason: &[u8]) -> Option<std::time::Duration> {
+    let digits = reason.strip_prefix(RETRY_AFTER_PREFIX.as_bytes())?;
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ms: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::framing::MAX_FRAME_BYTES;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_reason_phrase_carries_the_wait_in_milliseconds() {
+        assert_eq!(
+            refusal_reason(std::time::Duration::from_micros(1_234_567)),
+            "retry-after-ms=1234"
+        );
+        // What the edge writes, the SDK reads back.
+        assert_eq!(
+            refusal_retry_after(
+                refusal_reason(std::time::Duration::from_millis(60_000)).as_bytes()
+            ),
+            Some(std::time::Duration::from_millis(60_000))
+        );
+    }
 
     fn body() -> impl Strategy<Value = Bytes> {
         proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes::from)

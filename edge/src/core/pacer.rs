@@ -10,8 +10,9 @@
 //! turn at that throughput, so the refused devices come back spread at
 //! the rate the edge admits them, in the order they were refused: a
 //! queue kept by the devices, costing the edge a counter. The turn goes
-//! in the refusal's reason phrase (`retry-after-ms=N`, patched
-//! quinn-proto, ADR 0015), which the SDK honours.
+//! in the refusal's reason phrase (`retry-after-ms=N`,
+//! `tiercast_schemas::wire::refusal_reason`; patched quinn-proto, ADR
+//! 0015), which the SDK honours.
 //!
 //! An underestimate of the time a handshake takes (early in a storm, the
 //! first handshakes finish fast) gives turns too soon: those devices are
@@ -21,14 +22,11 @@
 //! has freed since the refusals began, a refused device waits at least the
 //! time since they began (its own wait; the queue's turns are not pushed
 //! out): one that comes back into the same stall is sent away for about
-//! twice as long each time, instead of every few milliseconds. The turns never run further ahead than `horizon`.
+//! twice as long each time, instead of every few milliseconds. The turns
+//! never run further ahead than `horizon`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// The reason phrase of a paced refusal: this, then the wait in decimal
-/// milliseconds. A client that does not know it sees a plain refusal.
-pub const RETRY_AFTER_PREFIX: &str = "retry-after-ms=";
 
 /// The furthest ahead a turn is handed out: the SDK's shed backoff cap.
 pub const HORIZON: Duration = Duration::from_secs(60);
@@ -108,11 +106,6 @@ impl Pacer {
         s.next = Some(turn);
         wait
     }
-}
-
-/// The reason phrase for a refusal with this wait.
-pub fn reason(wait: Duration) -> String {
-    format!("{RETRY_AFTER_PREFIX}{}", wait.as_millis())
 }
 
 #[cfg(test)]
@@ -196,13 +189,5 @@ mod tests {
         p.left(Duration::from_millis(80));
         let after = p.refused(at + Duration::from_secs(60));
         assert_eq!(after, Duration::from_millis(10), "80 ms over 8 slots");
-    }
-
-    #[test]
-    fn the_reason_phrase_carries_the_wait_in_milliseconds() {
-        assert_eq!(
-            reason(Duration::from_micros(1_234_567)),
-            "retry-after-ms=1234"
-        );
     }
 }

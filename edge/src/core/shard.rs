@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use super::ConnRef;
 use super::frames::FrameReader;
 use super::outbox::{Offer, Outbox};
-use super::pacer::{self, Pacer};
+use super::pacer::Pacer;
 use super::udp::{Batch, Socket};
 use super::wheel::Wheel;
 use crate::limits::ConnLimits;
@@ -441,7 +441,7 @@ impl Shard {
                 let wait = self.limits.pacer.refused(self.ctx.now);
                 self.endpoint.refuse_with_reason(
                     incoming,
-                    &pacer::reason(wait),
+                    &tiercast_schemas::wire::refusal_reason(wait),
                     self.batch.next_buf(),
                 )
             } else {
