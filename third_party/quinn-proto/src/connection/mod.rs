@@ -72,7 +72,9 @@ mod spaces;
 pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
 use spaces::Retransmits;
-use spaces::{PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, ThinRetransmits};
+use spaces::{
+    PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, Spaces, ThinRetransmits,
+};
 
 mod stats;
 pub use stats::{ConnectionStats, FrameStats, PathStats, UdpStats};
@@ -175,7 +177,7 @@ pub struct Connection {
     /// Outgoing spin bit state
     spin: bool,
     /// Packet number spaces: initial, handshake, 1-RTT
-    spaces: [PacketSpace; 3],
+    spaces: Spaces,
     /// Highest usable packet number space
     highest_space: SpaceId,
     /// 1-RTT keys used prior to a key update
@@ -314,7 +316,7 @@ impl Connection {
             endpoint_events: VecDeque::new(),
             spin_enabled: config.allow_spin && rng.random_ratio(7, 8),
             spin: false,
-            spaces: [initial_space, PacketSpace::new(now), PacketSpace::new(now)],
+            spaces: Spaces::new(initial_space, PacketSpace::new(now), PacketSpace::new(now)),
             highest_space: SpaceId::Initial,
             prev_crypto: None,
             next_crypto: None,
@@ -483,6 +485,11 @@ impl Connection {
 
         // If we need to send a probe, make sure we have something to send.
         for space in SpaceId::iter() {
+            if self.spaces[space].loss_probes == 0 {
+                // Nothing to queue (Tiercast patch 6: nor a released space to
+                // write to).
+                continue;
+            }
             let request_immediate_ack =
                 space == SpaceId::Data && self.peer_supports_ack_frequency();
             self.spaces[space].maybe_queue_probe(request_immediate_ack, &self.streams);
@@ -2202,6 +2209,13 @@ impl Connection {
         }
     }
 
+    /// Whether the Initial and Handshake spaces have been freed (Tiercast
+    /// patch 6).
+    #[cfg(test)]
+    pub(crate) fn early_spaces_released(&self) -> bool {
+        self.spaces.early_released()
+    }
+
     fn discard_space(&mut self, now: Instant, space_id: SpaceId) {
         debug_assert!(space_id != SpaceId::Data);
         trace!("discarding {:?} keys", space_id);
@@ -2211,6 +2225,10 @@ impl Connection {
                 *token = Bytes::new();
             }
         }
+        if self.spaces.early_released() {
+            // Tiercast patch 6: both were discarded and freed already.
+            return;
+        }
         let space = &mut self.spaces[space_id];
         space.crypto = None;
         space.time_of_last_ack_eliciting_packet = None;
@@ -2219,6 +2237,9 @@ impl Connection {
         for packet in sent_packets.into_values() {
             self.remove_in_flight(&packet);
         }
+        // Tiercast patch 6: with both early spaces discarded, their memory
+        // is freed.
+        self.spaces.discarded(space_id);
         self.set_loss_detection_timer(now)
     }
 
@@ -3819,7 +3840,7 @@ impl Connection {
         let ConnectionSide::Server { server_config } = &self.side else {
             return;
         };
-        let new_tokens = &mut self.spaces[SpaceId::Data as usize].pending.new_tokens;
+        let new_tokens = &mut self.spaces[SpaceId::Data].pending.new_tokens;
         new_tokens.clear();
         for _ in 0..server_config.validation_token.sent {
             new_tokens.push(self.path.remote);

@@ -270,16 +270,79 @@ impl PacketSpace {
     }
 }
 
-impl Index<SpaceId> for [PacketSpace; 3] {
-    type Output = PacketSpace;
-    fn index(&self, space: SpaceId) -> &PacketSpace {
-        &self.as_ref()[space as usize]
+/// The three packet number spaces of a connection.
+///
+/// Tiercast patch 6: the Initial and Handshake spaces live in one heap block,
+/// freed once both are discarded (`release_early`), instead of inline in the
+/// connection for its whole life (2 x 768 B that a connection past its
+/// handshake never uses). A released space reads as a fresh space without
+/// keys, as a discarded space is; a write to one (none is expected) brings a
+/// fresh pair back.
+pub(super) struct Spaces {
+    early: Option<Box<[PacketSpace; 2]>>,
+    data: PacketSpace,
+    /// Bit 0: the Initial space was discarded; bit 1: the Handshake space.
+    discarded: u8,
+}
+
+impl Spaces {
+    pub(super) fn new(initial: PacketSpace, handshake: PacketSpace, data: PacketSpace) -> Self {
+        Self {
+            early: Some(Box::new([initial, handshake])),
+            data,
+            discarded: 0,
+        }
+    }
+
+    /// `space` (Initial or Handshake) was discarded: once both are, their
+    /// memory is freed. Returns whether it is now.
+    pub(super) fn discarded(&mut self, space: SpaceId) -> bool {
+        debug_assert!(space != SpaceId::Data);
+        self.discarded |= 1 << (space as u8);
+        if self.discarded == 0b11 {
+            self.early = None;
+        }
+        self.early.is_none()
+    }
+
+    /// Whether the Initial and Handshake spaces' memory has been freed.
+    pub(super) fn early_released(&self) -> bool {
+        self.early.is_none()
     }
 }
 
-impl IndexMut<SpaceId> for [PacketSpace; 3] {
+/// What a released Initial or Handshake space reads as: no keys, nothing
+/// pending, nothing in flight.
+fn released() -> &'static PacketSpace {
+    static RELEASED: std::sync::OnceLock<PacketSpace> = std::sync::OnceLock::new();
+    RELEASED.get_or_init(|| PacketSpace::new(Instant::now()))
+}
+
+impl Index<SpaceId> for Spaces {
+    type Output = PacketSpace;
+    fn index(&self, space: SpaceId) -> &PacketSpace {
+        match (space, &self.early) {
+            (SpaceId::Data, _) => &self.data,
+            (_, Some(early)) => &early[space as usize],
+            (_, None) => released(),
+        }
+    }
+}
+
+impl IndexMut<SpaceId> for Spaces {
     fn index_mut(&mut self, space: SpaceId) -> &mut PacketSpace {
-        &mut self.as_mut()[space as usize]
+        if space == SpaceId::Data {
+            return &mut self.data;
+        }
+        debug_assert!(
+            self.early.is_some(),
+            "a released {space:?} space written to"
+        );
+        let early = self.early.get_or_insert_with(|| {
+            let now = Instant::now();
+            Box::new([PacketSpace::new(now), PacketSpace::new(now)])
+        });
+        &mut early[space as usize]
     }
 }
 

@@ -220,6 +220,38 @@ fn lifecycle() {
     assert_eq!(pair.server.known_cids(), 0);
 }
 
+/// Tiercast patch 6: once the handshake is confirmed on both sides, the
+/// Initial and Handshake spaces are freed, and the connection goes on.
+#[test]
+fn early_spaces_are_freed_once_both_are_discarded() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    assert!(pair.client_conn_mut(client_ch).early_spaces_released());
+    assert!(pair.server_conn_mut(server_ch).early_spaces_released());
+
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    const MSG: &[u8] = b"after the handshake";
+    pair.client_send(client_ch, s).write(MSG).unwrap();
+    pair.client_send(client_ch, s).finish().unwrap();
+    pair.drive();
+    assert_matches!(
+        pair.server_conn_mut(server_ch).poll(),
+        Some(Event::Stream(StreamEvent::Opened { dir: Dir::Uni }))
+    );
+    assert_matches!(pair.server_streams(server_ch).accept(Dir::Uni), Some(stream) if stream == s);
+    let mut recv = pair.server_recv(server_ch, s);
+    let mut chunks = recv.read(false).unwrap();
+    assert_matches!(
+        chunks.next(usize::MAX),
+        Ok(Some(chunk)) if chunk.offset == 0 && chunk.bytes == MSG
+    );
+    let _ = chunks.finalize();
+    assert!(pair.client_conn_mut(client_ch).early_spaces_released());
+    assert!(pair.server_conn_mut(server_ch).early_spaces_released());
+}
+
 #[test]
 fn draft_version_compat() {
     let _guard = subscribe();
