@@ -66,7 +66,7 @@ def main():
         kept = [f for f, fl in zip(d, files) if fl and fl not in GENERIC]
         joined = ' '.join(d)
         if 'incoming (shard.rs)' in joined and 'resize_with' in joined and 'accept (endpoint.rs)' not in joined:
-            owner = 'connection table (Vec<Option<Conn>>: 6,688 B per slot, quinn-proto Connection inline)'
+            owner = 'connection table (Vec<Option<Conn>>, quinn-proto Connection inline)'
         else:
             leaf = next((file_of(f) for f in reversed(kept)), None)
             if leaf in REDB:

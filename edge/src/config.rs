@@ -120,6 +120,14 @@ pub struct EdgeConfig {
     /// lost packet's retransmission and the probe timeout wait up to this
     /// much longer.
     pub ack_delay_ms: u64,
+    /// The most QUIC connection ids the edge issues to a device, counting
+    /// the handshake's (the patched quinn-proto, ADR 0015; quinn-proto
+    /// issues up to 8, a quinn device takes 5). Each one costs an entry in
+    /// the shard's index and in the connection; a device that does not
+    /// migrate uses one, a spare lets it migrate once (and a replacement is
+    /// issued when it retires one). The edge does not follow a migration
+    /// across shards anyway (`shards`).
+    pub connection_ids: u32,
     /// I/O shards: each owns a UDP socket on the listen port
     /// (`SO_REUSEPORT`), its connections' QUIC state and one loop. 0: one
     /// per core. A client's connection stays on the shard its address
@@ -173,6 +181,7 @@ impl Default for EdgeConfig {
             retry_above_per_s: 2_000,
             ack_every: 0,
             ack_delay_ms: 25,
+            connection_ids: 2,
             shards: 0,
             ticket_rotation_s: 6 * 3600,
             tickets_per_handshake: 4,
@@ -236,6 +245,9 @@ impl EdgeConfig {
         }
         if !(1..=1_000).contains(&self.ack_delay_ms) {
             return Err(InvalidSetting::new("edge.ack_delay_ms", "must be 1..=1000"));
+        }
+        if !(1..=8).contains(&self.connection_ids) {
+            return Err(InvalidSetting::new("edge.connection_ids", "must be 1..=8"));
         }
         if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
             return Err(InvalidSetting::new(
@@ -677,6 +689,13 @@ mod tests {
             e.to_string().contains("listen") || e.to_string().contains("socket"),
             "{e}"
         );
+        for n in ["0", "9"] {
+            let e = load(&[], &[("edge.connection_ids", n)]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "invalid setting `edge.connection_ids`: must be 1..=8"
+            );
+        }
         for n in ["0", "9"] {
             let e = load(&[], &[("edge.tickets_per_handshake", n)]).unwrap_err();
             assert_eq!(

@@ -147,6 +147,8 @@ pub fn transport_config(cfg: &EdgeConfig) -> quinn::TransportConfig {
     let window = u32::try_from(2 * (cfg.max_frame_bytes + 4)).expect("frame limit is small");
     t.stream_receive_window(window.into());
     t.receive_window(window.into());
+    // Connection ids beyond the handshake's: one spare (patch 8 of ADR 0015).
+    t.max_issued_connection_ids(cfg.connection_ids);
     if cfg.ack_every > 0 {
         let mut ack = quinn::AckFrequencyConfig::default();
         // The threshold is the packets a receiver may take without acking.

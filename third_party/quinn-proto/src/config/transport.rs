@@ -56,9 +56,26 @@ pub struct TransportConfig {
     pub(crate) enable_segmentation_offload: bool,
 
     pub(crate) qlog_sink: QlogSink,
+
+    /// Tiercast patch 8: the most connection ids issued to the peer.
+    pub(crate) max_issued_cids: u32,
 }
 
 impl TransportConfig {
+    /// The most connection ids this endpoint issues to its peer, counting
+    /// the one of the handshake (Tiercast patch 8)
+    ///
+    /// The peer's `active_connection_id_limit` and the crate's own cap (8)
+    /// still bound it, and at least 1 is issued. Each id costs an entry in
+    /// the endpoint's index and in the connection; a peer that never
+    /// migrates uses one, and one spare lets it migrate once (a
+    /// replacement is issued when it retires one). Defaults to 8, which is
+    /// the unpatched behaviour.
+    pub fn max_issued_connection_ids(&mut self, value: u32) -> &mut Self {
+        self.max_issued_cids = value.max(1);
+        self
+    }
+
     /// Maximum number of incoming bidirectional streams that may be open concurrently
     ///
     /// Must be nonzero for the peer to open any bidirectional streams.
@@ -402,6 +419,8 @@ impl Default for TransportConfig {
             enable_segmentation_offload: true,
 
             qlog_sink: QlogSink::default(),
+
+            max_issued_cids: 8,
         }
     }
 }
@@ -435,6 +454,7 @@ impl fmt::Debug for TransportConfig {
             congestion_controller_factory: _,
             enable_segmentation_offload,
             qlog_sink,
+            max_issued_cids,
         } = self;
         let mut s = fmt.debug_struct("TransportConfig");
 
@@ -463,7 +483,8 @@ impl fmt::Debug for TransportConfig {
             .field("datagram_receive_buffer_size", datagram_receive_buffer_size)
             .field("datagram_send_buffer_size", datagram_send_buffer_size)
             // congestion_controller_factory not debug
-            .field("enable_segmentation_offload", enable_segmentation_offload);
+            .field("enable_segmentation_offload", enable_segmentation_offload)
+            .field("max_issued_cids", max_issued_cids);
         if cfg!(feature = "qlog") {
             s.field("qlog_stream", &qlog_sink.is_enabled());
         }

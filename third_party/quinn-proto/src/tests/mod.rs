@@ -252,6 +252,32 @@ fn early_spaces_are_freed_once_both_are_discarded() {
     assert!(pair.server_conn_mut(server_ch).early_spaces_released());
 }
 
+/// Tiercast patch 8: a server that issues at most N connection ids sends
+/// N - 1 after the handshake's; by default, as many as the client holds.
+#[test]
+fn a_server_issues_no_more_connection_ids_than_configured() {
+    let _guard = subscribe();
+    for (most, expected) in [(None, 4), (Some(2), 1), (Some(1), 0)] {
+        let mut transport = TransportConfig::default();
+        if let Some(most) = most {
+            transport.max_issued_connection_ids(most);
+        }
+        let server = ServerConfig {
+            transport: Arc::new(transport),
+            ..server_config()
+        };
+        let mut pair = Pair::new(Default::default(), server);
+        let (client_ch, _server_ch) = pair.connect();
+        pair.drive();
+        let got = pair
+            .client_conn_mut(client_ch)
+            .stats()
+            .frame_rx
+            .new_connection_id;
+        assert_eq!(got, expected, "at most {most:?}");
+    }
+}
+
 #[test]
 fn draft_version_compat() {
     let _guard = subscribe();
