@@ -103,6 +103,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The edge's `Error` frame in answer to a request or the Hello.
+    pub fn refused(code: ErrorCode, message: String) -> Self {
+        Self::Refused {
+            code,
+            message,
+            retry_after: None,
+        }
+    }
+
     /// When the edge said to come back, for a connection it refused for
     /// load with its turn (`Refused { retry_after }`).
     pub fn turn(&self) -> Option<Duration> {
@@ -331,13 +340,7 @@ impl Client {
             Ok(Some(ServerFrame {
                 body: ServerBody::Error { code, message, .. },
                 ..
-            })) => {
-                return Err(ClientError::Refused {
-                    code,
-                    message,
-                    retry_after: None,
-                });
-            }
+            })) => return Err(ClientError::refused(code, message)),
             Ok(other) => {
                 return Err(match conn.close_reason() {
                     Some(e) => closed(&e),
@@ -404,11 +407,9 @@ impl Client {
                 retry_after: Duration::from_millis(u64::from(retry_after_ms)),
                 message,
             }),
-            Ok(Ok(ServerBody::Error { code, message, .. })) => Err(ClientError::Refused {
-                code,
-                message,
-                retry_after: None,
-            }),
+            Ok(Ok(ServerBody::Error { code, message, .. })) => {
+                Err(ClientError::refused(code, message))
+            }
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(self.close_error()),
             Err(_) => {

@@ -166,6 +166,20 @@ pub struct SessionStats {
     pub notifies_dropped: AtomicU64,
 }
 
+impl SessionStats {
+    /// A connect the edge shed (`e`, refused for load): counted as shed,
+    /// and as paced when it carried the edge's turn, which it returns for
+    /// [`Reconnect::refused`](crate::reconnect::Reconnect::refused).
+    pub fn count_shed(&self, e: &ClientError) -> Option<Duration> {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        let turn = e.turn();
+        if turn.is_some() {
+            self.paced.fetch_add(1, Ordering::Relaxed);
+        }
+        turn
+    }
+}
+
 struct Inner {
     cfg: SessionConfig,
     state: Mutex<State>,
@@ -434,11 +448,7 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
             }
             Err(e) if is_shed(&e) => {
                 tracing::debug!(%addr, error = %e, "edge shed load; backing off longer");
-                inner.stats.shed.fetch_add(1, Ordering::Relaxed);
-                let turn = e.turn();
-                if turn.is_some() {
-                    inner.stats.paced.fetch_add(1, Ordering::Relaxed);
-                }
+                let turn = inner.stats.count_shed(&e);
                 (addr, delay) = policy.refused(&mut rand::rng(), turn);
                 continue;
             }

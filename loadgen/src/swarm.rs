@@ -989,11 +989,7 @@ impl Shard {
                     let d = &mut self.devs[local];
                     let (addr, delay) = match ended {
                         Ended::Lost(e) if is_shed(&e) => {
-                            d.stats.shed.fetch_add(1, Ordering::Relaxed);
-                            let turn = e.turn();
-                            if turn.is_some() {
-                                d.stats.paced.fetch_add(1, Ordering::Relaxed);
-                            }
+                            let turn = d.stats.count_shed(&e);
                             d.policy.refused(&mut self.rng, turn)
                         }
                         _ => d.policy.connect_failed(&mut self.rng),
@@ -1401,11 +1397,7 @@ impl Shard {
                 ServerBody::Error { code, message, .. } => {
                     self.end_link(
                         local,
-                        Ended::Lost(ClientError::Refused {
-                            code,
-                            message,
-                            retry_after: None,
-                        }),
+                        Ended::Lost(ClientError::refused(code, message)),
                         Some((0, b"")),
                     );
                 }
@@ -1441,15 +1433,7 @@ impl Shard {
                 },
             ),
             ServerBody::Error { code, message, .. } => {
-                self.failed(
-                    local,
-                    req,
-                    ClientError::Refused {
-                        code,
-                        message,
-                        retry_after: None,
-                    },
-                );
+                self.failed(local, req, ClientError::refused(code, message));
             }
             body => self.answered(local, req, body),
         }

@@ -909,6 +909,15 @@ fn live(conns: &mut [Option<Conn>], key: usize, conn_id: u64) -> Option<&mut Con
         .filter(|c| c.conn_id == conn_id && !c.closed)
 }
 
+/// The connection's handshake left its slot (done, failed or abandoned):
+/// no longer in flight, and its hold time to the pacer.
+fn handshake_left(ctx: &Ctx, limits: &Limits, c: &mut Conn, now: Instant) {
+    if c.handshake.take().is_some() {
+        ctx.shared.metrics.handshakes_in_flight.dec();
+        limits.pacer.left(now.saturating_duration_since(c.since));
+    }
+}
+
 /// The connection has ended (closed here or lost): out of the index, its
 /// slots back, and the device detached (a task).
 fn teardown(
@@ -934,12 +943,7 @@ fn teardown(
         m.connections.dec();
         c.counted = false;
     }
-    if c.handshake.take().is_some() {
-        m.handshakes_in_flight.dec();
-        limits
-            .pacer
-            .left(ctx.now.saturating_duration_since(c.since));
-    }
+    handshake_left(ctx, limits, c, ctx.now);
     c.slot = None;
     c.outbox = Outbox::new(0);
     c.ctl_out = Outbox::new(0);
@@ -957,10 +961,7 @@ fn on_event(ctx: &mut Ctx, limits: &Limits, key: usize, c: &mut Conn, event: Eve
     let hello_timeout = Duration::from_millis(ctx.shared.cfg.hello_timeout_ms);
     match event {
         Event::Connected => {
-            if c.handshake.take().is_some() {
-                ctx.shared.metrics.handshakes_in_flight.dec();
-                limits.pacer.left(now.saturating_duration_since(c.since));
-            }
+            handshake_left(ctx, limits, c, now);
             c.stage_done(now, &ctx.shared.metrics.handshake_seconds);
             // A connection slot only once the handshake is done.
             let Ok(slot) = limits.slots.clone().try_acquire_owned() else {

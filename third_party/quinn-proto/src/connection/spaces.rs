@@ -273,7 +273,7 @@ impl PacketSpace {
 /// The three packet number spaces of a connection.
 ///
 /// Tiercast patch 6: the Initial and Handshake spaces live in one heap block,
-/// freed once both are discarded (`release_early`), instead of inline in the
+/// freed once both are discarded (`discarded`), instead of inline in the
 /// connection for its whole life (2 x 768 B that a connection past its
 /// handshake never uses). A released space reads as a fresh space without
 /// keys, as a discarded space is; a write to one (none is expected) brings a
@@ -295,14 +295,13 @@ impl Spaces {
     }
 
     /// `space` (Initial or Handshake) was discarded: once both are, their
-    /// memory is freed. Returns whether it is now.
-    pub(super) fn discarded(&mut self, space: SpaceId) -> bool {
+    /// memory is freed.
+    pub(super) fn discarded(&mut self, space: SpaceId) {
         debug_assert!(space != SpaceId::Data);
         self.discarded |= 1 << (space as u8);
         if self.discarded == 0b11 {
             self.early = None;
         }
-        self.early.is_none()
     }
 
     /// Whether the Initial and Handshake spaces' memory has been freed.
