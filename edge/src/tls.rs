@@ -126,8 +126,13 @@ pub fn server_crypto_with_tickets(
         tls.ticketer = t;
         tls.send_tls13_tickets = per_handshake;
     }
+    // Each connection drops its rustls session once the handshake is over
+    // and the tickets are written (quinn-proto patch 9, ADR 0015): 2-3 KB
+    // per idle connection that only exporting keying material needs, which
+    // the edge does not do. Key updates keep working from the secrets kept.
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .release_session_after_handshake(true);
     Ok(Arc::new(quic))
 }
 

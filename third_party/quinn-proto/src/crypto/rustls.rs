@@ -39,16 +39,97 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
+}
+
+/// The rustls connection, or what is kept of it once it was released
+///
+/// Tiercast patch 9: a server built with
+/// [`QuicServerConfig::release_session_after_handshake`] drops the rustls connection once the
+/// handshake is complete and its last handshake bytes (the session tickets) were written. The
+/// connection is boxed so that dropping it gives its memory back (rustls's `ServerConnection`
+/// with its record layer, buffers and handshake state, about 2-3 KB per QUIC connection); what
+/// the session is still asked for afterwards is kept here: the next key phases' secrets (in
+/// `TlsSession::next_secrets`), the negotiated protocol and server name, and the peer's
+/// certificates if it sent any.
+enum Tls {
+    Live {
+        conn: Box<Connection>,
+        release_after_handshake: bool,
+    },
+    Released(Box<Released>),
+}
+
+/// What a released server session still answers (Tiercast patch 9)
+struct Released {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl Tls {
+    fn live(conn: Connection, release_after_handshake: bool) -> Self {
+        Self::Live {
+            conn: Box::new(conn),
+            release_after_handshake,
+        }
+    }
+
+    fn conn(&self) -> Option<&Connection> {
+        match self {
+            Self::Live { conn, .. } => Some(conn),
+            Self::Released(_) => None,
+        }
+    }
 }
 
 impl TlsSession {
     fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+        match &self.inner {
+            Tls::Live { conn, .. } => match **conn {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            // Only a server session is ever released
+            Tls::Released(_) => Side::Server,
         }
+    }
+
+    /// Drops the rustls connection if this server session was built to release it and the
+    /// handshake is over, keeping what the session is still asked for (Tiercast patch 9)
+    ///
+    /// Called when `write_handshake` found nothing more to write: by then a server has read the
+    /// client's Finished and written its session tickets, and rustls's server rejects every
+    /// further handshake message under QUIC (`ExpectQuicTraffic`), as `read_handshake` does
+    /// after the release.
+    fn release_if_done(&mut self) {
+        let Tls::Live {
+            conn,
+            release_after_handshake: true,
+        } = &self.inner
+        else {
+            return;
+        };
+        let Connection::Server(server) = &**conn else {
+            return;
+        };
+        if conn.is_handshaking() || !self.got_handshake_data {
+            return;
+        }
+        let released = Released {
+            protocol: conn.alpn_protocol().map(|x| x.into()),
+            server_name: server.server_name().map(|x| x.into()),
+            peer_certificates: conn
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+        };
+        self.inner = Tls::Released(Box::new(released));
+    }
+
+    /// Whether the rustls connection was released (Tiercast patch 9)
+    pub fn is_released(&self) -> bool {
+        matches!(self.inner, Tls::Released(_))
     }
 }
 
@@ -61,15 +142,24 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let (protocol, server_name) = match &self.inner {
+            Tls::Live { conn, .. } => (
+                conn.alpn_protocol().map(|x| x.into()),
+                match **conn {
+                    Connection::Client(_) => None,
+                    Connection::Server(ref session) => session.server_name().map(|x| x.into()),
+                },
+            ),
+            Tls::Released(released) => (released.protocol.clone(), released.server_name.clone()),
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
-                Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
-            },
+            protocol,
+            server_name,
             #[cfg(feature = "__rustls-post-quantum-test")]
             negotiated_key_exchange_group: self
                 .inner
+                .conn()
+                .expect("the post-quantum tests do not release sessions")
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,34 +168,54 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
-            Box::new(
-                v.iter()
-                    .map(|v| v.clone().into_owned())
-                    .collect::<Vec<CertificateDer<'static>>>(),
-            )
-        })
+        match &self.inner {
+            Tls::Live { conn, .. } => conn.peer_certificates().map(|v| -> Box<dyn Any> {
+                Box::new(
+                    v.iter()
+                        .map(|v| v.clone().into_owned())
+                        .collect::<Vec<CertificateDer<'static>>>(),
+                )
+            }),
+            Tls::Released(released) => released
+                .peer_certificates
+                .clone()
+                .map(|v| -> Box<dyn Any> { Box::new(v) }),
+        }
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.inner.conn()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+        match self.inner.conn()? {
+            Connection::Client(session) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.inner.conn().is_some_and(|conn| conn.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let conn = match &mut self.inner {
+            Tls::Live { conn, .. } => conn,
+            // What rustls's server does with any handshake message once the handshake is over
+            // under QUIC: an `unexpected_message` alert (Tiercast patch 9)
+            Tls::Released(_) => {
+                return Err(TransportError {
+                    code: TransportErrorCode::crypto(
+                        rustls::AlertDescription::UnexpectedMessage.into(),
+                    ),
+                    frame: None,
+                    reason: "handshake message after the handshake".into(),
+                });
+            }
+        };
+        conn.read_hs(buf).map_err(|e| {
+            if let Some(alert) = conn.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +229,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match **conn {
                 Connection::Client(_) => false,
                 Connection::Server(ref session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if conn.alpn_protocol().is_some() || have_server_name || !conn.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +242,12 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        // A released session was a server's, which reads the client's parameters from its
+        // first flight, long before the release
+        let Some(conn) = self.inner.conn() else {
+            return Ok(None);
+        };
+        match conn.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +257,17 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live { conn, .. } = &mut self.inner else {
+            return None;
+        };
+        let written = buf.len();
+        let Some(change) = conn.write_hs(buf) else {
+            if buf.len() == written {
+                self.release_if_done();
+            }
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,7 +329,10 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
+        // A released session keeps no exporter secret (Tiercast patch 9)
         self.inner
+            .conn()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -365,16 +493,19 @@ impl crypto::ClientConfig for QuicClientConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Client(
-                rustls::quic::ClientConnection::new(
-                    self.inner.clone(),
-                    version,
-                    ServerName::try_from(server_name)
-                        .map_err(|_| ConnectError::InvalidServerName(server_name.into()))?
-                        .to_owned(),
-                    to_vec(params),
-                )
-                .unwrap(),
+            inner: Tls::live(
+                rustls::quic::Connection::Client(
+                    rustls::quic::ClientConnection::new(
+                        self.inner.clone(),
+                        version,
+                        ServerName::try_from(server_name)
+                            .map_err(|_| ConnectError::InvalidServerName(server_name.into()))?
+                            .to_owned(),
+                        to_vec(params),
+                    )
+                    .unwrap(),
+                ),
+                false,
             ),
             suite: self.initial,
         }))
@@ -440,6 +571,8 @@ impl std::error::Error for NoInitialCipherSuite {}
 pub struct QuicServerConfig {
     inner: Arc<rustls::ServerConfig>,
     initial: Suite,
+    /// Tiercast patch 9: see [`QuicServerConfig::release_session_after_handshake`]
+    release_after_handshake: bool,
 }
 
 impl QuicServerConfig {
@@ -453,6 +586,7 @@ impl QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .expect("no initial cipher suite found"),
             inner: Arc::new(inner),
+            release_after_handshake: false,
         })
     }
 
@@ -464,9 +598,29 @@ impl QuicServerConfig {
         initial: Suite,
     ) -> Result<Self, NoInitialCipherSuite> {
         match initial.suite.common.suite {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self { inner, initial }),
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self {
+                inner,
+                initial,
+                release_after_handshake: false,
+            }),
             _ => Err(NoInitialCipherSuite { specific: true }),
         }
+    }
+
+    /// Whether each connection drops its rustls session once the handshake is over
+    ///
+    /// Defaults to `false`. With `true`, once a connection's handshake is complete and its
+    /// session tickets were written, the rustls connection (its record layer, buffers and
+    /// handshake state, 2-3 KB) is dropped. The connection keeps its packet keys and the secrets
+    /// of the next key phases, so key updates work as before, and `handshake_data` and
+    /// `peer_identity` answer as before. What is lost is
+    /// [`export_keying_material`](crate::crypto::Session::export_keying_material), which fails
+    /// afterwards: leave this off if the application exports keying material after the
+    /// handshake. A handshake message received afterwards closes the connection with an
+    /// `unexpected_message` alert, as rustls does. (Tiercast patch 9, see `PATCHES.md`.)
+    pub fn release_session_after_handshake(mut self, release: bool) -> Self {
+        self.release_after_handshake = release;
+        self
     }
 
     /// Initialize a sane QUIC-compatible TLS server configuration
@@ -505,6 +659,7 @@ impl TryFrom<Arc<rustls::ServerConfig>> for QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .ok_or(NoInitialCipherSuite { specific: false })?,
             inner,
+            release_after_handshake: false,
         })
     }
 }
@@ -521,9 +676,16 @@ impl crypto::ServerConfig for QuicServerConfig {
             version,
             got_handshake_data: false,
             next_secrets: None,
-            inner: rustls::quic::Connection::Server(
-                rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
+            inner: Tls::live(
+                rustls::quic::Connection::Server(
+                    rustls::quic::ServerConnection::new(
+                        self.inner.clone(),
+                        version,
+                        to_vec(params),
+                    )
                     .unwrap(),
+                ),
+                self.release_after_handshake,
             ),
             suite: self.initial,
         })

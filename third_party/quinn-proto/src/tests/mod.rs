@@ -278,6 +278,144 @@ fn a_server_issues_no_more_connection_ids_than_configured() {
     }
 }
 
+/// Tiercast patch 9: a server built to release its TLS session after the
+/// handshake still answers for the handshake's data, updates its keys both
+/// ways, and has sent the tickets a client resumes with (0-RTT accepted);
+/// only exporting keying material is gone.
+#[test]
+fn a_released_tls_session_keeps_what_the_connection_needs() {
+    let _guard = subscribe();
+    let crypto = server_crypto_with_alpn(vec!["foo".into(), "bar".into()])
+        .release_session_after_handshake(true);
+    let server = ServerConfig {
+        crypto: Arc::new(crypto),
+        ..server_config()
+    };
+    let mut pair = Pair::new(Default::default(), server);
+    pair.server.handle_incoming = Box::new(validate_incoming);
+    let config = ClientConfig::new(Arc::new(client_crypto_with_alpn(vec!["bar".into()])));
+
+    let client_ch = pair.begin_connect(config.clone());
+    pair.drive();
+    let server_ch = pair.server.assert_accept();
+    assert_matches!(
+        pair.server_conn_mut(server_ch).poll(),
+        Some(Event::HandshakeDataReady)
+    );
+    assert_matches!(
+        pair.server_conn_mut(server_ch).poll(),
+        Some(Event::Connected)
+    );
+
+    // What is kept
+    let hd = pair
+        .server_conn_mut(server_ch)
+        .crypto_session()
+        .handshake_data()
+        .unwrap()
+        .downcast::<crate::crypto::rustls::HandshakeData>()
+        .unwrap();
+    assert_eq!(hd.protocol.unwrap(), &b"bar"[..]);
+    assert_eq!(hd.server_name.as_deref(), Some("localhost"));
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .crypto_session()
+            .peer_identity()
+            .is_none()
+    );
+    assert!(
+        !pair
+            .server_conn_mut(server_ch)
+            .crypto_session()
+            .is_handshaking()
+    );
+    // What is gone: the exporter secret went with the rustls session
+    let mut buf = [0u8; 32];
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_err()
+    );
+    assert!(
+        pair.client_conn_mut(client_ch)
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_ok()
+    );
+
+    // Key updates, one from each side, with data across each
+    let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+    let mut offset = 0;
+    for (round, client_updates) in [(0, true), (1, false), (2, true)] {
+        if client_updates {
+            pair.client_conn_mut(client_ch).force_key_update();
+        } else {
+            pair.server_conn_mut(server_ch).force_key_update();
+        }
+        let msg = format!("after key update {round}");
+        pair.client_send(client_ch, s)
+            .write(msg.as_bytes())
+            .unwrap();
+        pair.drive();
+        if round == 0 {
+            assert_matches!(pair.server_streams(server_ch).accept(Dir::Bi), Some(id) if id == s);
+        }
+        let mut recv = pair.server_recv(server_ch, s);
+        let mut chunks = recv.read(true).unwrap();
+        assert_matches!(
+            chunks.next(usize::MAX),
+            Ok(Some(chunk)) if chunk.offset == offset && chunk.bytes == msg.as_bytes()
+        );
+        let _ = chunks.finalize();
+        offset += msg.len() as u64;
+    }
+    assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
+    assert_eq!(pair.server_conn_mut(server_ch).stats().path.lost_packets, 0);
+
+    // The tickets were written before the release: the client resumes with 0-RTT
+    pair.client
+        .connections
+        .get_mut(&client_ch)
+        .unwrap()
+        .close(pair.time, VarInt(0), [][..].into());
+    pair.drive();
+    pair.client.addr = SocketAddr::new(
+        Ipv6Addr::LOCALHOST.into(),
+        CLIENT_PORTS.lock().unwrap().next().unwrap(),
+    );
+    let client_ch = pair.begin_connect(config);
+    assert!(pair.client_conn_mut(client_ch).has_0rtt());
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(b"0-RTT").unwrap();
+    pair.drive();
+    assert!(pair.client_conn_mut(client_ch).accepted_0rtt());
+    let server_ch = pair.server.assert_accept();
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_err()
+    );
+}
+
+/// Tiercast patch 9: by default a server keeps its TLS session, and can
+/// export keying material for the connection's life.
+#[test]
+fn a_server_keeps_its_tls_session_by_default() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (_client_ch, server_ch) = pair.connect();
+    pair.drive();
+    let mut buf = [0u8; 32];
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_ok()
+    );
+}
+
 #[test]
 fn draft_version_compat() {
     let _guard = subscribe();
