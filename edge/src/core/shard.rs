@@ -914,7 +914,9 @@ fn live(conns: &mut [Option<Conn>], key: usize, conn_id: u64) -> Option<&mut Con
 fn handshake_left(ctx: &Ctx, limits: &Limits, c: &mut Conn, now: Instant) {
     if c.handshake.take().is_some() {
         ctx.shared.metrics.handshakes_in_flight.dec();
-        limits.pacer.left(now.saturating_duration_since(c.since));
+        limits
+            .pacer
+            .left(now, now.saturating_duration_since(c.since));
     }
 }
 
