@@ -134,18 +134,24 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Vec<u8> {
     body
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hand_built_frames_follow_the_documented_layout() {
-    let t = common::start(&[]).await;
+/// A stock quinn client endpoint that trusts the node's certificate.
+fn quinn_client(t: &common::TestNode) -> quinn::Endpoint {
     let crypto = tiercast_client::tls::client_crypto(&t.node.cert_pem).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(crypto));
-    // The development certificate's name.
-    let conn = ep
-        .connect(t.node.quic_addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    ep
+}
+
+/// A connection to the node, under the development certificate's name.
+fn connect(ep: &quinn::Endpoint, t: &common::TestNode) -> quinn::Connecting {
+    ep.connect(t.node.quic_addr, "localhost").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_built_frames_follow_the_documented_layout() {
+    let t = common::start(&[]).await;
+    let ep = quinn_client(&t);
+    let conn = connect(&ep, &t).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
 
     let bytes = hello(&t.token(1));
@@ -183,15 +189,9 @@ async fn hand_built_frames_follow_the_documented_layout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_silent_past_the_hello_timeout_is_told_to_come_back() {
     let t = common::start(&[("edge.hello_timeout_ms", "1000")]).await;
-    let crypto = tiercast_client::tls::client_crypto(&t.node.cert_pem).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let ep = quinn_client(&t);
     for opens_stream in [false, true] {
-        let conn = ep
-            .connect(t.node.quic_addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = connect(&ep, &t).await.unwrap();
         // A stream is only seen by the edge once something is written on
         // it; one byte of a frame's length prefix, then nothing.
         let _stream = if opens_stream {
@@ -228,5 +228,38 @@ async fn a_client_silent_past_the_hello_timeout_is_told_to_come_back() {
     );
     assert_eq!(common::metric(&m, "tiercast_edge_hello_seconds_count"), 0);
     ep.close(0u32.into(), b"bye");
+    t.node.shutdown().await;
+}
+
+/// The edge drops each connection's TLS session once its handshake is
+/// over (quinn-proto patch 9, `QuicServerConfig::release_session_after_handshake`):
+/// what a connection still needs from it, the secrets of the next key
+/// phases, is kept. Three key updates from a stock quinn client, each
+/// followed by a request and its answer in the new phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_updates_work_after_the_edge_drops_its_tls_session() {
+    let t = common::start(&[]).await;
+    let ep = quinn_client(&t);
+    let conn = connect(&ep, &t).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello(&t.token(1))).await.unwrap();
+    let welcome = read_frame(&mut recv).await;
+    assert_eq!(Table::root(&welcome).u8(1), BODY_WELCOME);
+
+    for round in 1..=3u64 {
+        conn.force_key_update();
+        send.write_all(&ping(round, 100 + round)).await.unwrap();
+        let pong = tokio::time::timeout(common::WAIT, read_frame(&mut recv))
+            .await
+            .expect("an answer in the new key phase");
+        let f = Table::root(&pong);
+        assert_eq!((f.u64(0), f.u8(1)), (round, BODY_PONG), "round {round}");
+        assert_eq!(f.table(2).u64(0), 100 + round);
+    }
+    assert_eq!(conn.stats().path.lost_packets, 0);
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+
+    conn.close(0u32.into(), b"bye");
+    ep.wait_idle().await;
     t.node.shutdown().await;
 }
