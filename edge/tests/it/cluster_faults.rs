@@ -300,15 +300,6 @@ async fn read_markers_cross_edges_and_a_dead_flusher_loses_none() {
     for n in &fleet.nodes {
         n.engine.read_queue().close().await;
     }
-    let doomed_metrics = ReadMetrics::default();
-    let doomed = RedisReadQueue::start(
-        client.clone(),
-        dead_store,
-        cfg("doomed", 60_000),
-        doomed_metrics.clone(),
-    )
-    .await
-    .unwrap();
     let marks: Vec<ReadMark> = (0..40)
         .map(|i| ReadMark {
             user: 100 + i % 8,
@@ -319,6 +310,22 @@ async fn read_markers_cross_edges_and_a_dead_flusher_loses_none() {
     for m in &marks {
         producer.push(*m).await.unwrap();
     }
+    // The doomed flusher starts once all 40 are in the streams, so its
+    // first read takes each stream's entries at once. (A flusher whose
+    // writes fail re-reads its own pending entries and takes no new ones
+    // until they are written: started earlier, it could hold only the
+    // entries that had arrived by its first read, and the others would
+    // wait in the stream for another flusher, which is not what this
+    // part checks.)
+    let doomed_metrics = ReadMetrics::default();
+    let doomed = RedisReadQueue::start(
+        client.clone(),
+        dead_store,
+        cfg("doomed", 60_000),
+        doomed_metrics.clone(),
+    )
+    .await
+    .unwrap();
     // Wait until the doomed flusher has read them (they are pending with it).
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
