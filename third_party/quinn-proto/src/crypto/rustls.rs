@@ -68,6 +68,23 @@ struct Released {
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
+impl Released {
+    /// The negotiated ALPN protocol and (on a server) the client's server name
+    fn names(conn: &Connection) -> (Option<Vec<u8>>, Option<String>) {
+        let server_name = match conn {
+            Connection::Client(_) => None,
+            Connection::Server(session) => session.server_name().map(|x| x.into()),
+        };
+        (conn.alpn_protocol().map(|x| x.into()), server_name)
+    }
+
+    /// The peer's certificates, owned
+    fn certificates(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+        conn.peer_certificates()
+            .map(|v| v.iter().map(|c| c.clone().into_owned()).collect())
+    }
+}
+
 impl Tls {
     fn live(conn: Connection, release_after_handshake: bool) -> Self {
         Self::Live {
@@ -111,18 +128,17 @@ impl TlsSession {
         else {
             return;
         };
-        let Connection::Server(server) = &**conn else {
-            return;
-        };
-        if conn.is_handshaking() || !self.got_handshake_data {
+        if !matches!(**conn, Connection::Server(_))
+            || conn.is_handshaking()
+            || !self.got_handshake_data
+        {
             return;
         }
+        let (protocol, server_name) = Released::names(conn);
         let released = Released {
-            protocol: conn.alpn_protocol().map(|x| x.into()),
-            server_name: server.server_name().map(|x| x.into()),
-            peer_certificates: conn
-                .peer_certificates()
-                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+            protocol,
+            server_name,
+            peer_certificates: Released::certificates(conn),
         };
         self.inner = Tls::Released(Box::new(released));
     }
@@ -143,13 +159,7 @@ impl crypto::Session for TlsSession {
             return None;
         }
         let (protocol, server_name) = match &self.inner {
-            Tls::Live { conn, .. } => (
-                conn.alpn_protocol().map(|x| x.into()),
-                match **conn {
-                    Connection::Client(_) => None,
-                    Connection::Server(ref session) => session.server_name().map(|x| x.into()),
-                },
-            ),
+            Tls::Live { conn, .. } => Released::names(conn),
             Tls::Released(released) => (released.protocol.clone(), released.server_name.clone()),
         };
         Some(Box::new(HandshakeData {
@@ -168,19 +178,11 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        match &self.inner {
-            Tls::Live { conn, .. } => conn.peer_certificates().map(|v| -> Box<dyn Any> {
-                Box::new(
-                    v.iter()
-                        .map(|v| v.clone().into_owned())
-                        .collect::<Vec<CertificateDer<'static>>>(),
-                )
-            }),
-            Tls::Released(released) => released
-                .peer_certificates
-                .clone()
-                .map(|v| -> Box<dyn Any> { Box::new(v) }),
-        }
+        let certificates = match &self.inner {
+            Tls::Live { conn, .. } => Released::certificates(conn),
+            Tls::Released(released) => released.peer_certificates.clone(),
+        };
+        certificates.map(|v| -> Box<dyn Any> { Box::new(v) })
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
