@@ -14,33 +14,16 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tiercast_edge::config::EdgeConfig;
-use tiercast_edge::core::rig::Rig;
+use tiercast_edge::core::rig::{Rig, delivery_frame};
 use tiercast_edge::tls::Identity;
-use tiercast_schemas::wire::{Message, ServerBody, ServerFrame};
 
 fn conns() -> usize {
     std::env::var("TIERCAST_RIG_CONNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000)
-}
-
-/// A delivery frame of a 100-byte body, as the room scenarios send.
-fn frame() -> Bytes {
-    ServerFrame::new(
-        0,
-        ServerBody::Message(Message {
-            id: 1 << 40,
-            conversation: 1,
-            sender: 7,
-            sender_client: 9,
-            body: Bytes::from(vec![b'x'; 100]),
-        }),
-    )
-    .encode()
 }
 
 fn rig(ack_every: u32) -> Rig {
@@ -50,7 +33,7 @@ fn rig(ack_every: u32) -> Rig {
         ack_every,
         ..EdgeConfig::default()
     };
-    Rig::new(conns(), &cfg, id, crypto, frame()).expect("rig")
+    Rig::new(conns(), &cfg, id, crypto, delivery_frame(100)).expect("rig")
 }
 
 fn core_fanout(c: &mut Criterion) {

@@ -100,9 +100,15 @@ pub fn convs_allow(convs: Option<&[u64]>, conv: u64) -> bool {
     convs.is_none_or(|c| c.contains(&conv))
 }
 
-/// The keys tokens are signed and verified with.
+/// The keys tokens are signed and verified with. Cheap to clone (shared):
+/// the HTTP API's state holds one, and axum clones the state for every
+/// request.
 #[derive(Clone)]
 pub struct TokenKeys {
+    inner: std::sync::Arc<Keys>,
+}
+
+struct Keys {
     kid: String,
     encoding: EncodingKey,
     decoding: HashMap<String, DecodingKey>,
@@ -113,8 +119,11 @@ pub struct TokenKeys {
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenKeys")
-            .field("kid", &self.kid)
-            .field("verify_kids", &self.decoding.keys().collect::<Vec<_>>())
+            .field("kid", &self.inner.kid)
+            .field(
+                "verify_kids",
+                &self.inner.decoding.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -143,22 +152,24 @@ impl TokenKeys {
             .collect();
         decoding.insert(kid.to_owned(), DecodingKey::from_secret(secret));
         Self {
-            kid: kid.to_owned(),
-            encoding: EncodingKey::from_secret(secret),
-            decoding,
-            validation,
-            max_lifetime_secs,
+            inner: std::sync::Arc::new(Keys {
+                kid: kid.to_owned(),
+                encoding: EncodingKey::from_secret(secret),
+                decoding,
+                validation,
+                max_lifetime_secs,
+            }),
         }
     }
 
     pub fn kid(&self) -> &str {
-        &self.kid
+        &self.inner.kid
     }
 
     pub fn mint(&self, claims: &Claims) -> String {
         let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
+        header.kid = Some(self.inner.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.inner.encoding)
             .expect("HS256 signing of plain claims cannot fail")
     }
 
@@ -204,12 +215,13 @@ impl TokenKeys {
         }
         let kid = header.kid.ok_or(AuthError::NoKeyId)?;
         let key = self
+            .inner
             .decoding
             .get(&kid)
             .ok_or_else(|| AuthError::UnknownKey(printable(&kid)))?;
         // Into plain JSON first, so the standard checks (required claims,
         // exp, nbf) run and name what is missing before our own shape does.
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation)
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, key, &self.inner.validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -222,9 +234,9 @@ impl TokenKeys {
                 _ => AuthError::Malformed,
             })?;
         let claims: Claims = serde_json::from_value(claims).map_err(|_| AuthError::Malformed)?;
-        if claims.exp > now_unix().saturating_add(self.max_lifetime_secs) {
+        if claims.exp > now_unix().saturating_add(self.inner.max_lifetime_secs) {
             return Err(AuthError::TooLong {
-                max_secs: self.max_lifetime_secs,
+                max_secs: self.inner.max_lifetime_secs,
             });
         }
         Ok(claims)

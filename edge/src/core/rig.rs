@@ -39,6 +39,24 @@ struct ServerConn {
     outbox: Outbox,
 }
 
+/// The delivery frame of a room broadcast: one message of `body` bytes, as
+/// the room scenarios send (the benches and the instruction counter use a
+/// 100-byte body).
+pub fn delivery_frame(body: usize) -> Bytes {
+    use tiercast_schemas::wire::{Message, ServerBody, ServerFrame};
+    ServerFrame::new(
+        0,
+        ServerBody::Message(Message {
+            id: 1 << 40,
+            conversation: 1,
+            sender: 7,
+            sender_client: 9,
+            body: Bytes::from(vec![b'x'; body]),
+        }),
+    )
+    .encode()
+}
+
 /// What one round cost the edge's side, and what it sent.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Round {
@@ -240,9 +258,45 @@ impl Rig {
         // The edge: the frame into every stream, packets out in batches.
         // Between batches (not timed) the devices take what arrived, so the
         // sink's buffer never drops a datagram.
-        let mut t0 = Instant::now();
-        for i in 0..self.conns.len() {
+        let mut next = 0;
+        while next < self.conns.len() {
+            let t0 = Instant::now();
+            let (upto, sent) = self.edge_send(next, now, max_segments);
+            r.send += t0.elapsed();
+            self.take(now, sent.datagrams);
+            next = upto;
+        }
+        r.datagrams = self.batch.totals.datagrams - before.datagrams;
+        r.syscalls = self.batch.totals.syscalls - before.syscalls;
+
+        // The devices (not timed): take the packets, ack when due.
+        let acks = self.acks(now);
+        r.ack_datagrams = acks.len() as u64;
+
+        // The edge: the ACKs into the connections (at the time the devices
+        // sent them).
+        let t1 = Instant::now();
+        self.edge_acks(now + ACK_AFTER, acks);
+        r.acks = t1.elapsed();
+        r
+    }
+
+    /// The edge's side of a round, from connection `from`: the frame into
+    /// each stream and its packets built, until a batch of 256 datagrams is
+    /// sent (or the last connection). Returns where the next batch starts.
+    /// Not inlined, so that an instruction counter can tell the edge's side
+    /// from the devices' (`scripts/count-instructions.sh`).
+    #[inline(never)]
+    fn edge_send(
+        &mut self,
+        from: usize,
+        now: Instant,
+        max_segments: usize,
+    ) -> (usize, super::udp::Sent) {
+        let mut i = from;
+        while i < self.conns.len() {
             let c = &mut self.conns[i];
+            i += 1;
             c.outbox.offer(self.frame.clone(), None);
             c.outbox
                 .flush(write_into(&mut c.conn, c.stream), notify_frame);
@@ -253,31 +307,20 @@ impl Rig {
                 self.batch.push(&t);
             }
             if self.batch.len() >= 256 {
-                let sent = flush_batch(&self.rt, &self.socket, &mut self.batch);
-                r.send += t0.elapsed();
-                self.take(now, sent.datagrams);
-                t0 = Instant::now();
+                break;
             }
         }
-        let sent = flush_batch(&self.rt, &self.socket, &mut self.batch);
-        r.send += t0.elapsed();
-        self.take(now, sent.datagrams);
-        r.datagrams = self.batch.totals.datagrams - before.datagrams;
-        r.syscalls = self.batch.totals.syscalls - before.syscalls;
+        (i, flush_batch(&self.rt, &self.socket, &mut self.batch))
+    }
 
-        // The devices (not timed): take the packets, ack when due.
-        let acks = self.acks(now);
-        r.ack_datagrams = acks.len() as u64;
-
-        // The edge: the ACKs into the connections (at the time the devices
-        // sent them).
-        let later = now + ACK_AFTER;
-        let t1 = Instant::now();
+    /// The edge's side of the devices' ACKs, received at `at`.
+    #[inline(never)]
+    fn edge_acks(&mut self, at: Instant, acks: Vec<BytesMut>) {
         for data in acks {
             let mut resp = Vec::new();
             if let Some(DatagramEvent::ConnectionEvent(ch, ev)) =
                 self.server
-                    .handle(later, self.sink_addr, None, None, data, &mut resp)
+                    .handle(at, self.sink_addr, None, None, data, &mut resp)
             {
                 // Server handles are dense from 0 in this rig.
                 if let Some(c) = self.conns.get_mut(ch.0).filter(|c| c.ch == ch) {
@@ -287,8 +330,6 @@ impl Rig {
                 }
             }
         }
-        r.acks = t1.elapsed();
-        r
     }
 
     /// The devices take `expected` datagrams off the sink, each into its

@@ -3,7 +3,7 @@
 //! drives them all. See the module above for the design.
 
 use prometheus_client::metrics::histogram::Histogram;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -198,14 +198,16 @@ impl Conn {
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
-        [
-            self.proto.poll_timeout(),
-            self.app_deadline,
-            self.seam.expires_at(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        let proto = self.proto.poll_timeout();
+        self.next_deadline_with(proto)
+    }
+
+    /// [`Self::next_deadline`], with quinn-proto's deadline already asked.
+    fn next_deadline_with(&self, proto: Option<Instant>) -> Option<Instant> {
+        [proto, self.app_deadline, self.seam.expires_at()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -242,7 +244,10 @@ pub(crate) struct Shard {
     /// Connections by `ConnectionHandle.0` (the endpoint's own index).
     conns: Vec<Option<Conn>>,
     /// The local devices of each user, for fan-out.
-    users: HashMap<u64, Vec<usize>>,
+    /// Hashed with FxHash, not SipHash: looked up once per delivery, and
+    /// its keys are user ids from tokens the engine signed, not chosen by
+    /// a client.
+    users: FxHashMap<u64, Vec<usize>>,
     wheel: Wheel,
     due: Vec<usize>,
     batch: Batch,
@@ -279,7 +284,7 @@ impl Shard {
             endpoint: quinn_proto::Endpoint::new(endpoint, Some(server), false, None),
             socket,
             conns: Vec::new(),
-            users: HashMap::new(),
+            users: FxHashMap::default(),
             wheel: Wheel::new(now),
             due: Vec::new(),
             batch: Batch::default(),
@@ -772,7 +777,8 @@ impl Shard {
             };
             c.armed = None;
             let mut fired = false;
-            if c.proto.poll_timeout().is_some_and(|t| t <= now) {
+            let proto_at = c.proto.poll_timeout();
+            if proto_at.is_some_and(|t| t <= now) {
                 c.proto.handle_timeout(now);
                 fired = true;
             }
@@ -784,7 +790,7 @@ impl Shard {
             c.seam.watching();
             if fired {
                 ctx.mark(key, c);
-            } else if let Some(at) = c.next_deadline() {
+            } else if let Some(at) = c.next_deadline_with(proto_at) {
                 // Filed for a deadline that has moved later (a probe timer
                 // pushed back by an ACK): nothing changed that a drive would
                 // send, so only the new deadline is filed.
@@ -927,7 +933,7 @@ fn teardown(
     limits: &Limits,
     key: usize,
     c: &mut Conn,
-    users: &mut HashMap<u64, Vec<usize>>,
+    users: &mut FxHashMap<u64, Vec<usize>>,
     detaches: &mut JoinSet<()>,
 ) {
     c.ended = true;

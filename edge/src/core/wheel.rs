@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 const SLOTS: usize = 4096;
 const WORDS: usize = SLOTS / 64;
 const TICK: Duration = Duration::from_millis(1);
+const TICK_NANOS: u32 = 1_000_000;
+const TICKS_PER_S: u64 = 1_000;
 
 #[derive(Debug)]
 pub struct Wheel {
@@ -53,10 +55,13 @@ impl Wheel {
 
     /// The first tick at or after `at` (a deadline never fires early).
     fn tick_of(&self, at: Instant) -> u64 {
+        // Whole milliseconds and the rounded-up rest, in u64 and u32: the
+        // u128 division of `as_nanos` was a tenth of a busy shard's timer
+        // work (it runs for every deadline filed).
         let d = at.saturating_duration_since(self.origin);
-        let nanos = d.as_nanos();
-        let tick = TICK.as_nanos();
-        u64::try_from(nanos.div_ceil(tick)).unwrap_or(u64::MAX)
+        d.as_secs()
+            .saturating_mul(TICKS_PER_S)
+            .saturating_add(u64::from(d.subsec_nanos().div_ceil(TICK_NANOS)))
     }
 
     fn instant_of(&self, tick: u64) -> Instant {
@@ -113,7 +118,10 @@ impl Wheel {
     pub fn expire(&mut self, now: Instant, due: &mut Vec<usize>) {
         // Ticks up to `end` inclusive are due.
         let elapsed = now.saturating_duration_since(self.origin);
-        let end = u64::try_from(elapsed.as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX);
+        let end = elapsed
+            .as_secs()
+            .saturating_mul(TICKS_PER_S)
+            .saturating_add(u64::from(elapsed.subsec_nanos() / TICK_NANOS));
         while self.now_tick <= end {
             let Some(d) = self.next_occupied() else {
                 self.now_tick = end + 1;
@@ -215,6 +223,25 @@ mod tests {
         }
         assert_eq!(fired, vec![(2, 4_095), (3, 4_097), (1, 10_000)]);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_files_under_the_first_tick_at_or_after_it() {
+        let t0 = Instant::now();
+        let w = Wheel::new(t0);
+        let us = Duration::from_micros;
+        assert_eq!(w.tick_of(t0), 0);
+        assert_eq!(w.tick_of(t0 + us(1)), 1);
+        assert_eq!(w.tick_of(t0 + ms(1)), 1);
+        assert_eq!(w.tick_of(t0 + ms(1) + us(1)), 2);
+        assert_eq!(w.tick_of(t0 + ms(2_999) + us(999)), 3_000);
+        assert_eq!(w.tick_of(t0 + ms(3_000)), 3_000);
+        assert_eq!(w.tick_of(t0 + ms(3_000) + us(1)), 3_001);
+        // Before the origin: tick 0, never a wrap.
+        assert_eq!(Wheel::new(t0 + ms(5)).tick_of(t0), 0);
+        // The constants agree with the tick.
+        assert_eq!(Duration::from_nanos(u64::from(TICK_NANOS)), TICK);
+        assert_eq!(TICKS_PER_S * u64::from(TICK_NANOS), 1_000_000_000);
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub(super) struct SendBuffer {
     retransmits: RangeSet,
 }
 
+/// Slots of `unacked_segments` kept when it empties (4 x 32 B)
+const KEPT_SEGMENTS: usize = 4;
+
 impl SendBuffer {
     /// Construct an empty buffer at the initial offset
     pub(super) fn new() -> Self {
@@ -47,32 +50,52 @@ impl SendBuffer {
         range.start = base_offset.max(range.start);
         range.end = base_offset.max(range.end);
 
+        if range.start == base_offset && self.acks.is_empty() {
+            // The common case, data acknowledged in order with nothing acknowledged
+            // ahead of it: release it without a round trip through `acks` (a `BTreeMap`
+            // node allocated and freed per ACK). (Tiercast patch, `PATCHES.md`.)
+            self.release_acked(range.end - range.start);
+            return;
+        }
+
         self.acks.insert(range);
 
         while self.acks.min() == Some(self.offset - self.unacked_len as u64) {
             let prefix = self.acks.pop_min().unwrap();
-            let mut to_advance = (prefix.end - prefix.start) as usize;
+            self.release_acked(prefix.end - prefix.start);
+        }
+    }
 
-            self.unacked_len -= to_advance;
-            while to_advance > 0 {
-                let front = self
-                    .unacked_segments
-                    .front_mut()
-                    .expect("Expected buffered data");
+    /// Drops `len` acknowledged bytes from the front of `unacked_segments`
+    fn release_acked(&mut self, len: u64) {
+        let mut to_advance = len as usize;
 
-                if front.len() <= to_advance {
-                    to_advance -= front.len();
-                    self.unacked_segments.pop_front();
-                    self.front_trimmed = 0;
+        self.unacked_len -= to_advance;
+        while to_advance > 0 {
+            let front = self
+                .unacked_segments
+                .front_mut()
+                .expect("Expected buffered data");
 
-                    if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
-                        self.unacked_segments.shrink_to_fit();
-                    }
-                } else {
-                    front.advance(to_advance);
-                    self.front_trimmed += to_advance;
-                    to_advance = 0;
+            if front.len() <= to_advance {
+                to_advance -= front.len();
+                self.unacked_segments.pop_front();
+                self.front_trimmed = 0;
+
+                // Shrunk when mostly unused, but to no fewer than `KEPT_SEGMENTS`
+                // slots: shrunk to nothing, a stream that carries one message at a
+                // time (each acknowledged before the next) freed its buffer on
+                // every ACK and allocated it again on the next write.
+                // (Tiercast patch, `PATCHES.md`.)
+                let capacity = self.unacked_segments.capacity();
+                if capacity > KEPT_SEGMENTS && self.unacked_segments.len() * 4 < capacity {
+                    self.unacked_segments
+                        .shrink_to(self.unacked_segments.len().max(KEPT_SEGMENTS));
                 }
+            } else {
+                front.advance(to_advance);
+                self.front_trimmed += to_advance;
+                to_advance = 0;
             }
         }
     }
@@ -395,6 +418,51 @@ mod tests {
         buf.ack(0..16);
         assert_eq!(aggregate_unacked(&buf), &MSG[23..]);
         assert!(buf.acks.is_empty());
+    }
+
+    /// Tiercast patch: an in-order ACK bypasses `acks`; the result is the same.
+    #[test]
+    fn in_order_and_reordered_acks_release_the_same_data() {
+        let mut buf = SendBuffer::new();
+        for i in 0..4u8 {
+            buf.write(vec![i; 10].into());
+        }
+        assert_eq!(buf.poll_transmit(100).0, 0..40);
+        buf.ack(0..10);
+        assert!(buf.acks.is_empty(), "released at once");
+        assert_eq!(
+            aggregate_unacked(&buf),
+            [[1u8; 10], [2; 10], [3; 10]].concat()
+        );
+        buf.ack(20..30);
+        assert_eq!(buf.unacked_len, 30, "held until 10..20 is acknowledged");
+        buf.ack(10..20);
+        assert_eq!(aggregate_unacked(&buf), [3u8; 10]);
+        assert!(buf.acks.is_empty());
+        // Acknowledged twice, and partly before what is tracked: nothing changes.
+        buf.ack(5..20);
+        assert_eq!(aggregate_unacked(&buf), [3u8; 10]);
+        buf.ack(30..40);
+        assert!(aggregate_unacked(&buf).is_empty());
+        assert!(buf.acks.is_empty());
+    }
+
+    /// Tiercast patch: an emptied buffer keeps a few slots, and gives back the rest.
+    #[test]
+    fn an_emptied_buffer_keeps_a_few_slots() {
+        let mut buf = SendBuffer::new();
+        buf.write(vec![0u8; 10].into());
+        assert_eq!(buf.poll_transmit(100).0, 0..10);
+        buf.ack(0..10);
+        let kept = buf.unacked_segments.capacity();
+        assert!(kept > 0 && kept <= KEPT_SEGMENTS, "kept {kept}");
+        for _ in 0..40 {
+            buf.write(vec![1u8; 10].into());
+        }
+        assert!(buf.unacked_segments.capacity() >= 40);
+        assert_eq!(buf.poll_transmit(1_000).0, 10..410);
+        buf.ack(10..410);
+        assert_eq!(buf.unacked_segments.capacity(), KEPT_SEGMENTS);
     }
 
     fn aggregate_unacked(buf: &SendBuffer) -> Vec<u8> {

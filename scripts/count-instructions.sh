@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The edge's user-space instructions per delivery on the core's fan-out
+# path, counted exactly by callgrind (no timing; this machine's clock is
+# shared and noisy, instruction counts are not).
+#
+# The rig (edge/src/core/rig.rs) runs CONNS real QUIC connections; only the
+# edge's side (Rig::edge_send: frame into the stream, packets built,
+# encrypted and handed to sendmmsg; Rig::edge_acks: the devices' ACKs
+# processed) is counted. Two runs of different lengths; their difference
+# over the extra deliveries leaves out the setup, the handshakes and the
+# first rounds. The kernel's side of the send is not counted.
+#
+# scripts/count-instructions.sh [CONNS] [ACK_EVERY] [ACK_DELAY_MS]
+#
+# scripts/count-instructions.sh live [TIERCAST_BIN]: the same on a live
+# edge. loadgen starts the server process under callgrind (--server-bin),
+# counting the shard's loop and all it calls (*Shard::run*), on
+# loadgen/scenarios/room-200x5.toml with edge.ack_every 10 and
+# edge.ack_delay_ms 800, for 10 s and for 30 s; the difference over the
+# extra deliveries is the shard's instructions per delivery.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = live ]; then
+    command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+    bin=${2:-target/release/tiercast}
+    [ -x "$bin" ] || { echo "count-instructions: no $bin (cargo build --release)" >&2; exit 1; }
+    bin=$(realpath "$bin")
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    for d in 10 30; do
+        mkdir -p "$out/$d"
+        printf '#!/bin/sh\nexec valgrind --tool=callgrind "--toggle-collect=*Shard::run*" --callgrind-out-file=%s/cg.%%p %s "$@"\n' \
+            "$out/$d" "$bin" >"$out/$d/server"
+        chmod +x "$out/$d/server"
+        sed "s/^duration_s = .*/duration_s = $d/" loadgen/scenarios/room-200x5.toml >"$out/$d/s.toml"
+        TIERCAST_EDGE__ACK_EVERY=10 TIERCAST_EDGE__ACK_DELAY_MS=800 timeout 900 "$bin" loadgen run \
+            --self-hosted --server-bin "$out/$d/server" --scenario "$out/$d/s.toml" \
+            --json "$out/$d/run.json" >"$out/$d/run.txt" 2>&1 \
+            || { cat "$out/$d/run.txt" >&2; exit 1; }
+        ir=$(callgrind_annotate "$out/$d"/cg.* 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
+        n=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['deliveries'])" "$out/$d/run.json")
+        echo "$d s: Ir $ir, deliveries $n"
+        echo "$ir $n" >"$out/$d/count"
+    done
+    read -r a na <"$out/10/count"
+    read -r b nb <"$out/30/count"
+    python3 -c "import sys; a,na,b,nb=map(int,sys.argv[1:]); print(f'edge shard instructions per delivery: {(b-a)/(nb-na):.0f} (live, room-200x5)')" "$a" "$na" "$b" "$nb"
+    exit 0
+fi
+conns=${1:-500}
+ack_every=${2:-0}
+ack_delay=${3:-25}
+short=${ROUNDS_SHORT:-6}
+long=${ROUNDS_LONG:-16}
+command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+cargo build --release --locked -q -p tiercast-bench --example fanout_rounds
+bin=target/release/examples/fanout_rounds
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+count() {
+    valgrind --tool=callgrind --callgrind-out-file="$out/cg.$1" \
+        --toggle-collect='*Rig::edge_send*' --toggle-collect='*Rig::edge_acks*' \
+        "$bin" "$conns" "$1" "$ack_every" "$ack_delay" >"$out/run.$1" 2>"$out/err.$1" \
+        || { cat "$out/err.$1" >&2; exit 1; }
+    callgrind_annotate "$out/cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
+}
+a=$(count "$short")
+b=$(count "$long")
+echo "short ($short rounds): $(cat "$out/run.$short"); Ir $a"
+echo "long  ($long rounds): $(cat "$out/run.$long"); Ir $b"
+python3 - "$a" "$b" "$conns" "$short" "$long" <<'PY'
+import sys
+a, b, n, s, l = (int(x) for x in sys.argv[1:])
+print(f"edge instructions per delivery: {(b - a) / (n * (l - s)):.0f} "
+      f"({n} connections, rounds {s + 1}-{l})")
+PY
+if [ -n "${KEEP:-}" ]; then cp "$out/cg.$long" "$KEEP"; echo "callgrind profile of the long run: $KEEP"; fi
