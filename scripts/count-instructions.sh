@@ -20,8 +20,12 @@
 # extra deliveries is the shard's instructions per delivery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+# The instructions counted in callgrind's output files $@.
+total() {
+    callgrind_annotate "$@" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
+}
 if [ "${1:-}" = live ]; then
-    command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
     bin=${2:-target/release/tiercast}
     [ -x "$bin" ] || { echo "count-instructions: no $bin (cargo build --release)" >&2; exit 1; }
     bin=$(realpath "$bin")
@@ -37,7 +41,7 @@ if [ "${1:-}" = live ]; then
             --self-hosted --server-bin "$out/$d/server" --scenario "$out/$d/s.toml" \
             --json "$out/$d/run.json" >"$out/$d/run.txt" 2>&1 \
             || { cat "$out/$d/run.txt" >&2; exit 1; }
-        ir=$(callgrind_annotate "$out/$d"/cg.* 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
+        ir=$(total "$out/$d"/cg.*)
         n=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['deliveries'])" "$out/$d/run.json")
         echo "$d s: Ir $ir, deliveries $n"
         echo "$ir $n" >"$out/$d/count"
@@ -52,7 +56,6 @@ ack_every=${2:-0}
 ack_delay=${3:-25}
 short=${ROUNDS_SHORT:-6}
 long=${ROUNDS_LONG:-16}
-command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked -q -p tiercast-bench --example fanout_rounds
 bin=target/release/examples/fanout_rounds
 out=$(mktemp -d)
@@ -62,7 +65,7 @@ count() {
         --toggle-collect='*Rig::edge_send*' --toggle-collect='*Rig::edge_acks*' \
         "$bin" "$conns" "$1" "$ack_every" "$ack_delay" >"$out/run.$1" 2>"$out/err.$1" \
         || { cat "$out/err.$1" >&2; exit 1; }
-    callgrind_annotate "$out/cg.$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
+    total "$out/cg.$1"
 }
 a=$(count "$short")
 b=$(count "$long")

@@ -55,13 +55,23 @@ impl Wheel {
 
     /// The first tick at or after `at` (a deadline never fires early).
     fn tick_of(&self, at: Instant) -> u64 {
-        // Whole milliseconds and the rounded-up rest, in u64 and u32: the
-        // u128 division of `as_nanos` was a tenth of a busy shard's timer
-        // work (it runs for every deadline filed).
+        self.ticks_to(at, true)
+    }
+
+    /// Whole ticks from the origin to `at` (0 before it), the part of a
+    /// tick rounded up or down. In u64 and u32: the u128 division of
+    /// `as_nanos` was a tenth of a busy shard's timer work (it runs for
+    /// every deadline filed).
+    fn ticks_to(&self, at: Instant, round_up: bool) -> u64 {
         let d = at.saturating_duration_since(self.origin);
+        let part = if round_up {
+            d.subsec_nanos().div_ceil(TICK_NANOS)
+        } else {
+            d.subsec_nanos() / TICK_NANOS
+        };
         d.as_secs()
             .saturating_mul(TICKS_PER_S)
-            .saturating_add(u64::from(d.subsec_nanos().div_ceil(TICK_NANOS)))
+            .saturating_add(u64::from(part))
     }
 
     fn instant_of(&self, tick: u64) -> Instant {
@@ -117,11 +127,7 @@ impl Wheel {
     /// Moves the keys whose deadline is at or before `now` into `due`.
     pub fn expire(&mut self, now: Instant, due: &mut Vec<usize>) {
         // Ticks up to `end` inclusive are due.
-        let elapsed = now.saturating_duration_since(self.origin);
-        let end = elapsed
-            .as_secs()
-            .saturating_mul(TICKS_PER_S)
-            .saturating_add(u64::from(elapsed.subsec_nanos() / TICK_NANOS));
+        let end = self.ticks_to(now, false);
         while self.now_tick <= end {
             let Some(d) = self.next_occupied() else {
                 self.now_tick = end + 1;
