@@ -11,6 +11,8 @@
 # first rounds. The kernel's side of the send is not counted.
 #
 # scripts/count-instructions.sh [CONNS] [ACK_EVERY] [ACK_DELAY_MS]
+# (FANOUT_BIN=path counts an example binary built before, e.g. a copy of
+# target/release/examples/fanout_rounds from another commit.)
 #
 # scripts/count-instructions.sh live [TIERCAST_BIN]: the same on a live
 # edge. loadgen starts the server process under callgrind (--server-bin),
@@ -56,8 +58,12 @@ ack_every=${2:-0}
 ack_delay=${3:-25}
 short=${ROUNDS_SHORT:-6}
 long=${ROUNDS_LONG:-16}
-cargo build --release --locked -q -p tiercast-bench --example fanout_rounds
-bin=target/release/examples/fanout_rounds
+if [ -n "${FANOUT_BIN:-}" ]; then
+    bin=$FANOUT_BIN
+else
+    cargo build --release --locked -q -p tiercast-bench --example fanout_rounds
+    bin=target/release/examples/fanout_rounds
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 count() {

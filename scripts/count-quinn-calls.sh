@@ -14,6 +14,9 @@ scenario=${2:-loadgen/scenarios/room-1000x20.toml}
 start=${3:-9}
 window=${4:-10}
 tracing=/sys/kernel/tracing
+# A fresh machine may not have tracefs mounted yet.
+[ -e "$tracing/uprobe_events" ] || mount -t tracefs nodev "$tracing" \
+    || { echo "count-quinn-calls: cannot mount tracefs at $tracing (needs root)" >&2; exit 1; }
 # A symbol's file offset: its address less the text segment's (vaddr - offset).
 seg=$(readelf -lW "$bin" | awk '$1 == "LOAD" && / R E / {print $3, $2; exit}')
 delta=$(( $(echo "$seg" | awk '{print $1}') - $(echo "$seg" | awk '{print $2}') ))

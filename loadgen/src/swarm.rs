@@ -1169,6 +1169,11 @@ impl Shard {
                 Some(t) => {
                     self.batch.push(&t);
                     n += 1;
+                    if s.proto.transmits_exhausted() {
+                        // Nothing more: the call that would say so is saved
+                        // (quinn-proto patch 13).
+                        break;
+                    }
                 }
                 None => break,
             }

@@ -305,6 +305,9 @@ impl Rig {
                 .poll_transmit(now, max_segments, self.batch.next_buf())
             {
                 self.batch.push(&t);
+                if c.conn.transmits_exhausted() {
+                    break;
+                }
             }
             if self.batch.len() >= 256 {
                 break;

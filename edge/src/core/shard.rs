@@ -869,6 +869,11 @@ impl Shard {
                 Some(t) => {
                     batch.push(&t);
                     n += 1;
+                    if c.proto.transmits_exhausted() {
+                        // Nothing more: the call that would say so is saved
+                        // (quinn-proto patch 13, ADR 0015).
+                        break;
+                    }
                 }
                 None => break,
             }

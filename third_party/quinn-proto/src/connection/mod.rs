@@ -237,6 +237,9 @@ pub struct Connection {
     /// Whether the last `poll_transmit` call yielded no data because there was
     /// no outgoing application data.
     app_limited: bool,
+    /// Whether the last `poll_transmit` call left nothing to send: see
+    /// `transmits_exhausted`. (Tiercast patch 13, `PATCHES.md`.)
+    transmits_exhausted: bool,
 
     streams: StreamsState,
     /// Surplus remote CIDs for future use on new paths
@@ -350,6 +353,7 @@ impl Connection {
             pto_count: 0,
 
             app_limited: false,
+            transmits_exhausted: false,
             receiving_ecn: false,
             total_authed_packets: 0,
 
@@ -468,6 +472,7 @@ impl Connection {
         buf: &mut Vec<u8>,
     ) -> Option<Transmit> {
         assert!(max_datagrams != 0);
+        self.transmits_exhausted = false;
         let max_datagrams = match self.config.enable_segmentation_offload {
             false => 1,
             true => max_datagrams,
@@ -535,6 +540,9 @@ impl Connection {
         let mut pad_datagram = false;
         let mut pad_datagram_to_mtu = false;
         let mut congestion_blocked = false;
+        // The loop ended because the Data space, the last, had nothing more
+        // (Tiercast patch 13).
+        let mut data_space_done = false;
 
         // Iterate over all spaces and find data to send
         let mut space_idx = 0;
@@ -564,6 +572,7 @@ impl Connection {
             // Is there data or a close message to send in this space?
             let can_send = self.space_can_send(space_id, frame_space_1rtt);
             if can_send.is_empty() && (!close || self.spaces[space_id].crypto.is_none()) {
+                data_space_done = space_id == SpaceId::Data;
                 space_idx += 1;
                 continue;
             }
@@ -962,6 +971,16 @@ impl Connection {
         }
 
         self.app_limited = buf.is_empty() && !congestion_blocked;
+        if data_space_done
+            && !buf.is_empty()
+            && !congestion_blocked
+            && self.nothing_more_to_send(now)
+        {
+            // What the next call would do: find nothing, and say the
+            // connection is application-limited (Tiercast patch 13).
+            self.app_limited = true;
+            self.transmits_exhausted = true;
+        }
 
         // Send MTU probe if necessary
         if buf.is_empty() && self.state.is_established() {
@@ -1031,6 +1050,59 @@ impl Connection {
             },
             src_ip: self.local_ip,
         })
+    }
+
+    /// Whether the `poll_transmit` call that has just returned a transmit
+    /// left nothing to send: another call now, with nothing else called on
+    /// the connection in between, would return `None` (and only record
+    /// that the connection is application-limited, which the call that
+    /// returned the transmit has done already). A caller that polls
+    /// transmits until `None` can stop here and save that call. `false`
+    /// says nothing: there may or may not be more. It is `false` after a
+    /// call that returned `None`.
+    ///
+    /// The answer is about that moment: ask it right after the call, before
+    /// anything else is called on the connection, and poll again as usual
+    /// after the next event, timeout or write, or at a later `now` (an MTU
+    /// probe may fall due). (Tiercast patch 13, `PATCHES.md`.)
+    pub fn transmits_exhausted(&self) -> bool {
+        self.transmits_exhausted
+    }
+
+    /// Called by `poll_transmit` when its loop ended on the Data space's
+    /// having nothing more to send, not blocked: whether the next call
+    /// would find nothing in what it checks before and after that loop,
+    /// with both earlier spaces discarded so that the Data space is the
+    /// only one with keys (Tiercast patch 13).
+    fn nothing_more_to_send(&self, now: Instant) -> bool {
+        // Every check the next call makes, in its order: a path challenge,
+        // loss probes, a close, an ACK_FREQUENCY frame, the spaces (the
+        // Data space was found empty by this call, after the packet number
+        // it would use now was taken; a datagram is the one frame whose
+        // room depends on the segment size, which a GSO batch shrinks), and
+        // the MTU probe sent when there is nothing else.
+        !self
+            .prev_path
+            .as_deref()
+            .is_some_and(|(_, path)| path.challenge_pending)
+            && SpaceId::iter().all(|space| self.spaces[space].loss_probes == 0)
+            && !self.close
+            && self
+                .config
+                .ack_frequency_config
+                .as_ref()
+                .is_none_or(|config| {
+                    !(self.ack_frequency.should_send_ack_frequency(
+                        self.path.rtt.get(),
+                        config,
+                        &self.peer_params,
+                    ) && self.highest_space == SpaceId::Data
+                        && self.peer_supports_ack_frequency())
+                })
+            && self.spaces[SpaceId::Initial].crypto.is_none()
+            && self.spaces[SpaceId::Handshake].crypto.is_none()
+            && self.datagrams.outgoing.is_empty()
+            && (!self.state.is_established() || self.path.mtud.is_quiet(now))
     }
 
     /// Send PATH_CHALLENGE for a previous path if necessary

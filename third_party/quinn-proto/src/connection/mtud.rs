@@ -77,6 +77,20 @@ impl MtuDiscovery {
             .and_then(|state| state.poll_transmit(now, self.current_mtu, next_pn))
     }
 
+    /// Whether `poll_transmit` would neither return a probe nor change any
+    /// state now: discovery off, a search complete and not due again yet,
+    /// or a probe in flight (Tiercast patch 13, `PATCHES.md`).
+    pub(crate) fn is_quiet(&self, now: Instant) -> bool {
+        match &self.state {
+            None => true,
+            Some(state) => match &state.phase {
+                Phase::Initial => false,
+                Phase::Searching(search) => search.in_flight_probe.is_some(),
+                Phase::Complete(next_activation) => now < *next_activation,
+            },
+        }
+    }
+
     /// Notifies the [`MtuDiscovery`] that the peer's `max_udp_payload_size` transport parameter has
     /// been received
     pub(crate) fn on_peer_max_udp_payload_size_received(&mut self, peer_max_udp_payload_size: u16) {

@@ -252,6 +252,59 @@ fn early_spaces_are_freed_once_both_are_discarded() {
     assert!(pair.server_conn_mut(server_ch).early_spaces_released());
 }
 
+/// Tiercast patch 13: a transmit that leaves nothing to send says so, and
+/// the next call returns nothing; while more is left, it does not say so.
+/// (`TestEndpoint::drive_outgoing` checks the same in every test.)
+#[test]
+fn a_transmit_that_leaves_nothing_says_so() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    let now = pair.time;
+    let mut buf = Vec::new();
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+
+    // One small frame: one packet, and nothing after it.
+    pair.client_send(client_ch, s).write(b"one frame").unwrap();
+    let conn = pair.client_conn_mut(client_ch);
+    assert!(conn.poll_transmit(now, 1, &mut buf).is_some());
+    assert!(conn.transmits_exhausted());
+    buf.clear();
+    assert!(conn.poll_transmit(now, 1, &mut buf).is_none());
+    assert!(!conn.transmits_exhausted());
+
+    // More than one packet's worth, one datagram per call: not exhausted
+    // until the last.
+    pair.client_send(client_ch, s).write(&[7; 4_000]).unwrap();
+    let conn = pair.client_conn_mut(client_ch);
+    let mut said = Vec::new();
+    while conn.poll_transmit(now, 1, &mut buf).is_some() {
+        said.push(conn.transmits_exhausted());
+        buf.clear();
+    }
+    assert!(said.len() >= 2, "{said:?}");
+    assert_eq!(said.iter().filter(|&&x| x).count(), 1, "{said:?}");
+    assert_eq!(said.last(), Some(&true), "{said:?}");
+
+    // The datagrams above were dropped; the pair's own driving recovers
+    // them, making the same check on every transmit, and all arrives.
+    pair.drive();
+    assert_matches!(pair.server_streams(server_ch).accept(Dir::Uni), Some(stream) if stream == s);
+    let mut recv = pair.server_recv(server_ch, s);
+    let mut chunks = recv.read(true).unwrap();
+    let mut got = 0;
+    while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+        got += chunk.bytes.len();
+    }
+    let _ = chunks.finalize();
+    assert_eq!(got, b"one frame".len() + 4_000);
+    assert!(
+        util::EXHAUSTED_SEEN.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "drive_outgoing checked the claim at least once"
+    );
+}
+
 /// Tiercast patch 8: a server that issues at most N connection ids sends
 /// N - 1 after the handshake's; by default, as many as the client holds.
 #[test]

@@ -429,7 +429,18 @@ impl TestEndpoint {
                 while let Some(event) = conn.poll_endpoint_events() {
                     endpoint_events.push((*ch, event));
                 }
+                // Tiercast patch 13: every test checks that a call after
+                // `transmits_exhausted()` said so returns nothing.
+                let mut exhausted = false;
                 while let Some(transmit) = conn.poll_transmit(now, MAX_DATAGRAMS, &mut buf) {
+                    assert!(
+                        !exhausted,
+                        "a transmit after transmits_exhausted() said there was none"
+                    );
+                    exhausted = conn.transmits_exhausted();
+                    if exhausted {
+                        EXHAUSTED_SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let size = transmit.size;
                     self.outbound.extend(split_transmit(transmit, &buf[..size]));
                     buf.clear();
@@ -674,6 +685,12 @@ pub(super) fn min_opt<T: Ord>(x: Option<T>, y: Option<T>) -> Option<T> {
         _ => None,
     }
 }
+
+/// How many times, over the tests run in this process, a `poll_transmit`
+/// in `TestEndpoint::drive_outgoing` said it had left nothing to send
+/// (Tiercast patch 13): so a test can tell that the check above ran.
+pub(super) static EXHAUSTED_SEEN: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// The maximum of datagrams TestEndpoint will produce via `poll_transmit`
 const MAX_DATAGRAMS: usize = 10;
