@@ -8,6 +8,10 @@
 #                                       profile), no release build
 #   scripts/package-check.sh --release  the release package (cargo deb -p
 #                                       tiercast), kept in target/debian/
+#   scripts/package-check.sh --install-only
+#                                       installs cargo-deb if it is missing,
+#                                       and checks nothing (the test command
+#                                       does this while its tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +20,7 @@ if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
   echo "== installing cargo-deb $CARGO_DEB_VERSION"
   cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
 fi
+[ "${1:-}" != "--install-only" ] || exit 0
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -23,7 +28,10 @@ if [ "${1:-}" = "--release" ]; then
   cargo deb -p tiercast
   deb="$(ls -t target/debian/tiercast_*.deb | head -1)"
 else
-  cargo build -p tiercast --bin tiercast --quiet
+  # The binary as `cargo test --workspace` built it (a no-op after the test
+  # command): `cargo build -p tiercast` unifies features differently and
+  # would build the binary again.
+  cargo test --workspace --locked --no-run --quiet
   # cargo-deb warns that a dev-profile package is not for release: it is not.
   cargo deb -p tiercast --no-build --profile dev -o "$work/tiercast.deb" 2>"$work/deb.log" \
     || { cat "$work/deb.log"; exit 1; }

@@ -1,6 +1,4 @@
-//! Shared pieces of the fuzz targets: the token secret, and seed inputs.
-//!
-//! Seeds are valid inputs built with the crates' own encoders, so a fresh
+//! Seeds: valid inputs built with the crates' own encoders, so a fresh
 //! corpus starts past the verifier instead of having to discover FlatBuffers
 //! from nothing. A target binary writes them and exits, without fuzzing,
 //! when `TIERCAST_FUZZ_WRITE_SEEDS` names a directory (`scripts/fuzz.sh`
@@ -338,7 +336,7 @@ pub fn token_header() -> Vec<u8> {
 pub const NOW_PLACEHOLDER: &[u8] = b"$NOW";
 pub const NOW_OFFSET_SECS: u64 = 3_600;
 
-/// Token inputs: a mode byte, then the rest (see `fuzz_targets/token.rs`).
+/// Token inputs: a mode byte, then the rest (see [`crate::token`]).
 /// Deterministic (no clock), so rewriting them changes no file.
 pub fn token_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let header = token_header();
