@@ -313,6 +313,7 @@ impl Engine {
         metrics: EngineMetrics,
         lease: Option<Arc<crate::snowflake::LeaseGate>>,
     ) -> Result<Self, IdError> {
+        store.count_in(&metrics);
         let mut ids = IdGenerator::try_new(
             cfg.node_id,
             Duration::from_millis(cfg.max_clock_backstep_ms),

@@ -14,7 +14,8 @@
 //! never leaves half a change in the shared transaction.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +25,9 @@ use redb::{
 use tiercast_schemas::envelope::Tier;
 use tiercast_schemas::wire::Message;
 use tokio::sync::oneshot;
+
+use crate::batch::BatchCounters;
+use crate::metrics::EngineMetrics;
 
 use super::{
     ClientRecord, Conversation, ConversationState, Device, NewMessage, Page, Persisted, ReadMark,
@@ -58,6 +62,14 @@ const MAX_GROUP: usize = 512;
 /// Groups of only lazy writes (acks, last-seen times) committed without an
 /// fsync before one is made durable anyway.
 const LAZY_GROUPS: u32 = 64;
+
+/// How long a group that begins with a lazy write waits for more writes
+/// before it commits (a durable write ends the wait at once). A commit's
+/// own work costs the writer thread more than the writes in it at the
+/// rates seen on one node (docs/benchmarks.md, "Where a tier-1
+/// message's CPU goes"), and a lazy write's answer can wait: nothing is
+/// delivered later for it.
+const LAZY_LINGER: Duration = Duration::from_millis(5);
 
 /// A write job's answer, called once the group's commit is known.
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -101,17 +113,20 @@ impl CommitPolicy {
     }
 }
 
-/// The group a commit takes: `first` and whatever `next` has waiting, at
-/// most `max`, with whether any of them must be durable.
+/// The group a commit takes: `first` and what `next` gives (told whether
+/// the group holds a durable write so far), at most `max`, with whether any
+/// of them must be durable.
 fn gather<T>(
     first: (T, bool),
-    mut next: impl FnMut() -> Option<(T, bool)>,
+    mut next: impl FnMut(bool) -> Option<(T, bool)>,
     max: usize,
 ) -> (Vec<T>, bool) {
     let (job, mut durable) = first;
     let mut group = vec![job];
     while group.len() < max {
-        let Some((job, d)) = next() else { break };
+        let Some((job, d)) = next(durable) else {
+            break;
+        };
         group.push(job);
         durable |= d;
     }
@@ -130,6 +145,9 @@ pub struct EmbeddedStore {
 struct Writer {
     /// Jobs, each with whether it must be on disk before it is answered.
     jobs: Option<crossbeam_channel::Sender<(Job, bool)>>,
+    /// The engine's counters of commits (`batches`) and of the writes in
+    /// them (`calls`), once an engine uses this store.
+    counters: Arc<OnceLock<BatchCounters>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -231,14 +249,17 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (sender, jobs) = crossbeam_channel::unbounded::<(Job, bool)>();
         let writer_db = db.clone();
+        let counters = Arc::new(OnceLock::new());
+        let writer_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("tiercast-store-writer".into())
-            .spawn(move || group_commit_loop(&writer_db, &jobs))
+            .spawn(move || group_commit_loop(&writer_db, &jobs, &writer_counters))
             .map_err(backend)?;
         Ok(Self {
             db,
             writer: Arc::new(Writer {
                 jobs: Some(sender),
+                counters,
                 thread: Some(thread),
             }),
         })
@@ -324,11 +345,31 @@ impl EmbeddedStore {
 }
 
 /// The writer thread: one transaction and one fsync per group of waiting
-/// jobs. Ends when every store handle is dropped.
-fn group_commit_loop(db: &Database, jobs: &crossbeam_channel::Receiver<(Job, bool)>) {
+/// jobs; a group that begins with a lazy write waits [`LAZY_LINGER`] for
+/// more. Ends when every store handle is dropped.
+fn group_commit_loop(
+    db: &Database,
+    jobs: &crossbeam_channel::Receiver<(Job, bool)>,
+    counters: &OnceLock<BatchCounters>,
+) {
     let mut policy = CommitPolicy::default();
     while let Ok(first) = jobs.recv() {
-        let (group, asked) = gather(first, || jobs.try_recv().ok(), MAX_GROUP);
+        let linger_until = Instant::now() + LAZY_LINGER;
+        let (group, asked) = gather(
+            first,
+            |durable| {
+                if durable {
+                    jobs.try_recv().ok()
+                } else {
+                    jobs.recv_deadline(linger_until).ok()
+                }
+            },
+            MAX_GROUP,
+        );
+        if let Some(c) = counters.get() {
+            c.batches.inc();
+            c.calls.inc_by(group.len() as u64);
+        }
         let durable = policy.durable(asked);
         let mut txn = match db.begin_write() {
             Ok(t) => t,
@@ -477,6 +518,15 @@ fn read_message(
 
 #[async_trait]
 impl Store for EmbeddedStore {
+    fn count_in(&self, metrics: &EngineMetrics) {
+        // The writer's commits, as a batch op: `batches` commits holding
+        // `calls` writes.
+        let _ = self
+            .writer
+            .counters
+            .set(metrics.batch_counters("store_commit"));
+    }
+
     async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError> {
         let conv = conv.clone();
         self.write(move |txn| {
@@ -979,13 +1029,41 @@ mod tests {
     #[test]
     fn a_group_takes_what_waits_up_to_its_cap() {
         let mut waiting = vec![(2, false), (3, true), (4, false)].into_iter();
-        let (group, durable) = gather((1, false), || waiting.next(), 10);
+        let (group, durable) = gather((1, false), |_| waiting.next(), 10);
         assert_eq!((group, durable), (vec![1, 2, 3, 4], true));
         let mut waiting = vec![(2, false), (3, true)].into_iter();
-        let (group, durable) = gather((1, false), || waiting.next(), 2);
+        let (group, durable) = gather((1, false), |_| waiting.next(), 2);
         assert_eq!((group, durable), (vec![1, 2], false));
         // The rest waits for the next group.
         assert_eq!(waiting.next(), Some((3, true)));
+    }
+
+    /// A group told `false` may wait for more (the writer lingers); once a
+    /// durable write is in, it is told `true` and takes only what waits.
+    #[test]
+    fn a_group_lingers_only_while_it_holds_lazy_writes() {
+        let mut waiting = vec![(2, false), (3, true), (4, false)].into_iter();
+        let mut told = Vec::new();
+        let (group, durable) = gather(
+            (1, false),
+            |d| {
+                told.push(d);
+                waiting.next()
+            },
+            10,
+        );
+        assert_eq!((group, durable), (vec![1, 2, 3, 4], true));
+        assert_eq!(told, [false, false, true, true]);
+        let mut told = Vec::new();
+        let (group, _) = gather(
+            (1, true),
+            |d| {
+                told.push(d);
+                None::<(i32, bool)>
+            },
+            10,
+        );
+        assert_eq!((group, told), (vec![1], vec![true]));
     }
 
     #[tokio::test]

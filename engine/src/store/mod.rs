@@ -271,6 +271,11 @@ pub struct Page {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Counts this store's own work in the engine's metrics (the embedded
+    /// store: its group commits, `store_commit` in the store batch
+    /// counters). Called once, by the engine that uses the store.
+    fn count_in(&self, _metrics: &crate::metrics::EngineMetrics) {}
+
     async fn create_conversation(&self, conv: &Conversation) -> Result<(), StoreError>;
     async fn conversation(&self, id: u64) -> Result<Option<Conversation>, StoreError>;
     async fn set_pinned_tier(&self, id: u64, tier: Option<Tier>) -> Result<(), StoreError>;
