@@ -46,13 +46,10 @@ tf_pid=$!
 # Waits for a side step and prints its output; fails the run if it failed.
 finish() {
   local pid=$1 name=$2 log=$3
-  if wait "$pid"; then
-    cat "$log"
-  else
-    cat "$log"
-    echo "test.sh: $name failed" >&2
-    exit 1
-  fi
+  local rc=0
+  wait "$pid" || rc=$?
+  cat "$log"
+  [ "$rc" -eq 0 ] || { echo "test.sh: $name failed" >&2; exit 1; }
 }
 
 echo "== cargo test"
