@@ -20,6 +20,13 @@
 # loadgen/scenarios/room-200x5.toml with edge.ack_every 10 and
 # edge.ack_delay_ms 800, for 10 s and for 30 s; the difference over the
 # extra deliveries is the shard's instructions per delivery.
+#
+# scripts/count-instructions.sh sends [MEMBERS]: the engine's instructions
+# per tier-1 send on an embedded store (bench/examples/sends.rs: every
+# thread of the process, the store's writer and blocking pool included),
+# from runs of 200 and 600 sends to a conversation of MEMBERS users (4),
+# with the thread switches perf counted beside them when perf is there.
+# (SENDS_BIN=path counts a copy built from another commit.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -27,12 +34,37 @@ command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not in
 total() {
     callgrind_annotate "$@" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
 }
+# The bench example $1: the copy $2 names, or built now.
+example() {
+    if [ -n "$2" ]; then
+        echo "$2"
+    else
+        cargo build --release --locked -q -p tiercast-bench --example "$1"
+        echo "target/release/examples/$1"
+    fi
+}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+if [ "${1:-}" = sends ]; then
+    members=${2:-4}
+    bin=$(example sends "${SENDS_BIN:-}")
+    for n in 200 600; do
+        valgrind --tool=callgrind --callgrind-out-file="$out/cg.$n" "$bin" "$n" "$members" \
+            >"$out/run.$n" 2>"$out/err.$n" || { cat "$out/err.$n" >&2; exit 1; }
+        echo "$n sends: Ir $(total "$out/cg.$n")"
+        if command -v perf >/dev/null; then
+            perf stat -x, -e context-switches -o "$out/perf.$n" "$bin" "$n" "$members" >/dev/null
+            echo "$n sends: context switches $(awk -F, '/context-switches/ {print $1}' "$out/perf.$n")"
+        fi
+    done
+    python3 -c "import sys; a,b,m=map(int,sys.argv[1:]); print(f'engine instructions per send: {(b-a)/400:.0f} (members {m})')" \
+        "$(total "$out/cg.200")" "$(total "$out/cg.600")" "$members"
+    exit 0
+fi
 if [ "${1:-}" = live ]; then
     bin=${2:-target/release/tiercast}
     [ -x "$bin" ] || { echo "count-instructions: no $bin (cargo build --release)" >&2; exit 1; }
     bin=$(realpath "$bin")
-    out=$(mktemp -d)
-    trap 'rm -rf "$out"' EXIT
     for d in 10 30; do
         mkdir -p "$out/$d"
         printf '#!/bin/sh\nexec valgrind --tool=callgrind "--toggle-collect=*Shard::run*" --callgrind-out-file=%s/cg.%%p %s "$@"\n' \
@@ -58,14 +90,7 @@ ack_every=${2:-0}
 ack_delay=${3:-25}
 short=${ROUNDS_SHORT:-6}
 long=${ROUNDS_LONG:-16}
-if [ -n "${FANOUT_BIN:-}" ]; then
-    bin=$FANOUT_BIN
-else
-    cargo build --release --locked -q -p tiercast-bench --example fanout_rounds
-    bin=target/release/examples/fanout_rounds
-fi
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+bin=$(example fanout_rounds "${FANOUT_BIN:-}")
 count() {
     valgrind --tool=callgrind --callgrind-out-file="$out/cg.$1" \
         --toggle-collect='*Rig::edge_send*' --toggle-collect='*Rig::edge_acks*' \

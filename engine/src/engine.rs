@@ -21,7 +21,7 @@ use crate::sequencer::Sequencer;
 use crate::snowflake::{IdError, IdGenerator, IdPoll, now_unix_ms};
 use crate::store::{
     ClientRecord, Conversation, Dedupe, Device, NewMessage, Page, Persisted, ReadMark, Registered,
-    Registration, Store, StoreError,
+    Registration, SendContext, Store, StoreError,
 };
 
 /// Everything the engine refuses, each with its wire code.
@@ -392,6 +392,10 @@ impl Engine {
         &self.store
     }
 
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
     pub fn backplane(&self) -> &Arc<dyn Backplane> {
         &self.backplane
     }
@@ -427,20 +431,21 @@ impl Engine {
             });
         }
         let (sender, _) = out.from.ids();
-        // Membership first: to a non-member an unknown conversation and a
-        // forbidden one answer the same.
-        if sender != 0 && !self.store.is_member(out.conversation, sender).await? {
+        // Membership, the conversation and (tier 1) who gets a pending row,
+        // in one store call. Membership first: to a non-member an unknown
+        // conversation and a forbidden one answer the same.
+        let ctx = self.store.send_context(out.conversation, sender).await?;
+        if !ctx.allowed {
             return Err(EngineError::Forbidden {
                 user: sender,
                 conversation: out.conversation,
             });
         }
-        let conv = self
-            .store
-            .conversation(out.conversation)
-            .await?
-            .ok_or(EngineError::UnknownConversation(out.conversation))?;
-        let tier = conv.tier;
+        let tier = ctx
+            .conversation
+            .as_ref()
+            .ok_or(EngineError::UnknownConversation(out.conversation))?
+            .tier;
         let id = self.issue_id(out.conversation).await?;
         let ticket = Ticket {
             engine: self.clone(),
@@ -449,7 +454,7 @@ impl Engine {
             armed: true,
         };
         let engine = self.clone();
-        tokio::spawn(async move { engine.persist_and_publish(ticket, tier, out).await })
+        tokio::spawn(async move { engine.persist_and_publish(ticket, tier, ctx, out).await })
             .await
             .map_err(|e| EngineError::Unavailable(format!("send failed: {e}")))?
     }
@@ -485,10 +490,11 @@ impl Engine {
         self: Arc<Self>,
         mut ticket: Ticket,
         tier: Tier,
+        ctx: SendContext,
         out: Outgoing,
     ) -> Result<SendReceipt, EngineError> {
         let id = ticket.id;
-        let (job, published, receipt) = match self.persist(id, tier, out).await {
+        let (job, published, receipt) = match self.persist(id, ctx, out).await {
             Ok((Persisted::Stored, record, members)) => {
                 self.metrics.messages_stored.inc();
                 let (done, published) = tokio::sync::oneshot::channel();
@@ -553,31 +559,24 @@ impl Engine {
         receipt
     }
 
-    /// The store step of a send: the members to publish to (tier 1), the
-    /// inbox rows, the deduplication key, and the insert.
+    /// The store step of a send: the inbox rows (tier 1 keeps a pending
+    /// row per device but the sender's own; `ctx` holds them), the
+    /// deduplication key, and the insert. Returns the members to publish
+    /// to (tier 1).
     async fn persist(
         &self,
         id: u64,
-        tier: Tier,
+        ctx: SendContext,
         out: Outgoing,
     ) -> Result<(Persisted, NewMessage, Vec<u64>), EngineError> {
         let (sender, sender_client) = out.from.ids();
-        // Tier 1 keeps a pending row per device; tiers 2 and 3 never read
-        // their (large) member list on the write path.
-        let members = match tier {
-            Tier::Direct => self.store.members(out.conversation).await?,
-            Tier::Sharded | Tier::IdOnly => Vec::new(),
-        };
-        let inbox: Vec<Device> = if members.is_empty() {
-            Vec::new()
-        } else {
-            self.store
-                .devices_of(&members)
-                .await?
-                .into_iter()
-                .filter(|d| (d.user, d.client) != (sender, sender_client))
-                .collect()
-        };
+        let SendContext {
+            members, devices, ..
+        } = ctx;
+        let inbox: Vec<Device> = devices
+            .into_iter()
+            .filter(|d| (d.user, d.client) != (sender, sender_client))
+            .collect();
         let dedupe = (out.client_msg_id != 0).then(|| Dedupe {
             scope: out.from.dedupe_scope(),
             client_msg_id: out.client_msg_id,

@@ -762,6 +762,12 @@ async fn store_call(
     State(state): State<HttpState>,
     ApiJson(call): ApiJson<crate::store::remote::Call>,
 ) -> Response {
+    state
+        .engine
+        .metrics()
+        .internal_store_calls
+        .get_or_create(&crate::metrics::OpLabel { op: call.op() })
+        .inc();
     match crate::store::remote::serve(state.engine.store().as_ref(), call).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(e)).into_response(),

@@ -58,6 +58,8 @@ pub struct EngineMetrics {
     /// calls per Sync, 2 plus one per 8 pages read).
     pub syncs: Counter,
     pub sync_store_calls: Counter,
+    /// Calls served at `/internal/store` (edges on a remote store), by op.
+    pub internal_store_calls: Family<OpLabel, Counter>,
 }
 
 impl EngineMetrics {
@@ -90,6 +92,7 @@ impl Default for EngineMetrics {
             store_batched_calls: Family::default(),
             syncs: Counter::default(),
             sync_store_calls: Counter::default(),
+            internal_store_calls: Family::default(),
         }
     }
 }
@@ -173,6 +176,11 @@ impl EngineMetrics {
             "sync_store_calls",
             "Store calls made by Syncs: the read markers and conversation states, then one per 8 pages",
             m.sync_store_calls.clone(),
+        );
+        r.register(
+            "internal_store_calls",
+            "Store calls served to edges at /internal/store, by op (a device's send: one send_context and one insert_message)",
+            m.internal_store_calls.clone(),
         );
         m
     }

@@ -11,7 +11,7 @@ use tiercast_schemas::wire::Message;
 
 use super::{
     ClientRecord, Conversation, ConversationState, Dedupe, Device, NewMessage, Page, Persisted,
-    ReadMark, Registered, Registration, Store, StoreError,
+    ReadMark, Registered, Registration, SendContext, Store, StoreError,
 };
 
 pub async fn run_all(store: &dyn Store) {
@@ -26,6 +26,7 @@ pub async fn run_all(store: &dyn Store) {
     read_markers(store).await;
     device_expiry(store).await;
     dedupe_expiry(store).await;
+    send_contexts(store).await;
 }
 
 /// Device `client` of `user`.
@@ -750,4 +751,82 @@ async fn dedupe_expiry(store: &dyn Store) {
         Persisted::Stored
     );
     assert_eq!(store.history(95, all()).await.unwrap().len(), 3);
+}
+
+/// A send's reads in one call give what the single reads give: the
+/// membership (a backend sender, user 0, always may send), the
+/// conversation, and in tier 1 the members and every device of theirs;
+/// nothing past the membership for a sender who may not send.
+async fn send_contexts(store: &dyn Store) {
+    let dev = |user, client_id| ClientRecord {
+        client_id,
+        user,
+        device: format!("d{client_id}"),
+        last_seen_ms: 1,
+    };
+    store.create_conversation(&conv(9500)).await.unwrap();
+    store.add_members(9500, &[9501, 9502, 9503]).await.unwrap();
+    for (user, client) in [(9501, 1), (9501, 2), (9502, 3), (9504, 4)] {
+        store
+            .register_client(&dev(user, client), 3, false)
+            .await
+            .unwrap();
+    }
+    let expected = |members: Vec<u64>, devices: Vec<Device>| SendContext {
+        allowed: true,
+        conversation: None,
+        members,
+        devices,
+    };
+    for sender in [9501, 9503, 0] {
+        let ctx = store.send_context(9500, sender).await.unwrap();
+        assert_eq!(
+            ctx.conversation,
+            store.conversation(9500).await.unwrap(),
+            "sender {sender}"
+        );
+        assert_eq!(
+            SendContext {
+                conversation: None,
+                ..ctx.clone()
+            },
+            expected(
+                vec![9501, 9502, 9503],
+                vec![d(9501, 1), d(9501, 2), d(9502, 3)]
+            ),
+            "sender {sender}"
+        );
+        assert_eq!(ctx.members, store.members(9500).await.unwrap());
+        assert_eq!(ctx.devices, store.devices_of(&ctx.members).await.unwrap());
+    }
+    // A non-member learns nothing, not even whether the conversation
+    // exists.
+    for (conv_id, sender) in [(9500, 9504), (9599, 9501)] {
+        assert_eq!(
+            store.send_context(conv_id, sender).await.unwrap(),
+            SendContext::default(),
+            "conversation {conv_id}, sender {sender}"
+        );
+    }
+    // The backend may name any conversation; an unknown one reads as such.
+    assert_eq!(
+        store.send_context(9599, 0).await.unwrap(),
+        expected(Vec::new(), Vec::new())
+    );
+    // A removal stops both the sending and the pending rows.
+    assert!(store.remove_member(9500, 9501).await.unwrap());
+    assert!(!store.send_context(9500, 9501).await.unwrap().allowed);
+    let ctx = store.send_context(9500, 9502).await.unwrap();
+    assert_eq!(
+        (ctx.members, ctx.devices),
+        (vec![9502, 9503], vec![d(9502, 3)])
+    );
+    // Tiers 2 and 3 never read their member lists on the write path.
+    for tier in [Tier::Sharded, Tier::IdOnly] {
+        store.set_tier(9500, tier).await.unwrap();
+        let ctx = store.send_context(9500, 9502).await.unwrap();
+        assert!(ctx.allowed);
+        assert_eq!(ctx.conversation.map(|c| c.tier), Some(tier));
+        assert!(ctx.members.is_empty() && ctx.devices.is_empty(), "{tier:?}");
+    }
 }

@@ -31,7 +31,7 @@ use crate::metrics::EngineMetrics;
 
 use super::{
     ClientRecord, Conversation, ConversationState, Device, NewMessage, Page, Persisted, ReadMark,
-    Registered, Registration, Store, StoreError,
+    Registered, Registration, SendContext, Store, StoreError,
 };
 
 const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
@@ -864,6 +864,46 @@ impl Store for EmbeddedStore {
                 .into_iter()
                 .map(|(conv, after)| read_since(t, conv, after, limit))
                 .collect()
+        })
+        .await
+    }
+
+    /// One read snapshot, one trip to the blocking pool: what were four
+    /// reads (membership, conversation, members, their devices).
+    async fn send_context(&self, conv: u64, sender: u64) -> Result<SendContext, StoreError> {
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let members = txn.open_table(MEMBERS)?;
+            if sender != 0 && members.get((conv, sender))?.is_none() {
+                return Ok(SendContext::default());
+            }
+            let conversation: Option<Conversation> = txn
+                .open_table(CONVERSATIONS)?
+                .get(conv)?
+                .map(|v| json(v.value()))
+                .transpose()?;
+            let mut ctx = SendContext {
+                allowed: true,
+                conversation,
+                ..SendContext::default()
+            };
+            if ctx
+                .conversation
+                .as_ref()
+                .is_some_and(|c| c.tier == Tier::Direct)
+            {
+                for row in members.range(keys_of(conv))? {
+                    ctx.members.push(row?.0.value().1);
+                }
+                let clients = txn.open_table(CLIENTS)?;
+                for &user in &ctx.members {
+                    for row in clients.range(keys_of(user))? {
+                        let client = row?.0.value().1;
+                        ctx.devices.push(Device { user, client });
+                    }
+                }
+            }
+            Ok(ctx)
         })
         .await
     }

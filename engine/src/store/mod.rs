@@ -116,6 +116,21 @@ pub struct ConversationState {
     pub latest_id: u64,
 }
 
+/// What a send reads before it stores ([`Store::send_context`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SendContext {
+    /// Whether the sender may send: a member, or the backend (user 0).
+    /// Nothing else is read for a sender that may not.
+    pub allowed: bool,
+    /// The conversation (`None`: unknown, or not read because `!allowed`).
+    pub conversation: Option<Conversation>,
+    /// Tier 1 only: the members, ascending, and every device of theirs
+    /// (the sender's own included). Empty for tiers 2 and 3, whose member
+    /// lists are never read on the write path.
+    pub members: Vec<u64>,
+    pub devices: Vec<Device>,
+}
+
 /// One device registration of a batch ([`Store::register_clients`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registration {
@@ -421,6 +436,38 @@ pub trait Store: Send + Sync + 'static {
     /// The oldest `limit` messages with ids above `after`, oldest first (a
     /// device catching up from its cursor).
     async fn since(&self, conv: u64, after: u64, limit: usize) -> Result<Vec<Message>, StoreError>;
+
+    /// Everything a send by `sender` (0: the backend) to `conv` reads
+    /// before it stores, in one call: one read snapshot in the embedded
+    /// store, one request to a remote one. A backend without snapshots
+    /// reads the conversation and the membership concurrently, then the
+    /// members and their devices.
+    async fn send_context(&self, conv: u64, sender: u64) -> Result<SendContext, StoreError> {
+        let (conversation, allowed) = futures::try_join!(self.conversation(conv), async {
+            if sender == 0 {
+                Ok(true)
+            } else {
+                self.is_member(conv, sender).await
+            }
+        })?;
+        if !allowed {
+            return Ok(SendContext::default());
+        }
+        let (members, devices) = match &conversation {
+            Some(c) if c.tier == Tier::Direct => {
+                let members = self.members(conv).await?;
+                let devices = self.devices_of(&members).await?;
+                (members, devices)
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        Ok(SendContext {
+            allowed,
+            conversation,
+            members,
+            devices,
+        })
+    }
 
     /// For each of `convs`: the conversation, whether `user` is a member
     /// and its newest message id, in one call (a Sync's cursors; a backend

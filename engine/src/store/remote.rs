@@ -16,7 +16,7 @@ use tiercast_schemas::wire::Message;
 
 use super::{
     ClientRecord, Conversation, ConversationState, Dedupe, Device, NewMessage, Page, Persisted,
-    ReadMark, Registered, Registration, Store, StoreError,
+    ReadMark, Registered, Registration, SendContext, Store, StoreError,
 };
 
 /// A message as JSON.
@@ -156,6 +156,10 @@ pub enum Call {
         user: u64,
         convs: Vec<u64>,
     },
+    SendContext {
+        conv: u64,
+        sender: u64,
+    },
     SinceMany {
         reads: Vec<(u64, u64)>,
         limit: usize,
@@ -175,6 +179,44 @@ pub enum Call {
         user: u64,
         convs: Vec<u64>,
     },
+}
+
+impl Call {
+    /// The call's `op`, as on the wire (a metric's label).
+    pub fn op(&self) -> &'static str {
+        match self {
+            Call::CreateConversation { .. } => "create_conversation",
+            Call::Conversation { .. } => "conversation",
+            Call::SetPinnedTier { .. } => "set_pinned_tier",
+            Call::SetTier { .. } => "set_tier",
+            Call::AddMembers { .. } => "add_members",
+            Call::RemoveMember { .. } => "remove_member",
+            Call::Members { .. } => "members",
+            Call::MembersPage { .. } => "members_page",
+            Call::IsMember { .. } => "is_member",
+            Call::ConversationsOf { .. } => "conversations_of",
+            Call::RegisterClient { .. } => "register_client",
+            Call::ClientsOf { .. } => "clients_of",
+            Call::RegisterClients { .. } => "register_clients",
+            Call::ConversationsOfUsers { .. } => "conversations_of_users",
+            Call::DevicesOf { .. } => "devices_of",
+            Call::InsertMessage { .. } => "insert_message",
+            Call::ExpireDedupe { .. } => "expire_dedupe",
+            Call::Message { .. } => "message",
+            Call::Since { .. } => "since",
+            Call::History { .. } => "history",
+            Call::Inbox { .. } => "inbox",
+            Call::Ack { .. } => "ack",
+            Call::Inboxes { .. } => "inboxes",
+            Call::ConversationStates { .. } => "conversation_states",
+            Call::SendContext { .. } => "send_context",
+            Call::SinceMany { .. } => "since_many",
+            Call::TouchClients { .. } => "touch_clients",
+            Call::ExpireClients { .. } => "expire_clients",
+            Call::SetReadMarks { .. } => "set_read_marks",
+            Call::ReadMarks { .. } => "read_marks",
+        }
+    }
 }
 
 /// A store error as JSON.
@@ -324,6 +366,7 @@ pub async fn serve(store: &dyn Store, call: Call) -> Result<serde_json::Value, E
         Call::ConversationStates { user, convs } => {
             to_value(store.conversation_states(user, &convs).await?)
         }
+        Call::SendContext { conv, sender } => to_value(store.send_context(conv, sender).await?),
         Call::SinceMany { reads, limit } => to_value(
             store
                 .since_many(&reads, limit)
@@ -590,6 +633,10 @@ impl Store for RemoteStore {
             })
             .await?;
         super::one_each(out, convs.len(), ("states", "conversations"))
+    }
+    /// One request instead of four.
+    async fn send_context(&self, conv: u64, sender: u64) -> Result<SendContext, StoreError> {
+        self.call(Call::SendContext { conv, sender }).await
     }
     async fn since_many(
         &self,

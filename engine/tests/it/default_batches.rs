@@ -1,8 +1,9 @@
 //! The `Store` trait's own batch calls (`register_clients`,
 //! `conversations_of_users`, `inboxes`, `conversation_states`,
-//! `since_many`), which the ScyllaDB backend uses as they are: a store that
-//! implements only the single calls (here by handing them to an embedded
-//! store) must pass the same conformance rules as one with its own batches.
+//! `since_many`, `send_context`), which the ScyllaDB backend uses as they
+//! are: a store that implements only the single calls (here by handing them
+//! to an embedded store) must pass the same conformance rules as one with
+//! its own batches.
 //! No ScyllaDB server runs here, so this is where those defaults are
 //! checked.
 

@@ -25,7 +25,8 @@ fn internal_keys() -> TokenKeys {
 
 /// An engine on an embedded store in `dir`, serving the HTTP API (and
 /// `/internal/store` with [`internal_keys`]) on a loopback port with
-/// `limits`; returns its address, the stop signal and the server task.
+/// `limits`; returns its address, the stop signal, the server task and the
+/// served engine's metrics (`internal_store_calls`: what edges asked of it).
 async fn serve_engine(
     dir: &std::path::Path,
     limits: http::HttpLimits,
@@ -33,6 +34,7 @@ async fn serve_engine(
     std::net::SocketAddr,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
+    EngineMetrics,
 ) {
     let store = Arc::new(EmbeddedStore::open(&dir.join("t.redb")).unwrap());
     let mut registry = Registry::default();
@@ -42,7 +44,7 @@ async fn serve_engine(
         store,
         Arc::new(LocalBackplane::new()),
         Arc::new(LocalRoutes::default()),
-        metrics,
+        metrics.clone(),
         None,
     )
     .unwrap();
@@ -63,13 +65,13 @@ async fn serve_engine(
             let _ = stopped.await;
         },
     ));
-    (addr, stop, server)
+    (addr, stop, server, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let (addr, stop, server, _) = serve_engine(dir.path(), Default::default()).await;
     let keys = TokenKeys::new(TOKEN_SECRET);
     let internal = internal_keys();
 
@@ -117,7 +119,7 @@ async fn remote_store_conforms_over_tls() {
         ..Default::default()
     };
     limits.validate().unwrap();
-    let (addr, stop, server) = serve_engine(dir.path(), limits).await;
+    let (addr, stop, server, _) = serve_engine(dir.path(), limits).await;
     let pem = ck.cert.pem();
     let remote = RemoteStore::with_ca(
         &format!("https://{addr}"),
@@ -169,7 +171,7 @@ fn engine_over(remote: Arc<RemoteStore>) -> (Engine, EngineMetrics) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let (addr, stop, server, _) = serve_engine(dir.path(), Default::default()).await;
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
     let (edge, metrics) = engine_over(remote.clone());
     const USERS: u64 = 100;
@@ -308,7 +310,7 @@ async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
 async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
     use tiercast_schemas::wire::Cursor;
     let dir = tempfile::tempdir().unwrap();
-    let (addr, stop, server) = serve_engine(dir.path(), Default::default()).await;
+    let (addr, stop, server, _) = serve_engine(dir.path(), Default::default()).await;
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
     let (edge, metrics) = engine_over(remote.clone());
     // User 1 is in conversations 1..=20, with 3 messages in each of the
@@ -394,6 +396,99 @@ async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
     let entries = edge.sync(1, &behind, 50).await.unwrap();
     assert!(entries.iter().all(|e| e.messages.len() == 3));
     assert_eq!(metrics.sync_store_calls.get(), 3 + 4);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+/// A device's send over a remote store is two store requests: its reads in
+/// one (`send_context`: the membership, the conversation, the members and
+/// their devices, which were four requests), then the insert. A stranger's
+/// send is refused after the one read, with nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_reads_the_store_in_one_request() {
+    use tiercast_engine::metrics::OpLabel;
+    use tiercast_engine::store::{ClientRecord, Device};
+    use tiercast_engine::{EngineError, Outgoing, Sender};
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop, server, served) = serve_engine(dir.path(), Default::default()).await;
+    let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
+    let edge = Arc::new(engine_over(remote.clone()).0);
+    remote
+        .create_conversation(&tiercast_engine::store::Conversation {
+            id: 1,
+            name: "c1".into(),
+            created_ms: 1,
+            pinned_tier: None,
+            tier: tiercast_schemas::envelope::Tier::Direct,
+            member_count: 0,
+        })
+        .await
+        .unwrap();
+    remote.add_members(1, &[1, 2, 3]).await.unwrap();
+    let devices = [(1, 10), (2, 20), (2, 21), (3, 30), (9, 90)];
+    for (user, client_id) in devices {
+        let record = ClientRecord {
+            client_id,
+            user,
+            device: "d".into(),
+            last_seen_ms: 1,
+        };
+        remote.register_client(&record, 3, false).await.unwrap();
+    }
+    const OPS: [&str; 6] = [
+        "send_context",
+        "insert_message",
+        "is_member",
+        "conversation",
+        "members",
+        "devices_of",
+    ];
+    let counts = || {
+        OPS.map(|op| {
+            served
+                .internal_store_calls
+                .get_or_create(&OpLabel { op })
+                .get()
+        })
+    };
+    let send = |user: u64, client: u64, client_msg_id: u64| Outgoing {
+        conversation: 1,
+        from: Sender::Device { user, client },
+        client_msg_id,
+        body: bytes::Bytes::from_static(b"hello"),
+    };
+
+    let before = counts();
+    let receipt = edge.send(send(1, 10, 1)).await.unwrap();
+    let after = counts();
+    let made: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(made, [1, 1, 0, 0, 0, 0], "requests by op: {OPS:?}");
+
+    let stranger = edge.send(send(9, 90, 1)).await.unwrap_err();
+    assert!(
+        matches!(stranger, EngineError::Forbidden { user: 9, .. }),
+        "{stranger:?}"
+    );
+    let made: Vec<u64> = counts().iter().zip(after).map(|(a, b)| a - b).collect();
+    assert_eq!(made, [1, 0, 0, 0, 0, 0], "requests by op: {OPS:?}");
+
+    // Every device of every member but the sending one holds the message,
+    // and only it.
+    for (user, client) in devices {
+        let ids: Vec<u64> = remote
+            .inbox(Device { user, client }, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let expected = if user == 1 || user == 9 {
+            vec![]
+        } else {
+            vec![receipt.message_id]
+        };
+        assert_eq!(ids, expected, "device ({user}, {client})");
+    }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
