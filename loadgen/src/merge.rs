@@ -311,6 +311,14 @@ pub fn merge(runs: &[(RunReport, Named)]) -> Result<(RunReport, Named), String> 
                 *e = *b;
             }
         }
+        // Commits likewise: added over self-hosted generators' own edges,
+        // the fullest one against a shared deployment.
+        m.servers.store_commits = match (&m.servers.store_commits, &r.servers.store_commits) {
+            (Some(a), Some(b)) if self_hosted => Some(a.add(b)),
+            (Some(a), Some(b)) if b.count > a.count => Some(b.clone()),
+            (None, b) => b.clone(),
+            (a, _) => a.clone(),
+        };
         if self_hosted {
             m.servers
                 .processes

@@ -264,6 +264,85 @@ pub struct ServerFigures {
     /// edge killed and restarted counts from its restart: its resume storm.
     #[serde(default)]
     pub store_batches: std::collections::BTreeMap<String, StoreBatches>,
+    /// The sends' store commits on the edges at the end of the run
+    /// (`tiercast_engine_store_commit_seconds`, summed over the edges):
+    /// what a send waits for before its fan-out. Null when no edge
+    /// answered.
+    #[serde(default)]
+    pub store_commits: Option<StoreCommits>,
+}
+
+/// The sends' store commits ([`ServerFigures::store_commits`]): one per
+/// stored message (its insert with its inbox rows and dedupe key,
+/// waiting for its group's commit and fsync on the embedded store).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreCommits {
+    pub count: u64,
+    pub mean_ms: f64,
+    /// The bound of the histogram's bucket that holds the 50th / 99th
+    /// percentile: that share of the commits took at most this long (the
+    /// bounds double from 0.1 ms, so this is within a factor of 2).
+    pub p50_ms_at_most: Option<f64>,
+    pub p99_ms_at_most: Option<f64>,
+    /// The histogram: `[bound_ms, commits that took at most that long]`,
+    /// cumulative, ascending; the last bound is infinite (`null`).
+    pub buckets: Vec<(Option<f64>, u64)>,
+    pub sum_s: f64,
+}
+
+impl StoreCommits {
+    /// From the cumulative `buckets` and `sum_s`: the count, the mean and
+    /// the percentiles' bounds.
+    pub fn from_buckets(buckets: Vec<(Option<f64>, u64)>, sum_s: f64) -> Self {
+        let count = buckets.last().map_or(0, |b| b.1);
+        let at_most = |q: f64| {
+            let rank = (q * count as f64).ceil() as u64;
+            buckets
+                .iter()
+                .find(|b| count > 0 && b.1 >= rank)
+                .and_then(|b| b.0)
+        };
+        Self {
+            count,
+            mean_ms: if count > 0 {
+                sum_s * 1e3 / count as f64
+            } else {
+                0.0
+            },
+            p50_ms_at_most: at_most(0.50),
+            p99_ms_at_most: at_most(0.99),
+            sum_s,
+            buckets,
+        }
+    }
+
+    /// Two histograms added bucket by bucket (each from its own edges).
+    /// Histograms of different bounds (servers of different versions)
+    /// cannot be: the one of more commits stands.
+    pub fn add(&self, other: &Self) -> Self {
+        let same_bounds = self.buckets.len() == other.buckets.len()
+            && self
+                .buckets
+                .iter()
+                .zip(&other.buckets)
+                .all(|(a, b)| a.0 == b.0);
+        if !same_bounds {
+            return if other.count > self.count {
+                other
+            } else {
+                self
+            }
+            .clone();
+        }
+        let buckets = self
+            .buckets
+            .iter()
+            .zip(&other.buckets)
+            .map(|(a, b)| (a.0, a.1 + b.1))
+            .collect();
+        Self::from_buckets(buckets, self.sum_s + other.sum_s)
+    }
 }
 
 /// Store calls made for coalesced calls ([`ServerFigures::store_batches`]).
@@ -574,6 +653,22 @@ impl RunReport {
                 sv.cpu_ms_per_message.unwrap_or(0.0),
                 sv.edge_rss_bytes_connected.unwrap_or(0) as f64 / 1048576.0,
                 rss_per_connection
+            );
+        }
+        if let Some(c) = sv.store_commits.as_ref().filter(|c| c.count > 0) {
+            let bound = |b: Option<f64>| {
+                b.map_or_else(
+                    || "over the last bucket".to_owned(),
+                    |ms| format!("<= {ms} ms"),
+                )
+            };
+            let _ = writeln!(
+                out,
+                "store commits of sends: {}, mean {:.2} ms, p50 {}, p99 {}",
+                c.count,
+                c.mean_ms,
+                bound(c.p50_ms_at_most),
+                bound(c.p99_ms_at_most)
             );
         }
         if let (Some(us), Some(f)) = (self.machine.udp_floor_us, &self.machine.udp_floor) {

@@ -732,6 +732,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
         },
         rss_bytes_end: target.server_rss_now(&http).await,
         store_batches: target.store_batches(&http).await,
+        store_commits: target.store_commits(&http).await,
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
     if report.total.lost > 0 {

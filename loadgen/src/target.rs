@@ -449,6 +449,18 @@ impl Target {
             .collect()
     }
 
+    /// The edges' `/metrics`: as given, or under their HTTP addresses.
+    fn metrics_urls(&self) -> Vec<String> {
+        if self.edge_metrics.is_empty() {
+            self.edge_http
+                .iter()
+                .map(|h| format!("{h}/metrics"))
+                .collect()
+        } else {
+            self.edge_metrics.clone()
+        }
+    }
+
     /// The edges' coalesced store calls by op, summed over the edges that
     /// answered (`tiercast_engine_store_batches_total` and
     /// `..._batched_calls_total`).
@@ -456,16 +468,8 @@ impl Target {
         &self,
         http: &reqwest::Client,
     ) -> std::collections::BTreeMap<String, crate::report::StoreBatches> {
-        let urls: Vec<String> = if self.edge_metrics.is_empty() {
-            self.edge_http
-                .iter()
-                .map(|h| format!("{h}/metrics"))
-                .collect()
-        } else {
-            self.edge_metrics.clone()
-        };
         let mut out = std::collections::BTreeMap::new();
-        for url in urls {
+        for url in self.metrics_urls() {
             let Some(text) = metrics_text(http, &url, Duration::from_secs(5)).await else {
                 continue;
             };
@@ -493,6 +497,29 @@ impl Target {
             }
         }
         out
+    }
+
+    /// The edges' send commits (`tiercast_engine_store_commit_seconds`),
+    /// their histograms added over the edges that answered; `None` when
+    /// none did.
+    pub async fn store_commits(
+        &self,
+        http: &reqwest::Client,
+    ) -> Option<crate::report::StoreCommits> {
+        let mut total: Option<crate::report::StoreCommits> = None;
+        for url in self.metrics_urls() {
+            let Some(text) = metrics_text(http, &url, Duration::from_secs(5)).await else {
+                continue;
+            };
+            let Some(one) = commit_histogram(&text) else {
+                continue;
+            };
+            total = Some(match total {
+                Some(t) => t.add(&one),
+                None => one,
+            });
+        }
+        total
     }
 
     /// The sum of metric `name` over `urls` (each a `/metrics`), if every
@@ -734,4 +761,86 @@ pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
         .success();
     anyhow::ensure!(ok, "taskset could not pin loadgen to CPUs {cpus}");
     Ok(())
+}
+
+/// `tiercast_engine_store_commit_seconds` from one `/metrics` text: its
+/// cumulative buckets (bounds in ms, `+Inf` as `None`) and its sum.
+fn commit_histogram(text: &str) -> Option<crate::report::StoreCommits> {
+    const NAME: &str = "tiercast_engine_store_commit_seconds";
+    let mut buckets = Vec::new();
+    let mut sum_s = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(NAME) else {
+            continue;
+        };
+        if let Some(rest) = rest.strip_prefix("_bucket{le=\"") {
+            let (le, value) = rest.split_once("\"} ")?;
+            let count = value.split_whitespace().next()?.parse::<f64>().ok()? as u64;
+            let bound = match le {
+                "+Inf" => None,
+                le => Some((le.parse::<f64>().ok()? * 1e6).round() / 1e3),
+            };
+            buckets.push((bound, count));
+        } else if let Some(value) = rest.strip_prefix("_sum ") {
+            sum_s = value.split_whitespace().next()?.parse::<f64>().ok();
+        }
+    }
+    if buckets.is_empty() {
+        return None;
+    }
+    Some(crate::report::StoreCommits::from_buckets(
+        buckets,
+        sum_s.unwrap_or(0.0),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The histogram as the engine renders it: cumulative buckets in
+    /// seconds, then the sum and the count; other metrics around it.
+    #[test]
+    fn a_commit_histogram_is_read_in_ms_with_its_percentiles_bounds() {
+        let text = "\
+# HELP tiercast_engine_store_commit_seconds Time to commit one message
+# TYPE tiercast_engine_store_commit_seconds histogram
+tiercast_engine_store_commit_seconds_sum 0.5
+tiercast_engine_store_commit_seconds_count 200
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0001\"} 0
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0002\"} 0
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0004\"} 50
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0008\"} 120
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0016\"} 197
+tiercast_engine_store_commit_seconds_bucket{le=\"0.0032\"} 198
+tiercast_engine_store_commit_seconds_bucket{le=\"+Inf\"} 200
+tiercast_engine_store_batches_total{op=\"inboxes\"} 3
+";
+        let c = commit_histogram(text).expect("a histogram");
+        assert_eq!(c.count, 200);
+        assert!((c.mean_ms - 2.5).abs() < 1e-9, "{}", c.mean_ms);
+        assert_eq!(
+            c.p50_ms_at_most,
+            Some(0.8),
+            "the 100th commit is in (0.4, 0.8]"
+        );
+        assert_eq!(
+            c.p99_ms_at_most,
+            Some(3.2),
+            "the 198th of 200 is within 3.2 ms"
+        );
+        assert_eq!(c.buckets[2], (Some(0.4), 50));
+        // Two edges' histograms add bucket by bucket.
+        let both = c.add(&c);
+        assert_eq!((both.count, both.buckets[3]), (400, (Some(0.8), 240)));
+        assert_eq!(both.p50_ms_at_most, Some(0.8));
+        assert!(commit_histogram("tiercast_engine_syncs_total 3\n").is_none());
+        // A percentile past the last finite bound has no bound to give.
+        let slow =
+            crate::report::StoreCommits::from_buckets(vec![(Some(1.0), 90), (None, 100)], 0.0);
+        assert_eq!(
+            (slow.p50_ms_at_most, slow.p99_ms_at_most),
+            (Some(1.0), None)
+        );
+    }
 }

@@ -149,6 +149,22 @@ async fn remote_store_conforms_over_tls() {
 
 /// An engine as an edge process has it: on the remote store `remote`,
 /// with its own metrics.
+/// Creates tier-1 conversation `id` with `members`.
+async fn conversation_with(remote: &RemoteStore, id: u64, members: &[u64]) {
+    remote
+        .create_conversation(&tiercast_engine::store::Conversation {
+            id,
+            name: format!("c{id}"),
+            created_ms: 1,
+            pinned_tier: None,
+            tier: tiercast_schemas::envelope::Tier::Direct,
+            member_count: 0,
+        })
+        .await
+        .unwrap();
+    remote.add_members(id, members).await.unwrap();
+}
+
 fn engine_over(remote: Arc<RemoteStore>) -> (Engine, EngineMetrics) {
     let mut registry = Registry::default();
     let metrics = EngineMetrics::register(&mut registry);
@@ -196,18 +212,7 @@ async fn a_connect_storm_is_batched_and_each_device_gets_its_own_answer() {
         Err(tiercast_engine::EngineError::TooManyDevices { user: 1, max: 3 })
     ));
     for u in 1..=USERS {
-        remote
-            .create_conversation(&tiercast_engine::store::Conversation {
-                id: 10_000 + u,
-                name: format!("c{u}"),
-                created_ms: 1,
-                pinned_tier: None,
-                tier: tiercast_schemas::envelope::Tier::Direct,
-                member_count: 0,
-            })
-            .await
-            .unwrap();
-        remote.add_members(10_000 + u, &[u]).await.unwrap();
+        conversation_with(&remote, 10_000 + u, &[u]).await;
     }
     // The storm: every device back at once, with 20 devices named by a
     // user they do not belong to, and each user's conversations listed.
@@ -316,21 +321,7 @@ async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
     // User 1 is in conversations 1..=20, with 3 messages in each of the
     // first 12; conversation 21 is someone else's; 22 does not exist.
     for c in 1..=21u64 {
-        remote
-            .create_conversation(&tiercast_engine::store::Conversation {
-                id: c,
-                name: format!("c{c}"),
-                created_ms: 1,
-                pinned_tier: None,
-                tier: tiercast_schemas::envelope::Tier::Direct,
-                member_count: 0,
-            })
-            .await
-            .unwrap();
-        remote
-            .add_members(c, if c <= 20 { &[1, 2] } else { &[2, 3] })
-            .await
-            .unwrap();
+        conversation_with(&remote, c, if c <= 20 { &[1, 2] } else { &[2, 3] }).await;
     }
     let id = |c: u64, i: u64| c * 1_000 + i;
     for c in (1..=12u64).chain([21]) {
@@ -413,18 +404,7 @@ async fn a_send_reads_the_store_in_one_request() {
     let (addr, stop, server, served) = serve_engine(dir.path(), Default::default()).await;
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
     let edge = Arc::new(engine_over(remote.clone()).0);
-    remote
-        .create_conversation(&tiercast_engine::store::Conversation {
-            id: 1,
-            name: "c1".into(),
-            created_ms: 1,
-            pinned_tier: None,
-            tier: tiercast_schemas::envelope::Tier::Direct,
-            member_count: 0,
-        })
-        .await
-        .unwrap();
-    remote.add_members(1, &[1, 2, 3]).await.unwrap();
+    conversation_with(&remote, 1, &[1, 2, 3]).await;
     let devices = [(1, 10), (2, 20), (2, 21), (3, 30), (9, 90)];
     for (user, client_id) in devices {
         let record = ClientRecord {
