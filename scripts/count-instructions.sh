@@ -21,11 +21,12 @@
 # edge.ack_delay_ms 800, for 10 s and for 30 s; the difference over the
 # extra deliveries is the shard's instructions per delivery.
 #
-# scripts/count-instructions.sh sends [MEMBERS]: the engine's instructions
-# per tier-1 send on an embedded store (bench/examples/sends.rs: every
-# thread of the process, the store's writer and blocking pool included),
-# from runs of 200 and 600 sends to a conversation of MEMBERS users (4),
-# with the thread switches perf counted beside them when perf is there.
+# scripts/count-instructions.sh sends [MEMBERS [CONCURRENT]]: the engine's
+# instructions per tier-1 send on an embedded store (bench/examples/sends.rs:
+# every thread of the process, the store's writer and blocking pool
+# included), from runs of 200 and 600 sends to a conversation of MEMBERS
+# users (4) by CONCURRENT senders (1; more share group commits), with the
+# commits and the thread switches perf counted beside them.
 # (SENDS_BIN=path counts a copy built from another commit.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,18 +48,19 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 if [ "${1:-}" = sends ]; then
     members=${2:-4}
+    concurrent=${3:-1}
     bin=$(example sends "${SENDS_BIN:-}")
     for n in 200 600; do
-        valgrind --tool=callgrind --callgrind-out-file="$out/cg.$n" "$bin" "$n" "$members" \
+        valgrind --tool=callgrind --callgrind-out-file="$out/cg.$n" "$bin" "$n" "$members" "$concurrent" \
             >"$out/run.$n" 2>"$out/err.$n" || { cat "$out/err.$n" >&2; exit 1; }
-        echo "$n sends: Ir $(total "$out/cg.$n")"
+        echo "$n sends: Ir $(total "$out/cg.$n"); $(cat "$out/run.$n")"
         if command -v perf >/dev/null; then
-            perf stat -x, -e context-switches -o "$out/perf.$n" "$bin" "$n" "$members" >/dev/null
+            perf stat -x, -e context-switches -o "$out/perf.$n" "$bin" "$n" "$members" "$concurrent" >/dev/null
             echo "$n sends: context switches $(awk -F, '/context-switches/ {print $1}' "$out/perf.$n")"
         fi
     done
-    python3 -c "import sys; a,b,m=map(int,sys.argv[1:]); print(f'engine instructions per send: {(b-a)/400:.0f} (members {m})')" \
-        "$(total "$out/cg.200")" "$(total "$out/cg.600")" "$members"
+    python3 -c "import sys; a,b,m,c=map(int,sys.argv[1:]); print(f'engine instructions per send: {(b-a)/400:.0f} (members {m}, concurrent {c})')" \
+        "$(total "$out/cg.200")" "$(total "$out/cg.600")" "$members" "$concurrent"
     exit 0
 fi
 if [ "${1:-}" = live ]; then
