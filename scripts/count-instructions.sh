@@ -40,7 +40,8 @@ example() {
     if [ -n "$2" ]; then
         echo "$2"
     else
-        cargo build --release --locked -q -p tiercast-bench --example "$1"
+        # A failed build must not fall through to an older binary.
+        cargo build --release --locked -q -p tiercast-bench --example "$1" >&2 || return 1
         echo "target/release/examples/$1"
     fi
 }
@@ -54,8 +55,9 @@ if [ "${1:-}" = sends ]; then
         valgrind --tool=callgrind --callgrind-out-file="$out/cg.$n" "$bin" "$n" "$members" "$concurrent" \
             >"$out/run.$n" 2>"$out/err.$n" || { cat "$out/err.$n" >&2; exit 1; }
         echo "$n sends: Ir $(total "$out/cg.$n"); $(cat "$out/run.$n")"
-        if command -v perf >/dev/null; then
-            perf stat -x, -e context-switches -o "$out/perf.$n" "$bin" "$n" "$members" "$concurrent" >/dev/null
+        # perf may be missing or not allowed (a VM, perf_event_paranoid).
+        if command -v perf >/dev/null \
+            && perf stat -x, -e context-switches -o "$out/perf.$n" "$bin" "$n" "$members" "$concurrent" >/dev/null 2>&1; then
             echo "$n sends: context switches $(awk -F, '/context-switches/ {print $1}' "$out/perf.$n")"
         fi
     done

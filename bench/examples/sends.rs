@@ -6,9 +6,9 @@
 //! (default 4) users with one device each; SENDS messages, as a device's
 //! sends reach `Engine::send`: the store's reads, the id, the durable
 //! insert with a pending row per device, the publish on the in-process
-//! backplane. CONCURRENT (default 1) senders, each a member, send their
-//! share one after another, so up to that many sends share a group
-//! commit. Run twice with different SENDS; the difference of the two
+//! backplane. CONCURRENT (default 1) senders, each a member's device
+//! (several share one when CONCURRENT exceeds MEMBERS), send their share
+//! one after another, so up to that many sends share a group commit. Run twice with different SENDS; the difference of the two
 //! counts over the extra sends leaves out the setup.
 
 use std::sync::Arc;
@@ -104,7 +104,8 @@ fn main() {
         for s in senders {
             s.await.expect("a sender");
         }
-        // The store's group commits, setup included.
+        // The store's group commits of the sends (counted from
+        // `Engine::new`, after the setup's writes).
         metrics
             .store_batches
             .get_or_create(&OpLabel { op: "store_commit" })

@@ -273,8 +273,10 @@ pub struct ServerFigures {
 }
 
 /// The sends' store commits ([`ServerFigures::store_commits`]): one per
-/// stored message (its insert with its inbox rows and dedupe key,
-/// waiting for its group's commit and fsync on the embedded store).
+/// send that reached its insert (a retried duplicate's included), timed
+/// from the insert's start to its answer: its inbox rows and dedupe key,
+/// the wait for its group's turn, the commit and, on the embedded store,
+/// the fsync.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StoreCommits {

@@ -120,7 +120,7 @@ pub struct ConversationState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SendContext {
     /// Whether the sender may send: a member, or the backend (user 0).
-    /// Nothing else is read for a sender that may not.
+    /// Nothing else is returned for a sender that may not.
     pub allowed: bool,
     /// The conversation (`None`: unknown, or not read because `!allowed`).
     pub conversation: Option<Conversation>,
@@ -443,30 +443,7 @@ pub trait Store: Send + Sync + 'static {
     /// reads the conversation and the membership concurrently, then the
     /// members and their devices.
     async fn send_context(&self, conv: u64, sender: u64) -> Result<SendContext, StoreError> {
-        let (conversation, allowed) = futures::try_join!(self.conversation(conv), async {
-            if sender == 0 {
-                Ok(true)
-            } else {
-                self.is_member(conv, sender).await
-            }
-        })?;
-        if !allowed {
-            return Ok(SendContext::default());
-        }
-        let (members, devices) = match &conversation {
-            Some(c) if c.tier == Tier::Direct => {
-                let members = self.members(conv).await?;
-                let devices = self.devices_of(&members).await?;
-                (members, devices)
-            }
-            _ => (Vec::new(), Vec::new()),
-        };
-        Ok(SendContext {
-            allowed,
-            conversation,
-            members,
-            devices,
-        })
+        send_context_by_single_reads(self, conv, sender).await
     }
 
     /// For each of `convs`: the conversation, whether `user` is a member
@@ -551,4 +528,39 @@ pub trait Store: Send + Sync + 'static {
     /// Removes acked ids from a device's inbox; returns how many were
     /// pending.
     async fn ack(&self, device: Device, ids: &[u64]) -> Result<u32, StoreError>;
+}
+
+/// [`Store::send_context`] from the single reads: the conversation and the
+/// membership concurrently, then (tier 1, a sender who may send) the
+/// members and their devices. The trait's default, and what a remote store
+/// falls back to against an engine service that predates the call.
+pub async fn send_context_by_single_reads<S: Store + ?Sized>(
+    store: &S,
+    conv: u64,
+    sender: u64,
+) -> Result<SendContext, StoreError> {
+    let (conversation, allowed) = futures::try_join!(store.conversation(conv), async {
+        if sender == 0 {
+            Ok(true)
+        } else {
+            store.is_member(conv, sender).await
+        }
+    })?;
+    if !allowed {
+        return Ok(SendContext::default());
+    }
+    let (members, devices) = match &conversation {
+        Some(c) if c.tier == Tier::Direct => {
+            let members = store.members(conv).await?;
+            let devices = store.devices_of(&members).await?;
+            (members, devices)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    Ok(SendContext {
+        allowed,
+        conversation,
+        members,
+        devices,
+    })
 }

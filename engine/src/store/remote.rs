@@ -409,6 +409,9 @@ pub struct RemoteStore {
     url: String,
     keys: crate::auth::TokenKeys,
     http: reqwest::Client,
+    /// The engine service predates `send_context` (a rolling upgrade that
+    /// reached this edge first): sends read through the single calls.
+    single_send_reads: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RemoteStore {
@@ -443,6 +446,7 @@ impl RemoteStore {
             http: b
                 .build()
                 .map_err(|e| StoreError::Backend(format!("HTTP client: {e}")))?,
+            single_send_reads: Default::default(),
         })
     }
 
@@ -634,9 +638,27 @@ impl Store for RemoteStore {
             .await?;
         super::one_each(out, convs.len(), ("states", "conversations"))
     }
-    /// One request instead of four.
+    /// One request instead of four. An engine service that does not know
+    /// the call (older than this edge, mid-upgrade) refuses it as an
+    /// unknown variant; from then on this store reads a send's context
+    /// through the single calls, as before the call existed.
     async fn send_context(&self, conv: u64, sender: u64) -> Result<SendContext, StoreError> {
-        self.call(Call::SendContext { conv, sender }).await
+        use std::sync::atomic::Ordering;
+        if !self.single_send_reads.load(Ordering::Relaxed) {
+            match self.call(Call::SendContext { conv, sender }).await {
+                Err(StoreError::Backend(reason))
+                    if reason.contains("unknown variant `send_context`") =>
+                {
+                    if !self.single_send_reads.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "the engine service does not know send_context (older than this edge): sends read the store in four calls until it is upgraded and this edge restarts"
+                        );
+                    }
+                }
+                answer => return answer,
+            }
+        }
+        super::send_context_by_single_reads(self, conv, sender).await
     }
     async fn since_many(
         &self,

@@ -147,8 +147,6 @@ async fn remote_store_conforms_over_tls() {
     server.await.unwrap().unwrap();
 }
 
-/// An engine as an edge process has it: on the remote store `remote`,
-/// with its own metrics.
 /// Creates tier-1 conversation `id` with `members`.
 async fn conversation_with(remote: &RemoteStore, id: u64, members: &[u64]) {
     remote
@@ -165,6 +163,8 @@ async fn conversation_with(remote: &RemoteStore, id: u64, members: &[u64]) {
     remote.add_members(id, members).await.unwrap();
 }
 
+/// An engine as an edge process has it: on the remote store `remote`,
+/// with its own metrics.
 fn engine_over(remote: Arc<RemoteStore>) -> (Engine, EngineMetrics) {
     let mut registry = Registry::default();
     let metrics = EngineMetrics::register(&mut registry);
@@ -471,4 +471,120 @@ async fn a_send_reads_the_store_in_one_request() {
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// A rolling upgrade that reaches an edge before its engine service: the
+/// older service refuses `send_context` as an op it does not know (axum's
+/// 422, as its JSON extractor answers an unknown variant). The edge's
+/// sends still work, through the single reads, and the refused call is
+/// tried once, not on every send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_work_against_an_engine_service_older_than_send_context() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tiercast_engine::store::remote::{Call, serve};
+    use tiercast_engine::store::{ClientRecord, Device};
+    use tiercast_engine::{EngineError, Outgoing, Sender};
+
+    /// The ops an older service knew, as far as this test needs the
+    /// extractor's refusal of one it did not.
+    #[derive(serde::Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    #[allow(dead_code)]
+    enum Older {
+        IsMember { conv: u64, user: u64 },
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("t.redb")).unwrap());
+    let refused = Arc::new(AtomicU64::new(0));
+    let older_service = {
+        let (store, refused) = (store.clone(), refused.clone());
+        move |body: bytes::Bytes| {
+            let (store, refused) = (store.clone(), refused.clone());
+            async move {
+                use axum::response::IntoResponse;
+                let op: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if op["op"] == "send_context" {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    let rejection = axum::Json::<Older>::from_bytes(&body).err().unwrap();
+                    let error = serde_json::json!({
+                        "error": { "code": "invalid_request", "message": rejection.body_text() }
+                    });
+                    return (rejection.status(), axum::Json(error)).into_response();
+                }
+                let call: Call = serde_json::from_slice(&body).unwrap();
+                match serve(store.as_ref(), call).await {
+                    Ok(v) => axum::Json(v).into_response(),
+                    Err(e) => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, axum::Json(e))
+                        .into_response(),
+                }
+            }
+        }
+    };
+    let app = axum::Router::new().route("/internal/store", axum::routing::post(older_service));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
+    let edge = Arc::new(engine_over(remote.clone()).0);
+    conversation_with(&remote, 1, &[1, 2]).await;
+    for (user, client_id) in [(1, 10), (2, 20), (9, 90)] {
+        let record = ClientRecord {
+            client_id,
+            user,
+            device: "d".into(),
+            last_seen_ms: 1,
+        };
+        remote.register_client(&record, 3, false).await.unwrap();
+    }
+    let send = |user: u64, client: u64, client_msg_id: u64| Outgoing {
+        conversation: 1,
+        from: Sender::Device { user, client },
+        client_msg_id,
+        body: bytes::Bytes::from_static(b"hello"),
+    };
+    let first = edge.send(send(1, 10, 1)).await.unwrap();
+    let second = edge.send(send(1, 10, 2)).await.unwrap();
+    let stranger = edge.send(send(9, 90, 1)).await.unwrap_err();
+    assert!(
+        matches!(stranger, EngineError::Forbidden { user: 9, .. }),
+        "{stranger:?}"
+    );
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        1,
+        "tried once, then not again"
+    );
+    let pending: Vec<u64> = remote
+        .inbox(
+            Device {
+                user: 2,
+                client: 20,
+            },
+            0,
+            10,
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(pending, vec![first.message_id, second.message_id]);
+    assert!(
+        remote
+            .inbox(
+                Device {
+                    user: 1,
+                    client: 10
+                },
+                0,
+                10
+            )
+            .await
+            .unwrap()
+            .is_empty(),
+        "the sender's own device keeps no copy"
+    );
+    server.abort();
 }
