@@ -163,6 +163,19 @@ async fn conversation_with(remote: &RemoteStore, id: u64, members: &[u64]) {
     remote.add_members(id, members).await.unwrap();
 }
 
+/// Registers each `(user, client)` as a device.
+async fn register_devices(remote: &RemoteStore, devices: &[(u64, u64)]) {
+    for &(user, client_id) in devices {
+        let record = tiercast_engine::store::ClientRecord {
+            client_id,
+            user,
+            device: "d".into(),
+            last_seen_ms: 1,
+        };
+        remote.register_client(&record, 3, false).await.unwrap();
+    }
+}
+
 /// An engine as an edge process has it: on the remote store `remote`,
 /// with its own metrics.
 fn engine_over(remote: Arc<RemoteStore>) -> (Engine, EngineMetrics) {
@@ -398,7 +411,7 @@ async fn a_sync_makes_a_few_store_calls_for_all_its_cursors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_reads_the_store_in_one_request() {
     use tiercast_engine::metrics::OpLabel;
-    use tiercast_engine::store::{ClientRecord, Device};
+    use tiercast_engine::store::Device;
     use tiercast_engine::{EngineError, Outgoing, Sender};
     let dir = tempfile::tempdir().unwrap();
     let (addr, stop, server, served) = serve_engine(dir.path(), Default::default()).await;
@@ -406,15 +419,7 @@ async fn a_send_reads_the_store_in_one_request() {
     let edge = Arc::new(engine_over(remote.clone()).0);
     conversation_with(&remote, 1, &[1, 2, 3]).await;
     let devices = [(1, 10), (2, 20), (2, 21), (3, 30), (9, 90)];
-    for (user, client_id) in devices {
-        let record = ClientRecord {
-            client_id,
-            user,
-            device: "d".into(),
-            last_seen_ms: 1,
-        };
-        remote.register_client(&record, 3, false).await.unwrap();
-    }
+    register_devices(&remote, &devices).await;
     const OPS: [&str; 6] = [
         "send_context",
         "insert_message",
@@ -481,8 +486,8 @@ async fn a_send_reads_the_store_in_one_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_work_against_an_engine_service_older_than_send_context() {
     use std::sync::atomic::{AtomicU64, Ordering};
+    use tiercast_engine::store::Device;
     use tiercast_engine::store::remote::{Call, serve};
-    use tiercast_engine::store::{ClientRecord, Device};
     use tiercast_engine::{EngineError, Outgoing, Sender};
 
     /// The ops an older service knew, as far as this test needs the
@@ -529,15 +534,7 @@ async fn sends_work_against_an_engine_service_older_than_send_context() {
     let remote = Arc::new(RemoteStore::new(&format!("http://{addr}"), internal_keys()));
     let edge = Arc::new(engine_over(remote.clone()).0);
     conversation_with(&remote, 1, &[1, 2]).await;
-    for (user, client_id) in [(1, 10), (2, 20), (9, 90)] {
-        let record = ClientRecord {
-            client_id,
-            user,
-            device: "d".into(),
-            last_seen_ms: 1,
-        };
-        remote.register_client(&record, 3, false).await.unwrap();
-    }
+    register_devices(&remote, &[(1, 10), (2, 20), (9, 90)]).await;
     let send = |user: u64, client: u64, client_msg_id: u64| Outgoing {
         conversation: 1,
         from: Sender::Device { user, client },
