@@ -705,6 +705,7 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
     );
     let deliveries = report.total.deliveries.max(1) as f64;
     report.loadgen.cpu_us_per_delivery = loadgen_cpu.map(|c| c / deliveries * 1e6);
+    let (store_batches, store_commits) = target.store_figures(&http).await;
     report.servers = ServerFigures {
         processes: target
             .servers
@@ -731,8 +732,8 @@ async fn drive(s: &Scenario, opts: &RunOptions, target: &Target) -> anyhow::Resu
             _ => None,
         },
         rss_bytes_end: target.server_rss_now(&http).await,
-        store_batches: target.store_batches(&http).await,
-        store_commits: target.store_commits(&http).await,
+        store_batches,
+        store_commits,
     };
     incidents_into(&mut report, s, &fleet, incidents, restart_done_us);
     if report.total.lost > 0 {

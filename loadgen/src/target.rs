@@ -461,65 +461,34 @@ impl Target {
         }
     }
 
-    /// The edges' coalesced store calls by op, summed over the edges that
-    /// answered (`tiercast_engine_store_batches_total` and
-    /// `..._batched_calls_total`).
-    pub async fn store_batches(
+    /// The edges' store figures at the end of a run, from one read of each
+    /// edge's `/metrics` (summed over the edges that answered): the
+    /// coalesced store calls by op (`tiercast_engine_store_batches_total`
+    /// and `..._batched_calls_total`), and the sends' commits
+    /// (`tiercast_engine_store_commit_seconds`, histograms added; `None`
+    /// when no edge had one).
+    pub async fn store_figures(
         &self,
         http: &reqwest::Client,
-    ) -> std::collections::BTreeMap<String, crate::report::StoreBatches> {
-        let mut out = std::collections::BTreeMap::new();
+    ) -> (
+        std::collections::BTreeMap<String, crate::report::StoreBatches>,
+        Option<crate::report::StoreCommits>,
+    ) {
+        let mut batches = std::collections::BTreeMap::new();
+        let mut commits: Option<crate::report::StoreCommits> = None;
         for url in self.metrics_urls() {
             let Some(text) = metrics_text(http, &url, Duration::from_secs(5)).await else {
                 continue;
             };
-            for (prefix, batches) in [
-                ("tiercast_engine_store_batches_total{op=\"", true),
-                ("tiercast_engine_store_batched_calls_total{op=\"", false),
-            ] {
-                for line in text.lines() {
-                    let Some(rest) = line.strip_prefix(prefix) else {
-                        continue;
-                    };
-                    let Some((op, value)) = rest.split_once("\"} ") else {
-                        continue;
-                    };
-                    let Ok(v) = value.trim().parse::<f64>() else {
-                        continue;
-                    };
-                    let e: &mut crate::report::StoreBatches = out.entry(op.to_owned()).or_default();
-                    if batches {
-                        e.batches += v as u64;
-                    } else {
-                        e.calls += v as u64;
-                    }
-                }
+            add_store_batches(&text, &mut batches);
+            if let Some(one) = commit_histogram(&text) {
+                commits = Some(match commits {
+                    Some(t) => t.add(&one),
+                    None => one,
+                });
             }
         }
-        out
-    }
-
-    /// The edges' send commits (`tiercast_engine_store_commit_seconds`),
-    /// their histograms added over the edges that answered; `None` when
-    /// none did.
-    pub async fn store_commits(
-        &self,
-        http: &reqwest::Client,
-    ) -> Option<crate::report::StoreCommits> {
-        let mut total: Option<crate::report::StoreCommits> = None;
-        for url in self.metrics_urls() {
-            let Some(text) = metrics_text(http, &url, Duration::from_secs(5)).await else {
-                continue;
-            };
-            let Some(one) = commit_histogram(&text) else {
-                continue;
-            };
-            total = Some(match total {
-                Some(t) => t.add(&one),
-                None => one,
-            });
-        }
-        total
+        (batches, commits)
     }
 
     /// The sum of metric `name` over `urls` (each a `/metrics`), if every
@@ -761,6 +730,35 @@ pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
         .success();
     anyhow::ensure!(ok, "taskset could not pin loadgen to CPUs {cpus}");
     Ok(())
+}
+
+/// Adds one `/metrics` text's coalesced store calls, by op, to `out`.
+fn add_store_batches(
+    text: &str,
+    out: &mut std::collections::BTreeMap<String, crate::report::StoreBatches>,
+) {
+    for (prefix, batches) in [
+        ("tiercast_engine_store_batches_total{op=\"", true),
+        ("tiercast_engine_store_batched_calls_total{op=\"", false),
+    ] {
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(prefix) else {
+                continue;
+            };
+            let Some((op, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let e = out.entry(op.to_owned()).or_default();
+            if batches {
+                e.batches += v as u64;
+            } else {
+                e.calls += v as u64;
+            }
+        }
+    }
 }
 
 /// `tiercast_engine_store_commit_seconds` from one `/metrics` text: its

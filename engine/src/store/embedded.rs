@@ -516,6 +516,33 @@ fn read_message(
     }
 }
 
+/// The second halves of the keys `(k, _)` of a pair-keyed table, in key
+/// order: a conversation's members, a user's devices or conversations.
+fn seconds_of<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(u64, u64), V>,
+    k: u64,
+) -> Result<Vec<u64>, StoreError> {
+    let mut out = Vec::new();
+    for row in table.range(keys_of(k))? {
+        out.push(row?.0.value().1);
+    }
+    Ok(out)
+}
+
+/// Every registered device of `users`, user by user.
+fn devices_in(
+    clients: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    users: &[u64],
+) -> Result<Vec<Device>, StoreError> {
+    let mut out = Vec::new();
+    for &user in users {
+        for client in seconds_of(clients, user)? {
+            out.push(Device { user, client });
+        }
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     fn count_in(&self, metrics: &EngineMetrics) {
@@ -603,14 +630,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn members(&self, conv: u64) -> Result<Vec<u64>, StoreError> {
-        self.read(MEMBERS, move |t| {
-            let mut out = Vec::new();
-            for row in t.range(keys_of(conv))? {
-                out.push(row?.0.value().1);
-            }
-            Ok(out)
-        })
-        .await
+        self.read(MEMBERS, move |t| seconds_of(t, conv)).await
     }
 
     async fn members_page(
@@ -638,14 +658,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn conversations_of(&self, user: u64) -> Result<Vec<u64>, StoreError> {
-        self.read(USER_CONVERSATIONS, move |t| {
-            let mut out = Vec::new();
-            for row in t.range(keys_of(user))? {
-                out.push(row?.0.value().1);
-            }
-            Ok(out)
-        })
-        .await
+        self.read(USER_CONVERSATIONS, move |t| seconds_of(t, user))
+            .await
     }
 
     async fn register_client(
@@ -687,15 +701,7 @@ impl Store for EmbeddedStore {
     async fn conversations_of_users(&self, users: &[u64]) -> Result<Vec<Vec<u64>>, StoreError> {
         let users = users.to_vec();
         self.read(USER_CONVERSATIONS, move |t| {
-            let mut out = Vec::with_capacity(users.len());
-            for user in users {
-                let mut convs = Vec::new();
-                for row in t.range(keys_of(user))? {
-                    convs.push(row?.0.value().1);
-                }
-                out.push(convs);
-            }
-            Ok(out)
+            users.into_iter().map(|user| seconds_of(t, user)).collect()
         })
         .await
     }
@@ -713,17 +719,7 @@ impl Store for EmbeddedStore {
 
     async fn devices_of(&self, users: &[u64]) -> Result<Vec<Device>, StoreError> {
         let users = users.to_vec();
-        self.read(CLIENTS, move |t| {
-            let mut out = Vec::new();
-            for user in users {
-                for row in t.range(keys_of(user))? {
-                    let client = row?.0.value().1;
-                    out.push(Device { user, client });
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.read(CLIENTS, move |t| devices_in(t, &users)).await
     }
 
     async fn touch_clients(&self, clients: &[(u64, u64)], now_ms: u64) -> Result<(), StoreError> {
@@ -882,28 +878,20 @@ impl Store for EmbeddedStore {
                 .get(conv)?
                 .map(|v| json(v.value()))
                 .transpose()?;
-            let mut ctx = SendContext {
+            let (members, devices) = match &conversation {
+                Some(c) if c.tier == Tier::Direct => {
+                    let members = seconds_of(&members, conv)?;
+                    let devices = devices_in(&txn.open_table(CLIENTS)?, &members)?;
+                    (members, devices)
+                }
+                _ => (Vec::new(), Vec::new()),
+            };
+            Ok(SendContext {
                 allowed: true,
                 conversation,
-                ..SendContext::default()
-            };
-            if ctx
-                .conversation
-                .as_ref()
-                .is_some_and(|c| c.tier == Tier::Direct)
-            {
-                for row in members.range(keys_of(conv))? {
-                    ctx.members.push(row?.0.value().1);
-                }
-                let clients = txn.open_table(CLIENTS)?;
-                for &user in &ctx.members {
-                    for row in clients.range(keys_of(user))? {
-                        let client = row?.0.value().1;
-                        ctx.devices.push(Device { user, client });
-                    }
-                }
-            }
-            Ok(ctx)
+                members,
+                devices,
+            })
         })
         .await
     }
