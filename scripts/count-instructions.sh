@@ -12,7 +12,10 @@
 #
 # scripts/count-instructions.sh [CONNS] [ACK_EVERY] [ACK_DELAY_MS]
 # (FANOUT_BIN=path counts an example binary built before, e.g. a copy of
-# target/release/examples/fanout_rounds from another commit.)
+# target/release/examples/fanout_rounds from another commit. CACHE_SIM=1
+# also runs callgrind's cache simulator and prints the simulated data
+# misses per delivery, first level and last level: what an instruction
+# count does not show, a cold line waited on.)
 #
 # scripts/count-instructions.sh live [TIERCAST_BIN]: the same on a live
 # edge. loadgen starts the server process under callgrind (--server-bin),
@@ -95,8 +98,19 @@ ack_delay=${3:-25}
 short=${ROUNDS_SHORT:-6}
 long=${ROUNDS_LONG:-16}
 bin=$(example fanout_rounds "${FANOUT_BIN:-}")
+# Every event's total in callgrind's output files $@, as NAME=VALUE lines.
+events() {
+    callgrind_annotate "$@" 2>/dev/null | awk '
+        /^Events shown:/ { for (i = 3; i <= NF; i++) name[i - 2] = $i; n = NF - 2 }
+        /PROGRAM TOTALS/ && !done {
+            k = 0
+            for (i = 1; i <= NF && k < n; i++) if ($i !~ /^\(/) { v = $i; gsub(",", "", v); print name[++k] "=" v }
+            done = 1 }'
+}
+sim=()
+if [ -n "${CACHE_SIM:-}" ]; then sim=(--cache-sim=yes); fi
 count() {
-    valgrind --tool=callgrind --callgrind-out-file="$out/cg.$1" \
+    valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$out/cg.$1" \
         --toggle-collect='*Rig::edge_send*' --toggle-collect='*Rig::edge_acks*' \
         "$bin" "$conns" "$1" "$ack_every" "$ack_delay" >"$out/run.$1" 2>"$out/err.$1" \
         || { cat "$out/err.$1" >&2; exit 1; }
@@ -112,4 +126,14 @@ a, b, n, s, l = (int(x) for x in sys.argv[1:])
 print(f"edge instructions per delivery: {(b - a) / (n * (l - s)):.0f} "
       f"({n} connections, rounds {s + 1}-{l})")
 PY
+if [ -n "${CACHE_SIM:-}" ]; then
+    python3 - "$conns" "$short" "$long" "$(events "$out/cg.$short" | tr '\n' ' ')" "$(events "$out/cg.$long" | tr '\n' ' ')" <<'PY'
+import sys
+n, s, l = (int(x) for x in sys.argv[1:4])
+a, b = (dict(kv.split("=") for kv in x.split()) for x in sys.argv[4:6])
+per = {k: (int(b[k]) - int(a[k])) / (n * (l - s)) for k in a}
+print("simulated per delivery: data reads {Dr:.0f}, first-level data read misses {D1mr:.1f}, "
+      "write misses {D1mw:.1f}, last-level data read misses {DLmr:.1f}, write misses {DLmw:.1f}".format(**per))
+PY
+fi
 if [ -n "${KEEP:-}" ]; then cp "$out/cg.$long" "$KEEP"; echo "callgrind profile of the long run: $KEEP"; fi
