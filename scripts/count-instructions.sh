@@ -104,13 +104,13 @@ events() {
         /^Events shown:/ { for (i = 3; i <= NF; i++) name[i - 2] = $i; n = NF - 2 }
         /PROGRAM TOTALS/ && !done {
             k = 0
-            for (i = 1; i <= NF && k < n; i++) if ($i !~ /^\(/) { v = $i; gsub(",", "", v); print name[++k] "=" v }
+            for (i = 1; i <= NF && k < n; i++) if ($i !~ /^\(/) { v = $i; gsub(",", "", v); if (v == ".") v = 0; print name[++k] "=" v }
             done = 1 }'
 }
 sim=()
 if [ -n "${CACHE_SIM:-}" ]; then sim=(--cache-sim=yes); fi
 count() {
-    valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$out/cg.$1" \
+    valgrind --tool=callgrind ${sim[@]+"${sim[@]}"} --callgrind-out-file="$out/cg.$1" \
         --toggle-collect='*Rig::edge_send*' --toggle-collect='*Rig::edge_acks*' \
         "$bin" "$conns" "$1" "$ack_every" "$ack_delay" >"$out/run.$1" 2>"$out/err.$1" \
         || { cat "$out/err.$1" >&2; exit 1; }
@@ -131,7 +131,10 @@ if [ -n "${CACHE_SIM:-}" ]; then
 import sys
 n, s, l = (int(x) for x in sys.argv[1:4])
 a, b = (dict(kv.split("=") for kv in x.split()) for x in sys.argv[4:6])
-per = {k: (int(b[k]) - int(a[k])) / (n * (l - s)) for k in a}
+want = ("Dr", "D1mr", "D1mw", "DLmr", "DLmw")
+if any(k not in a or k not in b for k in want):
+    sys.exit(f"count-instructions: no cache events in callgrind's totals ({sorted(a)})")
+per = {k: (int(b[k]) - int(a[k])) / (n * (l - s)) for k in want}
 print("simulated per delivery: data reads {Dr:.0f}, first-level data read misses {D1mr:.1f}, "
       "write misses {D1mw:.1f}, last-level data read misses {DLmr:.1f}, write misses {DLmw:.1f}".format(**per))
 PY

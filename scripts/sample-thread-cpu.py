@@ -10,7 +10,9 @@ loadgen run`, across a restart (a new child is picked up when it appears).
 
 One line per sample and thread: seconds since the first sample, the child's
 pid, the thread id (`all` for the whole process, dead threads included),
-its name, and its user + system time in clock ticks (1/100 s). `--rates`
+its name, and its user + system time in clock ticks (SC_CLK_TCK a second,
+100 on Linux). Threads that start and end between two samples are only in
+the `all` lines, so the figures below use those. `--rates`
 prints each child's cores busy over windows of N seconds, and what of it
 was the embedded store's writer thread (`tiercast-store-*`). `--storm`,
 for a run with a restart (`edge_fault` kill-restart): the restarted edge's
@@ -23,6 +25,8 @@ import collections
 import os
 import sys
 import time
+
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def children(pid):
@@ -76,15 +80,15 @@ def rates(path, step):
 
     for pid, by_t in series.items():
         times = sorted(by_t)
-        print(f"pid {pid}: {total(by_t[times[-1]]) / 100:.2f} CPU s in all")
+        print(f"pid {pid}: {total(by_t[times[-1]]) / TICK:.2f} CPU s in all")
         last = times[0]
         for t in times[1:]:
             if t - last >= step or t == times[-1]:
                 a, b = by_t[last], by_t[t]
                 span = t - last
                 print(
-                    f"  {last:.1f}-{t:.1f} s: {(total(b) - total(a)) / 100 / span:.2f} cores"
-                    f" (store writer {(store(b) - store(a)) / 100 / span:.2f})"
+                    f"  {last:.1f}-{t:.1f} s: {(total(b) - total(a)) / TICK / span:.2f} cores"
+                    f" (store writer {(store(b) - store(a)) / TICK / span:.2f})"
                 )
                 last = t
 
@@ -105,7 +109,9 @@ def storm(path, report):
     series = load(path)
 
     def total(s):
-        return s["all"][1] if "all" in s else sum(v for _, v in s.values())
+        if "all" not in s:
+            sys.exit(f"{path}: no whole-process samples (`all` lines); take them again")
+        return s["all"][1]
 
     def store(s):
         return sum(v for n, v in s.values() if n.startswith("tiercast-store"))
@@ -114,14 +120,18 @@ def storm(path, report):
         best = min(series[pid], key=lambda x: abs(x - t))
         return best, series[pid][best]
 
+    # The process before the restart and the one after it: the first and
+    # the last child seen (a self-hosted single node has one at a time).
     old, new = list(series)[0], list(series)[-1]
+    if old == new:
+        sys.exit(f"{path}: one process only; no restart in these samples")
     t0, s0 = at(new, min(series[new]))
     t1, s1 = at(new, t0 + longest)
-    cpu, writer, span = (total(s1) - total(s0)) / 100, (store(s1) - store(s0)) / 100, t1 - t0
+    cpu, writer, span = (total(s1) - total(s0)) / TICK, (store(s1) - store(s0)) / TICK, t1 - t0
     a, sa = at(old, max(series[old]) - 15)
     b, sb = at(old, max(series[old]))
-    live = (total(sb) - total(sa)) / 100 / (b - a)
-    live_writer = (store(sb) - store(sa)) / 100 / (b - a)
+    live = (total(sb) - total(sa)) / TICK / (b - a)
+    live_writer = (store(sb) - store(sa)) / TICK / (b - a)
     extra = cpu - live * span
     print(
         f"{report}: {n} back, max {longest:.2f} s; restarted edge over {span:.1f} s from its first sample: "

@@ -100,8 +100,8 @@ impl Reorder {
             out.push(m);
             return;
         }
-        let holding = c.hold_until.is_some_and(|t| now < t);
-        if !holding && c.held.is_empty() {
+        let in_hold = c.hold_until.is_some_and(|t| now < t);
+        if !in_hold && c.held.is_empty() {
             c.released = m.id;
             out.push(m);
             return;

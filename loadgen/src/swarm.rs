@@ -312,9 +312,10 @@ const RECV_ROUNDS: usize = 64;
 /// one reference count instead of two allocations each (a fresh
 /// `BytesMut` per datagram, then its shared header when quinn-proto splits
 /// it). A datagram still referenced (unread stream data) keeps its whole
-/// buffer alive; loadgen's peer is its own edge, which it reads at once.
-/// The edge does not do this: a hostile client's out-of-order stream data
-/// could pin 64 KiB per datagram there.
+/// buffer alive; loadgen's peer is its own edge, whose data it reads at
+/// once (with `--client-loss-pct`, data after a dropped datagram waits for
+/// its retransmit, a round trip). The edge does not do this: a hostile
+/// client's out-of-order stream data could pin 64 KiB per datagram there.
 const RECV_ARENA: usize = 64 * 1024;
 /// Acks go out this often while there are some.
 const ACK_EVERY: Duration = Duration::from_millis(25);
