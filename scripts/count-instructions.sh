@@ -34,9 +34,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "count-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
-# The instructions counted in callgrind's output files $@.
+# Every event's total in callgrind's output files $@, as NAME=VALUE lines.
+events() {
+    callgrind_annotate "$@" 2>/dev/null | awk '
+        /^Events shown:/ { for (i = 3; i <= NF; i++) name[i - 2] = $i; n = NF - 2 }
+        /PROGRAM TOTALS/ && !done {
+            k = 0
+            for (i = 1; i <= NF && k < n; i++) if ($i !~ /^\(/) { v = $i; gsub(",", "", v); if (v == ".") v = 0; print name[++k] "=" v }
+            done = 1 }'
+}
+# The instructions counted in callgrind's output files $@ (the first event).
 total() {
-    callgrind_annotate "$@" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
+    events "$@" | awk -F= 'NR == 1 { print $2 }'
 }
 # The bench example $1: the copy $2 names, or built now.
 example() {
@@ -98,15 +107,6 @@ ack_delay=${3:-25}
 short=${ROUNDS_SHORT:-6}
 long=${ROUNDS_LONG:-16}
 bin=$(example fanout_rounds "${FANOUT_BIN:-}")
-# Every event's total in callgrind's output files $@, as NAME=VALUE lines.
-events() {
-    callgrind_annotate "$@" 2>/dev/null | awk '
-        /^Events shown:/ { for (i = 3; i <= NF; i++) name[i - 2] = $i; n = NF - 2 }
-        /PROGRAM TOTALS/ && !done {
-            k = 0
-            for (i = 1; i <= NF && k < n; i++) if ($i !~ /^\(/) { v = $i; gsub(",", "", v); if (v == ".") v = 0; print name[++k] "=" v }
-            done = 1 }'
-}
 sim=()
 if [ -n "${CACHE_SIM:-}" ]; then sim=(--cache-sim=yes); fi
 count() {

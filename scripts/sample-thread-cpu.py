@@ -22,6 +22,7 @@ process's last 15 s), and what the storm cost beyond it per reconnect
 (docs/runs/edge-restart-20k-light-storm-cpu.txt).
 """
 import collections
+import json
 import os
 import sys
 import time
@@ -69,15 +70,20 @@ def sample(pid, path):
         time.sleep(0.5)
 
 
+def process_ticks(sample):
+    """A process's CPU in one sample: its own total when sampled, else the
+    sum of the threads alive then (which misses threads that ended)."""
+    return sample["all"][1] if "all" in sample else sum(v for _, v in sample.values())
+
+
+def store_ticks(sample):
+    """The embedded store's writer thread's CPU in one sample."""
+    return sum(v for n, v in sample.values() if n.startswith("tiercast-store"))
+
+
 def rates(path, step):
     series = load(path)
-
-    def total(s):
-        return s["all"][1] if "all" in s else sum(v for _, v in s.values())
-
-    def store(s):
-        return sum(v for n, v in s.values() if n.startswith("tiercast-store"))
-
+    total, store = process_ticks, store_ticks
     for pid, by_t in series.items():
         times = sorted(by_t)
         print(f"pid {pid}: {total(by_t[times[-1]]) / TICK:.2f} CPU s in all")
@@ -102,19 +108,16 @@ def load(path):
 
 
 def storm(path, report):
-    import json
-
     r = json.load(open(report))["reconnect_storm"]
     longest, n = r["reconnect_max_ms"] / 1000, r["reconnects"]
     series = load(path)
 
-    def total(s):
-        if "all" not in s:
+    def total(sample):
+        if "all" not in sample:
             sys.exit(f"{path}: no whole-process samples (`all` lines); take them again")
-        return s["all"][1]
+        return process_ticks(sample)
 
-    def store(s):
-        return sum(v for n, v in s.values() if n.startswith("tiercast-store"))
+    store = store_ticks
 
     def at(pid, t):
         best = min(series[pid], key=lambda x: abs(x - t))
